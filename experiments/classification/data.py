@@ -1,0 +1,178 @@
+"""Read the prepared EUR-Lex cache and serve batches.
+
+Cache format (written by prepare_data.py, version 1) — one directory:
+    meta.json                 format_version, fingerprint (of source + tokenizer + options), source, tokenizer
+                              (name, fingerprint, vocab_size, pad/cls/sep ids), options (max_length, zones, ...),
+                              splits {name: n_docs}, num_labels, labels_not_in_train {split: count}
+    labels.json               the label vocabulary: list of concept ids; position = label index
+    tokenizer/                the tokenizer used (HF fast-tokenizer files), so nothing is re-fetched
+    {split}.input_ids.npy     int32, all documents' token ids concatenated (already truncated, with <s> ... </s>)
+    {split}.doc_offsets.npy   int64, n_docs + 1 boundaries into input_ids
+    {split}.label_ids.npy     int32, all documents' label indices concatenated (labels outside the label space
+                              are not stored; their count per split is in meta.json)
+    {split}.label_offsets.npy int64, n_docs + 1 boundaries into label_ids
+    {split}.n_unseen_labels.npy int32, n_docs: gold concepts of each document that are outside the label space
+                              (seen only in validation/test); metrics count them as missed, never drop them
+    stats.json, stats.md      the statistics report
+Splits are `train`, `validation`, `test`. Arrays are memory-mapped: nothing is re-tokenized and no dense
+multi-hot rows are stored; targets are built per batch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+ARRAYS = ("input_ids", "doc_offsets", "label_ids", "label_offsets", "n_unseen_labels")
+
+
+class CacheError(RuntimeError):
+    """The cache is missing, stale or malformed; the message says what to run instead."""
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    path: Path
+    fingerprint: str
+    num_labels: int
+    vocab_size: int
+    pad_token_id: int
+    max_length: int
+    raw: dict
+
+
+def read_meta(data_dir: str | Path) -> CacheMeta:
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.exists():
+        raise CacheError(f"no prepared data in {data_dir} (meta.json missing)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CacheError(
+            f"cache {data_dir} has format_version {meta.get('format_version')}, expected {CACHE_FORMAT_VERSION}: "
+            "prepare it again"
+        )
+    for split in SPLITS:
+        for suffix in ARRAYS:
+            if not (data_dir / f"{split}.{suffix}.npy").exists():
+                raise CacheError(f"cache {data_dir} is incomplete: {split}.{suffix}.npy missing; prepare it again")
+    tok = meta["tokenizer"]
+    return CacheMeta(
+        path=data_dir,
+        fingerprint=meta["fingerprint"],
+        num_labels=int(meta["num_labels"]),
+        vocab_size=int(tok["vocab_size"]),
+        pad_token_id=int(tok["pad_token_id"]),
+        max_length=int(meta["options"]["max_length"]),
+        raw=meta,
+    )
+
+
+class TokenizedSplit:
+    """One split of the cache: document i is input_ids[doc_offsets[i]:doc_offsets[i+1]]."""
+
+    def __init__(self, data_dir: str | Path, split: str, max_length: int | None = None):
+        data_dir = Path(data_dir)
+        load = lambda suffix: np.load(data_dir / f"{split}.{suffix}.npy", mmap_mode="r")  # noqa: E731
+        self.input_ids = load("input_ids")
+        self.doc_offsets = np.asarray(load("doc_offsets"))
+        self.label_ids = load("label_ids")
+        self.label_offsets = np.asarray(load("label_offsets"))
+        self.n_unseen_labels = np.asarray(load("n_unseen_labels"))
+        self.max_length = max_length
+        if len(self.doc_offsets) != len(self.label_offsets):
+            raise CacheError(f"{data_dir}: {split} has mismatched document and label offsets")
+
+    def __len__(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    def tokens(self, i: int) -> np.ndarray:
+        ids = self.input_ids[self.doc_offsets[i] : self.doc_offsets[i + 1]]
+        if self.max_length is not None and len(ids) > self.max_length:
+            # Shorter than the cache's length: keep </s> as the last token, as the tokenizer would have.
+            ids = np.concatenate([ids[: self.max_length - 1], ids[-1:]])
+        return ids
+
+    def labels(self, i: int) -> np.ndarray:
+        return self.label_ids[self.label_offsets[i] : self.label_offsets[i + 1]]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64, right-padded
+    attention_mask: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, num_labels) float32 multi-hot
+
+    def to(self, device: torch.device) -> "Batch":
+        non_blocking = device.type == "cuda"
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.attention_mask, self.targets)))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def collate(split: TokenizedSplit, indices: np.ndarray, num_labels: int, pad_token_id: int) -> Batch:
+    """Dynamic padding to the longest document of the batch; multi-hot targets built here, per batch."""
+    docs = [split.tokens(int(i)) for i in indices]
+    width = max(len(d) for d in docs)
+    input_ids = torch.full((len(docs), width), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(docs), width), dtype=torch.int64)
+    targets = torch.zeros((len(docs), num_labels), dtype=torch.float32)
+    for row, (i, doc) in enumerate(zip(indices, docs)):
+        input_ids[row, : len(doc)] = torch.from_numpy(doc.astype(np.int64))
+        attention_mask[row, : len(doc)] = 1
+        targets[row, torch.from_numpy(split.labels(int(i)).astype(np.int64))] = 1.0
+    if torch.cuda.is_available():
+        input_ids, attention_mask, targets = (t.pin_memory() for t in (input_ids, attention_mask, targets))
+    return Batch(input_ids, attention_mask, targets)
+
+
+def epoch_order(n_docs: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order: a function of (seed, epoch) alone, so every config sees identical batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n_docs)
+
+
+class TrainBatches:
+    """Endless training micro-batches in a seed-determined order, resumable from a position.
+
+    `position` (epoch, index within the epoch) is all a checkpoint needs to continue the same stream.
+    Incomplete tail batches are dropped so every micro-batch has the same size.
+    """
+
+    def __init__(self, split: TokenizedSplit, batch_size: int, seed: int, num_labels: int, pad_token_id: int):
+        if len(split) < batch_size:
+            raise CacheError(f"training split has {len(split)} documents, fewer than batch_size {batch_size}")
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.num_labels, self.pad_token_id = num_labels, pad_token_id
+        self.epoch, self.index = 0, 0
+        self._order = epoch_order(len(split), seed, 0)
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, position: dict) -> None:
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+        self._order = epoch_order(len(self.split), self.seed, self.epoch)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        if self.index + self.batch_size > len(self._order):
+            self.seek({"epoch": self.epoch + 1, "index": 0})
+        indices = self._order[self.index : self.index + self.batch_size]
+        self.index += self.batch_size
+        return collate(self.split, indices, self.num_labels, self.pad_token_id)
+
+
+def eval_batches(split: TokenizedSplit, batch_size: int, num_labels: int, pad_token_id: int, limit: int | None = None):
+    """Evaluation batches in document order (all documents, last batch may be short)."""
+    n = len(split) if limit is None else min(limit, len(split))
+    for start in range(0, n, batch_size):
+        yield collate(split, np.arange(start, min(start + batch_size, n)), num_labels, pad_token_id)
