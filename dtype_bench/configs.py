@@ -1,0 +1,80 @@
+"""Typed training configs <-> command-line flags, shared by every experiment.
+
+An experiment defines a dataclass whose fields carry docstrings (the string literal under each field) and a
+dict of presets (field overrides). `add_flags` turns every field into a flag of the same name with its
+docstring as help; `resolve` applies preset defaults, then the flags the user actually gave.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (PEP 257 attribute docstrings)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parser_for(annotation: Any):
+    """argparse `type` for a field annotation (Optional[X] accepts 'none')."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if typing.get_origin(base) is typing.Literal:
+        base = type(typing.get_args(base)[0])
+    if base is bool:
+        convert = lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]  # noqa: E731
+    else:
+        convert = base
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return convert(text)
+        except (KeyError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from e
+
+    return parse
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One `--name` flag per field; default None so `resolve` can tell 'given' from 'preset default'."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields (defaults depend on --preset)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        choices = None
+        base = hints[f.name]
+        lit = [a for a in (typing.get_args(base) or (base,)) if typing.get_origin(a) is typing.Literal]
+        if lit:
+            choices = typing.get_args(lit[0])
+        group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, choices=choices,
+                           help=docs.get(f.name, ""), metavar=None if choices else f.name.upper())
+
+
+def resolve(cls: type[T], presets: dict[str, dict], preset: str, args: argparse.Namespace) -> T:
+    """Dataclass defaults <- preset overrides <- flags given on the command line."""
+    values = dict(presets[preset])
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return cls(preset=preset, **values) if "preset" in {f.name for f in dataclasses.fields(cls)} else cls(**values)

@@ -1,0 +1,298 @@
+"""The precision registry and how a config is applied: the one place where dtype decisions live.
+
+A `PrecisionConfig` is data (frozen). Everything dtype-dependent in a training script is derived from it
+here: the matmul precision flags, the model's parameter dtypes, the autocast context, the GradScaler, the
+optimizer (and its state dtype), whether to compile, whether this hardware can run it at all, and the
+dtype check that runs after the model is built. Experiments call these functions; they never branch on a
+config name.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Literal
+
+import torch
+
+OptimizerKind = Literal["adamw", "adamw_8bit", "adamw_stochastic_rounding"]
+LossScaling = Literal["none", "dynamic"]
+
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504: logits above this overflow in fp16
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    name: str
+    """Registry key, used on the command line and in results rows."""
+    description: str
+    """One line a reader of the report understands."""
+    weight_dtype: torch.dtype = torch.float32
+    """dtype of the stored (master) parameters and therefore of their gradients."""
+    autocast_dtype: torch.dtype | None = None
+    """Compute dtype for autocast-eligible ops (matmuls, attention); None = no autocast."""
+    loss_scaling: LossScaling = "none"
+    """'dynamic' = torch.amp.GradScaler (skips steps whose gradients overflow, adapts the scale)."""
+    head_weight_dtype: torch.dtype | None = None
+    """dtype of the output layer's parameters; None = same as weight_dtype."""
+    head_compute_fp32: bool = False
+    """Run the output layer outside autocast in fp32 (inputs upcast): fp32 logits and fp32 head gradients."""
+    optimizer: OptimizerKind = "adamw"
+    """'adamw': torch AdamW, states in the parameter dtype; 'adamw_8bit': bitsandbytes 8-bit block-wise
+    AdamW states; 'adamw_stochastic_rounding': torchao AdamW writing bf16 weights with stochastic rounding."""
+    adam_eps: float | None = None
+    """Override of the run's AdamW epsilon (e.g. an eps that does not round to 0 in fp16); None = the run's."""
+    tf32: bool = False
+    """Allow TF32 tensor-core matmuls/convolutions for fp32 tensors (CUDA compute capability >= 8.0 only)."""
+    compile: bool | None = None
+    """torch.compile the model: True/False, or None = the device default (`compile_default`)."""
+    fp8: bool = False
+    """torchao float8 training on the encoder's Linear layers (needs CUDA compute capability >= 8.9)."""
+    family: str = field(default="fp32")
+    """Colour family in plots: fp32, fp16 or bf16."""
+
+    def __post_init__(self) -> None:
+        floats = (torch.float32, torch.float16, torch.bfloat16)
+        if self.weight_dtype not in floats or (self.head_weight_dtype not in (None, *floats)):
+            raise ValueError(f"{self.name}: weight dtypes must be float32, float16 or bfloat16")
+        if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"{self.name}: autocast_dtype must be None, float16 or bfloat16")
+        if self.loss_scaling == "dynamic" and self.weight_dtype != torch.float32:
+            raise ValueError(f"{self.name}: GradScaler needs fp32 master weights (it refuses to unscale fp16 grads)")
+        if self.optimizer == "adamw_stochastic_rounding" and self.weight_dtype != torch.bfloat16:
+            raise ValueError(f"{self.name}: stochastic rounding is implemented for bf16 weights only")
+        if self.family not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"{self.name}: family must be fp32, fp16 or bf16")
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return self.head_weight_dtype or self.weight_dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype most matmuls run in (what the MFU peak is calibrated for)."""
+        return self.autocast_dtype or self.weight_dtype
+
+    def to_record(self) -> dict:
+        """JSON-ready fields (dtypes by name) for results rows."""
+        return {k: dtype_name(v) if isinstance(v, torch.dtype) else v for k, v in asdict(self).items()}
+
+
+def _amp(name: str, dtype: torch.dtype, description: str, **kw) -> PrecisionConfig:
+    return PrecisionConfig(
+        name=name, description=description, autocast_dtype=dtype,
+        loss_scaling="dynamic" if dtype == torch.float16 else "none",
+        family="fp16" if dtype == torch.float16 else "bf16", **kw,
+    )
+
+
+_BF16_PURE = dict(weight_dtype=torch.bfloat16, optimizer="adamw_stochastic_rounding", family="bf16")
+
+REGISTRY: dict[str, PrecisionConfig] = {pc.name: pc for pc in (
+    PrecisionConfig("fp32_baseline", "fp32 weights and math, TF32 off"),
+    PrecisionConfig("fp32_tf32_matmul", "fp32 weights, TF32 tensor-core matmuls", tf32=True),
+    _amp("amp_fp16", torch.float16, "fp32 master weights, fp16 autocast, dynamic loss scaling"),
+    _amp("amp_bf16", torch.bfloat16, "fp32 master weights, bf16 autocast, no loss scaling"),
+    PrecisionConfig("fp16_naive", "fp16 weights, grads and AdamW states, no loss scaling",
+                    weight_dtype=torch.float16, family="fp16"),
+    PrecisionConfig("fp16_naive_safe_eps", "fp16_naive with AdamW eps 1e-4 (representable in fp16): "
+                    "isolates the optimizer's 0/0 from gradient underflow/overflow",
+                    weight_dtype=torch.float16, adam_eps=1e-4, family="fp16"),
+    PrecisionConfig("bf16_naive", "bf16 weights, grads and AdamW states, round-to-nearest updates",
+                    weight_dtype=torch.bfloat16, family="bf16"),
+    PrecisionConfig("bf16_pure", "bf16 weights/activations/grads, AdamW with stochastic rounding, compiled",
+                    compile=True, **_BF16_PURE),
+    PrecisionConfig("bf16_no_compile", "bf16_pure without torch.compile (compile ablation)",
+                    compile=False, **_BF16_PURE),
+    _amp("amp_fp16_8bit_adam", torch.float16, "amp_fp16 with 8-bit AdamW states", optimizer="adamw_8bit"),
+    _amp("amp_bf16_8bit_adam", torch.bfloat16, "amp_bf16 with 8-bit AdamW states", optimizer="adamw_8bit"),
+    _amp("amp_bf16_fp32_head", torch.bfloat16, "amp_bf16, output layer in fp32 outside autocast",
+         head_compute_fp32=True),
+    PrecisionConfig("bf16_body_fp32_head", "bf16_pure body, fp32 output-layer weights and matmul",
+                    head_weight_dtype=torch.float32, head_compute_fp32=True, compile=True, **_BF16_PURE),
+    _amp("amp_bf16_fp8", torch.bfloat16, "amp_bf16 with float8 encoder Linear layers (Hopper)", fp8=True),
+)}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "all": tuple(REGISTRY),
+    "core": ("fp32_baseline", "amp_fp16", "amp_bf16", "bf16_pure"),
+}
+
+
+class UnknownConfig(ValueError):
+    pass
+
+
+def resolve_names(spec: str) -> list[str]:
+    """'all', 'core', one name, or a comma-separated list of names -> registry names."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        names.extend(GROUPS.get(part, (part,)))
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown or not names:
+        raise UnknownConfig(
+            f"unknown config {', '.join(unknown) or repr(spec)}; valid: {', '.join(GROUPS)}, {', '.join(REGISTRY)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def get(name: str) -> PrecisionConfig:
+    names = resolve_names(name)
+    if len(names) != 1:
+        raise UnknownConfig(f"{name!r} names {len(names)} configs; one was expected")
+    return REGISTRY[names[0]]
+
+
+# ---------------------------------------------------------------- what the hardware can run
+
+
+def unsupported_reason(pc: PrecisionConfig, device: torch.device) -> str | None:
+    """Why this device cannot run the config (recorded as status `skipped`), or None if it can."""
+    cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if cuda else None
+    where = torch.cuda.get_device_name(device) if cuda else device.type
+    if pc.tf32 and not (cuda and capability >= (8, 0)):
+        return f"TF32 matmuls need a CUDA GPU of compute capability >= 8.0 (Ampere or newer); this run is on {where}"
+    if pc.fp8 and not (cuda and capability >= (8, 9)):
+        return f"float8 training needs a CUDA GPU of compute capability >= 8.9 (Ada/Hopper); this run is on {where}"
+    uses_bf16 = torch.bfloat16 in (pc.weight_dtype, pc.autocast_dtype, pc.head_weight_dtype)
+    if uses_bf16 and cuda and not torch.cuda.is_bf16_supported():
+        return f"{where} has no bfloat16 support"
+    if pc.fp8:
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError as e:
+            return f"torchao float8 is not importable: {e}"
+    return None
+
+
+def compile_default(device: torch.device) -> bool:
+    """Per-device default for configs that leave `compile` open. Measured on a 2-core CPU (tiny RoBERTa,
+    fp32): compiled 32 vs eager 44 samples/s plus ~30 s of compilation, so CPU defaults to eager; on CUDA,
+    compile fuses the elementwise work around matmuls and is on."""
+    return device.type == "cuda"
+
+
+def should_compile(pc: PrecisionConfig, device: torch.device) -> bool:
+    return compile_default(device) if pc.compile is None else pc.compile
+
+
+# ---------------------------------------------------------------- applying a config
+
+
+def apply_matmul_precision(pc: PrecisionConfig) -> None:
+    """Set TF32 explicitly on every run (never inherit a process-global default)."""
+    torch.backends.cuda.matmul.allow_tf32 = pc.tf32
+    torch.backends.cudnn.allow_tf32 = pc.tf32
+    torch.set_float32_matmul_precision("high" if pc.tf32 else "highest")
+
+
+def autocast(pc: PrecisionConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if pc.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=pc.autocast_dtype)
+
+
+def head_autocast_off(pc: PrecisionConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Context for the output layer: autocast disabled when the head computes in fp32."""
+    if pc.head_compute_fp32 and pc.autocast_dtype is not None:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def grad_scaler(pc: PrecisionConfig, device: torch.device) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device.type, enabled=pc.loss_scaling == "dynamic")
+
+
+def cast_model(body: torch.nn.Module, head: torch.nn.Module, pc: PrecisionConfig) -> None:
+    body.to(pc.weight_dtype)
+    head.to(pc.head_dtype)
+
+
+def build_optimizer(
+    pc: PrecisionConfig, param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
+    weight_decay: float, device: torch.device,
+) -> torch.optim.Optimizer:
+    """AdamW in the flavour the config names. Param groups may carry their own weight_decay."""
+    eps = pc.adam_eps if pc.adam_eps is not None else eps
+    kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if pc.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    if pc.optimizer == "adamw_stochastic_rounding":
+        from torchao.optim import _AdamW
+
+        return _AdamW(param_groups, bf16_stochastic_round=True, **kwargs)
+    # fused kernels exist for CUDA; foreach is the fast path elsewhere. Both keep states in the param dtype.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups, fused=fused, foreach=None if fused else True, **kwargs)
+
+
+# ---------------------------------------------------------------- checking what we got
+
+
+class PrecisionMismatch(AssertionError):
+    pass
+
+
+def _dtypes(tensors: Iterable[torch.Tensor]) -> list[str]:
+    return sorted({dtype_name(t.dtype) for t in tensors})
+
+
+def optimizer_state_dtypes(optimizer: torch.optim.Optimizer) -> dict[str, list[str]]:
+    """dtype(s) of each kind of optimizer state tensor actually allocated (e.g. exp_avg, state1)."""
+    found: dict[str, set[str]] = {}
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                inner = getattr(value, "codes", value)  # torchao 8-bit states keep their codes inside
+                found.setdefault(key, set()).add(dtype_name(inner.dtype))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def check_dtypes(
+    pc: PrecisionConfig, body: torch.nn.Module, head: torch.nn.Module, logits: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+) -> dict:
+    """Compare the dtypes actually allocated with what the config says; raise on any difference.
+
+    Call after the first optimizer step (optimizer state is allocated lazily). Returns the record stored in
+    the results row.
+    """
+    got = {
+        "body_params": _dtypes(body.parameters()),
+        "head_params": _dtypes(head.parameters()),
+        "logits": dtype_name(logits.dtype),
+        "optimizer_state": optimizer_state_dtypes(optimizer),
+    }
+    expected_logits = (
+        torch.float32 if pc.head_compute_fp32 else pc.autocast_dtype or pc.head_dtype
+    )
+    moment_keys = {"exp_avg", "exp_avg_sq", "state1", "state2"}
+    state = {k: v for k, v in got["optimizer_state"].items() if k in moment_keys}
+    problems = []
+    if got["body_params"] != [dtype_name(pc.weight_dtype)]:
+        problems.append(f"body params {got['body_params']} != {dtype_name(pc.weight_dtype)}")
+    if got["head_params"] != [dtype_name(pc.head_dtype)]:
+        problems.append(f"head params {got['head_params']} != {dtype_name(pc.head_dtype)}")
+    if logits.dtype != expected_logits:
+        problems.append(f"logits {got['logits']} != {dtype_name(expected_logits)}")
+    if not state:
+        problems.append(f"no AdamW moment state found (keys {sorted(got['optimizer_state'])})")
+    elif pc.optimizer == "adamw_8bit":
+        if not any("uint8" in v for v in state.values()):
+            problems.append(f"8-bit optimizer allocated no uint8 state: {state}")
+    else:
+        param_dtypes = {dtype_name(pc.weight_dtype), dtype_name(pc.head_dtype)}
+        bad = {k: v for k, v in state.items() if not set(v) <= param_dtypes}
+        if bad:
+            problems.append(f"optimizer states {bad} not in parameter dtypes {sorted(param_dtypes)}")
+    if problems:
+        raise PrecisionMismatch(f"{pc.name}: " + "; ".join(problems))
+    return got

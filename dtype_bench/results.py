@@ -1,0 +1,130 @@
+"""Results rows, step logs and the environment record, shared by every experiment.
+
+Layout of an output directory:
+    results.jsonl          one row per finished run (completed | diverged | skipped | failed), appended atomically
+    logs/<run_id>.jsonl    that run's step log; NaN/Inf are written as NaN/Infinity, never replaced
+    setup.json             the setup fingerprint the directory belongs to (other setups are refused)
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import IO, Iterable
+
+import torch
+
+from dtype_bench.io import append_jsonl, atomic_write_json, json_dumps, read_jsonl
+
+STATUSES = ("completed", "diverged", "skipped", "failed")
+SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
+                "precision_at_1", "precision_at_3", "precision_at_5")
+
+
+class SetupMismatch(RuntimeError):
+    pass
+
+
+def run_id(experiment: str, config: str, seed: int, setup_fingerprint: str) -> str:
+    """Stable across re-runs of the same command, so a re-run can find its checkpoint and row."""
+    return f"{experiment}-{config}-seed{seed}-{setup_fingerprint[:8]}"
+
+
+def claim_output_dir(output_dir: str | Path, setup_fingerprint: str, setup: dict) -> None:
+    """An output dir belongs to one setup (everything but config and seed): mixing setups in one
+    results.jsonl would average incomparable runs. Refuse with one line instead."""
+    output_dir = Path(output_dir)
+    marker = output_dir / "setup.json"
+    if marker.exists():
+        import json
+
+        existing = json.loads(marker.read_text())
+        if existing.get("fingerprint") != setup_fingerprint:
+            differing = sorted(k for k in set(setup) | set(existing.get("setup", {}))
+                               if setup.get(k) != existing.get("setup", {}).get(k))
+            raise SetupMismatch(
+                f"{output_dir} holds results of a different setup (differs in: {', '.join(differing) or '?'}); "
+                "pass another --output_dir"
+            )
+        return
+    atomic_write_json(marker, {"fingerprint": setup_fingerprint, "setup": setup})
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit,
+    }
+
+
+def append_result(output_dir: str | Path, row: dict) -> None:
+    if row.get("status") not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")
+    append_jsonl(Path(output_dir) / "results.jsonl", row)
+
+
+def read_results(output_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """All rows, and a list of problems (malformed lines with file:line) that callers must surface."""
+    return read_jsonl(Path(output_dir) / "results.jsonl")
+
+
+class StepLog:
+    """A run's JSONL step log. Lines are flushed as written; values are kept as they are (NaN stays NaN)."""
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json_dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def format_table(rows: list[dict], metrics: tuple[str, ...] = SEED_METRICS) -> str:
+    """Per config: status counts and mean ± std over seeds of each metric (runs that completed)."""
+    by_config: dict[str, list[dict]] = {}
+    for row in rows:
+        by_config.setdefault(row["config"], []).append(row)
+    header = ["config", "runs"] + list(metrics)
+    lines = [header]
+    for config, runs in by_config.items():
+        statuses = {}
+        for r in runs:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        done = [r for r in runs if r["status"] == "completed"]
+        cells = [config, " ".join(f"{n} {s}" for s, n in statuses.items())]
+        for m in metrics:
+            mean, std, n = mean_std(r.get(m) for r in done)
+            cells.append("-" if mean is None else f"{mean:.4g} ± {std:.2g}")
+        lines.append(cells)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"{r['config']} seed {r['seed']}: {r['status']} — {r.get('reason') or r.get('error') or ''}"
+             for r in rows if r["status"] != "completed"]
+    return "\n".join(out + ([""] + notes if notes else []))

@@ -1,0 +1,70 @@
+"""Encoder + linear multi-label head, with the head's precision under the config's control."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, RobertaConfig
+
+from dtype_bench import precision
+from dtype_bench.precision import PrecisionConfig
+
+
+def build_encoder(model_name: str, *, vocab_size: int, pad_token_id: int, max_length: int,
+                  tiny_layers: int, tiny_hidden: int) -> nn.Module:
+    """Any HF encoder via AutoModel with SDPA attention; 'tiny' builds a small RoBERTa from a config."""
+    if model_name == "tiny":
+        config = RobertaConfig(
+            vocab_size=vocab_size, hidden_size=tiny_hidden, num_hidden_layers=tiny_layers,
+            num_attention_heads=tiny_hidden // 64, intermediate_size=4 * tiny_hidden,
+            # RoBERTa numbers positions from pad_token_id + 1, so it needs max_length + 2 position slots.
+            max_position_embeddings=max_length + 2, pad_token_id=pad_token_id, type_vocab_size=1,
+        )
+        return AutoModel.from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
+    config = AutoConfig.from_pretrained(model_name)
+    if vocab_size > config.vocab_size:
+        raise ValueError(f"cache tokenizer has {vocab_size} tokens but {model_name} only {config.vocab_size}")
+    return AutoModel.from_pretrained(model_name, attn_implementation="sdpa", add_pooling_layer=False)
+
+
+class MultiLabelClassifier(nn.Module):
+    """encoder -> first-token (<s>) representation -> dropout -> Linear(hidden, num_labels).
+
+    The head may hold a different dtype from the body (fp32 head configs); its input is cast to the head's
+    dtype, and with `head_compute_fp32` it runs outside autocast so logits and head grads are fp32.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float, pc: PrecisionConfig,
+                 device_type: str):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.pc = pc
+        self.device_type = device_type
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = self.dropout(hidden[:, 0])
+        with precision.head_autocast_off(self.pc, torch.device(self.device_type)):
+            return self.head(pooled.to(self.head.weight.dtype))
+
+
+def bce_loss_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits computed in fp32 whatever the logits' dtype (the seed's numerical-stability rule)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+def param_groups(model: MultiLabelClassifier, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not biases or LayerNorm), as in BERT/RoBERTa fine-tuning."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "LayerNorm" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def parameter_group_of(name: str) -> str:
+    """Which diagnostic group a parameter belongs to: embeddings, encoder or head."""
+    if name.startswith("head."):
+        return "head"
+    return "embeddings" if ".embeddings." in f".{name}" else "encoder"
