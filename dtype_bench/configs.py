@@ -72,9 +72,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
 
 def resolve(cls: type[T], presets: dict[str, dict], preset: str, args: argparse.Namespace) -> T:
     """Dataclass defaults <- preset overrides <- flags given on the command line."""
-    values = dict(presets[preset])
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {**presets[preset], **({"preset": preset} if "preset" in names else {})}
+    for name in names - {"preset"}:
+        given = getattr(args, name, None)
         if given is not None:
-            values[f.name] = given
-    return cls(preset=preset, **values) if "preset" in {f.name for f in dataclasses.fields(cls)} else cls(**values)
+            values[name] = given
+    return cls(**values)

@@ -30,6 +30,7 @@ from config import PRESETS, TrainConfig
 from dtype_bench import precision, results, sweep, timing
 from dtype_bench.configs import add_flags, resolve
 from dtype_bench.io import fingerprint
+from dtype_bench.monitor import TrainingMonitor
 
 EXPERIMENT = "classification"
 
@@ -155,59 +156,41 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     timing.reset_peak_memory(device)
 
-    step, micro_batches, dtypes, best, status, diverged_at = 0, 0, None, None, "completed", None
-    nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)
-    pending: list[torch.Tensor] = []  # per-step scalars kept on device until the next log step
+    monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience)
+    step, micro_batches, dtypes, best, status = 0, 0, None, None, "completed"
     t_start = time.perf_counter()
     progress = tqdm(total=cfg.max_steps, desc=f"{pc.name} seed {seed}", unit="step", disable=None)
     while step < cfg.max_steps:
         timer.start()
-        step_loss = torch.zeros((), device=device)
-        max_logit = torch.zeros((), device=device)
-        bad_logits = torch.zeros((), dtype=torch.int64, device=device)
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches).to(device)
             with precision.autocast(pc, device):
                 logits = forward(batch.input_ids, batch.attention_mask)
             loss = model_lib.bce_loss_fp32(logits, batch.targets) / cfg.gradient_accumulation_steps
             scaler.scale(loss).backward()
-            step_loss += loss.detach()
-            max_logit = torch.maximum(max_logit, logits.detach().abs().amax().float())
-            bad_logits += (~torch.isfinite(logits.detach())).sum()
+            monitor.micro_batch(loss, logits)
             micro_batches += 1
         scaler.unscale_(optimizer)  # no-op unless loss scaling is on; clipping sees true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         scaler.step(optimizer)  # skips the update if the scaled gradients overflowed
         scaler.update()
+        lr = scheduler.get_last_lr()[0]
         scheduler.step()  # advances on skipped steps too, identically for every config
         if dtypes is None:
             dtypes = precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         timer.stop(cfg.effective_batch_size)
-        finite = torch.isfinite(step_loss)
-        nonfinite_streak = torch.where(finite, 0, nonfinite_streak + 1)
-        pending.append(torch.stack([step_loss.float(), grad_norm.float(), max_logit, bad_logits.float(),
-                                    (~finite).float()]))
+        monitor.step(step, grad_norm, lr)
         progress.update()
         if step % cfg.log_every == 0 or step % cfg.eval_steps == 0 or step == cfg.max_steps:
-            timer.pause()
-            for offset, (loss_v, gnorm, mlogit, nbad, nonfinite_loss) in enumerate(torch.stack(pending).tolist()):
-                s = step - len(pending) + offset + 1
-                log.write({"step": s, "loss": loss_v, "lr": scheduler.get_last_lr()[0] if s == step else None,
-                           "grad_norm": gnorm, "max_abs_logit": mlogit, "fp16_max": precision.FP16_MAX,
-                           "loss_scale": scaler.get_scale() if s == step else None,
-                           "skipped_steps": None,
-                           "nonfinite": {"loss": int(nonfinite_loss), "logits": int(nbad)}})
-                if nonfinite_loss and diverged_at is None:
-                    diverged_at = s
-            pending.clear()
-            progress.set_postfix(loss=f"{loss_v:.4f}")
-            if int(nonfinite_streak) >= cfg.diverge_patience:
+            timer.pause()  # the flush below is the loop's only host sync
+            record = monitor.flush()
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if monitor.diverged:
                 status = "diverged"
                 break
         if step % cfg.eval_steps == 0 or step == cfg.max_steps:
-            timer.pause()
             val = evaluate(model, val_split, cfg, pc, meta, device)
             log.write({"step": step, "eval": "validation", **val})
             if best is None or val["micro_f1"] > best["metrics"]["micro_f1"]:
@@ -216,11 +199,11 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     progress.close()
     log.close()
     train_seconds = time.perf_counter() - t_start
-    out = {"status": status, "steps": step, "micro_batches": micro_batches,
+    out = {"status": status, "steps": step, "skipped_steps": monitor.skipped_steps, "micro_batches": micro_batches,
            "samples_seen": micro_batches * cfg.batch_size, "compiled": compiled, "dtypes": dtypes,
            "train_wall_seconds": train_seconds, **timer.summary(), **timing.peak_memory(device)}
     if status == "diverged":
-        out["diverged_at_step"] = diverged_at
+        out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step)
         return out
     model.load_state_dict(best["weights"])
     test = evaluate(model, data_lib.TokenizedSplit(meta.path, "test", cfg.max_length), cfg, pc, meta, device)

@@ -1,0 +1,93 @@
+"""Tokenizers for the experiments: a hub id, a local tokenizer directory, or a byte-level BPE trained here.
+
+`bpe:SIZE` trains a RoBERTa-style byte-level BPE (special tokens <s> <pad> </s> <unk> <mask> = ids 0..4,
+<s> ... </s> added around every sequence) so everything runs offline; it is saved with `save_pretrained`
+and loads back with `AutoTokenizer.from_pretrained(directory)`.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, ByteLevelBPETokenizer
+from tokenizers.processors import RobertaProcessing
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+# RoBERTa's special tokens, in id order 0..4.
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+BPE_PREFIX = "bpe:"
+# 256 byte symbols plus the special tokens must fit, with room for some merges.
+MIN_BPE_VOCAB_SIZE = 300
+
+
+class TokenizerError(ValueError):
+    """The tokenizer spec cannot be turned into a tokenizer; the message says what to pass instead."""
+
+
+def parse_bpe_spec(spec: str) -> int | None:
+    """The vocabulary size of a `bpe:SIZE` spec, None for any other spec."""
+    if not spec.startswith(BPE_PREFIX):
+        return None
+    size = spec[len(BPE_PREFIX):]
+    if not size.isdigit() or int(size) < MIN_BPE_VOCAB_SIZE:
+        raise TokenizerError(f"tokenizer spec {spec!r}: expected bpe:SIZE with an integer SIZE >= {MIN_BPE_VOCAB_SIZE}")
+    return int(size)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and save it to `out_dir`; the same texts give the same tokenizer."""
+    bpe = ByteLevelBPETokenizer()  # RoBERTa defaults: no prefix space, offsets trimmed
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,  # the wrapped `tokenizers.Tokenizer`; the wrapper has no public accessor
+        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+        # As in RoBERTa: "<mask>" absorbs the space before it, so "a <mask>" masks the word " x".
+        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),
+    )
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def load_tokenizer(
+    spec: str, train_texts: Iterable[str] | None = None, out_dir: str | Path | None = None
+) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from `spec`: `bpe:SIZE` (trained on `train_texts`, saved to `out_dir`), a local
+    tokenizer directory, or a Hugging Face hub id. With `out_dir`, a loaded tokenizer is saved there too."""
+    vocab_size = parse_bpe_spec(spec)
+    if vocab_size is not None:
+        if train_texts is None or out_dir is None:
+            raise TokenizerError(f"tokenizer {spec!r} is trained here: it needs train_texts and out_dir")
+        return train_bpe_tokenizer(train_texts, vocab_size, out_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        where = "local directory" if Path(spec).is_dir() else "Hugging Face hub id"
+        raise TokenizerError(
+            f"cannot load tokenizer {spec!r} as a {where} ({type(e).__name__}); offline, pass a local tokenizer "
+            f"directory or {BPE_PREFIX}SIZE (e.g. {BPE_PREFIX}8000)"
+        ) from e
+    if not tokenizer.is_fast:
+        raise TokenizerError(f"tokenizer {spec!r} has no fast (Rust) implementation; pass one that has tokenizer.json")
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """Hash of what decides token ids: the full tokenizer.json (vocab, merges, normalisation, special-token
+    handling) plus which tokens play the special roles."""
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    for role, token in sorted(tokenizer.special_tokens_map.items()):
+        h.update(f"\0{role}={token}".encode())
+    return h.hexdigest()[:16]
+
+
+def bpe_identity(vocab_size: int) -> dict:
+    """What determines a `bpe:SIZE` tokenizer besides its training texts (for cache fingerprints taken
+    before training): the size, and the library version whose trainer produces it."""
+    return {"bpe_vocab_size": vocab_size, "tokenizers_version": tokenizers.__version__}
