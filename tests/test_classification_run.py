@@ -1,0 +1,125 @@
+"""The real experiments/classification/run.py, end to end on the tiny preset (CPU, seconds per run)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "experiments" / "classification" / "run.py"
+# Small enough for seconds per run on 2 cores, large enough to exercise every code path.
+SMALL = ["--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64", "--max_length", "64",
+         "--batch_size", "4", "--gradient_accumulation_steps", "2", "--max_steps", "4", "--eval_steps", "2",
+         "--log_every", "1", "--max_eval_docs", "32", "--timing_warmup_steps", "1"]
+SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
+                "precision_at_1", "precision_at_3", "precision_at_5")
+
+
+def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(RUN), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(RUN.parent))
+    from prepare_data import prepare_tiny
+
+    return prepare_tiny(tmp_path_factory.mktemp("cache") / "tiny")
+
+
+def rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_single_run_writes_a_complete_row_and_step_log(tiny_cache, tmp_path):
+    out = tmp_path / "out"
+    proc = run([*SMALL, "--config", "amp_bf16", "--seed", "0", "--data_dir", str(tiny_cache), "--output_dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = rows(out)
+    assert row["status"] == "completed" and row["config"] == "amp_bf16" and row["seed"] == 0
+    for key in SEED_METRICS:
+        assert isinstance(row[key], float) and math.isfinite(row[key]), key
+    assert 0 <= row["micro_f1"] <= 1 and row["steps"] == 4 and row["micro_batches"] == 8
+    assert row["dtypes"]["logits"] == "bfloat16" and row["dtypes"]["body_params"] == ["float32"]
+    assert row["precision"]["autocast_dtype"] == "bfloat16"
+    assert row["env"]["torch"] and row["peak_memory_kind"] == "cpu_peak_rss_process"
+    log = [json.loads(line) for line in (out / "logs" / f"{row['run_id']}.jsonl").read_text().splitlines()]
+    train_lines = [r for r in log if "eval" not in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train_lines)
+    assert [r["step"] for r in log if r.get("eval") == "validation"] == [2, 4]
+    assert row["val_micro_f1"] == max(r["micro_f1"] for r in log if r.get("eval") == "validation")
+
+
+def test_sweep_runs_each_config_and_seed_and_prints_the_table(tiny_cache, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run([*SMALL, "--config", "fp32_baseline,amp_bf16", "--seeds", "2", "--data_dir", str(tiny_cache),
+                "--output_dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = sorted((r["config"], r["seed"], r["status"]) for r in rows(out))
+    assert got == [(c, s, "completed") for c in ("amp_bf16", "fp32_baseline") for s in (0, 1)]
+    table = proc.stdout[proc.stdout.index("config"):]
+    assert "fp32_baseline" in table and "amp_bf16" in table and "±" in table and "micro_f1" in table
+    # identical batch order across configs: same seed -> same first-step loss in fp32 vs bf16 up to rounding
+    first = {(r["config"], r["seed"]): json.loads((out / "logs" / f"{r['run_id']}.jsonl").read_text().splitlines()[0])
+             for r in rows(out)}
+    assert first[("fp32_baseline", 0)]["loss"] == pytest.approx(first[("amp_bf16", 0)]["loss"], rel=0.02)
+    assert first[("fp32_baseline", 0)]["loss"] != first[("fp32_baseline", 1)]["loss"]
+
+
+def test_hardware_the_config_needs_is_recorded_as_skipped(tiny_cache, tmp_path):
+    out = tmp_path / "skip"
+    proc = run([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache), "--output_dir", str(out)])
+    assert proc.returncode == 0
+    (row,) = rows(out)
+    assert row["status"] == "skipped" and "TF32" in row["reason"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", "amp_bf17"], "valid: all, core, fp32_baseline"),
+    (["--config", "amp_bf16", "--seeds", "0"], "--seeds must be positive"),
+    (["--config", "amp_bf16", "--batch_size", "0"], "--batch_size must be positive"),
+    (["--config", "amp_bf16", "--max_steps", "-1"], "--max_steps must be positive"),
+])
+def test_bad_arguments_fail_with_one_line_and_write_nothing(args, needle, tmp_path):
+    proc = run([*args, "--output_dir", str(tmp_path / "out")])
+    assert proc.returncode == 2
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seed_command", [
+    ["--config", "amp_bf16", "--seed", "0"],
+    ["--config", "all", "--seeds", "3"],
+    ["--config", "amp_bf16", "--max_steps", "100"],
+])
+def test_seed_commands_without_prepared_data_say_what_to_run(seed_command, tmp_path):
+    proc = run(seed_command, cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "prepare_data.py" in line and "--preset tiny" in line
+    assert not (tmp_path / "results").exists()
+
+
+def test_output_dir_of_another_setup_is_refused(tiny_cache, tmp_path):
+    out = tmp_path / "out"
+    first = run([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache), "--output_dir", str(out)])
+    assert first.returncode == 0
+    before = (out / "results.jsonl").read_text()
+    proc = run([*SMALL, "--config", "amp_bf16", "--max_steps", "3", "--data_dir", str(tiny_cache),
+                "--output_dir", str(out)])
+    assert proc.returncode == 2 and "different setup" in proc.stderr and "max_steps" in proc.stderr
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_stale_cache_is_refused(tiny_cache, tmp_path):
+    proc = run([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
+                "--output_dir", str(tmp_path / "out")])
+    assert proc.returncode == 2 and "exceeds the cache" in proc.stderr
