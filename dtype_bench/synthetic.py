@@ -5,19 +5,23 @@ through the same preparation code as the real archive. The text is legal-style E
 EUROVOC-like numeric concept ids with a long-tailed (Zipf-Mandelbrot) frequency.
 
 Labels are learnable from the text: every concept owns a few made-up, word-like terms, and a document
-mentions one of them for each of its labels, mostly in the title and otherwise in the first recital, so
-that truncation to 128 tokens keeps most of the signal. It is not trivial: some labels are silent (no
+mentions one of them for each of its labels, mostly in the title and otherwise in the opening "Having
+regard to" lines of the recitals, so that truncation to 128 tokens keeps most of the signal. It is not trivial: some labels are silent (no
 term anywhere), terms of concepts that are *not* labels appear as distractors further down, and a
 concept is signalled by any one of several synonyms.
 
-Everything comes from one `random.Random(seed)` stream, so the output is a function of the arguments.
+Everything comes from one `random.Random(seed)` stream, so the output is a function of the arguments, and
+the first n documents of a longer run are the n documents of a shorter one.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
+import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +46,8 @@ LABEL_COUNT_WEIGHTS = (6, 12, 21, 20, 15, 10, 6, 4, 3, 2, 1)
 # SILENT_PROB fraction of labels is not mentioned at all (label noise the model cannot recover).
 TITLE_PROB = 0.85
 SILENT_PROB = 0.03
-TERMS_PER_CONCEPT = 3
+# Share of labels also mentioned in an article (beyond 128 tokens: signal only for longer max_length).
+LABEL_ARTICLE_PROB = 0.5
 
 _ONSETS = "b br c ch cl d dr f fl g gr h j k l m n p pl pr r s sc st t tr v z".split()
 _NUCLEI = "a e i o u ae ei ia io ou".split()
@@ -95,6 +100,11 @@ _LABEL_ARTICLE_TEMPLATES = (
 )
 
 
+@functools.cache
+def _template_fields(template: str) -> tuple[str, ...]:
+    return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
+
+
 @dataclass(frozen=True)
 class Concept:
     concept_id: str
@@ -119,7 +129,7 @@ def build_concepts(num_labels: int, rng: random.Random) -> list[Concept]:
     for concept_id in ids:
         # Two single words plus a phrase: the model must map several surface forms to one label.
         terms = (new_word(), new_word(), f"{new_word()} {rng.choice(_DOMAIN_NOUNS)}")
-        concepts.append(Concept(str(concept_id), terms[:TERMS_PER_CONCEPT]))
+        concepts.append(Concept(str(concept_id), terms))
     return concepts
 
 
@@ -132,6 +142,11 @@ class _DocumentWriter:
         weights = [1.0 / (rank + 1 + ZIPF_OFFSET) ** ZIPF_EXPONENT for rank in range(len(concepts))]
         self.cum_label_weights = list(itertools.accumulate(weights))
         self.cum_count_weights = list(itertools.accumulate(LABEL_COUNT_WEIGHTS))
+        self.slot_drawers: dict[str, Callable[[], object]] = {
+            "ref": self.reference, "n": lambda: rng.randint(1, 30), "m": lambda: rng.randint(1, 6),
+            "day": lambda: rng.choice(("third", "twentieth")), "state": lambda: rng.choice(_MEMBER_STATES),
+            "amount": lambda: rng.randint(100, 90_000), "date": self.date,
+        }
 
     def sample_labels(self) -> list[Concept]:
         rng = self.rng
@@ -144,12 +159,11 @@ class _DocumentWriter:
                     break
         return [self.concepts[rank] for rank in chosen]
 
-    def fill(self, template: str, act: str, ref: str, **slots: str) -> str:
-        rng = self.rng
-        return template.format(
-            act=act, ref=ref, n=rng.randint(1, 30), m=rng.randint(1, 6), day=rng.choice(("third", "twentieth")),
-            state=rng.choice(_MEMBER_STATES), amount=rng.randint(100, 90_000), date=self.date(), **slots,
-        )
+    def fill(self, template: str, act: str, **slots: str) -> str:
+        """The template with its random slots filled; only the slots it uses are drawn (a third faster than
+        drawing all of them)."""
+        draw = self.slot_drawers
+        return template.format(act=act, **slots, **{f: draw[f]() for f in _template_fields(template) if f in draw})
 
     def date(self) -> str:
         rng = self.rng
@@ -163,12 +177,11 @@ class _DocumentWriter:
     def document(self, index: int) -> dict:
         rng = self.rng
         labels = self.sample_labels()
-        (issuer, issuer_caps), (doc_type, celex_letter) = rng.choice(_ISSUERS), rng.choices(
-            _DOCUMENT_TYPES, weights=_DOCUMENT_TYPE_WEIGHTS)[0]
+        issuer, issuer_caps = rng.choice(_ISSUERS)
+        doc_type, celex_letter = rng.choices(_DOCUMENT_TYPES, weights=_DOCUMENT_TYPE_WEIGHTS)[0]
         year = 1970 + index % 47
         number = index // 47 + 1
         date = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {year}"
-        act = doc_type
 
         title_terms, recital_terms = [], []
         for concept in labels:
@@ -187,22 +200,22 @@ class _DocumentWriter:
         recitals = [",", "Having regard to the Treaty on the Functioning of the European Union,"]
         recitals += [f"Having regard to {self.reference()} on {term}," for term in recital_terms]
         recitals.append("Whereas:")
-        bodies = [self.fill(rng.choice(_RECITAL_TEMPLATES), act, self.reference()) for _ in range(rng.randint(3, 16))]
+        bodies = [self.fill(rng.choice(_RECITAL_TEMPLATES), doc_type) for _ in range(rng.randint(3, 16))]
         for concept in (rng.choice(self.concepts) for _ in range(rng.randint(0, 3))):
             if concept not in labels:
-                distractor = self.fill(rng.choice(_DISTRACTOR_TEMPLATES), act, self.reference(),
+                distractor = self.fill(rng.choice(_DISTRACTOR_TEMPLATES), doc_type,
                                        term=rng.choice(concept.terms))
                 # Never first: distractors should rarely survive truncation to 128 tokens.
                 bodies.insert(rng.randint(1, len(bodies)), distractor)
         recitals += [f"({i}) {text}" for i, text in enumerate(bodies, 1)]
 
         articles = [
-            " ".join(self.fill(rng.choice(_ARTICLE_TEMPLATES), act, self.reference()) for _ in range(rng.randint(1, 3)))
+            " ".join(self.fill(rng.choice(_ARTICLE_TEMPLATES), doc_type) for _ in range(rng.randint(1, 3)))
             for _ in range(rng.randint(1, 10))
         ]
-        articles += [self.fill(rng.choice(_LABEL_ARTICLE_TEMPLATES), act, self.reference(), term=rng.choice(c.terms))
-                     for c in labels if rng.random() < 0.5]
-        articles.append(f"This {act} shall enter into force on the twentieth day following that of its publication.")
+        articles += [self.fill(rng.choice(_LABEL_ARTICLE_TEMPLATES), doc_type, term=rng.choice(c.terms))
+                     for c in labels if rng.random() < LABEL_ARTICLE_PROB]
+        articles.append(f"This {doc_type} shall enter into force on the twentieth day following that of its publication.")
 
         return {
             "celex_id": f"3{year}{celex_letter}{number:04d}",

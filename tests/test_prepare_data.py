@@ -1,0 +1,425 @@
+"""experiments/classification/prepare_data.py and dtype_bench.tokenization: the cache it writes is what data.py
+reads, every source kind (folder, zip, URL, hub, synthetic) goes through it, reuse and rebuild follow the
+fingerprint, and every kind of bad input stops with one clear error and no cache."""
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from dtype_bench.io import sha256_file
+from dtype_bench.synthetic import write_jsonl_splits
+from dtype_bench.tokenization import (
+    SPECIAL_TOKENS, TokenizerError, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments" / "classification"))
+import data  # noqa: E402
+import prepare_data  # noqa: E402
+from prepare_data import PrepareError, prepare  # noqa: E402
+
+SMALL_BPE = "bpe:2000"
+
+
+def small_archive(folder: Path, n_train: int = 40, n_validation: int = 10, n_test: int = 10) -> Path:
+    """A valid archive-schema folder, fast to prepare (50 concepts so labels repeat)."""
+    write_jsonl_splits(folder, n_train, n_validation, n_test, seed=3, num_labels=50)
+    return folder
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def zip_folder(folder: Path, zip_path: Path, prefix: str = "dataset/") -> Path:
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.glob("*.jsonl")):
+            archive.write(path, prefix + path.name)
+    return zip_path
+
+
+def assert_consistent_cache(cache: Path) -> data.CacheMeta:
+    """Everything data.py relies on: offsets, special tokens, lengths, label ranges, unseen counts."""
+    meta = data.read_meta(cache)
+    labels = json.loads((cache / "labels.json").read_text())
+    assert len(labels) == meta.num_labels and labels == sorted(set(labels))
+    tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
+    assert meta.vocab_size == len(tokenizer) and meta.pad_token_id == tokenizer.pad_token_id
+    for split in data.SPLITS:
+        part = data.TokenizedSplit(cache, split)
+        assert len(part) == meta.raw["splits"][split] > 0
+        for offsets, values in ((part.doc_offsets, part.input_ids), (part.label_offsets, part.label_ids)):
+            assert offsets[0] == 0 and offsets[-1] == len(values) and np.all(np.diff(offsets) >= 0)
+        assert part.input_ids.dtype == np.int32 and part.label_ids.dtype == np.int32
+        lengths = np.diff(part.doc_offsets)
+        assert lengths.min() >= 2 and lengths.max() <= meta.max_length
+        assert np.all(part.input_ids[part.doc_offsets[:-1]] == tokenizer.cls_token_id)
+        assert np.all(part.input_ids[part.doc_offsets[1:] - 1] == tokenizer.sep_token_id)
+        assert np.all(np.asarray(part.input_ids) < meta.vocab_size)
+        assert len(part.label_ids) == 0 or np.asarray(part.label_ids).max() < meta.num_labels
+        assert len(part.n_unseen_labels) == len(part)
+        assert int(part.n_unseen_labels.sum()) == meta.raw["labels_not_in_train"][split]
+    assert meta.raw["labels_not_in_train"]["train"] == 0
+    return meta
+
+
+def assert_no_cache(output_dir: Path) -> None:
+    assert not output_dir.exists()
+    assert not list(output_dir.parent.glob(f".{output_dir.name}.tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------------- real sample
+
+
+@pytest.fixture(scope="module")
+def real_cache(real_sample_dir, tmp_path_factory) -> Path:
+    return prepare(str(real_sample_dir), tmp_path_factory.mktemp("real") / "cache", tokenizer=SMALL_BPE)
+
+
+def test_real_sample_folder(real_cache, real_sample_dir):
+    meta = assert_consistent_cache(real_cache)
+    train = read_records(real_sample_dir / "train.jsonl")
+    dev = read_records(real_sample_dir / "dev.jsonl")
+    train_concepts = {c for r in train for c in r["eurovoc_concepts"]}
+    dev_concepts = {c for r in dev for c in r["eurovoc_concepts"]}
+    # The sample's README: 339 concepts in train, 342 in dev, 214 of dev's not in train.
+    assert (len(train_concepts), len(dev_concepts), len(dev_concepts - train_concepts)) == (339, 342, 214)
+    assert json.loads((real_cache / "labels.json").read_text()) == sorted(train_concepts)
+    # No test.jsonl: half of dev (seeded) became test, and meta says so.
+    assert meta.raw["splits"] == {"train": 100, "validation": 50, "test": 50}
+    assert "no test split" in meta.raw["source"]["notes"][0]
+    unseen_gold = sum(len(set(r["eurovoc_concepts"]) - train_concepts) for r in dev)
+    assert meta.raw["labels_not_in_train"]["validation"] + meta.raw["labels_not_in_train"]["test"] == unseen_gold
+
+    stats = json.loads((real_cache / "stats.json").read_text())
+    assert stats["num_labels"] == 339
+    groups = {s: stats["splits"][s]["label_groups"] for s in data.SPLITS}
+    assert groups["train"]["few_shot"] == {"labels": 339, "assignments": 522}  # none in > 50 of 100 documents
+    assert groups["validation"]["zero_shot"]["assignments"] + groups["test"]["zero_shot"]["assignments"] == unseen_gold
+    assert stats["splits"]["train"]["tokens_before_truncation"]["max"] > 512
+    assert 0 < stats["splits"]["train"]["fraction_truncated"] < 1
+    assert "| documents | 100 | 50 | 50 |" in (real_cache / "stats.md").read_text()
+
+
+def test_real_sample_tokens_match_the_tokenizer_and_read_back(real_cache, real_sample_dir):
+    record = read_records(real_sample_dir / "train.jsonl")[0]
+    text = "\n".join([record["title"], record["header"], record["recitals"], "\n".join(record["main_body"])])
+    tokenizer = AutoTokenizer.from_pretrained(real_cache / "tokenizer")
+    expected = tokenizer(text, truncation=True, max_length=512)["input_ids"]
+    part = data.TokenizedSplit(real_cache, "train")
+    assert part.tokens(0).tolist() == expected
+    labels = json.loads((real_cache / "labels.json").read_text())
+    assert [labels[i] for i in part.labels(0)] == record["eurovoc_concepts"]
+    meta = data.read_meta(real_cache)
+    batch = next(data.eval_batches(part, 4, meta.num_labels, meta.pad_token_id))
+    assert batch.targets.shape == (4, 339) and batch.targets[0].sum() == len(record["eurovoc_concepts"])
+
+
+def test_real_sample_zip_gives_the_same_cache(real_cache, real_sample_dir, tmp_path):
+    zip_path = zip_folder(real_sample_dir, tmp_path / "dataset.zip")
+    cache = prepare(str(zip_path), tmp_path / "from_zip", tokenizer=SMALL_BPE)
+    meta = assert_consistent_cache(cache)
+    assert meta.raw["source"]["sha256"] == sha256_file(zip_path)
+    for split in data.SPLITS:
+        for name in data.ARRAYS:
+            assert np.array_equal(np.load(cache / f"{split}.{name}.npy"), np.load(real_cache / f"{split}.{name}.npy"))
+
+
+# ------------------------------------------------------------------------------------------- reuse and rebuild
+
+
+def test_second_prepare_reuses_and_changes_rebuild(tmp_path, capsys):
+    source = small_archive(tmp_path / "src")
+    out = tmp_path / "cache"
+    first = data.read_meta(prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64))
+    built_at = (out / "meta.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert "reusing cache" in capsys.readouterr().out
+    assert (out / "meta.json").stat().st_mtime_ns == built_at
+
+    changed_option = data.read_meta(prepare(str(source), out, tokenizer=SMALL_BPE, max_length=32))
+    assert changed_option.fingerprint != first.fingerprint and changed_option.max_length == 32
+
+    records = read_records(source / "train.jsonl")
+    records[0]["title"] += " amended"
+    write_records(source / "train.jsonl", records)
+    changed_input = data.read_meta(prepare(str(source), out, tokenizer=SMALL_BPE, max_length=32))
+    assert changed_input.fingerprint != changed_option.fingerprint
+
+    capsys.readouterr()
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=32, force=True)
+    assert "reusing" not in capsys.readouterr().out
+
+
+def test_zones_choose_the_text(tmp_path):
+    source = small_archive(tmp_path / "src")
+    cache = prepare(str(source), tmp_path / "titles", tokenizer=SMALL_BPE, max_length=512, zones=["title"])
+    tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
+    title = read_records(source / "train.jsonl")[0]["title"]
+    assert data.TokenizedSplit(cache, "train").tokens(0).tolist() == tokenizer(title)["input_ids"]
+    with pytest.raises(PrepareError, match="zones"):
+        prepare(str(source), tmp_path / "bad", tokenizer=SMALL_BPE, zones=["title", "preamble"])
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+
+
+def test_bpe_tokenizer_is_roberta_like_deterministic_and_reloads(tmp_path):
+    texts = [r["recitals"] for r in read_records(small_archive(tmp_path / "src") / "train.jsonl")]
+    first = train_bpe_tokenizer(texts, 600, tmp_path / "a")
+    second = train_bpe_tokenizer(texts, 600, tmp_path / "b")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert tokenizer_fingerprint(first) == tokenizer_fingerprint(second) == tokenizer_fingerprint(reloaded)
+    assert reloaded.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+    ids = reloaded("Whereas: the Member States")["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2 and reloaded.decode(ids[1:-1]) == "Whereas: the Member States"
+    other = train_bpe_tokenizer(texts[:5], 600, tmp_path / "c")
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(first)
+
+
+def test_tokenizer_specs(tmp_path):
+    with pytest.raises(TokenizerError, match="local tokenizer directory or bpe:SIZE"):
+        load_tokenizer("dtype-bench-tests/no-such-tokenizer")
+    with pytest.raises(TokenizerError, match="bpe:SIZE"):
+        load_tokenizer("bpe:many")
+    with pytest.raises(TokenizerError, match="train_texts"):
+        load_tokenizer("bpe:1000")
+    saved = train_bpe_tokenizer(["a small corpus of words"] * 10, 300, tmp_path / "tok")
+    assert tokenizer_fingerprint(load_tokenizer(str(tmp_path / "tok"))) == tokenizer_fingerprint(saved)
+
+
+def test_prepare_with_a_local_tokenizer_directory(tmp_path):
+    source = small_archive(tmp_path / "src")
+    bpe_cache = prepare(str(source), tmp_path / "bpe", tokenizer=SMALL_BPE, max_length=64)
+    local_cache = prepare(str(source), tmp_path / "local", tokenizer=str(bpe_cache / "tokenizer"), max_length=64)
+    fingerprints = [data.read_meta(cache).raw["tokenizer"]["fingerprint"] for cache in (local_cache, bpe_cache)]
+    assert fingerprints[0] == fingerprints[1]
+    assert np.array_equal(np.load(local_cache / "test.input_ids.npy"), np.load(bpe_cache / "test.input_ids.npy"))
+
+
+# ---------------------------------------------------------------------------------------------- other sources
+
+
+def test_synthetic_source_and_split_sizes(tmp_path):
+    cache = prepare("synthetic", tmp_path / "syn", tokenizer=SMALL_BPE, max_length=128, synthetic_docs=200,
+                    synthetic_labels=100, synthetic_seed=1)
+    meta = assert_consistent_cache(cache)
+    assert meta.raw["splits"] == {"train": 160, "validation": 20, "test": 20}
+    assert meta.raw["source"]["kind"] == "synthetic" and meta.raw["source"]["seed"] == 1
+
+
+def test_prepare_tiny(tmp_path):
+    meta = assert_consistent_cache(prepare_data.prepare_tiny(tmp_path / "tiny"))
+    assert meta.raw["splits"] == {"train": 4000, "validation": 500, "test": 500}
+    assert meta.max_length == 128 and meta.raw["tokenizer"]["name"] == "bpe:8000"
+    assert 2500 < meta.num_labels <= 4271
+
+
+def test_folder_without_test_split_takes_half_of_validation(tmp_path):
+    source = small_archive(tmp_path / "src", n_validation=11)
+    (source / "test.jsonl").unlink()
+    meta = data.read_meta(prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64))
+    assert meta.raw["splits"] == {"train": 40, "validation": 6, "test": 5}
+    assert "5 of its 11 validation documents" in meta.raw["source"]["notes"][0]
+
+
+def fake_hub(monkeypatch, columns: dict[str, list]) -> list[tuple]:
+    """Replace datasets.load_dataset by an in-memory DatasetDict with the given columns in every split."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(repo_id, revision=None):
+        calls.append((repo_id, revision))
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(columns) for s in ("train", "validation", "test")})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_source_maps_columns(tmp_path, monkeypatch):
+    columns = {"celex_id": ["31990R0001", "31990R0002"], "title": ["Regulation on fish", "Decision on milk"],
+               "text": ["Article text about fishing quotas.", "Article text about dairy."], "labels": [[1, 7], [3]]}
+    calls = fake_hub(monkeypatch, columns)
+    cache = prepare("someone/eurlex57k@v1.0", tmp_path / "hub", tokenizer=SMALL_BPE, max_length=64)
+    assert calls == [("someone/eurlex57k", "v1.0")]
+    meta = assert_consistent_cache(cache)
+    assert json.loads((cache / "labels.json").read_text()) == ["1", "3", "7"]
+    assert meta.raw["source"]["columns"] == {"celex_id": "celex_id", "eurovoc_concepts": "labels", "title": "title",
+                                             "main_body": "text"}
+    assert "no header, recitals" in meta.raw["source"]["notes"][0]
+    tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
+    expected = tokenizer("Regulation on fish\nArticle text about fishing quotas.")["input_ids"]
+    assert data.TokenizedSplit(cache, "test").tokens(0).tolist() == expected
+
+
+def test_hub_source_without_labels_fails_clearly(tmp_path, monkeypatch):
+    fake_hub(monkeypatch, {"title": ["a"], "text": ["b"]})
+    with pytest.raises(PrepareError, match="no label column .* it has title, text"):
+        prepare("someone/eurlex57k", tmp_path / "hub", tokenizer=SMALL_BPE)
+    assert_no_cache(tmp_path / "hub")
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+def corrupt_truncated_line(source: Path) -> None:
+    with open(source / "train.jsonl", "a") as f:
+        f.write('{"celex_id": "32014R07')
+
+
+def corrupt_non_json_line(source: Path) -> None:
+    lines = (source / "dev.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = "this is not json\n"
+    (source / "dev.jsonl").write_text("".join(lines))
+
+
+def corrupt_missing_field(source: Path) -> None:
+    records = read_records(source / "test.jsonl")
+    del records[4]["recitals"]
+    write_records(source / "test.jsonl", records)
+
+
+def corrupt_empty_split(source: Path) -> None:
+    (source / "dev.jsonl").write_text("")
+
+
+def corrupt_label_list(source: Path) -> None:
+    records = read_records(source / "train.jsonl")
+    records[1]["eurovoc_concepts"] = "1091,3842"
+    write_records(source / "train.jsonl", records)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (corrupt_truncated_line, r"train\.jsonl:41: not valid JSON .*truncated"),
+    (corrupt_non_json_line, r"dev\.jsonl:3: not valid JSON"),
+    (corrupt_missing_field, r"test\.jsonl:5: record \d+\w\d+ has no field 'recitals'"),
+    (corrupt_empty_split, r"the validation split has no documents"),
+    (corrupt_label_list, r"train\.jsonl:2: eurovoc_concepts of record .* must be a list of concept ids, got str"),
+])
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_bad_records_fail_with_location_and_leave_no_cache(tmp_path, corrupt, message, form):
+    source = small_archive(tmp_path / "src")
+    corrupt(source)
+    if form == "zip":
+        source = zip_folder(source, tmp_path / "dataset.zip")
+    out = tmp_path / "out" / "cache"
+    with pytest.raises(PrepareError, match=message):
+        prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert_no_cache(out)
+
+
+@pytest.mark.parametrize("bad_entry", ["../evil.jsonl", "/tmp/evil.jsonl", "dataset/..\\..\\evil.jsonl", "C:/evil"])
+def test_zip_with_unsafe_entry_is_refused_before_any_write(tmp_path, bad_entry):
+    source = small_archive(tmp_path / "src")
+    zip_path = zip_folder(source, tmp_path / "dataset.zip")
+    with zipfile.ZipFile(zip_path, "a") as archive:
+        archive.writestr(bad_entry, "{}\n")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(PrepareError, match="refusing unsafe entry"):
+        prepare(str(zip_path), tmp_path / "out" / "cache", tokenizer=SMALL_BPE)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_reports_one_error_line_and_exits_2(tmp_path, capsys):
+    source = small_archive(tmp_path / "src")
+    corrupt_label_list(source)
+    code = prepare_data.main(["--source", str(source), "--output_dir", str(tmp_path / "cache"),
+                              "--tokenizer", SMALL_BPE])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "train.jsonl:2" in err[0]
+    assert prepare_data.main(["--source", "./missing-folder", "--output_dir", str(tmp_path / "cache"),
+                              "--tokenizer", SMALL_BPE]) == 2
+    assert "is not an existing path" in capsys.readouterr().err
+    # The default tokenizer is roberta-base from the hub: offline, the error says what to pass instead.
+    assert prepare_data.main(["--source", str(source), "--output_dir", str(tmp_path / "cache"),
+                              "--tokenizer", "dtype-bench-tests/no-such-tokenizer"]) == 2
+    assert "pass a local tokenizer directory or bpe:SIZE" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_script_from_the_repo_root(tmp_path):
+    out = tmp_path / "cache"
+    command = [sys.executable, "experiments/classification/prepare_data.py", "--source", "synthetic",
+               "--synthetic_docs", "60", "--synthetic_labels", "20", "--tokenizer", "bpe:400", "--max_length", "48",
+               "--output_dir", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "prepared" in done.stdout and data.read_meta(out).raw["splits"]["train"] == 48
+
+
+# ---------------------------------------------------------------------------------------------------- download
+
+
+@pytest.fixture
+def archive_server(monkeypatch):
+    """An HTTP server on 127.0.0.1 serving state["payload"], honouring `Range: bytes=N-`; when
+    state["drop_after"] is set, the next response sends that many bytes and then drops the connection."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    state: dict = {"payload": b"", "drop_after": None, "ranges": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested = self.headers.get("Range")
+            state["ranges"].append(requested)
+            start = int(re.fullmatch(r"bytes=(\d+)-", requested).group(1)) if requested else 0
+            body = state["payload"][start:]
+            self.send_response(206 if requested else 200)
+            if requested:
+                self.send_header("Content-Range", f"bytes {start}-{len(state['payload']) - 1}/{len(state['payload'])}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            drop_after, state["drop_after"] = state["drop_after"], None
+            self.wfile.write(body if drop_after is None else body[:drop_after])
+            self.close_connection = True
+
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", state
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_download_interrupted_then_resumed(tmp_path, archive_server):
+    base_url, state = archive_server
+    zip_path = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip")
+    state["payload"] = zip_path.read_bytes()
+    state["drop_after"] = len(state["payload"]) // 3
+    out, downloads = tmp_path / "out" / "cache", tmp_path / "downloads"
+
+    with pytest.raises(PrepareError, match="stopped at .* run again to resume"):
+        prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert_no_cache(out)
+    (part,) = downloads.glob("*.part")
+    assert part.stat().st_size == len(state["payload"]) // 3
+
+    cache = prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert state["ranges"] == [None, f"bytes={len(state['payload']) // 3}-"]
+    assert not part.exists()
+    meta = assert_consistent_cache(cache)
+    assert meta.raw["source"]["sha256"] == sha256_file(zip_path)
+    assert meta.raw["source"]["url"] == f"{base_url}/dataset.zip"
+
+    # The completed download is kept: preparing again reuses it and the cache without another request.
+    prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert len(state["ranges"]) == 2
