@@ -9,12 +9,13 @@ config name.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
 
 import torch
 
-OptimizerKind = Literal["adamw", "adamw_8bit", "adamw_stochastic_rounding"]
+OptimizerKind = Literal["adamw", "adamw_8bit", "adamw_stochastic_rounding", "adamw_fp32_states"]
 LossScaling = Literal["none", "dynamic"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504: logits above this overflow in fp16
@@ -44,7 +45,9 @@ class PrecisionConfig:
     """Run the output layer outside autocast in fp32 (inputs upcast): fp32 logits and fp32 head gradients."""
     optimizer: OptimizerKind = "adamw"
     """'adamw': torch AdamW, states in the parameter dtype; 'adamw_8bit': bitsandbytes 8-bit block-wise
-    AdamW states; 'adamw_stochastic_rounding': torchao AdamW writing bf16 weights with stochastic rounding."""
+    AdamW states; 'adamw_stochastic_rounding': torchao AdamW writing bf16 weights with stochastic rounding;
+    'adamw_fp32_states': `AdamWFp32States`, fp32 moments and arithmetic, the result rounded to nearest into the
+    weights' own dtype."""
     adam_eps: float | None = None
     """Override of the run's AdamW epsilon (e.g. an eps that does not round to 0 in fp16); None = the run's."""
     tf32: bool = False
@@ -103,6 +106,9 @@ REGISTRY: dict[str, PrecisionConfig] = {pc.name: pc for pc in (
     PrecisionConfig("fp16_naive_safe_eps", "fp16_naive with AdamW eps 1e-4 (representable in fp16): "
                     "isolates the optimizer's 0/0 from gradient underflow/overflow",
                     weight_dtype=torch.float16, adam_eps=1e-4, family="fp16"),
+    PrecisionConfig("fp16_fp32_adam_states", "fp16 weights and grads, AdamW moments and arithmetic in fp32 "
+                    "(same eps): isolates the optimizer's fp16 arithmetic from fp16 gradients",
+                    weight_dtype=torch.float16, optimizer="adamw_fp32_states", family="fp16"),
     PrecisionConfig("bf16_naive", "bf16 weights, grads and AdamW states, round-to-nearest updates",
                     weight_dtype=torch.bfloat16, family="bf16"),
     PrecisionConfig("bf16_pure", "bf16 weights/activations/grads, AdamW with stochastic rounding, compiled",
@@ -210,8 +216,57 @@ def grad_scaler(pc: PrecisionConfig, device: torch.device) -> torch.amp.GradScal
 
 
 def cast_model(body: torch.nn.Module, head: torch.nn.Module, pc: PrecisionConfig) -> None:
+    """Parameter dtypes; with `fp8`, the body's Linear layers become torchao Float8Linear (fp32 master
+    weights, float8 matmuls). The head is never converted: its 4,271 outputs are not a multiple of 16."""
     body.to(pc.weight_dtype)
     head.to(pc.head_dtype)
+    if pc.fp8:
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(body, module_filter_fn=_float8_compatible)
+
+
+def _float8_compatible(module: torch.nn.Module, fqn: str) -> bool:
+    """float8 matmuls (torch._scaled_mm) need both Linear dimensions divisible by 16."""
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def adamw_fp32_step(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                    step: float, *, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step computed entirely in fp32, inputs untouched: (new weight, new exp_avg, new exp_avg_sq).
+    `step` counts this step from 1. The formula of torch.optim.AdamW, torchao's AdamW and bitsandbytes'."""
+    weight, grad = weight.float(), grad.float()
+    exp_avg = exp_avg.float().lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq.float().lerp(grad.square(), 1 - beta2)
+    denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + eps
+    return weight * (1 - lr * weight_decay) - (lr / (1 - beta1**step)) * exp_avg / denom, exp_avg, exp_avg_sq
+
+
+class AdamWFp32States(torch.optim.Optimizer):
+    """AdamW whose moments and arithmetic are fp32 whatever the weights' dtype; the new weight is rounded to
+    nearest into that dtype. Over fp16 weights it is fp16_naive's optimizer without fp16 arithmetic: the
+    second moment cannot underflow and eps = 1e-8 does not round to 0."""
+
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                 exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+                state["step"] += 1
+                weight, state["exp_avg"], state["exp_avg_sq"] = adamw_fp32_step(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=group["lr"], beta1=beta1,
+                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                p.copy_(weight)
 
 
 def build_optimizer(
@@ -229,6 +284,8 @@ def build_optimizer(
         from torchao.optim import _AdamW
 
         return _AdamW(param_groups, bf16_stochastic_round=True, **kwargs)
+    if pc.optimizer == "adamw_fp32_states":
+        return AdamWFp32States(param_groups, **kwargs)
     # fused kernels exist for CUDA; foreach is the fast path elsewhere. Both keep states in the param dtype.
     fused = device.type == "cuda"
     return torch.optim.AdamW(param_groups, fused=fused, foreach=None if fused else True, **kwargs)
@@ -289,7 +346,8 @@ def check_dtypes(
         if not any("uint8" in v for v in state.values()):
             problems.append(f"8-bit optimizer allocated no uint8 state: {state}")
     else:
-        param_dtypes = {dtype_name(pc.weight_dtype), dtype_name(pc.head_dtype)}
+        param_dtypes = ({"float32"} if pc.optimizer == "adamw_fp32_states"
+                        else {dtype_name(pc.weight_dtype), dtype_name(pc.head_dtype)})
         bad = {k: v for k, v in state.items() if not set(v) <= param_dtypes}
         if bad:
             problems.append(f"optimizer states {bad} not in parameter dtypes {sorted(param_dtypes)}")

@@ -77,6 +77,11 @@ def append_result(output_dir: str | Path, row: dict) -> None:
     append_jsonl(Path(output_dir) / "results.jsonl", row)
 
 
+def latest_per_run(rows: Iterable[dict]) -> dict[str, dict]:
+    """run_id -> the run's newest row (a retried or restarted run appends a new row; the newest counts)."""
+    return {row["run_id"]: row for row in rows if "run_id" in row}
+
+
 def read_results(output_dir: str | Path) -> tuple[list[dict], list[str]]:
     """All rows, and a list of problems (malformed lines with file:line) that callers must surface."""
     return read_jsonl(Path(output_dir) / "results.jsonl")
@@ -85,14 +90,26 @@ def read_results(output_dir: str | Path) -> tuple[list[dict], list[str]]:
 class StepLog:
     """A run's JSONL step log. Lines are flushed as written; values are kept as they are (NaN stays NaN)."""
 
-    def __init__(self, path: str | Path, *, append: bool = False):
+    def __init__(self, path: str | Path, *, append: bool = False, resume_at: int | None = None):
+        """`resume_at`: a byte offset from `offset()`; the log is cut back to it (lines written after the
+        checkpoint that recorded it are dropped, as a resumed run writes them again) and appended to."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(self.path, "a" if append else "w", encoding="utf-8")
+        if resume_at is not None:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size < resume_at:
+                raise ValueError(f"step log {self.path} has {size} bytes, fewer than the {resume_at} its "
+                                 "checkpoint recorded; pass --fresh to start over")
+            os.truncate(self.path, resume_at)
+        self._file: IO[str] = open(self.path, "a" if append or resume_at is not None else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._file.write(json_dumps(record) + "\n")
         self._file.flush()
+
+    def offset(self) -> int:
+        """Bytes written so far (all lines are flushed): where a resumed run continues the log."""
+        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()

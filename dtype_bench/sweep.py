@@ -1,17 +1,39 @@
-"""Sweeps over configs x seeds: each run in its own process.
+"""Sweeps over configs x seeds that survive anything: each run in its own process, resumable, lockable.
 
 A separate process per run is what makes the numbers honest and the sweep robust: peak RSS on CPU is a
 per-process high-water mark, TF32 flags / compile caches / allocator state cannot leak between configs,
-and a run that crashes, runs out of memory or is killed is recorded as `failed` while the sweep goes on.
+and a run that raises, runs out of memory or is killed is recorded as `failed` while the sweep goes on.
+
+Re-running the same sweep command continues it. For each (config, seed) the newest row in results.jsonl
+decides (`needs_run`): completed, diverged and skipped runs are done; failed ones run again only with
+`--retry-failed`; runs without a row (never started, or interrupted) run, and resume from their checkpoint.
+`--fresh` starts every selected run over (old rows stay in results.jsonl; the newest row of a run counts).
+
+Splitting a sweep over machines or GPUs needs no scheduler: `--list-runs` prints the grid, one
+`--config X --seed Y` per line (for a job array or `xargs -P`), and any number of processes may share one
+output dir. A run is trained only by the process holding its lock file (`<output_dir>/locks/<run_id>.lock`,
+an OS file lock, released even when the holder is killed); the holder re-reads results.jsonl after taking
+it, so a run is never trained twice, and rows are appended under results.jsonl's own lock.
+The process exits non-zero at the end if any run of the grid is `failed`.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from dtype_bench.results import append_result, format_table, read_results
+from filelock import FileLock, Timeout
+
+from dtype_bench.distributed import World, broadcast_from_main
+from dtype_bench.results import SEED_METRICS, append_result, format_table, latest_per_run, read_results, run_id
+
+EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the run's lock; nothing was done
+DONE_STATUSES = ("completed", "diverged", "skipped")
 
 
 @dataclass(frozen=True)
@@ -23,8 +45,19 @@ class RunSpec:
         return ["--config", self.config, "--seed", str(self.seed)]
 
 
-def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """argv without the given flags and their values (both `--flag v` and `--flag=v` forms)."""
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sweeps and resuming")
+    group.add_argument("--fresh", action="store_true",
+                       help="start over: ignore existing checkpoints and rows of the selected runs")
+    group.add_argument("--retry-failed", action="store_true",
+                       help="run again the runs whose newest row is `failed` (resuming from their checkpoint)")
+    group.add_argument("--list-runs", action="store_true",
+                       help="print the grid, one `--config X --seed Y` per line, and exit")
+
+
+def strip_flags(argv: list[str], flags: tuple[str, ...], switches: tuple[str, ...] = ()) -> list[str]:
+    """argv without the given flags and their values (both `--flag v` and `--flag=v` forms), and without the
+    given value-less `switches`."""
     out: list[str] = []
     skip_next = False
     for arg in argv:
@@ -32,7 +65,7 @@ def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
             skip_next = False
         elif arg in flags:
             skip_next = True
-        elif not any(arg.startswith(f + "=") for f in flags):
+        elif arg not in switches and not any(arg.startswith(f + "=") for f in flags):
             out.append(arg)
     return out
 
@@ -43,36 +76,134 @@ def grid(configs: list[str], first_seed: int, seeds: int) -> list[RunSpec]:
     return [RunSpec(c, s) for s in range(first_seed, first_seed + seeds) for c in configs]
 
 
-def rows_for(output_dir: str | Path, setup_fingerprint: str) -> list[dict]:
+def list_runs(runs: list[RunSpec]) -> str:
+    return "\n".join(" ".join(spec.flags()) for spec in runs)
+
+
+def needs_run(newest_row: dict | None, *, retry_failed: bool, fresh: bool) -> bool:
+    if newest_row is None or fresh:
+        return True
+    return newest_row["status"] == "failed" and retry_failed
+
+
+def why_not(newest_row: dict) -> str:
+    detail = newest_row.get("error") or newest_row.get("reason") or ""
+    hint = "; pass --retry-failed to run it again" if newest_row["status"] == "failed" else ""
+    return f"already {newest_row['status']}{f' ({detail})' if detail else ''}{hint}"
+
+
+def setup_rows(output_dir: str | Path, setup_fingerprint: str) -> list[dict]:
+    """This setup's rows. Malformed lines are reported on stderr, never skipped silently."""
     rows, problems = read_results(output_dir)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     return [r for r in rows if r.get("setup_fingerprint") == setup_fingerprint]
 
 
-def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_dir: str | Path,
-              setup_fingerprint: str, experiment: str) -> int:
-    """Run each spec as `python script <passthrough> --config C --seed S`; return the exit code.
+def _lock(output_dir: str | Path, rid: str) -> FileLock:
+    path = Path(output_dir) / "locks" / f"{rid}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
 
-    Runs that already have a row for this setup are not repeated. A child that dies without writing its
-    row (killed, segfault, OOM killer) gets a `failed` row written here.
-    """
-    done = {(r["config"], r["seed"]) for r in rows_for(output_dir, setup_fingerprint)}
-    any_failed = False
+
+@contextlib.contextmanager
+def claim_run(output_dir: str | Path, rid: str) -> Iterator[bool]:
+    """Hold the run's lock for the block; yields False (and holds nothing) if another process has it."""
+    lock = _lock(output_dir, rid)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def is_claimed(output_dir: str | Path, rid: str) -> bool:
+    with claim_run(output_dir, rid) as claimed:
+        return not claimed
+
+
+@contextlib.contextmanager
+def run_gate(output_dir: str | Path, setup_fingerprint: str, rid: str, *, retry_failed: bool, fresh: bool,
+             world: World) -> Iterator[int | None]:
+    """Whether this process trains run `rid`: yields None to train it (holding its lock for the block), or
+    the exit code to return at once: EXIT_BUSY if another process holds the lock, 0 (1 if it failed) if its
+    newest row says it is done. Rank 0 decides for every rank."""
+    with claim_run(output_dir, rid) if world.is_main else contextlib.nullcontext(True) as claimed:
+        verdict = -1  # train
+        if world.is_main:
+            rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
+            if not claimed:
+                print(f"{rid}: running in another process (its lock is held); nothing to do")
+                verdict = EXIT_BUSY
+            elif not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh):
+                print(f"{rid}: {why_not(rows[-1])}")
+                verdict = int(rows[-1]["status"] == "failed")
+        verdict = broadcast_from_main(verdict)
+        yield None if verdict == -1 else verdict
+
+
+def _run_child(command: list[str]) -> tuple[int, int | None]:
+    """Run the child to its end; SIGINT/SIGTERM sent to the sweep are passed on to it (so it checkpoints)
+    and returned as the second value."""
+    child = subprocess.Popen(command)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        returncode = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return returncode, (received[0] if received else None)
+
+
+def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_dir: str | Path,
+              setup_fingerprint: str, experiment: str, *, retry_failed: bool = False, fresh: bool = False,
+              metrics: tuple[str, ...] = SEED_METRICS) -> int:
+    """Run each spec that `needs_run` as `python script <passthrough> --config C --seed S`; print the table;
+    return the exit code (1 if any run of the grid is failed, 128 + signal if interrupted)."""
+    busy: list[str] = []
     for i, spec in enumerate(runs, 1):
-        if (spec.config, spec.seed) in done:
-            print(f"[{i}/{len(runs)}] {spec.config} seed {spec.seed}: already in results, skipping")
+        rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
+        rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
+        before = rows[-1] if rows else None
+        where = f"[{i}/{len(runs)}] {spec.config} seed {spec.seed}"
+        if not needs_run(before, retry_failed=retry_failed, fresh=fresh):
+            print(f"{where}: {why_not(before)}, skipping")
             continue
-        print(f"[{i}/{len(runs)}] {spec.config} seed {spec.seed}", flush=True)
-        proc = subprocess.run([sys.executable, script, *passthrough, *spec.flags()])
-        if not any((r["config"], r["seed"]) == (spec.config, spec.seed)
-                   for r in rows_for(output_dir, setup_fingerprint)):
+        if is_claimed(output_dir, rid):
+            print(f"{where}: running in another process, skipping")
+            busy.append(rid)
+            continue
+        print(where, flush=True)
+        returncode, interrupted = _run_child([sys.executable, script, *passthrough, *spec.flags()])
+        if interrupted:
+            print(f"sweep interrupted during {rid}; run the same command again to resume", file=sys.stderr)
+            return 128 + interrupted
+        if returncode == EXIT_BUSY:
+            busy.append(rid)
+            continue
+        if sum(r.get("run_id") == rid for r in setup_rows(output_dir, setup_fingerprint)) == len(rows):
             append_result(output_dir, {
-                "experiment": experiment, "config": spec.config, "seed": spec.seed, "status": "failed",
-                "setup_fingerprint": setup_fingerprint,
-                "error": f"run process exited with code {proc.returncode} without writing a result",
+                "experiment": experiment, "run_id": rid, "config": spec.config, "seed": spec.seed,
+                "status": "failed", "setup_fingerprint": setup_fingerprint,
+                "error": f"run process exited with code {returncode} without writing a result",
             })
-        any_failed |= proc.returncode != 0
-    rows = rows_for(output_dir, setup_fingerprint)
-    print("\n" + format_table([r for r in rows if (r["config"], r["seed"]) in {(s.config, s.seed) for s in runs}]))
-    return 1 if any_failed else 0
+    newest = latest_per_run(setup_rows(output_dir, setup_fingerprint))
+    grid_rows = [newest[r] for r in (run_id(experiment, s.config, s.seed, setup_fingerprint) for s in runs)
+                 if r in newest]
+    print("\n" + format_table(grid_rows, metrics))
+    if busy:
+        print(f"\n{len(busy)} run(s) were running in another process: {', '.join(busy)}")
+    failed = [r["run_id"] for r in grid_rows if r["status"] == "failed"]
+    if failed:
+        print(f"\n{len(failed)} run(s) failed: {', '.join(failed)} (--retry-failed runs them again)", file=sys.stderr)
+    return 1 if failed else 0

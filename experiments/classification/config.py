@@ -29,7 +29,8 @@ class TrainConfig:
     batch_size: int = 8
     """Micro-batch size (documents per forward/backward)."""
     gradient_accumulation_steps: int = 4
-    """Micro-batches per optimizer step: effective batch = batch_size x this x world size."""
+    """Micro-batches per optimizer step: effective batch = batch_size x this, whatever the world size (under
+    torchrun each of N ranks computes this / N of them; N must divide it)."""
     max_steps: int = 5000
     """Optimizer steps to train."""
     eval_steps: int = 500
@@ -56,6 +57,10 @@ class TrainConfig:
     """Evaluate on at most this many validation/test documents (None = all)."""
     eval_precision: Literal["config", "fp32"] = "config"
     """Evaluate under the config's own precision, or upcast to fp32 for evaluation."""
+    diagnostics_every: int = 10
+    """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
+    many optimizer steps; 0 = never. A measured step costs one extra fp32 AdamW step plus host copies of the
+    weights and the intended update (see the diagnostics module); non-finite tracking runs every step."""
     log_every: int = 10
     """Write a step-log line every this many optimizer steps (the only host syncs in the loop)."""
     timing_warmup_steps: int = 5
@@ -80,8 +85,8 @@ class TrainConfig:
         for name in ("warmup_ratio", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0:
-            raise ValueError("--weight_decay, --grad_clip and --timing_warmup_steps must be >= 0")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0 or self.diagnostics_every < 0:
+            raise ValueError("--weight_decay, --grad_clip, --timing_warmup_steps and --diagnostics_every must be >= 0")
         if self.max_eval_docs is not None and self.max_eval_docs <= 0:
             raise ValueError(f"--max_eval_docs must be positive, got {self.max_eval_docs}")
         if self.preset == "full" and self.model_name == "tiny":

@@ -142,13 +142,18 @@ class TrainBatches:
 
     `position` (epoch, index within the epoch) is all a checkpoint needs to continue the same stream.
     Incomplete tail batches are dropped so every micro-batch has the same size.
+
+    Sharded over `world_size` ranks (DDP), the single-process stream is dealt out in turn: rank r gets
+    micro-batches r, r + world_size, ...; `position` is then the same on every rank (past the last one dealt).
     """
 
-    def __init__(self, split: TokenizedSplit, batch_size: int, seed: int, num_labels: int, pad_token_id: int):
+    def __init__(self, split: TokenizedSplit, batch_size: int, seed: int, num_labels: int, pad_token_id: int,
+                 rank: int = 0, world_size: int = 1):
         if len(split) < batch_size:
             raise CacheError(f"training split has {len(split)} documents, fewer than batch_size {batch_size}")
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.num_labels, self.pad_token_id = num_labels, pad_token_id
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.index = 0, 0
         self._order = epoch_order(len(split), seed, 0)
 
@@ -163,12 +168,16 @@ class TrainBatches:
     def __iter__(self) -> "TrainBatches":
         return self
 
-    def __next__(self) -> Batch:
+    def _next_indices(self) -> np.ndarray:
         if self.index + self.batch_size > len(self._order):
             self.seek({"epoch": self.epoch + 1, "index": 0})
         indices = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return collate(self.split, indices, self.num_labels, self.pad_token_id)
+        return indices
+
+    def __next__(self) -> Batch:
+        dealt = [self._next_indices() for _ in range(self.world_size)]
+        return collate(self.split, dealt[self.rank], self.num_labels, self.pad_token_id)
 
 
 def eval_batches(split: TokenizedSplit, batch_size: int, num_labels: int, pad_token_id: int, limit: int | None = None):

@@ -8,12 +8,9 @@ Reads top to bottom: parse -> data -> model under the precision config -> train 
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import random
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: config, data, model, metrics
@@ -27,45 +24,12 @@ import data as data_lib
 import metrics as metrics_lib
 import model as model_lib
 from config import PRESETS, TrainConfig
-from dtype_bench import precision, results, sweep, timing
-from dtype_bench.configs import add_flags, resolve
-from dtype_bench.io import fingerprint
+from dtype_bench import checkpoint, distributed, precision, results, runner, timing
+from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.monitor import TrainingMonitor
+from dtype_bench.runner import UserError
 
 EXPERIMENT = "classification"
-
-
-class UserError(Exception):
-    """Bad input: reported as one line, exit code 2, nothing written."""
-
-
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help="precision config: a name, comma-separated names, 'core' or 'all'")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a single run; first seed of --seeds")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    add_flags(parser, TrainConfig, skip=("preset",))
-    args = parser.parse_args(argv)
-    try:
-        cfg = resolve(TrainConfig, PRESETS, args.preset, args)
-        configs = precision.resolve_names(args.config)
-    except (ValueError, precision.UnknownConfig) as e:
-        raise UserError(str(e)) from e
-    if args.seeds <= 0:
-        raise UserError(f"--seeds must be positive, got {args.seeds}")
-    args.config_names = configs
-    return args, cfg
-
-
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device} requested but CUDA is not available")
-    return device
 
 
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
@@ -84,19 +48,6 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
     if cfg.max_length > meta.max_length:
         raise UserError(f"--max_length {cfg.max_length} exceeds the cache's {meta.max_length}: prepare it again")
     return meta
-
-
-def setup_of(cfg: TrainConfig, meta: data_lib.CacheMeta, device: torch.device) -> tuple[str, dict]:
-    """Everything that makes runs comparable except config and seed."""
-    setup = {k: v for k, v in cfg.to_record().items() if k not in ("output_dir", "device", "threads")}
-    setup.update(data_fingerprint=meta.fingerprint, device_type=device.type)
-    return fingerprint(setup), setup
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @torch.no_grad()
@@ -133,7 +84,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
               device: torch.device, rid: str) -> dict:
     """One run: returns the result fields (status, metrics, timing, memory, dtypes)."""
     precision.apply_matmul_precision(pc)
-    seed_everything(seed)
+    runner.seed_everything(seed)
     encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
                                       max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
                                       tiny_hidden=cfg.tiny_hidden)
@@ -142,6 +93,9 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     model.to(device).train()
     compiled = precision.should_compile(pc, device)
     forward = torch.compile(model) if compiled else model
+    world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
+    forward = distributed.wrap(forward, world, device)
+    local_accumulation = world.local_accumulation(cfg.gradient_accumulation_steps)
     optimizer = precision.build_optimizer(
         pc, model_lib.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, device=device)
@@ -151,28 +105,58 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
 
     train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
     val_split = data_lib.TokenizedSplit(meta.path, "validation", cfg.max_length)
-    batches = data_lib.TrainBatches(train_split, cfg.batch_size, seed, meta.num_labels, meta.pad_token_id)
-    log = results.StepLog(Path(cfg.output_dir) / "logs" / f"{rid}.jsonl")
+    batches = data_lib.TrainBatches(train_split, cfg.batch_size, seed, meta.num_labels, meta.pad_token_id,
+                                    rank=world.rank, world_size=world.world_size)
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
-    timing.reset_peak_memory(device)
+    flops_of = timing.flops_counter(model.encoder, model.head, head_per_token=False)  # FLOPs/sample at a width
+    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32)  # MFU denominators, this process
+    memory = timing.PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
 
-    monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience)
+    diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
+    # Resume point: written at every evaluation and on SIGTERM/SIGINT (after diag, which keeps the initial weights)
+    ckpt = checkpoint.RunCheckpoints(
+        checkpoint.run_dir(cfg.output_dir, rid), model,
+        identity={"run_id": rid, "config": pc.name, "seed": seed, "data_fingerprint": meta.fingerprint},
+        record={"train_config": cfg.to_record(), "precision": pc.to_record()})
+    resumed = ckpt.restore(optimizer, scheduler, scaler)  # None: no checkpoint, start at step 0
+    log_path = Path(cfg.output_dir) / "logs" / f"{rid}.jsonl"
+    log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None) if world.is_main else None
+    monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
     step, micro_batches, dtypes, best, status = 0, 0, None, None, "completed"
+    resumes, earlier_train_seconds = [], 0.0
+    if resumed:
+        step, micro_batches, best = resumed["step"], resumed["micro_batches"], resumed["best"]
+        resumes, earlier_train_seconds = resumed["resumes"] + [step], resumed["train_wall_seconds"]
+        batches.seek(resumed["data_position"])
+        monitor.load_state_dict(resumed["monitor"])
+        diag.step = step  # diagnostics keep measuring on the same optimizer steps
+        if world.is_main:
+            print(f"resuming {rid} from step {step}", flush=True)
+    checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
     t_start = time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, desc=f"{pc.name} seed {seed}", unit="step", disable=None)
+    progress = tqdm(total=cfg.max_steps, initial=step, desc=f"{pc.name} seed {seed}", unit="step",
+                    disable=None if world.is_main else True)
     while step < cfg.max_steps:
-        timer.start()
-        for _ in range(cfg.gradient_accumulation_steps):
+        timer.start(timed=not diag.measures(step + 1))  # a diagnostics step does extra, untrained work
+        step_flops = 0.0
+        for micro in range(local_accumulation):  # this rank's share of the step's micro-batches
             batch = next(batches).to(device)
-            with precision.autocast(pc, device):
-                logits = forward(batch.input_ids, batch.attention_mask)
-            loss = model_lib.bce_loss_fp32(logits, batch.targets) / cfg.gradient_accumulation_steps
-            scaler.scale(loss).backward()
+            step_flops += flops_of(batch.input_ids.shape[1]) * len(batch)  # padded width: what is computed
+            # dropout masks depend on (seed, micro-batch) only: equal for any world size and after a resume
+            distributed.reseed(seed, 0, world.micro_batch_index(step, micro, cfg.gradient_accumulation_steps))
+            with distributed.gradient_sync(forward, sync=micro == local_accumulation - 1):
+                with precision.autocast(pc, device):
+                    logits = forward(batch.input_ids, batch.attention_mask)
+                loss = model_lib.bce_loss_fp32(logits, batch.targets) / local_accumulation  # DDP averages ranks
+                scaler.scale(loss).backward()
             monitor.micro_batch(loss, logits)
-            micro_batches += 1
+            micro_batches += world.world_size
         scaler.unscale_(optimizer)  # no-op unless loss scaling is on; clipping sees true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        diag.before_step()  # every diagnostics_every steps: fp32 shadow AdamW of the update about to happen
+        distributed.reseed(seed, 1, step)  # stochastic rounding: the same noise on every rank and after a resume
         scaler.step(optimizer)  # skips the update if the scaled gradients overflowed
+        diag.after_step()
         scaler.update()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()  # advances on skipped steps too, identically for every config
@@ -180,7 +164,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             dtypes = precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        timer.stop(cfg.effective_batch_size)
+        timer.stop(cfg.effective_batch_size, step_flops)
         monitor.step(step, grad_norm, lr)
         progress.update()
         if step % cfg.log_every == 0 or step % cfg.eval_steps == 0 or step == cfg.max_steps:
@@ -190,71 +174,50 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             if monitor.diverged:
                 status = "diverged"
                 break
-        if step % cfg.eval_steps == 0 or step == cfg.max_steps:
-            val = evaluate(model, val_split, cfg, pc, meta, device)
-            log.write({"step": step, "eval": "validation", **val})
+        evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
+        if evaluating and world.is_main:
+            with memory.evaluating():
+                val = evaluate(model, val_split, cfg, pc, meta, device)
+            log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
             if best is None or val["micro_f1"] > best["metrics"]["micro_f1"]:
-                best = {"step": step, "metrics": val,
-                        "weights": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+                best = {"step": step, "metrics": val, "dir": ckpt.save_best(step, val)}  # weights on disk
+        stop = checkpoint.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
+        if stop:
+            monitor.flush()  # a single process may stop between log steps: write its pending lines first
+        if (evaluating or stop) and world.is_main:
+            ckpt.save(optimizer, scheduler, scaler, best_dir=best["dir"] if best else None, progress={
+                "step": step, "micro_batches": micro_batches, "data_position": batches.position, "best": best,
+                "monitor": monitor.state_dict(), "log_offset": log.offset(), "resumes": resumes,
+                "train_wall_seconds": earlier_train_seconds + time.perf_counter() - t_start})
+        if stop:
+            raise checkpoint.Interrupted(stop, step)
     progress.close()
+    train_seconds = earlier_train_seconds + time.perf_counter() - t_start
+    if not world.is_main:  # rank 0 evaluates and reports
+        return {"status": status, "steps": step}
     log.close()
-    train_seconds = time.perf_counter() - t_start
-    out = {"status": status, "steps": step, "skipped_steps": monitor.skipped_steps, "micro_batches": micro_batches,
+    speed = timer.summary()
+    out = {"status": status, "steps": step, "resumed_from_steps": resumes, "skipped_steps": monitor.skipped_steps,
+           "micro_batches": micro_batches,
            "samples_seen": micro_batches * cfg.batch_size, "compiled": compiled, "dtypes": dtypes,
-           "train_wall_seconds": train_seconds, **timer.summary(), **timing.peak_memory(device)}
+           "train_wall_seconds": train_seconds, "eval_precision": cfg.eval_precision, **speed,
+           **timing.mfu_record(speed, peaks),
+           **diag.summary()}
     if status == "diverged":
-        out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step)
+        out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step,
+                   **memory.summary())
         return out
-    model.load_state_dict(best["weights"])
-    test = evaluate(model, data_lib.TokenizedSplit(meta.path, "test", cfg.max_length), cfg, pc, meta, device)
-    out.update(best_val_step=best["step"], **{f"val_{k}": v for k, v in best["metrics"].items()}, **test)
+    ckpt.load_best(best["dir"])
+    with memory.evaluating():
+        test = evaluate(model, data_lib.TokenizedSplit(meta.path, "test", cfg.max_length), cfg, pc, meta, device)
+    out.update(best_val_step=best["step"], **{f"val_{k}": v for k, v in best["metrics"].items()}, **test,
+               **memory.summary())
     return out
 
 
-def run_single(args: argparse.Namespace, cfg: TrainConfig, meta: data_lib.CacheMeta, device: torch.device,
-               setup_fp: str) -> int:
-    pc = precision.get(args.config_names[0])
-    rid = results.run_id(EXPERIMENT, pc.name, args.seed, setup_fp)
-    row = {"experiment": EXPERIMENT, "run_id": rid, "config": pc.name, "seed": args.seed,
-           "setup_fingerprint": setup_fp, "precision": pc.to_record(), "train_config": cfg.to_record(),
-           "env": results.environment(device)}
-    started = time.perf_counter()
-    reason = precision.unsupported_reason(pc, device)
-    exit_code = 0
-    if reason:
-        row.update(status="skipped", reason=reason)
-        print(f"{pc.name}: skipped — {reason}")
-    else:
-        try:
-            row.update(train_one(cfg, pc, args.seed, meta, device, rid))
-        except Exception as e:  # one run's failure is a result, not a crash of the sweep
-            traceback.print_exc()
-            row.update(status="failed", error=f"{type(e).__name__}: {e}")
-            exit_code = 1
-    row["wall_seconds"] = time.perf_counter() - started
-    results.append_result(cfg.output_dir, row)
-    print(f"{rid}: {row['status']}" + "".join(
-        f"  {k}={row[k]:.4g}" for k in results.SEED_METRICS if isinstance(row.get(k), (int, float))))
-    return exit_code
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, cfg = parse_args(argv)
-        device = pick_device(cfg)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        meta = load_cache(cfg)
-        setup_fp, setup = setup_of(cfg, meta, device)
-        results.claim_output_dir(cfg.output_dir, setup_fp, setup)
-    except (UserError, results.SetupMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(args.config_names) == 1 and args.seeds == 1:
-        return run_single(args, cfg, meta, device, setup_fp)
-    passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv, ("--config", "--seed", "--seeds"))
-    runs = sweep.grid(args.config_names, args.seed, args.seeds)
-    return sweep.run_sweep(__file__, runs, passthrough, cfg.output_dir, setup_fp, EXPERIMENT)
+    return runner.main(__file__, EXPERIMENT, TrainConfig, PRESETS, load_data=load_cache, train=train_one,
+                       metrics=results.SEED_METRICS, description=__doc__, argv=argv)
 
 
 if __name__ == "__main__":

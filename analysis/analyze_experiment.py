@@ -1,0 +1,375 @@
+"""Analyse one experiment's results directory: summary.csv, stability matrix, Pareto fronts, PNG plots, report.md.
+
+    python analysis/analyze_experiment.py --results_dir results/classification
+    python analysis/analyze_experiment.py --results_dir results/lm --output_dir results/lm/analysis
+
+Works on partial results (missing configs or seeds, failed / diverged / skipped runs) and says what is missing;
+malformed lines in results.jsonl or the step logs are listed in the report and on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: experiment_data, stats, plots, report
+
+import plots
+from experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
+from report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, setup_section
+from stats import ConfigSummary, Difference, pareto_front, relative_name, summarize
+
+from dtype_bench.io import atomic_write_text
+
+DEFAULT_QUALITY_MARGIN = 0.02
+
+
+@dataclass
+class Analysis:
+    exp: Experiment
+    summaries: list[ConfigSummary]
+    fronts: dict[str, tuple[list[str], dict[str, str]]]
+    """'throughput' / 'memory' -> (frontier configs, dominated config -> one config dominating it)."""
+    stability: list[dict]
+    plots: dict[str, Path | None]
+    output_dir: Path
+    quality_margin: float
+
+    def summary(self, config: str) -> ConfigSummary | None:
+        return next((s for s in self.summaries if s.config == config), None)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def summary_csv_rows(exp: Experiment, summaries: list[ConfigSummary]) -> list[dict]:
+    out = []
+    for s in summaries:
+        row = {"config": s.config, "family": s.family, "eight_bit_optimizer": s.eight_bit,
+               "runs": sum(s.status_counts.values()), **s.status_counts,
+               "missing_seeds": " ".join(map(str, exp.missing_seeds(s.config)))}
+        for metric in exp.metrics:
+            est = s.estimates[metric.key]
+            row.update({f"{metric.key}_mean": est.mean, f"{metric.key}_std": est.std,
+                        f"{metric.key}_ci95_low": est.lo, f"{metric.key}_ci95_high": est.hi, f"{metric.key}_n": est.n,
+                        f"{metric.key}_{relative_name(metric)}": s.vs_baseline.get(metric.key)})
+            if metric.role == "quality":
+                d = s.quality_deltas.get(metric.key, Difference(None, None, None, None, 0, False))
+                row.update({f"{metric.key}_delta_ci95_low": d.lo, f"{metric.key}_delta_ci95_high": d.hi,
+                            f"{metric.key}_delta_p": d.p_value})
+        out.append(row)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Numbers at full precision; empty cell = not computable (no run, or n < 2 for an interval); NaN stays 'nan'."""
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()}
+                     for row in rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def first_nonfinite_origin(exp: Experiment, row: dict) -> str | None:
+    """Where the run's first non-finite value appeared: the row's record, else the first step-log line naming one."""
+    if row.get("nonfinite_origin"):
+        return f"{row['nonfinite_origin']} (step {row.get('nonfinite_origin_step')})"
+    for rec in exp.training_records(row.get("run_id")):
+        if rec.get("nonfinite_origin"):
+            return f"{rec['nonfinite_origin']} (step {rec.get('step')})"
+    return None
+
+
+def stability_matrix(exp: Experiment) -> list[dict]:
+    """One entry per run: status, the step it stopped at, why, and the stress signals of its step log."""
+    out = []
+    for config in exp.configs:
+        for row in exp.runs(config):
+            records = exp.training_records(row.get("run_id"))
+            logits = [r["max_abs_logit"] for r in records if isinstance(r.get("max_abs_logit"), (int, float))]
+            status = row["status"]
+            detail = {
+                "completed": "",
+                "diverged": f"non-finite loss from step {row.get('diverged_at_step')} "
+                            f"(first non-finite loss at step {row.get('first_nonfinite_step')})",
+                "skipped": row.get("reason") or "no reason recorded",
+                "failed": row.get("error") or "no error recorded",
+            }[status]
+            origin = first_nonfinite_origin(exp, row)
+            out.append({
+                "config": config, "seed": row["seed"], "status": status,
+                "stopped_at_step": row.get("diverged_at_step") if status == "diverged" else row.get("steps"),
+                "scaler_skipped_steps": row.get("skipped_steps"),
+                "max_abs_logit": max(logits, key=lambda v: v if math.isfinite(v) else math.inf) if logits else None,
+                "nonfinite_origin": origin, "detail": detail,
+            })
+    return out
+
+
+def _cell(entry: dict) -> str:
+    if entry["status"] == "diverged":
+        return f"diverged @ {entry['stopped_at_step']}"
+    return entry["status"]
+
+
+def stability_markdown(exp: Experiment, stability: list[dict]) -> str:
+    seeds = exp.seeds
+    rows = []
+    for config in exp.configs:
+        entries = {e["seed"]: e for e in stability if e["config"] == config}
+        logits = [e["max_abs_logit"] for e in entries.values() if e["max_abs_logit"] is not None]
+        skips = [e["scaler_skipped_steps"] for e in entries.values() if e["scaler_skipped_steps"] is not None]
+        rows.append([config] + [_cell(entries[s]) if s in entries else "not run" for s in seeds]
+                    + [fmt(max(logits)) if logits else "-", str(sum(skips)) if skips else "-"])
+    table = md_table(["config"] + [f"seed {s}" for s in seeds] + ["max |logit|", "scaler-skipped steps"], rows)
+    notes = [f"- **{e['config']}** seed {e['seed']}: {e['status']} — {e['detail']}"
+             + (f"; first non-finite in {e['nonfinite_origin']}" if e["nonfinite_origin"] else "")
+             for e in stability if e["status"] != "completed"]
+    return table + ("\n\n" + "\n".join(notes) if notes else "\n\nEvery run completed.")
+
+
+# ---------------------------------------------------------------- findings
+
+
+def oriented(d: Difference, metric: Metric) -> tuple[float | None, float | None, float | None]:
+    """(delta, lo, hi) of a difference turned so that positive = better."""
+    if d.delta is None:
+        return None, None, None
+    if metric.higher_is_better:
+        return d.delta, d.lo, d.hi
+    return -d.delta, (None if d.hi is None else -d.hi), (None if d.lo is None else -d.lo)
+
+
+def quality_verdict(analysis: Analysis, config: str) -> tuple[str, str]:
+    """('ok' | 'worse' | 'unstable' | 'unknown', the numbers behind it) for a config's primary quality vs fp32.
+    'ok' = every run completed, mean within the margin of fp32 and not significantly worse."""
+    s, q = analysis.summary(config), analysis.exp.quality_metric
+    if s is None or q is None:
+        return "unknown", "no rows"
+    bad = s.status_counts["diverged"] + s.status_counts["failed"]
+    if bad:
+        return "unstable", f"{s.status_counts['diverged']} diverged, {s.status_counts['failed']} failed of {sum(s.status_counts.values())}"
+    if config == BASELINE:
+        return ("ok", f"{q.label} {fmt_estimate(s.estimates[q.key])}") if s.status_counts["completed"] else ("unknown", "no completed run")
+    d = s.quality_deltas.get(q.key)
+    if d is None or d.delta is None or not math.isfinite(d.delta):
+        return "unknown", f"no finite {q.label} difference to fp32"
+    delta, lo, hi = oriented(d, q)
+    base = analysis.summary(BASELINE).estimates[q.key].mean
+    tolerance = analysis.quality_margin * abs(base)
+    numbers = f"Δ{q.label} vs fp32 {fmt_difference(d)}"
+    if delta < -tolerance or (hi is not None and hi < 0):
+        return "worse", numbers
+    return "ok", numbers
+
+
+def findings(analysis: Analysis) -> list[str]:
+    """Per-task recommendations, each citing the numbers it rests on."""
+    exp, q, t = analysis.exp, analysis.exp.quality_metric, analysis.exp.throughput_metric
+    mem = METRIC_BY_KEY["peak_memory_gb"]
+    if q is None or t is None or analysis.summary(BASELINE) is None:
+        return ["No recommendation: needs completed fp32_baseline runs and a quality and a throughput metric."]
+    verdicts = {s.config: quality_verdict(analysis, s.config) for s in analysis.summaries}
+    ok = [s for s in analysis.summaries if verdicts[s.config][0] == "ok" and s.estimates[t.key].mean is not None]
+    out = []
+    if ok:
+        fastest = max(ok, key=lambda s: s.estimates[t.key].mean)
+        out.append(f"Fastest config without a quality loss beyond {analysis.quality_margin:.0%} of fp32: "
+                   f"**{fastest.config}** — {t.label} {fmt_estimate(fastest.estimates[t.key])} "
+                   f"({fmt(fastest.vs_baseline.get(t.key), 3)}× fp32); {verdicts[fastest.config][1]}.")
+        if mem.key in fastest.estimates:
+            leanest = min((s for s in ok if s.estimates[mem.key].mean is not None),
+                          key=lambda s: s.estimates[mem.key].mean, default=None)
+            if leanest:
+                out.append(f"Least memory without such a loss: **{leanest.config}** — {mem.label} "
+                           f"{fmt_estimate(leanest.estimates[mem.key])} ({fmt(leanest.vs_baseline.get(mem.key), 3)}× "
+                           f"fp32); {verdicts[leanest.config][1]}.")
+    else:
+        out.append("No config qualifies as 'no quality loss' (see the criterion below): nothing to recommend.")
+    for config, (verdict, numbers) in verdicts.items():
+        if verdict in ("worse", "unstable"):
+            out.append(f"Avoid **{config}** ({'quality loss' if verdict == 'worse' else 'unstable'}): {numbers}.")
+    out.append(f"Criterion: every run completed, mean {q.label} within {analysis.quality_margin:.0%} of fp32's and "
+               "the 95% interval of the seed-paired difference not entirely on the worse side.")
+    return out
+
+
+# ---------------------------------------------------------------- the analysis and its report
+
+
+def analyze(results_dir: str | Path, output_dir: str | Path | None = None, *,
+            quality_margin: float = DEFAULT_QUALITY_MARGIN) -> Analysis:
+    exp = load_experiment(results_dir)
+    output_dir = Path(output_dir) if output_dir else Path(results_dir) / "analysis"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(exp)
+    quality, throughput, memory = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
+    fronts = {}
+    for name, x in (("throughput", throughput), ("memory", memory)):
+        if quality and x and x in exp.metrics:
+            points = {s.config: (s.estimates[x.key].mean, s.estimates[quality.key].mean) for s in summaries
+                      if s.estimates[x.key].mean is not None and s.estimates[quality.key].mean is not None}
+            fronts[name] = pareto_front(points, x, quality)
+    write_csv(output_dir / "summary.csv", summary_csv_rows(exp, summaries))
+    stability = stability_matrix(exp)
+    write_csv(output_dir / "stability.csv", stability)
+
+    style = styles(exp.precisions())
+    figures: dict[str, Path | None] = {
+        "loss_curves": plots.loss_curves(exp, style, output_dir / "loss_curves.png"),
+        "relative_to_fp32": plots.relative_bars(exp, summaries, style, throughput, memory,
+                                                output_dir / "relative_to_fp32.png")
+        if throughput and memory in exp.metrics else None,
+        "pareto": plots.pareto(summaries, style, quality, [(METRIC_BY_KEY[x.key], fronts[n][0]) for n, x in
+                                                           (("throughput", throughput), ("memory", memory)) if n in fronts],
+                               output_dir / "pareto.png") if fronts else None,
+        "grad_norm": plots.step_signal(exp, style, "grad_norm", "gradient norm heartbeat (before clipping)",
+                                       "global L2 grad norm", output_dir / "grad_norm.png"),
+        "max_logit": plots.step_signal(exp, style, "max_abs_logit", "max |logit| per step", "max |logit|",
+                                       output_dir / "max_logit.png", reference=(65504.0, "fp16 max (65,504)")),
+        "loss_scale": plots.loss_scale(exp, style, output_dir / "loss_scale.png"),
+        "diagnostics": plots.diagnostics(exp, style, output_dir / "diagnostics.png"),
+    }
+    analysis = Analysis(exp, summaries, fronts, stability, figures, output_dir, quality_margin)
+    atomic_write_text(output_dir / "report.md", render_report(analysis))
+    return analysis
+
+
+FIGURE_TEXT = {
+    "loss_curves": ("Loss curves", "Training loss per optimizer step (mean over seeds; band = min..max over seeds) "
+                    "and validation loss at each evaluation. Dotted verticals: divergence."),
+    "relative_to_fp32": ("Throughput and memory relative to fp32", "Bars: the config's mean / fp32_baseline's mean; "
+                         "dots: single seeds. Hatched: 8-bit optimizer states."),
+    "pareto": ("Quality vs throughput and vs memory", "Means; error bars span min..max over seeds (the 95% intervals "
+               "are in the summary). Large markers: on the frontier; faded: dominated. Hollow markers: 8-bit optimizer "
+               "states."),
+    "grad_norm": ("Gradient-norm heartbeat", "Global gradient norm before clipping, log scale."),
+    "max_logit": ("Max |logit| against the fp16 maximum", "Largest absolute logit per step, log scale; the dashed "
+                  "line is fp16's largest finite value."),
+    "loss_scale": ("Loss scale and skipped steps", "GradScaler's scale (logged at flush steps) and cumulative "
+                   "skipped optimizer steps, for configs with dynamic loss scaling."),
+    "diagnostics": ("Update fidelity and underflow", "Precision diagnostics logged by the monitor, per parameter group."),
+}
+NOT_DRAWN = {
+    "loss_curves": "no step log holds a training loss",
+    "relative_to_fp32": "no completed fp32_baseline run to compare with",
+    "pareto": "no config has both a quality and a throughput/memory mean",
+    "grad_norm": "no step log holds grad_norm",
+    "max_logit": "no step log holds max_abs_logit",
+    "loss_scale": "no config in these results uses dynamic loss scaling (or none logged a scale)",
+    "diagnostics": "no step log holds update_fidelity / lost_update_frac / grad_underflow_frac",
+}
+
+
+def main_table(analysis: Analysis) -> str:
+    exp = analysis.exp
+    q, t, mem = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
+    header = ["config", "family", "runs"]
+    if t:
+        header += [f"{t.label} mean ± std [95% CI]", "speed-up"]
+    if mem in exp.metrics:
+        header += [f"{mem.label} mean ± std [95% CI]", "memory ratio"]
+    if q:
+        header += [f"{q.label} mean ± std [95% CI]", f"Δ{q.label} vs fp32 [95% CI]"]
+    rows = []
+    for s in analysis.summaries:
+        runs = ", ".join(f"{n} {k}" for k, n in s.status_counts.items() if n)
+        row = [s.config, s.family + (" 8-bit" if s.eight_bit else ""), runs]
+        if t:
+            row += [fmt_estimate(s.estimates[t.key]), fmt(s.vs_baseline.get(t.key), 3)]
+        if mem in exp.metrics:
+            row += [fmt_estimate(s.estimates[mem.key]), fmt(s.vs_baseline.get(mem.key), 3)]
+        if q:
+            d = s.quality_deltas.get(q.key)
+            row += [fmt_estimate(s.estimates[q.key]),
+                    "reference" if s.config == BASELINE else fmt_difference(d) if d else "-"]
+        rows.append(row)
+    return md_table(header, rows)
+
+
+def quality_table(analysis: Analysis) -> str:
+    quality = [m for m in analysis.exp.metrics if m.role == "quality"]
+    rows = [[s.config] + [fmt(s.estimates[m.key].mean) + ("" if s.estimates[m.key].std is None
+                                                           else f" ± {fmt(s.estimates[m.key].std, 2)}")
+                          for m in quality] for s in analysis.summaries]
+    return md_table(["config"] + [m.label for m in quality], rows)
+
+
+def runs_table(exp: Experiment) -> str:
+    metrics = exp.metrics
+    rows = [[r["config"], str(r["seed"]), r["status"]] + [fmt(r.get(m.key)) if m.key in r else "-" for m in metrics]
+            for c in exp.configs for r in exp.runs(c)]
+    return md_table(["config", "seed", "status"] + [m.label for m in metrics], rows)
+
+
+def render_report(analysis: Analysis) -> str:
+    exp = analysis.exp
+    q = exp.quality_metric
+    lines = [f"# dtype-bench: {exp.name} experiment", "",
+             f"From `{exp.results_dir / 'results.jsonl'}`: {len(exp.rows)} runs of {len(exp.configs)} configs "
+             f"(seeds {', '.join(map(str, exp.seeds)) or '-'}). Per-config numbers: `summary.csv`; per-run stability: "
+             "`stability.csv`.", ""]
+    missing = exp.missing_configs()
+    gaps = [f"{c}: seeds {', '.join(map(str, exp.missing_seeds(c)))} not run" for c in exp.configs if exp.missing_seeds(c)]
+    if exp.problems or missing or gaps or not analysis.summary(BASELINE):
+        lines += ["## What is missing or malformed", ""]
+        lines += [f"- {p}" for p in exp.problems]
+        if not analysis.summary(BASELINE):
+            lines.append("- no fp32_baseline run: nothing is expressed relative to fp32")
+        if missing:
+            lines.append(f"- configs of the registry with no run: {', '.join(missing)}")
+        lines += [f"- {g}" for g in gaps]
+        lines.append("")
+    lines += ["## Setup and environment", "", setup_section(exp), "",
+              f"Peak memory: {memory_kind(exp)}.", "",
+              "## Summary", "",
+              "Mean ± standard deviation over completed seeds, with the 95% Student-t interval of the mean; speed-up "
+              "and memory ratio are relative to fp32_baseline's mean; the quality difference to fp32 is paired by seed "
+              "(same data order and initialisation). `-`: not computable (no completed run, or one seed for an "
+              "interval); `NaN`: the runs produced NaN.", "",
+              main_table(analysis), "", "All quality metrics (mean ± std over completed seeds):", "",
+              quality_table(analysis), "",
+              "## Stability", "", stability_markdown(exp, analysis.stability), ""]
+    lines += ["## Pareto frontier", ""]
+    for name, (front, dominated_by) in analysis.fronts.items():
+        x = exp.throughput_metric if name == "throughput" else METRIC_BY_KEY["peak_memory_gb"]
+        lines.append(f"- **{q.label} vs {x.label}**: frontier {', '.join(front) or '-'}; dominated: "
+                     + (", ".join(f"{c} (by {o})" for c, o in dominated_by.items()) or "none"))
+    if not analysis.fronts:
+        lines.append("No frontier: no config has a finite quality and throughput/memory mean.")
+    lines += ["", "## What to use", ""] + [f"- {f}" for f in findings(analysis)] + ["", "## Plots", ""]
+    for key, path in analysis.plots.items():
+        title, text = FIGURE_TEXT[key]
+        lines.append(f"### {title}")
+        lines += ["", f"{text}", "", f"![{title}]({path.name})" if path else f"Not drawn: {NOT_DRAWN[key]}.", ""]
+    lines += ["## Caveats", ""] + [f"- {c}" for c in caveats(exp)]
+    lines += ["", "## Every run", "", "Values as recorded in the row (test metrics; `NaN` kept).", "", runs_table(exp), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results_dir", required=True, help="an experiment's output dir (holds results.jsonl)")
+    parser.add_argument("--output_dir", help="where summary.csv, the PNGs and report.md go (default RESULTS_DIR/analysis)")
+    parser.add_argument("--quality_margin", type=float, default=DEFAULT_QUALITY_MARGIN,
+                        help="relative quality loss vs fp32 still counted as 'no loss' in recommendations")
+    args = parser.parse_args(argv)
+    if not (Path(args.results_dir) / "results.jsonl").exists():
+        print(f"error: {args.results_dir} has no results.jsonl (run an experiment with --output_dir there first)",
+              file=sys.stderr)
+        return 2
+    analysis = analyze(args.results_dir, args.output_dir, quality_margin=args.quality_margin)
+    for problem in analysis.exp.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(analysis.output_dir / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Compare the precision configs across the two experiments: ranks, Spearman correlations, flips, verdicts on the
+study's hypotheses H1-H4, and recommendations, written to comparison.json and report.md (with each experiment's own
+report in a sub-folder).
+
+    python analysis/compare_experiments.py --lm_results results/lm --cls_results results/classification \\
+        --output_dir results/comparison
+
+Every verdict is `supported`, `refuted` or `inconclusive` and carries the statistic it rests on; missing configs,
+skipped runs or too few seeds make a verdict inconclusive, and the reason says which.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: analyze_experiment, stats, ...
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from scipy import stats as scipy_stats  # noqa: E402
+
+from analyze_experiment import DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
+from experiment_data import METRIC_BY_KEY, Metric, is_number, styles  # noqa: E402
+from report import caveats, fmt, fmt_difference, md_table  # noqa: E402
+from stats import by_seed, difference, pareto_front, ranks, spearman  # noqa: E402
+
+from dtype_bench.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+ROLES = ("quality", "throughput", "memory")
+VERDICTS = ("supported", "refuted", "inconclusive")
+
+
+def role_metric(analysis: Analysis, role: str) -> Metric | None:
+    return analysis.exp.primary_metric(role)
+
+
+def seed_values(analysis: Analysis, metric: Metric) -> dict[str, dict[int, float]]:
+    """config -> seed -> value over completed runs, for configs whose values are all finite (NaN has no rank)."""
+    out = {}
+    for config in analysis.exp.configs:
+        values = by_seed(analysis.exp.runs(config, "completed"), metric.key)
+        if values and all(math.isfinite(v) for v in values.values()):
+            out[config] = values
+    return out
+
+
+def _mean(values: dict[int, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
+# ---------------------------------------------------------------- ranks, correlations, flips
+
+
+def cross_task_tables(tasks: dict[str, Analysis]) -> tuple[dict, dict, list[dict]]:
+    """Ranks per role and task, Spearman per role, and flips (pairs ordered differently in the two tasks)."""
+    (name_a, a), (name_b, b) = tasks.items()
+    rank_table, correlations, flips = {}, {}, []
+    for role in ROLES:
+        metric_a, metric_b = role_metric(a, role), role_metric(b, role)
+        if metric_a is None or metric_b is None:
+            correlations[role] = {"note": "metric missing in one task"}
+            continue
+        values_a, values_b = seed_values(a, metric_a), seed_values(b, metric_b)
+        common = [c for c in values_a if c in values_b]
+        rank_table[role] = {
+            name_a: {"metric": metric_a.key, "ranks": ranks({c: _mean(values_a[c]) for c in common}, metric_a)},
+            name_b: {"metric": metric_b.key, "ranks": ranks({c: _mean(values_b[c]) for c in common}, metric_b)},
+        }
+        # Spearman on the oriented means: rank 1 = best in both tasks, whatever the metric's direction.
+        turned = lambda values, m: {c: {s: (v if m.higher_is_better else -v) for s, v in values[c].items()}  # noqa: E731
+                                    for c in common}
+        corr = spearman(turned(values_a, metric_a), turned(values_b, metric_b))
+        excluded = sorted((set(a.exp.configs) | set(b.exp.configs)) - set(common))
+        correlations[role] = {"metrics": {name_a: metric_a.key, name_b: metric_b.key}, "rho": corr.rho,
+                              "p_value": corr.p_value, "bootstrap_ci95": [corr.ci_lo, corr.ci_hi],
+                              "bootstrap_resamples": corr.bootstrap_resamples, "n_configs": corr.n_configs,
+                              "configs_without_finite_values_in_both": excluded}
+        for c1, c2 in itertools.combinations(common, 2):
+            gaps = {}
+            for name, values, metric in ((name_a, values_a, metric_a), (name_b, values_b, metric_b)):
+                d = difference(values[c1], values[c2])
+                delta, lo, hi = oriented(d, metric)
+                scale = abs(_mean(values.get("fp32_baseline") or values[c1])) or 1.0
+                gaps[name] = {"metric": metric.key, "better": c1 if delta > 0 else c2 if delta < 0 else None,
+                              "delta_oriented": delta, "relative_gap": abs(delta) / scale,
+                              "significant": d.significant, "difference": fmt_difference(d)}
+            if None not in (gaps[name_a]["better"], gaps[name_b]["better"]) and \
+                    gaps[name_a]["better"] != gaps[name_b]["better"]:
+                flips.append({"role": role, "pair": [c1, c2],
+                              "size": min(g["relative_gap"] for g in gaps.values()),
+                              "significant_in_both": all(g["significant"] for g in gaps.values()), "tasks": gaps})
+    flips.sort(key=lambda f: -f["size"])
+    return rank_table, correlations, flips
+
+
+# ---------------------------------------------------------------- hypotheses
+
+
+def _verdict(verdict: str, statistic: dict, reason: str) -> dict:
+    assert verdict in VERDICTS
+    return {"verdict": verdict, "statistic": statistic, "reason": reason}
+
+
+def _paired_gain(analysis: Analysis, config: str, reference: str, metric: Metric) -> dict | None:
+    """Seed-paired difference config - reference, oriented so positive = config better; None if either lacks runs."""
+    a = by_seed(analysis.exp.runs(config, "completed"), metric.key)
+    b = by_seed(analysis.exp.runs(reference, "completed"), metric.key)
+    if not a or not b:
+        return None
+    d = difference(a, b)
+    delta, lo, hi = oriented(d, metric)
+    return {"metric": metric.key, "gain": delta, "ci95": [lo, hi], "p_value": d.p_value, "n": d.n,
+            "paired": d.paired, "reference_mean": _mean(b), "text": fmt_difference(d)}
+
+
+def _status_note(analysis: Analysis, *configs: str) -> str:
+    notes = []
+    for config in configs:
+        runs = analysis.exp.runs(config)
+        if not runs:
+            notes.append(f"{config} not run")
+        for r in runs:
+            if r["status"] != "completed":
+                notes.append(f"{config} seed {r['seed']} {r['status']}"
+                             + (f": {r.get('reason') or r.get('error')}" if r.get("reason") or r.get("error") else ""))
+    return "; ".join(notes)
+
+
+def h1_output_layer(tasks: dict[str, Analysis], margin: float) -> dict:
+    """amp_bf16_fp32_head beats amp_bf16 on classification (macro-F1 first: rare labels have the smallest logit
+    margins) but not on LM."""
+    stat, notes = {}, []
+    for name, analysis in tasks.items():
+        metric = METRIC_BY_KEY["macro_f1"] if name == "classification" and METRIC_BY_KEY["macro_f1"] in \
+            analysis.exp.metrics else analysis.exp.quality_metric
+        gain = _paired_gain(analysis, "amp_bf16_fp32_head", "amp_bf16", metric) if metric else None
+        stat[name] = gain
+        if gain is None:
+            notes.append(f"{name}: no completed pair ({_status_note(analysis, 'amp_bf16_fp32_head', 'amp_bf16')})")
+    cls, lm = stat.get("classification"), stat.get("lm")
+    if cls is None or lm is None or cls["ci95"][0] is None or lm["ci95"][0] is None:
+        return _verdict("inconclusive", stat, "; ".join(notes) or "fewer than 2 seeds: no interval")
+    tol = margin * abs(cls["reference_mean"])
+    if cls["ci95"][0] > 0 and not lm["ci95"][0] > 0:
+        return _verdict("supported", stat, "fp32 head significantly better on classification, not on LM")
+    if cls["ci95"][1] < 0 or -tol < cls["ci95"][0] <= cls["ci95"][1] < tol:
+        return _verdict("refuted", stat, f"on classification the fp32 head is worse or within ±{margin:.0%} "
+                                         "(the whole 95% interval)")
+    if cls["ci95"][0] > 0 and lm["ci95"][0] > 0:
+        return _verdict("refuted", stat, "the fp32 head helps both tasks: not specific to the classification head")
+    return _verdict("inconclusive", stat, "the 95% interval on classification includes both no gain and a gain "
+                                          f"beyond ±{margin:.0%}")
+
+
+def h2_stability(tasks: dict[str, Analysis]) -> dict:
+    """fp16_naive diverges in one task and not in the other (and when)."""
+    stat = {}
+    for name, analysis in tasks.items():
+        runs = analysis.exp.runs("fp16_naive")
+        max_steps = [(r.get("train_config") or {}).get("max_steps") for r in runs]
+        stat[name] = {"runs": len(runs), "diverged": sum(r["status"] == "diverged" for r in runs),
+                      "completed": sum(r["status"] == "completed" for r in runs),
+                      "diverged_at_steps": [r.get("diverged_at_step") for r in runs if r["status"] == "diverged"],
+                      "max_steps": max_steps[0] if max_steps else None,
+                      "other": _status_note(analysis, "fp16_naive")}
+    counts = list(stat.values())
+    if any(c["runs"] == 0 or c["diverged"] + c["completed"] < c["runs"] for c in counts):
+        return _verdict("inconclusive", stat, "fp16_naive missing, failed or skipped in a task")
+    table = [[c["diverged"], c["completed"]] for c in counts]
+    stat["fisher_exact_p"] = float(scipy_stats.fisher_exact(table).pvalue)
+    all_div = [c["diverged"] == c["runs"] for c in counts]
+    none_div = [c["diverged"] == 0 for c in counts]
+    if any(all_div) and any(none_div):
+        return _verdict("supported", stat, "diverges in every run of one task and in no run of the other")
+    if all(all_div) or all(none_div):
+        return _verdict("refuted", stat, "same outcome in both tasks: " + ("always diverges" if all(all_div) else "never diverges"))
+    return _verdict("inconclusive", stat, "mixed outcomes across seeds")
+
+
+def h3_eight_bit(tasks: dict[str, Analysis], margin: float) -> dict:
+    """8-bit AdamW states cost quality within ±margin of the same AMP config with fp32 AdamW states, in both tasks."""
+    stat, inside, beyond, missing = {}, [], [], []
+    for name, analysis in tasks.items():
+        metric = analysis.exp.quality_metric
+        for config, reference in (("amp_bf16_8bit_adam", "amp_bf16"), ("amp_fp16_8bit_adam", "amp_fp16")):
+            gain = _paired_gain(analysis, config, reference, metric) if metric else None
+            key = f"{name}: {config} vs {reference}"
+            if gain is None or gain["ci95"][0] is None:
+                missing.append(f"{key} ({_status_note(analysis, config, reference) or 'fewer than 2 seeds'})")
+                stat[key] = gain
+                continue
+            memory = [analysis.summary(c).estimates.get("peak_memory_gb") for c in (config, reference)]
+            gain["memory_ratio"] = memory[0].mean / memory[1].mean if all(m and m.mean for m in memory) else None
+            stat[key] = gain
+            tol = margin * abs(gain["reference_mean"])
+            (inside if -tol < gain["ci95"][0] and gain["ci95"][1] < tol else
+             beyond if gain["ci95"][1] < -tol else []).append(key)
+    if beyond:
+        return _verdict("refuted", stat, f"quality cost beyond {margin:.0%} (whole interval): {', '.join(beyond)}")
+    if inside and not missing and len(inside) == len(stat):
+        return _verdict("supported", stat, f"every pair within ±{margin:.0%} (whole interval)")
+    return _verdict("inconclusive", stat, "; ".join(
+        ([f"not evaluable: {', '.join(missing)}"] if missing else [])
+        + [f"interval too wide for ±{margin:.0%}: {k}" for k in stat if k not in inside and k not in beyond
+           and stat[k] is not None and stat[k]["ci95"][0] is not None]))
+
+
+def h4_frontier(tasks: dict[str, Analysis]) -> dict:
+    """The memory-throughput frontier holds the same configs in both tasks."""
+    common = None
+    for analysis in tasks.values():
+        done = {s.config for s in analysis.summaries if s.status_counts["completed"]}
+        common = done if common is None else common & done
+    fronts = {}
+    for name, analysis in tasks.items():
+        t, m = role_metric(analysis, "throughput"), role_metric(analysis, "memory")
+        if t is None or m is None:
+            return _verdict("inconclusive", {}, f"{name} lacks a throughput or memory metric")
+        points = {c: (analysis.summary(c).estimates[t.key].mean, analysis.summary(c).estimates[m.key].mean)
+                  for c in sorted(common) if is_number(analysis.summary(c).estimates[t.key].mean)
+                  and is_number(analysis.summary(c).estimates[m.key].mean)}
+        fronts[name] = pareto_front(points, t, m)[0]
+    sets = [set(f) for f in fronts.values()]
+    union = set.union(*sets)
+    jaccard = len(set.intersection(*sets)) / len(union) if union else None
+    stat = {"frontiers": fronts, "jaccard": jaccard, "common_configs": sorted(common)}
+    if len(common) < 3 or jaccard is None:
+        return _verdict("inconclusive", stat, f"only {len(common)} configs completed in both tasks")
+    if jaccard == 1:
+        return _verdict("supported", stat, "identical frontiers")
+    if jaccard < 0.5:
+        return _verdict("refuted", stat, f"frontiers share {jaccard:.0%} of their configs (< 50%)")
+    return _verdict("inconclusive", stat, f"frontiers overlap partly (Jaccard {jaccard:.2f})")
+
+
+# ---------------------------------------------------------------- recommendations
+
+
+def _ratios(analysis: Analysis, config: str) -> str:
+    """'<throughput> 1.4× fp32, memory 0.9× fp32, ' with the parts that exist."""
+    summary, parts = analysis.summary(config), []
+    for role in ("throughput", "memory"):
+        metric = role_metric(analysis, role)
+        if metric and summary.vs_baseline.get(metric.key) is not None:
+            parts.append(f"{metric.label} {fmt(summary.vs_baseline[metric.key], 3)}× fp32")
+    return "".join(p + ", " for p in parts)
+
+
+def recommendations(tasks: dict[str, Analysis]) -> dict:
+    verdicts = {name: {s.config: quality_verdict(a, s.config) for s in a.summaries} for name, a in tasks.items()}
+    universal, avoid = [], []
+    configs = [c for c in next(iter(tasks.values())).exp.configs if all(c in v for v in verdicts.values())]
+    for config in configs:
+        outcomes = {name: verdicts[name][config] for name in tasks}
+        evidence = "; ".join(f"{name}: {_ratios(a, config)}{outcomes[name][1]}" for name, a in tasks.items())
+        if config != "fp32_baseline" and all(v[0] == "ok" for v in outcomes.values()):
+            universal.append(f"{config} keeps quality in both tasks — {evidence}")
+        elif all(v[0] in ("worse", "unstable") for v in outcomes.values()):
+            avoid.append(f"avoid {config} in both tasks — {evidence}")
+    universal.sort()
+    return {"universal": universal or ["no config other than fp32_baseline keeps quality in both tasks"],
+            "avoid_everywhere": avoid, "per_task": {name: findings(a) for name, a in tasks.items()}}
+
+
+# ---------------------------------------------------------------- output
+
+
+def rank_plot(tasks: dict[str, Analysis], rank_table: dict, correlations: dict, path: Path) -> Path | None:
+    roles = [r for r in ROLES if r in rank_table]
+    if not roles:
+        return None
+    (name_a, a), (name_b, b) = tasks.items()
+    style = styles({**b.exp.precisions(), **a.exp.precisions()})
+    fig, axes = plt.subplots(1, len(roles), figsize=(5.2 * len(roles), 5), squeeze=False)
+    for ax, role in zip(axes[0], roles):
+        ra, rb = rank_table[role][name_a]["ranks"], rank_table[role][name_b]["ranks"]
+        for config in ra:
+            s = style[config]
+            ax.scatter(ra[config], rb[config], color=s.colour, marker=s.marker, s=60, label=config,
+                       facecolors="none" if s.eight_bit else s.colour)
+            ax.annotate(config, (ra[config], rb[config]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        n = len(ra)
+        ax.plot([1, max(n, 1)], [1, max(n, 1)], color="black", linewidth=0.6, linestyle=":")
+        corr = correlations[role]
+        ax.set(title=f"{role} rank (1 = best): Spearman ρ={fmt(corr['rho'], 2)}, p={fmt(corr['p_value'], 2)}",
+               xlabel=f"{name_a} ({rank_table[role][name_a]['metric']})",
+               ylabel=f"{name_b} ({rank_table[role][name_b]['metric']})")
+        ax.legend(fontsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | None, output_dir: Path) -> str:
+    lines = ["# dtype-bench: language modelling vs classification", "",
+             "The same precision configs trained in both experiments; each experiment's own report (setup, "
+             "summary table, stability, plots):", ""]
+    lines += [f"- **{name}**: [{a.output_dir.relative_to(output_dir)}/report.md]"
+              f"({a.output_dir.relative_to(output_dir)}/report.md) — {len(a.exp.rows)} runs of "
+              f"{len(a.exp.configs)} configs from `{a.exp.results_dir}`" for name, a in tasks.items()]
+    problems = [f"{name}: {p}" for name, a in tasks.items() for p in a.exp.problems]
+    only = {name: sorted(set(a.exp.configs) - set.intersection(*(set(t.exp.configs) for t in tasks.values())))
+            for name, a in tasks.items()}
+    if problems or any(only.values()):
+        lines += ["", "## What is missing or malformed", ""] + [f"- {p}" for p in problems]
+        lines += [f"- configs run only in {name}: {', '.join(c)}" for name, c in only.items() if c]
+    lines += ["", "## Verdicts", ""]
+    for key, v in comparison["verdicts"].items():
+        lines.append(f"- **{key}: {v['verdict']}** — {v['reason']}. Statistic: `{_compact(v['statistic'])}`")
+    lines += ["", "## Recommendations", "", "Universal (both tasks):", ""]
+    lines += [f"- {r}" for r in comparison["recommendations"]["universal"] + comparison["recommendations"]["avoid_everywhere"]]
+    for name, items in comparison["recommendations"]["per_task"].items():
+        lines += ["", f"{name}:", ""] + [f"- {r}" for r in items]
+    lines += ["", "## Rank correlation per metric", "",
+              "Spearman ρ between the configs' mean values in the two tasks (oriented so that better = higher), its "
+              "p-value, and a 95% percentile bootstrap interval resampling each config's seeds.", ""]
+    rows = [[role, " / ".join(f"{k}: {v}" for k, v in c.get("metrics", {}).items()), fmt(c.get("rho"), 3),
+             fmt(c.get("p_value"), 3), f"[{fmt(c['bootstrap_ci95'][0], 3)}, {fmt(c['bootstrap_ci95'][1], 3)}]"
+             if "bootstrap_ci95" in c else "-", str(c.get("n_configs", "-")), c.get("note", "")]
+            for role, c in comparison["correlations"].items()]
+    lines += [md_table(["metric", "keys", "ρ", "p", "bootstrap 95% CI", "configs", "note"], rows), ""]
+    lines += [f"![config ranks in both tasks]({figure.name})" if figure else "Rank plot not drawn: no common metric.", ""]
+    lines += ["## Ranks", ""]
+    for role, per_task in comparison["ranks"].items():
+        names = list(per_task)
+        configs = list(per_task[names[0]]["ranks"])
+        lines += [f"{role}:", "", md_table(["config"] + [f"{n} ({per_task[n]['metric']})" for n in names],
+                                           [[c] + [fmt(per_task[n]["ranks"][c], 3) for n in names] for c in configs]), ""]
+    lines += ["## Flips (order reverses between tasks, largest first)", "",
+              "Size = the smaller of the two tasks' gaps relative to fp32's mean: a flip is large only if it is "
+              "large in both tasks.", ""]
+    rows = [[f["role"], " vs ".join(f["pair"]), fmt(f["size"], 3), "yes" if f["significant_in_both"] else "no"]
+            + [f"{g['better']} better: {g['difference']}" for g in f["tasks"].values()]
+            for f in comparison["flips"][:15]]
+    lines += [md_table(["metric", "pair", "size", "significant in both"] + list(tasks), rows) if rows
+              else "No flips: every pair of configs is ordered the same way in both tasks.", ""]
+    lines += ["## Caveats", ""] + [f"- {c}" for c in dict.fromkeys(c for a in tasks.values() for c in caveats(a.exp))]
+    lines.append(f"- Verdict thresholds: quality differences count as 'no difference' within ±{comparison['quality_margin']:.0%} "
+                 "of the reference mean (whole 95% interval); H4 is supported only by identical frontiers and refuted "
+                 "below 50% overlap.")
+    return "\n".join(lines) + "\n"
+
+
+def _compact(statistic: object) -> str:
+    """Numbers rounded for the report (comparison.json keeps them whole)."""
+    if isinstance(statistic, dict):
+        return "{" + ", ".join(f"{k}: {_compact(v)}" for k, v in statistic.items() if k != "text") + "}"
+    if isinstance(statistic, list):
+        return "[" + ", ".join(_compact(v) for v in statistic) + "]"
+    if isinstance(statistic, float):
+        return fmt(statistic, 3)
+    return str(statistic)
+
+
+def compare(lm_results: str | Path, cls_results: str | Path, output_dir: str | Path, *,
+            quality_margin: float = DEFAULT_QUALITY_MARGIN) -> dict:
+    output_dir = Path(output_dir)
+    tasks = {"lm": analyze(lm_results, output_dir / "lm", quality_margin=quality_margin),
+             "classification": analyze(cls_results, output_dir / "classification", quality_margin=quality_margin)}
+    rank_table, correlations, flips = cross_task_tables(tasks)
+    comparison = {
+        "tasks": {name: {"results_dir": str(a.exp.results_dir), "experiment": a.exp.name,
+                         "configs": a.exp.configs, "runs": len(a.exp.rows), "problems": a.exp.problems,
+                         "metrics": {role: getattr(role_metric(a, role), "key", None) for role in ROLES}}
+                  for name, a in tasks.items()},
+        "quality_margin": quality_margin,
+        "ranks": rank_table, "correlations": correlations, "flips": flips,
+        "verdicts": {"H1 output-layer precision": h1_output_layer(tasks, quality_margin),
+                     "H2 stability": h2_stability(tasks),
+                     "H3 8-bit AdamW": h3_eight_bit(tasks, quality_margin),
+                     "H4 memory-throughput frontier": h4_frontier(tasks)},
+        "recommendations": recommendations(tasks),
+    }
+    atomic_write_json(output_dir / "comparison.json", comparison)
+    figure = rank_plot(tasks, rank_table, correlations, output_dir / "ranks.png")
+    atomic_write_text(output_dir / "report.md", render_report(tasks, comparison, figure, output_dir))
+    return comparison
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lm_results", required=True, help="the LM experiment's output dir (results.jsonl)")
+    parser.add_argument("--cls_results", required=True, help="the classification experiment's output dir")
+    parser.add_argument("--output_dir", required=True, help="where comparison.json, report.md and the per-task "
+                                                            "analyses go")
+    parser.add_argument("--quality_margin", type=float, default=DEFAULT_QUALITY_MARGIN,
+                        help="relative quality difference counted as 'no difference' in verdicts and recommendations")
+    args = parser.parse_args(argv)
+    for flag, path in (("--lm_results", args.lm_results), ("--cls_results", args.cls_results)):
+        if not (Path(path) / "results.jsonl").exists():
+            print(f"error: {flag} {path} has no results.jsonl", file=sys.stderr)
+            return 2
+    comparison = compare(args.lm_results, args.cls_results, args.output_dir, quality_margin=args.quality_margin)
+    for name, task in comparison["tasks"].items():
+        for problem in task["problems"]:
+            print(f"warning: {name}: {problem}", file=sys.stderr)
+    print(Path(args.output_dir) / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""One experiment's results directory, loaded for analysis: rows, step logs, metric definitions, plot styles.
+
+Rows and step logs are read through `dtype_bench.results.read_results` / `dtype_bench.io.read_jsonl`, so every
+malformed line ends up in `Experiment.problems` (and from there in the report), never silently dropped. Values
+are kept as they are: a NaN loss stays NaN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dtype_bench import precision as precision_registry
+from dtype_bench.io import read_jsonl
+from dtype_bench.results import STATUSES, read_results
+
+BASELINE = "fp32_baseline"
+Role = Literal["throughput", "memory", "quality", "time"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    """Field name in a results row."""
+    label: str
+    """How the report and plots name it."""
+    role: Role
+    """throughput/time/memory are compared to fp32 as ratios, quality as differences."""
+    higher_is_better: bool
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("samples_per_second", "samples/s", "throughput", True),
+    Metric("tokens_per_second", "tokens/s", "throughput", True),
+    Metric("mfu", "MFU", "throughput", True),
+    Metric("mfu_datasheet", "MFU (datasheet peak)", "throughput", True),
+    Metric("peak_memory_gb", "peak memory (GB)", "memory", False),
+    Metric("train_peak_memory_gb", "training peak memory (GB)", "memory", False),
+    Metric("eval_peak_memory_gb", "evaluation peak memory (GB)", "memory", False),
+    Metric("micro_f1", "micro-F1", "quality", True),
+    Metric("macro_f1", "macro-F1", "quality", True),
+    Metric("precision_at_1", "P@1", "quality", True),
+    Metric("precision_at_3", "P@3", "quality", True),
+    Metric("precision_at_5", "P@5", "quality", True),
+    Metric("rp_at_5", "RP@5", "quality", True),
+    Metric("ndcg_at_5", "nDCG@5", "quality", True),
+    Metric("val_loss", "validation loss", "quality", False),
+    Metric("perplexity", "validation perplexity", "quality", False),
+    Metric("train_wall_seconds", "training wall time (s)", "time", False),
+)
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+
+# What each experiment is judged on; other experiments fall back to the first quality metric they report.
+PRIMARY_QUALITY = {"classification": "micro_f1", "lm": "val_loss"}
+PRIMARY_THROUGHPUT = {"classification": "samples_per_second", "lm": "tokens_per_second"}
+
+MEMORY_KINDS = {
+    "cuda_max_allocated": "CUDA: the torch allocator's max allocated bytes (reserved: *_peak_memory_reserved_gb)",
+    "cpu_peak_rss_per_phase": "CPU: peak resident set size of the run process, reset per phase (training / evaluation)",
+    "cpu_peak_rss_whole_process": "CPU: peak resident set size of the whole run process since it started",
+}
+
+
+def memory_kind_text(kind: str) -> str:
+    if kind in MEMORY_KINDS:
+        return MEMORY_KINDS[kind]
+    if kind.startswith("cpu_peak_rss"):
+        return "CPU: peak resident set size of the run process"
+    return "unknown kind"
+
+
+def is_cpu_rss(kind: str | None) -> bool:
+    return bool(kind) and kind.startswith("cpu_peak_rss")
+
+
+def is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class Experiment:
+    name: str
+    results_dir: Path
+    rows: list[dict]
+    """One row per (config, seed); if a pair was recorded twice the later row is kept and the earlier noted."""
+    problems: list[str]
+    """Malformed lines, duplicate rows, missing step logs, mixed setups: all shown in the report."""
+    step_logs: dict[str, list[dict]] = field(default_factory=dict)
+    """run_id -> that run's step-log records (training and evaluation lines, as written)."""
+
+    @property
+    def configs(self) -> list[str]:
+        """Configs with at least one row, in registry order (unknown names last, sorted)."""
+        present = {r["config"] for r in self.rows}
+        known = [c for c in precision_registry.REGISTRY if c in present]
+        return known + sorted(present - set(known))
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r["seed"] for r in self.rows if is_number(r.get("seed"))})
+
+    def runs(self, config: str, status: str | None = None) -> list[dict]:
+        return sorted((r for r in self.rows if r["config"] == config and (status is None or r["status"] == status)),
+                      key=lambda r: r.get("seed", 0))
+
+    def precision(self, config: str) -> dict:
+        """The precision record of a config: from its rows; rows written by the sweep for a crashed process carry
+        none, so fall back to the registry's record of the same name."""
+        for row in self.runs(config):
+            if isinstance(row.get("precision"), dict):
+                return row["precision"]
+        pc = precision_registry.REGISTRY.get(config)
+        return pc.to_record() if pc else {}
+
+    @property
+    def metrics(self) -> list[Metric]:
+        """Known metrics that some row reports as a number."""
+        return [m for m in METRICS if any(is_number(r.get(m.key)) for r in self.rows)]
+
+    def primary_metric(self, role: Role) -> Metric | None:
+        """The metric this experiment is judged on for a role: its declared one if reported, else the first
+        reported metric of that role."""
+        key = {"quality": PRIMARY_QUALITY, "throughput": PRIMARY_THROUGHPUT}.get(role, {}).get(self.name)
+        present = self.metrics
+        if key and METRIC_BY_KEY[key] in present:
+            return METRIC_BY_KEY[key]
+        return next((m for m in present if m.role == role), None)
+
+    @property
+    def quality_metric(self) -> Metric | None:
+        return self.primary_metric("quality")
+
+    @property
+    def throughput_metric(self) -> Metric | None:
+        return self.primary_metric("throughput")
+
+    def training_records(self, run_id: str) -> list[dict]:
+        return [r for r in self.step_logs.get(run_id, []) if "eval" not in r]
+
+    def eval_records(self, run_id: str) -> list[dict]:
+        return [r for r in self.step_logs.get(run_id, []) if "eval" in r]
+
+    def precisions(self) -> dict[str, dict]:
+        return {c: self.precision(c) for c in self.configs}
+
+    def missing_configs(self) -> list[str]:
+        """Registry configs with no row at all."""
+        return [c for c in precision_registry.REGISTRY if c not in set(self.configs)]
+
+    def missing_seeds(self, config: str) -> list[int]:
+        have = {r.get("seed") for r in self.runs(config)}
+        return [s for s in self.seeds if s not in have]
+
+
+def load_experiment(results_dir: str | Path) -> Experiment:
+    results_dir = Path(results_dir)
+    raw_rows, problems = read_results(results_dir)
+    if not (results_dir / "results.jsonl").exists():
+        problems.append(f"{results_dir / 'results.jsonl'}: no such file")
+    by_run: dict[tuple[str, int], dict] = {}
+    for lineno, row in enumerate(raw_rows, 1):
+        missing = [k for k in ("config", "seed", "status") if k not in row]
+        if missing or row["status"] not in STATUSES:
+            problems.append(f"row {lineno}: unusable (missing {missing or 'a valid status'}): {str(row)[:80]}")
+            continue
+        key = (row["config"], row["seed"])
+        if key in by_run:
+            problems.append(f"{row['config']} seed {row['seed']}: recorded more than once; the last row is used")
+        by_run[key] = row
+    rows = list(by_run.values())
+
+    experiments = sorted({r.get("experiment", "?") for r in rows})
+    if len(experiments) > 1:
+        problems.append(f"rows from several experiments in one directory: {', '.join(experiments)}")
+    setups = {r.get("setup_fingerprint") for r in rows}
+    if len(setups) > 1:
+        problems.append(f"rows from {len(setups)} different setups (setup_fingerprint): their numbers are not comparable")
+
+    step_logs: dict[str, list[dict]] = {}
+    for row in rows:
+        rid = row.get("run_id")
+        if not rid or row["status"] == "skipped":
+            continue
+        path = results_dir / "logs" / f"{rid}.jsonl"
+        if not path.exists():
+            problems.append(f"{rid}: step log {path} is missing")
+            continue
+        records, log_problems = read_jsonl(path)
+        step_logs[rid] = records
+        problems.extend(log_problems)
+    return Experiment(experiments[0] if experiments else "?", results_dir, rows, problems, step_logs)
+
+
+# ---------------------------------------------------------------- plot styles: one colour family per precision
+
+_FAMILY_COLOURMAPS = {"fp32": "Greys", "fp16": "Reds", "bf16": "Blues"}
+
+
+@dataclass(frozen=True)
+class Style:
+    family: str
+    colour: tuple
+    linestyle: str
+    """'--' for 8-bit optimizer states, '-' otherwise."""
+    hatch: str
+    marker: str
+    eight_bit: bool
+
+
+def styles(precisions: dict[str, dict]) -> dict[str, Style]:
+    """config -> Style, from each config's precision record (`family`, `optimizer`), never from its name:
+    colour by family (shades within a family in the given order), dashed/hatched if 8-bit optimizer states."""
+    import matplotlib
+
+    by_family: dict[str, list[str]] = {}
+    for config, record in precisions.items():
+        by_family.setdefault(record.get("family", "unknown"), []).append(config)
+    markers = "osD^v<>pPX*h"
+    out = {}
+    for family, configs in by_family.items():
+        cmap = matplotlib.colormaps[_FAMILY_COLOURMAPS.get(family, "Greens")]
+        for i, config in enumerate(configs):
+            # shades from 0.45 to 0.95 of the map: light enough to differ, dark enough to read on white
+            shade = 0.7 if len(configs) == 1 else 0.45 + 0.5 * i / (len(configs) - 1)
+            eight_bit = precisions[config].get("optimizer") == "adamw_8bit"
+            out[config] = Style(family, cmap(shade), "--" if eight_bit else "-", "//" if eight_bit else "",
+                                markers[i % len(markers)], eight_bit)
+    return out

@@ -1,0 +1,248 @@
+"""PNG figures of one experiment. Colours come from each config's precision family (fp32 grey, fp16 red, bf16 blue);
+8-bit optimizer states are dashed (lines) or hatched (bars). Non-finite values are drawn, not dropped: lines break
+at NaN and an 'x' on the top edge marks each step whose mean value is NaN or infinite.
+
+Each function writes one file and returns its path, or None when the results hold nothing to draw (the caller says
+so in the report).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
+
+from experiment_data import BASELINE, Experiment, Metric, Style  # noqa: E402
+from stats import ConfigSummary  # noqa: E402
+
+DIAGNOSTICS = ("update_fidelity", "lost_update_frac", "grad_underflow_frac")
+
+
+def _value(record: dict, key: str) -> float | None:
+    """record[key], or record[a][b] for key 'a/b' (per-group diagnostics); None when absent."""
+    head, _, group = key.partition("/")
+    value = record.get(head)
+    if group:
+        value = value.get(group) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def series(exp: Experiment, config: str, key: str, *, evaluation: bool = False):
+    """Steps and the mean / min / max over seeds at each step (seeds that logged that step; NaN propagates)."""
+    per_step: dict[int, list[float]] = {}
+    for row in exp.runs(config):
+        rid = row.get("run_id")
+        records = exp.eval_records(rid) if evaluation else exp.training_records(rid)
+        for rec in records:
+            value = _value(rec, key)
+            if value is not None and "step" in rec:
+                per_step.setdefault(rec["step"], []).append(value)
+    steps = np.array(sorted(per_step))
+    values = [np.array(per_step[s]) for s in steps]
+    mean = np.array([v.mean() for v in values])
+    lo = np.array([v.min() for v in values])
+    hi = np.array([v.max() for v in values])
+    return steps, mean, lo, hi
+
+
+def _mark_nonfinite(ax, steps: np.ndarray, values: np.ndarray, style: Style) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        ax.scatter(steps[bad], np.full(bad.sum(), 0.98), marker="x", color=style.colour, s=25,
+                   transform=blended_transform_factory(ax.transData, ax.transAxes), clip_on=False)
+
+
+def _line(ax, steps, values, style: Style, label: str, **kw) -> None:
+    """A line that breaks at non-finite values; finite points with no finite neighbour (a run that went NaN
+    after one step) get a dot, since a line through one point is invisible."""
+    ax.plot(steps, values, color=style.colour, linestyle=style.linestyle, label=label, **kw)
+    finite = np.isfinite(values)
+    neighbour = np.zeros_like(finite)
+    neighbour[1:] |= finite[:-1]
+    neighbour[:-1] |= finite[1:]
+    alone = finite & ~neighbour
+    if alone.any():
+        ax.scatter(steps[alone], values[alone], color=style.colour, s=12)
+    _mark_nonfinite(ax, steps, values, style)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
+    """Training loss (mean over seeds, band = min..max) and validation loss; diverged runs marked at their step."""
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for config in exp.configs:
+        style = styles[config]
+        steps, mean, lo, hi = series(exp, config, "loss")
+        if len(steps):
+            drawn = True
+            _line(train_ax, steps, mean, style, config, linewidth=1.2, marker=".", markersize=3)
+            train_ax.fill_between(steps, lo, hi, color=style.colour, alpha=0.15, linewidth=0)
+        key = "loss" if any("loss" in r for row in exp.runs(config) for r in exp.eval_records(row.get("run_id"))) \
+            else "val_loss"
+        steps, mean, _, _ = series(exp, config, key, evaluation=True)
+        if len(steps):
+            _line(val_ax, steps, mean, style, config, marker=style.marker, markersize=4)
+        for row in exp.runs(config, "diverged"):
+            step = row.get("diverged_at_step")
+            if step is not None:
+                train_ax.axvline(step, color=style.colour, linestyle=":", linewidth=1)
+                train_ax.annotate(f"{config} s{row['seed']} diverged @ {step}", (step, 0.9), rotation=90, fontsize=7,
+                                  xycoords=("data", "axes fraction"), va="top", ha="right", color=style.colour)
+    if not drawn:
+        plt.close(fig)
+        return None
+    train_ax.set(title="training loss (mean over seeds, band = min..max)", xlabel="optimizer step", ylabel="loss")
+    val_ax.set(title="validation loss (mean over seeds)", xlabel="optimizer step", ylabel="loss")
+    train_ax.legend(fontsize=7)
+    val_ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def relative_bars(exp: Experiment, summaries: list[ConfigSummary], styles: dict[str, Style], throughput: Metric,
+                  memory: Metric, path: Path) -> Path | None:
+    """Throughput and peak memory of each config relative to fp32_baseline's mean (1.0 = same): bar = the config's
+    mean, dots = its seeds (the 95% intervals are in the summary table; with 2-3 seeds they would swamp the bars)."""
+    if not any(s.config == BASELINE and s.estimates[throughput.key].mean for s in summaries):
+        return None
+    base = {m.key: next(s for s in summaries if s.config == BASELINE).estimates[m.key].mean for m in (throughput, memory)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(summaries) + 1.8))
+    for ax, metric, title in ((axes[0], throughput, f"{throughput.label}: speed-up vs fp32"),
+                              (axes[1], memory, f"{memory.label}: ratio to fp32")):
+        for y, s in enumerate(summaries):
+            est, style = s.estimates[metric.key], styles[s.config]
+            if est.mean is None:
+                ax.text(0.02, y, f"no completed run ({', '.join(k for k, n in s.status_counts.items() if n)})",
+                        va="center", fontsize=8, transform=blended_transform_factory(ax.transAxes, ax.transData))
+                continue
+            ratio = est.mean / base[metric.key]
+            ax.barh(y, ratio, color=style.colour, hatch=style.hatch, edgecolor="black", linestyle=style.linestyle)
+            ax.scatter(np.array(est.values) / base[metric.key], np.full(len(est.values), y), color="black", s=10,
+                       zorder=3)
+            ax.text(ratio, y + 0.3, f" {ratio:.2f}×", va="center", fontsize=8)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(summaries)), [s.config for s in summaries], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(title=title, xlabel="mean / fp32_baseline mean (dots: single seeds)")
+    return _save(fig, path)
+
+
+def pareto(summaries: list[ConfigSummary], styles: dict[str, Style], quality: Metric,
+           panels: list[tuple[Metric, list[str]]], path: Path) -> Path | None:
+    """Per panel (x metric, its frontier): quality vs x, means with min..max over seeds as error bars (95%
+    t-intervals of 2-3 seeds are too wide to read; they are in the summary table); the frontier joined by a line."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    drawn = False
+    for ax, (x_metric, front) in zip(axes[0], panels):
+        for s in summaries:
+            ex, ey = s.estimates[x_metric.key], s.estimates[quality.key]
+            if ex.mean is None or ey.mean is None or not (math.isfinite(ex.mean) and math.isfinite(ey.mean)):
+                continue
+            drawn = True
+            style = styles[s.config]
+            xerr = [[ex.mean - min(ex.values)], [max(ex.values) - ex.mean]]
+            yerr = [[ey.mean - min(ey.values)], [max(ey.values) - ey.mean]]
+            on_front = s.config in front
+            container = ax.errorbar(ex.mean, ey.mean, xerr=xerr, yerr=yerr, fmt=style.marker, color=style.colour,
+                                    markersize=9 if on_front else 6, alpha=1.0 if on_front else 0.5, capsize=2,
+                                    markerfacecolor="none" if style.eight_bit else style.colour,
+                                    label=s.config + ("" if on_front else " (dominated)"))
+            for bar in container[2]:
+                bar.set_linestyle(style.linestyle)
+            ax.annotate(s.config, (ex.mean, ey.mean), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        points = sorted((s.estimates[x_metric.key].mean, s.estimates[quality.key].mean)
+                        for s in summaries if s.config in front)
+        if len(points) > 1:
+            ax.plot(*zip(*points), color="black", linewidth=0.8, linestyle="-", zorder=0)
+        better = lambda m: "higher is better" if m.higher_is_better else "lower is better"  # noqa: E731
+        ax.set(xlabel=f"{x_metric.label} ({better(x_metric)})", ylabel=f"{quality.label} ({better(quality)})",
+               title=f"{quality.label} vs {x_metric.label}: frontier = black line")
+        ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _save(fig, path)
+
+
+def step_signal(exp: Experiment, styles: dict[str, Style], key: str, title: str, ylabel: str, path: Path, *,
+                log: bool = True, reference: tuple[float, str] | None = None) -> Path | None:
+    """One training-log signal per config (mean over seeds) against the optimizer step."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    drawn = False
+    for config in exp.configs:
+        steps, mean, _, _ = series(exp, config, key)
+        if len(steps):
+            drawn = True
+            _line(ax, steps, mean, styles[config], config, linewidth=1)
+    if not drawn:
+        plt.close(fig)
+        return None
+    if reference:
+        ax.axhline(reference[0], color="black", linestyle="--", linewidth=1, label=reference[1])
+    if log:
+        ax.set_yscale("log")
+    ax.set(title=title + " ('x' on the top edge: non-finite)", xlabel="optimizer step", ylabel=ylabel)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def loss_scale(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
+    """Dynamic loss scale (logged at flush steps) and cumulative scaler-skipped steps, for configs that scale."""
+    scaled = [c for c in exp.configs if exp.precision(c).get("loss_scaling") == "dynamic"]
+    fig, (scale_ax, skip_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for config in scaled:
+        steps, mean, _, _ = series(exp, config, "loss_scale")
+        if len(steps):
+            drawn = True
+            _line(scale_ax, steps, mean, styles[config], config, marker=".")
+        steps, mean, _, _ = series(exp, config, "skipped_steps")
+        if len(steps):
+            _line(skip_ax, steps, mean, styles[config], config)
+    if not drawn:
+        plt.close(fig)
+        return None
+    scale_ax.set_yscale("log", base=2)
+    scale_ax.set(title="GradScaler loss scale (mean over seeds)", xlabel="optimizer step", ylabel="scale")
+    skip_ax.set(title="skipped optimizer steps (cumulative, mean over seeds)", xlabel="optimizer step",
+                ylabel="steps skipped")
+    scale_ax.legend(fontsize=7)
+    skip_ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def diagnostics(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
+    """Update fidelity / lost-update / gradient-underflow fractions, per parameter group where logged as {group: v}."""
+    keys: dict[str, list[str]] = {}
+    for records in exp.step_logs.values():
+        for rec in records:
+            for name in DIAGNOSTICS:
+                value = rec.get(name)
+                groups = [f"{name}/{g}" for g in value] if isinstance(value, dict) else [name] if value is not None else []
+                keys.setdefault(name, [])
+                keys[name] += [g for g in groups if g not in keys[name]]
+    panels = [(name, series_keys) for name, series_keys in keys.items() if series_keys]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (name, series_keys) in zip(axes[0], panels):
+        for config in exp.configs:
+            for i, key in enumerate(series_keys):
+                steps, mean, _, _ = series(exp, config, key)
+                if len(steps):
+                    _line(ax, steps, mean, styles[config], key.replace(name, config, 1), marker="os^v<>"[i % 6],
+                          markersize=3)
+        ax.set(title=f"{name} (mean over seeds)", xlabel="optimizer step", ylabel="fraction")
+        ax.legend(fontsize=6)
+    return _save(fig, path)

@@ -1,0 +1,95 @@
+"""Markdown pieces shared by the per-experiment and cross-task reports: number formatting, tables, setup, caveats."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from experiment_data import Experiment, is_cpu_rss, memory_kind_text
+from stats import Difference, Estimate
+
+NOT_SETUP = ("output_dir",)  # where the rows went says nothing about how they were made
+ENV_FIELDS = ("device", "device_name", "cuda", "torch", "cpu_count", "torch_threads", "python", "platform",
+              "git_commit")
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """'-' for missing, 'NaN'/'inf' kept visible, else `digits` significant digits."""
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "NaN"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def fmt_estimate(est: Estimate) -> str:
+    if est.mean is None:
+        return "-"
+    if est.lo is None:
+        return f"{fmt(est.mean)} (n={est.n})"
+    return f"{fmt(est.mean)} ± {fmt(est.std, 2)} [{fmt(est.lo)}, {fmt(est.hi)}]"
+
+
+def fmt_difference(d: Difference) -> str:
+    if d.delta is None:
+        return "-"
+    interval = "" if d.lo is None else f" [{d.lo:+.3g}, {d.hi:+.3g}]"
+    p = "" if d.p_value is None else f", p={d.p_value:.2g}"
+    return f"{d.delta:+.3g}{interval} ({'paired' if d.paired else 'unpaired'}, n={d.n}{p})"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    escape = lambda cell: str(cell).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(escape(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _distinct(exp: Experiment, section: str, key: str) -> str:
+    values = Counter(str(r[section].get(key)) for r in exp.rows if isinstance(r.get(section), dict))
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return next(iter(values))
+    return "; ".join(f"{v} ({n} runs)" for v, n in values.most_common())
+
+
+def setup_section(exp: Experiment) -> str:
+    """Training setup and environment as recorded in the rows (several values: each with its run count)."""
+    keys = dict.fromkeys(k for r in exp.rows for k in (r.get("train_config") or {}) if k not in NOT_SETUP)
+    rows = [[f"train_config.{k}", _distinct(exp, "train_config", k)] for k in keys]
+    rows += [[f"env.{k}", _distinct(exp, "env", k)] for k in ENV_FIELDS
+             if any(k in (r.get("env") or {}) for r in exp.rows)]
+    if not rows:
+        return "No row carries `train_config` or `env` (only rows of crashed processes?)."
+    return md_table(["field", "value"], rows)
+
+
+def memory_kind(exp: Experiment) -> str:
+    kinds = sorted({r["peak_memory_kind"] for r in exp.rows if r.get("peak_memory_kind")})
+    return "; ".join(f"`{k}` = {memory_kind_text(k)}" for k in kinds) or "not recorded"
+
+
+def caveats(exp: Experiment) -> list[str]:
+    """What a reader must know before acting on these numbers, derived from the rows."""
+    out = []
+    presets = {(r.get("train_config") or {}).get("preset") for r in exp.rows}
+    if "tiny" in presets:
+        out.append("These are `--preset tiny` runs: a small randomly initialised model on a synthetic corpus. Their "
+                   "quality numbers say whether the pipeline learns and how configs compare at this scale; they are "
+                   "not EURLEX57K (or OpenWebText) numbers.")
+    devices = {(r.get("env") or {}).get("device") for r in exp.rows} - {None}
+    if any(not str(d).startswith("cuda") for d in devices):
+        out.append("Runs on CPU: bf16/fp16 matmuls are emulated or run on kernels unlike a GPU's, so throughput ratios "
+                   "here say nothing about tensor-core speed-ups; fp16 in particular is far slower on most x86 CPUs.")
+    if any(is_cpu_rss(r.get("peak_memory_kind")) for r in exp.rows):
+        out.append("CPU peak memory is the peak resident set size (RSS) of the run process (Python, libraries, data, "
+                   "allocator caches included), not the tensors' bytes: differences between configs are diluted.")
+    seeds = [n for n in (len(exp.runs(c, "completed")) for c in exp.configs) if n]
+    if seeds and min(seeds) < 3:
+        out.append(f"Some configs have fewer than 3 completed seeds (min {min(seeds)}): intervals are wide or absent "
+                   "(n=1 has none), and 'not significant' mostly means 'not enough seeds'.")
+    out.append("Statistics use completed runs only; diverged, failed and skipped runs are counted in the status "
+               "columns and explained in the stability matrix. Pareto fronts compare means and ignore their intervals.")
+    return out

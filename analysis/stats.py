@@ -1,0 +1,190 @@
+"""Statistics over seeds: means with t-intervals, paired differences, ratios to fp32, Pareto fronts, rank correlation.
+
+NaN is never filtered: a metric that is NaN in one seed makes that config's mean NaN, and the report shows it.
+Statistics use completed runs only; diverged/failed/skipped runs are counted and explained in the stability matrix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from experiment_data import BASELINE, Experiment, Metric, is_number
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over seeds with a two-sided 95% Student-t interval; lo/hi are None when n < 2."""
+    mean: float | None
+    std: float | None
+    lo: float | None
+    hi: float | None
+    n: int
+    values: tuple[float, ...] = ()
+
+
+def estimate(values: list[float]) -> Estimate:
+    xs = np.asarray(values, dtype=float)
+    n = len(xs)
+    if n == 0:
+        return Estimate(None, None, None, None, 0)
+    mean = float(xs.mean())
+    if n == 1:
+        return Estimate(mean, None, None, None, 1, tuple(xs))
+    std = float(xs.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
+    return Estimate(mean, std, mean - half, mean + half, n, tuple(xs))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """a - b over seeds: paired by seed when both configs ran the same >= 2 seeds (same data order and
+    initialisation, so seed-to-seed noise cancels), else Welch's unpaired interval."""
+    delta: float | None
+    lo: float | None
+    hi: float | None
+    p_value: float | None
+    n: int
+    paired: bool
+
+    @property
+    def significant(self) -> bool:
+        return self.lo is not None and (self.lo > 0 or self.hi < 0)
+
+
+def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
+    """`a`, `b`: seed -> value."""
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        d = np.array([a[s] - b[s] for s in common], dtype=float)
+        est = estimate(list(d))
+        p = float(scipy_stats.ttest_1samp(d, 0.0).pvalue) if np.all(np.isfinite(d)) and d.std() > 0 else None
+        return Difference(est.mean, est.lo, est.hi, p, len(common), True)
+    xa, xb = np.array(list(a.values()), dtype=float), np.array(list(b.values()), dtype=float)
+    if not len(xa) or not len(xb):
+        return Difference(None, None, None, None, 0, False)
+    delta = float(xa.mean() - xb.mean())
+    if len(xa) < 2 or len(xb) < 2:
+        return Difference(delta, None, None, None, min(len(xa), len(xb)), False)
+    va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
+    se = math.sqrt(va + vb)
+    if se == 0 or not math.isfinite(se):
+        return Difference(delta, None, None, None, min(len(xa), len(xb)), False)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1))
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, dof)) * se
+    p = float(scipy_stats.ttest_ind(xa, xb, equal_var=False).pvalue)
+    return Difference(delta, delta - half, delta + half, p, min(len(xa), len(xb)), False)
+
+
+def by_seed(rows: list[dict], key: str) -> dict[int, float]:
+    return {r["seed"]: float(r[key]) for r in rows if is_number(r.get(key))}
+
+
+@dataclass
+class ConfigSummary:
+    config: str
+    family: str
+    eight_bit: bool
+    status_counts: dict[str, int]
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+    vs_baseline: dict[str, float | None] = field(default_factory=dict)
+    """Per metric: ratio to fp32 (throughput, memory, time) or difference (quality); None if not computable."""
+    quality_deltas: dict[str, Difference] = field(default_factory=dict)
+    """Per quality metric: the seed-paired difference to fp32 with its interval."""
+
+
+def relative_name(metric: Metric) -> str:
+    return {"throughput": "speedup", "memory": "ratio", "time": "ratio"}.get(metric.role, "delta")
+
+
+def summarize(exp: Experiment) -> list[ConfigSummary]:
+    baseline_rows = exp.runs(BASELINE, "completed")
+    summaries = []
+    for config in exp.configs:
+        record = exp.precision(config)
+        counts = {s: 0 for s in ("completed", "diverged", "skipped", "failed")}
+        for row in exp.runs(config):
+            counts[row["status"]] += 1
+        done = exp.runs(config, "completed")
+        summary = ConfigSummary(config, record.get("family", "unknown"), record.get("optimizer") == "adamw_8bit", counts)
+        for metric in exp.metrics:
+            est = estimate([float(r[metric.key]) for r in done if is_number(r.get(metric.key))])
+            summary.estimates[metric.key] = est
+            base = estimate([float(r[metric.key]) for r in baseline_rows if is_number(r.get(metric.key))])
+            if est.mean is None or base.mean is None:
+                summary.vs_baseline[metric.key] = None
+            elif metric.role == "quality":
+                summary.vs_baseline[metric.key] = est.mean - base.mean
+                summary.quality_deltas[metric.key] = difference(by_seed(done, metric.key),
+                                                                by_seed(baseline_rows, metric.key))
+            else:
+                summary.vs_baseline[metric.key] = est.mean / base.mean if base.mean else None
+        summaries.append(summary)
+    return summaries
+
+
+def oriented(value: float, metric: Metric) -> float:
+    """Higher is better after orientation (losses and memory are negated)."""
+    return value if metric.higher_is_better else -value
+
+
+def pareto_front(points: dict[str, tuple[float, float]], x: Metric, y: Metric) -> tuple[list[str], dict[str, str]]:
+    """Non-dominated configs among finite (x, y) means, and for each dominated config one config dominating it
+    (at least as good on both axes, better on one)."""
+    finite = {c: (oriented(px, x), oriented(py, y)) for c, (px, py) in points.items()
+              if math.isfinite(px) and math.isfinite(py)}
+    dominated_by = {}
+    for c, (cx, cy) in finite.items():
+        for other, (ox, oy) in finite.items():
+            if other != c and ox >= cx and oy >= cy and (ox > cx or oy > cy):
+                dominated_by[c] = other
+                break
+    front = sorted((c for c in finite if c not in dominated_by), key=lambda c: -finite[c][0])
+    return front, dominated_by
+
+
+def ranks(values: dict[str, float], metric: Metric) -> dict[str, float]:
+    """1 = best; ties share the average rank; NaN ranks last."""
+    configs = list(values)
+    score = np.array([oriented(values[c], metric) if math.isfinite(values[c]) else -np.inf for c in configs])
+    r = scipy_stats.rankdata(-score, method="average")
+    return {c: float(x) for c, x in zip(configs, r)}
+
+
+@dataclass(frozen=True)
+class Correlation:
+    rho: float | None
+    p_value: float | None
+    ci_lo: float | None
+    ci_hi: float | None
+    n_configs: int
+    bootstrap_resamples: int
+
+
+def spearman(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]], *, resamples: int = 1000,
+             seed: int = 0) -> Correlation:
+    """Spearman rank correlation between configs' mean values in two tasks (a, b: config -> seed -> value), with
+    the scipy p-value and a percentile bootstrap interval that resamples each config's seeds in each task."""
+    configs = [c for c in a if c in b and a[c] and b[c]]
+    if len(configs) < 3:
+        return Correlation(None, None, None, None, len(configs), 0)
+    mean_a = [np.mean(list(a[c].values())) for c in configs]
+    mean_b = [np.mean(list(b[c].values())) for c in configs]
+    result = scipy_stats.spearmanr(mean_a, mean_b)
+    rho, p = float(result.statistic), float(result.pvalue)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(resamples):
+        ra = [rng.choice(list(a[c].values()), len(a[c])).mean() for c in configs]
+        rb = [rng.choice(list(b[c].values()), len(b[c])).mean() for c in configs]
+        boot.append(scipy_stats.spearmanr(ra, rb).statistic)
+    boot = np.array(boot, dtype=float)
+    boot = boot[np.isfinite(boot)]  # resamples where one side's means tie completely have no rank correlation
+    if not len(boot):
+        return Correlation(rho, p, None, None, len(configs), resamples)
+    lo, hi = np.percentile(boot, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    return Correlation(rho, p, float(lo), float(hi), len(configs), resamples)

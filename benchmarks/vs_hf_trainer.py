@@ -1,0 +1,289 @@
+"""Our classification training loop vs the Hugging Face Trainer, at identical work.
+
+    python benchmarks/vs_hf_trainer.py --preset tiny                 # CPU: a few minutes
+    python benchmarks/vs_hf_trainer.py --preset full --max_steps 60  # GPU: roberta-base, seq 512
+
+Any other flag is a run.py flag and applies to both sides (e.g. --tiny_layers, --threads). On a CPU shared
+with other work pass --threads 1: with more torch threads than free cores, OpenMP's waiting threads make step
+times swing 20x from run to run (measured on the 2-core machine this was written on).
+
+Same work on both sides: the same model (built by experiments/classification/model.py from the same seed),
+the same micro-batches in the same order (the Trainer gets the documents in our epoch order with
+`train_sampling_strategy="sequential"`), batch size, gradient accumulation, AdamW hyperparameters, weight
+decay groups (both exempt biases and LayerNorm), linear warm-up/decay schedule, gradient clipping, loss
+(BCE-with-logits in fp32) and precision (`bf16`/`fp16` flags for autocast, GradScaler with fp16,
+`adamw_bnb_8bit` for the 8-bit optimizer configs). The Trainer is set up as a competent user would:
+dynamic padding (`DataCollatorWithPadding`), its default optimizer implementation, no evaluation, no
+logging, no checkpoints. Configs the Trainer cannot express (low-precision master weights, stochastic
+rounding, an fp32 head outside autocast, fp8) are listed as such, not approximated.
+
+Same measurement on both sides: each run is its own process (no shared allocator or thread state), and
+both are timed by the same `dtype_bench.timing.StepTimer` at the same boundaries (start of an optimizer
+step .. end of it, contiguous windows, the same warm-up steps excluded, median over windows): ours inside
+run.py, the Trainer's through a callback (`on_step_begin` / `on_step_end`). Whole-process time (imports,
+model build, evaluation) is excluded on both sides. Runs alternate (ours, Trainer, then Trainer, ours in
+the next round) so drift in machine load hits both; the table shows the median over rounds.
+
+MFU uses model FLOPs per sample from our run (identical batches, so identical FLOPs) over the matmul peak
+calibrated in our run's process (`dtype_bench.timing`). The Trainer lives here only, never in the training
+path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "classification"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np
+import torch
+
+import data as data_lib
+import loader
+import model as model_lib
+from config import PRESETS, TrainConfig
+from dtype_bench import precision, runner, timing
+from dtype_bench.io import read_jsonl
+
+# 8-bit AdamW (amp_*_8bit_adam) can be passed with --configs, but it is not identical work: the Trainer's
+# adamw_bnb_8bit keeps nn.Embedding states in 32 bits (a bitsandbytes GlobalOptimManager override), ours does not.
+DEFAULT_CONFIGS = "fp32_baseline,amp_bf16,amp_fp16"
+RESULT_PREFIX = "RESULT "
+
+
+# ---------------------------------------------------------------- the Trainer side
+
+
+def trainer_precision_args(pc: precision.PrecisionConfig, device: torch.device) -> dict | str:
+    """TrainingArguments that reproduce the config, or why the Trainer cannot express it (from the config's
+    fields, never its name)."""
+    if pc.weight_dtype != torch.float32:
+        return "Trainer has no flag for low-precision master weights"
+    if pc.head_weight_dtype is not None or pc.head_compute_fp32:
+        return "Trainer has no flag for an output layer outside autocast"
+    if pc.fp8:
+        return "fp8 training is not a Trainer flag"
+    optimizers = {"adamw": {}, "adamw_8bit": {"optim": "adamw_bnb_8bit"}}
+    if pc.optimizer not in optimizers:
+        return f"Trainer has no {pc.optimizer} optimizer"
+    return {"bf16": pc.autocast_dtype == torch.bfloat16, "fp16": pc.autocast_dtype == torch.float16,
+            "tf32": pc.tf32 if device.type == "cuda" else None, "torch_compile": precision.should_compile(pc, device),
+            **optimizers[pc.optimizer]}
+
+
+class TrainerModel(torch.nn.Module):
+    """Our classifier behind the Trainer's calling convention: keyword inputs and labels -> {loss, logits}."""
+
+    def __init__(self, classifier: model_lib.MultiLabelClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self.classifier(input_ids, attention_mask)
+        return {"loss": model_lib.bce_loss_fp32(logits, labels), "logits": logits}
+
+
+class EpochOrderDataset(torch.utils.data.Dataset):
+    """The training split in our epoch-0 order, so a sequential sampler yields our exact micro-batches."""
+
+    def __init__(self, split: data_lib.TokenizedSplit, seed: int, num_labels: int):
+        self.split, self.num_labels = split, num_labels
+        self.order = data_lib.epoch_order(len(split), seed, 0)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        doc = int(self.order[i])
+        labels = np.zeros(self.num_labels, dtype=np.float32)
+        labels[self.split.labels(doc)] = 1.0
+        return {"input_ids": self.split.tokens(doc).astype(np.int64), "labels": labels}
+
+
+def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, device: torch.device) -> dict:
+    from transformers import (AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    class TimingCallback(TrainerCallback):
+        def __init__(self, timer: timing.StepTimer):
+            self.timer = timer
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.timer.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.timer.stop(cfg.effective_batch_size)
+
+    meta = data_lib.read_meta(cfg.cache_dir)
+    if cfg.max_steps * cfg.effective_batch_size > len(data_lib.TokenizedSplit(meta.path, "train")):
+        raise SystemExit("--max_steps x effective batch exceeds one epoch: the Trainer's later epochs would "
+                         "not follow our order")
+    precision_args = trainer_precision_args(pc, device)
+    if cfg.threads:  # as run.py does with --threads
+        torch.set_num_threads(cfg.threads)
+    runner.seed_everything(seed)
+    encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
+                                      max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
+                                      tiny_hidden=cfg.tiny_hidden)
+    model = TrainerModel(model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type))
+    dataset = EpochOrderDataset(data_lib.TokenizedSplit(meta.path, "train", cfg.max_length), seed, meta.num_labels)
+    timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+            lr_scheduler_type="linear", max_grad_norm=cfg.grad_clip, adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2, adam_epsilon=pc.adam_eps or cfg.adam_eps,
+            train_sampling_strategy="sequential", logging_strategy="no", save_strategy="no", eval_strategy="no",
+            report_to="none", disable_tqdm=True, seed=seed, use_cpu=device.type == "cpu", **precision_args)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[TimingCallback(timer)],
+                          data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(meta.path / "tokenizer")))
+        trainer.train()
+    return {"status": "completed", **timer.summary()}
+
+
+# ---------------------------------------------------------------- our side
+
+
+def run_ours(run_flags: list[str], config: str, seed: int) -> dict:
+    """run.py's own main in this process; its results row carries the same StepTimer summary."""
+    import run as classification_run
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        code = classification_run.main([*run_flags, "--config", config, "--seed", str(seed),
+                                        "--output_dir", output_dir])
+        rows, problems = read_jsonl(Path(output_dir) / "results.jsonl")
+    if code != 0 or problems or not rows:
+        raise SystemExit(f"run.py exited {code}: {problems or 'no results row'}")
+    return rows[-1]
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def worker(argv: list[str]) -> int:
+    """One measured run in this process: `--worker {ours,trainer} --config NAME -- RUN_FLAGS`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", choices=("ours", "trainer"), required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args, run_flags = parser.parse_known_args(argv)
+    run_flags = [f for f in run_flags if f != "--"]
+    if args.worker == "ours":
+        row = run_ours(run_flags, args.config, args.seed)
+    else:
+        _, cfg = runner.parse_args(None, TrainConfig, PRESETS, [*run_flags, "--config", args.config])
+        row = run_trainer(cfg, precision.get(args.config), args.seed, runner.pick_device(cfg.device))
+    keep = ("status", "error", "reason", "samples_per_second", "samples_per_second_min", "samples_per_second_max",
+            "timing_windows", "timed_steps", "model_flops_per_sample", "peak_flops_measured", "mfu",
+            "mfu_datasheet", "peak_memory_gb")
+    print(RESULT_PREFIX + json.dumps({k: row.get(k) for k in keep}))
+    return 0
+
+
+def measure(kind: str, config: str, seed: int, run_flags: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--config", config, "--seed", str(seed), "--", *run_flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        return {"status": "failed", "error": " | ".join(tail)}
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" in argv:
+        return worker(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated precision configs")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (ours/Trainer) per config")
+    parser.add_argument("--max_steps", type=int, default=13, help="optimizer steps per run")
+    parser.add_argument("--fp16_max_steps", type=int, default=8,
+                        help="optimizer steps for fp16-autocast configs on CPU (fp16 matmuls are emulated there)")
+    parser.add_argument("--timing_warmup_steps", type=int, default=3, help="excluded steps at the start of each run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", help="prepared cache (default: the preset's; tiny is built if missing)")
+    args, extra = parser.parse_known_args(argv)
+    configs = precision.resolve_names(args.configs)
+    device = runner.pick_device("auto")
+    cfg = TrainConfig(**{**PRESETS[args.preset], "preset": args.preset, "data_dir": args.data_dir})
+    if args.preset == "tiny" and args.data_dir is None:
+        from prepare_data import prepare_tiny
+
+        prepare_tiny(cfg.cache_dir)
+
+    results: dict[str, tuple[list[dict], list[dict], str | None]] = {}
+    for name in configs:
+        pc = precision.get(name)
+        why_not = precision.unsupported_reason(pc, device) or trainer_precision_args(pc, device)
+        if isinstance(why_not, str):
+            results[name] = ([], [], why_not)
+            print(f"{name}: not compared — {why_not}", flush=True)
+            continue
+        fp16_on_cpu = device.type == "cpu" and pc.autocast_dtype == torch.float16
+        steps = args.fp16_max_steps if fp16_on_cpu else args.max_steps
+        # Evaluation and logging happen once, at the last step (untimed); the timing windows of both sides
+        # then have identical boundaries.
+        run_flags = ["--preset", args.preset, "--max_steps", str(steps), "--eval_steps", str(steps),
+                     "--log_every", str(steps), "--max_eval_docs", "16",
+                     "--timing_warmup_steps", str(args.timing_warmup_steps), "--diagnostics_every", "0",
+                     *(["--data_dir", args.data_dir] if args.data_dir else []), *extra]
+        ours, theirs = [], []
+        for r in range(args.rounds):
+            order = ("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")
+            for kind in order:
+                result = measure(kind, name, args.seed, run_flags)
+                (ours if kind == "ours" else theirs).append(result)
+                print(f"{name} round {r + 1} {kind:7s}: {fmt(result.get('samples_per_second'), '.2f')} samples/s"
+                      + (f"  [{result['status']}: {result.get('error') or result.get('reason')}]"
+                         if result.get("status") != "completed" else ""), flush=True)
+        results[name] = (ours, theirs, None)
+
+    print(f"\nours vs Hugging Face Trainer, preset {args.preset}, device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"median over {args.rounds} alternating rounds; samples/s = median over timing windows after "
+          f"{args.timing_warmup_steps} warm-up steps")
+    header = f"{'config':22s} {'ours samples/s':>15s} {'Trainer samples/s':>18s} {'ratio':>6s} {'ours MFU':>9s} {'Trainer MFU':>12s}"
+    print(header + "\n" + "-" * len(header))
+    for name, (ours, theirs, why_not) in results.items():
+        if why_not:
+            print(f"{name:22s} not expressible: {why_not}")
+            continue
+        ours_rate, theirs_rate = median_of(ours, "samples_per_second"), median_of(theirs, "samples_per_second")
+        flops, peak = median_of(ours, "model_flops_per_sample"), median_of(ours, "peak_flops_measured")
+        mfu = lambda rate: rate * flops / peak if rate and flops and peak else None  # noqa: E731
+        ratio = ours_rate / theirs_rate if ours_rate and theirs_rate else None
+        print(f"{name:22s} {fmt(ours_rate, '15.2f')} {fmt(theirs_rate, '18.2f')} {fmt(ratio, '6.2f')} "
+              f"{fmt(mfu(ours_rate), '9.2%')} {fmt(mfu(theirs_rate), '12.2%')}")
+
+    rates = [median_of(ours, "samples_per_second") for ours, _, why_not in results.values() if not why_not]
+    fastest = max((r for r in rates if r), default=None)
+    if fastest:
+        meta = data_lib.read_meta(cfg.cache_dir)
+        rate = loader.measure(cfg.cache_dir, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=args.seed,
+                              n_batches=500, device=device)
+        print("\n" + loader.headroom_line(rate, fastest, cfg.batch_size) + f" [{meta.path}, fastest config]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Training configuration of the language-modelling experiment: one typed dataclass, two presets.
+
+`full` is the issue's experiment (GPT-2 small from scratch on OpenWebText, nanoGPT's recipe, 10k
+iterations); `tiny` is the offline embedded default (a few-layer GPT-2 on the synthetic legal corpus with a
+locally trained byte-level BPE) sized so that validation loss clearly drops within a couple of minutes per
+config on 2 CPU cores. Any flag overrides either preset.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: Literal["tiny", "full"] = "full"
+    """Which defaults to start from: the full GPT-2 small experiment or the offline tiny one."""
+    n_layer: int = 12
+    """Transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block (n_embd must be a multiple)."""
+    n_embd: int = 768
+    """Hidden size."""
+    block_size: int = 1024
+    """Context length: tokens per training sequence (and the model's position embeddings)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals (0 for pre-training, as nanoGPT)."""
+    data_dir: Optional[str] = None
+    """Prepared cache (prepare_data.py); default data/lm/{openwebtext|tiny} by preset."""
+    output_dir: str = "results/lm"
+    """Where results.jsonl and logs/ go."""
+    batch_size: int = 12
+    """Micro-batch size (sequences per forward/backward)."""
+    gradient_accumulation_steps: int = 5
+    """Micro-batches per optimizer step: effective batch = batch_size x this (x world size)."""
+    max_steps: int = 10_000
+    """Optimizer steps (iterations) to train."""
+    eval_steps: int = 500
+    """Evaluate validation loss every this many optimizer steps, and at the end."""
+    eval_sequences: Optional[int] = 2400
+    """Validation sequences (fixed non-overlapping windows of val.bin) per evaluation; None = all of them."""
+    eval_batch_size: int = 12
+    """Sequences per evaluation batch."""
+    learning_rate: float = 6e-4
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to learning_rate x this at max_steps."""
+    warmup_ratio: float = 0.05
+    """Fraction of max_steps of linear warm-up before the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on matrices only (not biases and LayerNorm gains)."""
+    grad_clip: float = 1.0
+    """Max global L2 norm of the gradients (after unscaling); 0 disables clipping."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (a precision config may override it, e.g. fp16_naive_safe_eps)."""
+    diagnostics_every: int = 10
+    """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
+    many optimizer steps; 0 = never. Non-finite tracking runs every step."""
+    log_every: int = 10
+    """Write a step-log line every this many optimizer steps (the only host syncs in the loop)."""
+    timing_warmup_steps: int = 5
+    """Optimizer steps excluded from throughput (compilation, allocator warm-up)."""
+    diverge_patience: int = 5
+    """Stop with status 'diverged' after this many consecutive optimizer steps with a non-finite loss."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    threads: Optional[int] = None
+    """CPU threads for torch (None = torch's default)."""
+
+    def __post_init__(self) -> None:
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                    "max_steps", "eval_steps", "eval_batch_size", "log_every", "diverge_patience")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd ({self.n_embd}) must be a multiple of --n_head ({self.n_head})")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+        for name in ("warmup_ratio", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0 or self.diagnostics_every < 0:
+            raise ValueError("--weight_decay, --grad_clip, --timing_warmup_steps and --diagnostics_every must be >= 0")
+        if self.eval_sequences is not None and self.eval_sequences <= 0:
+            raise ValueError(f"--eval_sequences must be positive, got {self.eval_sequences}")
+
+    @property
+    def cache_dir(self) -> str:
+        return self.data_dir or ("data/lm/tiny" if self.preset == "tiny" else "data/lm/openwebtext")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_ratio * self.max_steps)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    "full": {},
+    # A 4 x 128 GPT-2 (~0.8M decoder parameters + the 4096 x 128 tied embedding) over 128-token windows of the
+    # synthetic corpus: 2,048 tokens per step, 150 steps = 0.3M tokens (~15% of the training stream).
+    # A randomly initialised small model wants a far larger learning rate than GPT-2 small's 6e-4.
+    "tiny": dict(
+        n_layer=4, n_head=2, n_embd=128, block_size=128, batch_size=16, gradient_accumulation_steps=1,
+        max_steps=150, eval_steps=50, eval_sequences=128, eval_batch_size=32, learning_rate=2e-3,
+        warmup_ratio=0.1,
+    ),
+}

@@ -1,0 +1,223 @@
+"""analysis/: the per-experiment report and the cross-task comparison, built from REAL tiny runs of both experiments.
+
+One module-scoped fixture runs a classification sweep (3 configs x 2 seeds, plus a diverging fp16_naive and a
+CPU-skipped fp32_tf32_matmul for partial results) and, concurrently, an LM sweep (4 configs x 1 seed); every
+statistic the analysis writes is then checked against an independent numpy/scipy computation on the raw rows.
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from tiny_run import ENV, ROOT, small_cache, start
+
+ANALYSIS = ROOT / "analysis"
+LM_RUN = ROOT / "experiments" / "lm" / "run.py"
+STEPS = ["--max_steps", "6", "--eval_steps", "3", "--timing_warmup_steps", "1", "--diverge_patience", "2"]
+LM_SMALL = ["--preset", "tiny", "--n_layer", "1", "--n_head", "1", "--n_embd", "64", "--block_size", "32",
+            "--batch_size", "4", "--gradient_accumulation_steps", "2", "--eval_sequences", "16",
+            "--learning_rate", "3e-3", "--threads", "1"]
+CLS_CONFIGS = ("fp32_baseline", "amp_bf16", "bf16_naive")
+SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1", "precision_at_1",
+                "precision_at_3", "precision_at_5", "rp_at_5", "ndcg_at_5")
+
+
+def analysis_modules():
+    """analysis/ is a folder of scripts importing their siblings by name, as `python analysis/x.py` does."""
+    if str(ANALYSIS) not in sys.path:
+        sys.path.insert(0, str(ANALYSIS))
+    return (importlib.import_module("analyze_experiment"), importlib.import_module("compare_experiments"),
+            importlib.import_module("experiment_data"))
+
+
+def raw_rows(results_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (results_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("analysis")
+    cls_dir, lm_dir = base / "classification", base / "lm"
+    lm_cache = base / "lm_cache"
+    prepare_lm = subprocess.run([sys.executable, str(ROOT / "experiments" / "lm" / "prepare_data.py"), "--source",
+                                 "synthetic", "--output_dir", str(lm_cache), "--tokenizer", "bpe:512",
+                                 "--synthetic_docs", "60"], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert prepare_lm.returncode == 0, prepare_lm.stderr[-2000:]
+    # Everything runs side by side (one thread per run): most of a tiny run is interpreter start-up. The
+    # classification runs share one output dir, as separate invocations of one setup may.
+    procs = [subprocess.Popen([sys.executable, str(LM_RUN), *LM_SMALL, *STEPS, "--data_dir", str(lm_cache),
+                               "--config", ",".join(CLS_CONFIGS + ("fp16_naive",)), "--seeds", "1",
+                               "--output_dir", str(lm_dir)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)]
+    cache = small_cache(base / "cls_cache")
+    procs += [start(cache, cls_dir, *STEPS, *flags) for flags in (
+        ["--config", ",".join(CLS_CONFIGS), "--seeds", "2"], ["--config", "fp16_naive", "--seed", "0"],
+        ["--config", "fp32_tf32_matmul", "--seed", "0"])]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert len(raw_rows(lm_dir)) == 4, logs[0][-3000:]
+    assert len(raw_rows(cls_dir)) == 8, "\n".join(log[-1500:] for log in logs[1:])
+    return {"classification": cls_dir, "lm": lm_dir}
+
+
+@pytest.fixture(scope="module")
+def analysis(results, tmp_path_factory):
+    analyze_experiment, _, _ = analysis_modules()
+    return analyze_experiment.analyze(results["classification"], tmp_path_factory.mktemp("report"))
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        return {row["config"]: row for row in csv.DictReader(f)}
+
+
+def test_summary_csv_matches_numpy_and_scipy(results, analysis):
+    rows = raw_rows(results["classification"])
+    summary = read_csv(analysis.output_dir / "summary.csv")
+    done = lambda config: sorted((r for r in rows if r["config"] == config and r["status"] == "completed"),  # noqa: E731
+                                 key=lambda r: r["seed"])
+    base = done("fp32_baseline")
+    for config in CLS_CONFIGS:
+        runs = done(config)
+        assert len(runs) == 2 and summary[config]["completed"] == "2"
+        for metric in SEED_METRICS:
+            x = np.array([r[metric] for r in runs], dtype=float)
+            lo, hi = scipy_stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+            got = {k: float(summary[config][f"{metric}_{k}"]) for k in ("mean", "std")}
+            assert got["mean"] == pytest.approx(x.mean(), rel=1e-12), (config, metric)
+            assert got["std"] == pytest.approx(x.std(ddof=1), rel=1e-9, abs=1e-15), (config, metric)
+            if x.std() > 0:
+                assert float(summary[config][f"{metric}_ci95_low"]) == pytest.approx(lo, rel=1e-9)
+                assert float(summary[config][f"{metric}_ci95_high"]) == pytest.approx(hi, rel=1e-9)
+            b = np.array([r[metric] for r in base], dtype=float)
+            if metric in ("samples_per_second", "peak_memory_gb"):
+                key = "speedup" if metric == "samples_per_second" else "ratio"
+                assert float(summary[config][f"{metric}_{key}"]) == pytest.approx(x.mean() / b.mean(), rel=1e-12)
+            else:
+                diffs = x - b  # both sorted by seed: the seed-paired difference
+                assert float(summary[config][f"{metric}_delta"]) == pytest.approx(diffs.mean(), abs=1e-12)
+                if config != "fp32_baseline" and diffs.std() > 0:
+                    dlo, dhi = scipy_stats.t.interval(0.95, 1, loc=diffs.mean(), scale=scipy_stats.sem(diffs))
+                    assert float(summary[config][f"{metric}_delta_ci95_low"]) == pytest.approx(dlo, rel=1e-9)
+                    assert float(summary[config][f"{metric}_delta_ci95_high"]) == pytest.approx(dhi, rel=1e-9)
+    # partial results: counted, not averaged
+    assert (summary["fp16_naive"]["diverged"], summary["fp16_naive"]["completed"]) == ("1", "0")
+    assert summary["fp16_naive"]["micro_f1_mean"] == "" and summary["fp16_naive"]["missing_seeds"] == "1"
+    assert summary["fp32_tf32_matmul"]["skipped"] == "1"
+
+
+def test_pareto_fronts_are_the_non_dominated_means(analysis):
+    summary = read_csv(analysis.output_dir / "summary.csv")
+    for name, x, x_higher in (("throughput", "samples_per_second", True), ("memory", "peak_memory_gb", False)):
+        points = {c: ((1 if x_higher else -1) * float(r[f"{x}_mean"]), float(r["micro_f1_mean"]))
+                  for c, r in summary.items() if r["micro_f1_mean"]}
+        expected = {c for c, (px, py) in points.items()
+                    if not any(ox >= px and oy >= py and (ox, oy) != (px, py) for o, (ox, oy) in points.items())}
+        front, dominated = analysis.fronts[name]
+        assert set(front) == expected and set(dominated) == set(points) - expected
+
+
+def test_report_reads_top_to_bottom_and_links_non_empty_pngs(analysis):
+    report = (analysis.output_dir / "report.md").read_text()
+    sections = ["## Setup and environment", "## Summary", "## Stability", "## Pareto frontier", "## Plots",
+                "## Caveats", "## Every run"]
+    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
+    assert {"loss_curves.png", "relative_to_fp32.png", "pareto.png", "grad_norm.png", "max_logit.png"} <= set(links)
+    for link in links:
+        data = (analysis.output_dir / link).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, link
+    # no config here scales the loss: said, not drawn empty
+    assert "loss_scale.png" not in links and "no config in these results uses dynamic loss scaling" in report
+    assert "not EURLEX57K" in report and "peak resident set size" in report
+    assert "| train_config.max_steps | 6 |" in report and "| env.device | cpu |" in report
+
+
+def test_partial_results_are_explained_and_nan_is_kept(results, analysis):
+    report = (analysis.output_dir / "report.md").read_text()
+    (diverged,) = [r for r in raw_rows(results["classification"]) if r["config"] == "fp16_naive"]
+    assert diverged["status"] == "diverged"
+    assert f"| fp16_naive | diverged @ {diverged['diverged_at_step']} | not run |" in report
+    assert "fp32_tf32_matmul** seed 0: skipped — TF32 matmuls need a CUDA GPU" in report
+    assert "fp16_naive: seeds 1 not run" in report and "configs of the registry with no run:" in report
+    plots = importlib.import_module("plots")
+    _, loss, _, _ = plots.series(analysis.exp, "fp16_naive", "loss")
+    logged = [json.loads(line)["loss"] for line in
+              (results["classification"] / "logs" / f"{diverged['run_id']}.jsonl").read_text().splitlines()
+              if '"eval"' not in line]
+    assert np.isnan(loss).sum() == sum(math.isnan(v) for v in logged) > 0  # the diverged steps stay NaN
+
+
+def test_malformed_row_is_reported_not_skipped_silently(results, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(results["classification"], copy)
+    with open(copy / "results.jsonl", "a") as f:
+        f.write('{"config": "amp_bf16", "seed": 7, "status": "compl\n')
+    proc = subprocess.run([sys.executable, str(ANALYSIS / "analyze_experiment.py"), "--results_dir", str(copy)],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(copy / "analysis" / "report.md")
+    assert "results.jsonl:9: malformed line" in proc.stderr
+    assert "results.jsonl:9: malformed line" in (copy / "analysis" / "report.md").read_text()
+
+
+def test_missing_results_file_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(ANALYSIS / "analyze_experiment.py"), "--results_dir", str(tmp_path)],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no results.jsonl" in proc.stderr
+
+
+def test_family_and_8bit_style_come_from_the_precision_record_not_the_name():
+    _, _, experiment_data = analysis_modules()
+    style = experiment_data.styles({"x": {"family": "fp16", "optimizer": "adamw_8bit"},
+                                    "amp_bf16": {"family": "fp32", "optimizer": "adamw"}})
+    red, grey = style["x"].colour, style["amp_bf16"].colour
+    assert red[0] > red[2] + 0.2 and style["x"].linestyle == "--" and style["x"].hatch
+    assert abs(grey[0] - grey[2]) < 1e-6 and style["amp_bf16"].linestyle == "-"
+
+
+def test_cross_task_comparison_from_real_lm_and_classification_sweeps(results, tmp_path):
+    out = tmp_path / "comparison"
+    proc = subprocess.run([sys.executable, str(ANALYSIS / "compare_experiments.py"), "--lm_results",
+                           str(results["lm"]), "--cls_results", str(results["classification"]), "--output_dir",
+                           str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    comparison = json.loads((out / "comparison.json").read_text())
+    means = {}
+    for task, metric, sign in (("lm", "val_loss", -1), ("classification", "micro_f1", 1)):
+        rows = [r for r in raw_rows(results[task]) if r["status"] == "completed"]
+        means[task] = {c: sign * np.mean([r[metric] for r in rows if r["config"] == c]) for c in CLS_CONFIGS}
+    quality = comparison["correlations"]["quality"]
+    rho, p = scipy_stats.spearmanr([means["lm"][c] for c in CLS_CONFIGS],
+                                   [means["classification"][c] for c in CLS_CONFIGS])
+    assert quality["metrics"] == {"lm": "val_loss", "classification": "micro_f1"} and quality["n_configs"] == 3
+    assert quality["rho"] == pytest.approx(rho) and quality["p_value"] == pytest.approx(p)
+    lo, hi = quality["bootstrap_ci95"]
+    assert -1 <= lo <= hi <= 1
+    for flip in comparison["flips"]:  # each flip really reverses the order of the two tasks' means
+        if flip["role"] == "quality":
+            a, b = flip["pair"]
+            assert np.sign(means["lm"][a] - means["lm"][b]) == -np.sign(means["classification"][a] -
+                                                                         means["classification"][b])
+    verdicts = comparison["verdicts"]
+    assert [k.split()[0] for k in verdicts] == ["H1", "H2", "H3", "H4"]
+    assert all(v["verdict"] in ("supported", "refuted", "inconclusive") and v["reason"] for v in verdicts.values())
+    # fp16_naive diverged in its one run of each task: the same outcome, so "diverges in one task only" is refuted
+    assert verdicts["H2 stability"]["verdict"] == "refuted"
+    assert verdicts["H2 stability"]["statistic"]["lm"]["diverged"] == 1
+    assert verdicts["H1 output-layer precision"]["verdict"] == "inconclusive"  # amp_bf16_fp32_head was not run
+    assert all(re.search(r"\d", r) for r in comparison["recommendations"]["universal"])
+    report = (out / "report.md").read_text()
+    assert "(lm/report.md)" in report and (out / "lm" / "report.md").exists()
+    assert (out / "classification" / "report.md").exists() and "![config ranks in both tasks](ranks.png)" in report
+    assert (out / "ranks.png").stat().st_size > 10_000

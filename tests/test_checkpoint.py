@@ -1,0 +1,236 @@
+"""Checkpoints: exact round trip of every piece of training state, refusal of corrupt or foreign
+checkpoints, and kill-and-resume of the real run.py giving the uninterrupted run's log and metrics."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tiny_run
+from dtype_bench import checkpoint, precision
+from dtype_bench.io import sha256_file
+
+CPU = torch.device("cpu")
+IDENTITY = {"run_id": "r", "config": "fp32_baseline", "seed": 0, "data_fingerprint": "d"}
+
+
+class Trainable:
+    """A small model with dropout and the optimizer, schedule and scaler a precision config gives it."""
+
+    def __init__(self, config: str):
+        torch.manual_seed(0)
+        self.pc = precision.get(config)
+        # 64 x 96 > 4,096 elements, so bitsandbytes really keeps this matrix's states in 8 bits
+        self.model = nn.Sequential(nn.Linear(64, 96), nn.Dropout(0.3), nn.Linear(96, 8)).to(self.pc.weight_dtype)
+        self.optimizer = precision.build_optimizer(self.pc, [{"params": list(self.model.parameters())}], lr=1e-2,
+                                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, device=CPU)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1 / (1 + s))
+        self.scaler = precision.grad_scaler(self.pc, CPU)
+
+    def step(self) -> None:
+        """Draws from every RNG (python, numpy, torch), as data loading and dropout would."""
+        x = torch.randn(16, 64) * (1 + random.random()) * (1 + np.random.rand())
+        with precision.autocast(self.pc, CPU):
+            loss = self.model(x.to(self.pc.weight_dtype)).float().square().mean()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+
+    def checkpoints(self, directory: Path, identity: dict = IDENTITY) -> checkpoint.RunCheckpoints:
+        return checkpoint.RunCheckpoints(directory, self.model, identity)
+
+    def save(self, directory: Path) -> None:
+        self.checkpoints(directory).save(self.optimizer, self.scheduler, self.scaler, progress={"step": 3},
+                                         best_dir=None)
+
+    def restore(self, directory: Path, identity: dict = IDENTITY) -> dict | None:
+        return self.checkpoints(directory, identity).restore(self.optimizer, self.scheduler, self.scaler)
+
+    def params(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+@pytest.mark.parametrize("config", ["fp32_baseline", "amp_fp16", "amp_bf16_8bit_adam", "bf16_no_compile"])
+def test_restored_state_continues_exactly(tmp_path, config):
+    """AdamW, GradScaler, bitsandbytes 8-bit AdamW and torchao stochastic-rounding AdamW states, the LR
+    schedule and all RNGs: after restoring, training continues bit for bit as if never stopped."""
+    random.seed(1), np.random.seed(1)
+    original = Trainable(config)
+    for _ in range(3):
+        original.step()
+    original.save(tmp_path)
+    for _ in range(3):
+        original.step()
+
+    resumed = Trainable(config)  # fresh objects, different RNG positions
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    assert resumed.restore(tmp_path) == {"step": 3}
+    for _ in range(3):
+        resumed.step()
+    for a, b in zip(original.params(), resumed.params()):
+        assert torch.equal(a, b)
+    assert resumed.scheduler.get_last_lr() == original.scheduler.get_last_lr()
+    assert resumed.scaler.state_dict() == original.scaler.state_dict()
+
+
+def test_rng_streams_continue_after_restore(tmp_path):
+    model = nn.Linear(2, 2)
+    ckpt = checkpoint.RunCheckpoints(tmp_path, model, IDENTITY)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    ckpt.save(opt, sched, scaler, progress={"step": 0}, best_dir=None)
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    ckpt.restore(opt, sched, scaler)
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_corrupt_checkpoint_is_refused_and_nothing_applied(tmp_path):
+    saved = Trainable("fp32_baseline")
+    saved.step()
+    saved.save(tmp_path)
+    model_file = tmp_path / "last" / checkpoint.MODEL_FILE
+    data = bytearray(model_file.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit in a weight: the file still parses, the hash does not match
+    model_file.write_bytes(bytes(data))
+
+    other = Trainable("fp32_baseline")
+    before = other.params()
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        other.restore(tmp_path)
+    assert "corrupt" in _one_line(error) and checkpoint.MODEL_FILE in str(error.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.params()))
+    assert other.optimizer.state_dict()["state"] == {}
+
+    (tmp_path / "last" / checkpoint.STATE_FILE).write_bytes(b"truncated")
+    (tmp_path / "last" / checkpoint.MANIFEST).write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        other.restore(tmp_path)
+    assert "unreadable" in _one_line(error)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    saved = Trainable("fp32_baseline")
+    saved.save(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        Trainable("fp32_baseline").restore(tmp_path, {**IDENTITY, "config": "amp_bf16", "data_fingerprint": "x"})
+    message = _one_line(error)
+    assert "config" in message and "data_fingerprint" in message and "--fresh" in message
+    with pytest.raises(checkpoint.CheckpointError, match="model_signature"):
+        Trainable("bf16_no_compile").restore(tmp_path)  # same shapes, other dtypes
+
+
+def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path):
+    """Even with a manifest that matches (someone rewrote it), state.pt is read with weights_only."""
+    saved = Trainable("fp32_baseline")
+    saved.save(tmp_path)
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state_file = tmp_path / "last" / checkpoint.STATE_FILE
+    buffer = io.BytesIO()
+    torch.save({"optimizer": Payload()}, buffer)
+    state_file.write_bytes(buffer.getvalue())
+    manifest_path = tmp_path / "last" / checkpoint.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][checkpoint.STATE_FILE] = {"sha256": sha256_file(state_file), "bytes": state_file.stat().st_size}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        Trainable("fp32_baseline").restore(tmp_path)
+    assert not marker.exists()
+
+
+def test_half_written_checkpoint_is_invisible(tmp_path):
+    """A kill while writing leaves only a temporary directory, which is never read as a checkpoint."""
+    saved = Trainable("fp32_baseline")
+    saved.save(tmp_path)
+    os.rename(tmp_path / "last", tmp_path / ".last.tmp-killed")
+    fresh = Trainable("fp32_baseline")
+    assert fresh.restore(tmp_path) is None
+
+
+def test_best_dirs_newer_than_last_are_dropped_on_resume(tmp_path):
+    """Killed between writing a new best and `last`: the resume keeps the best `last` names."""
+    t = Trainable("fp32_baseline")
+    ckpts = t.checkpoints(tmp_path)
+    kept = ckpts.save_best(2, {"micro_f1": 0.1})
+    ckpts.save(t.optimizer, t.scheduler, t.scaler, progress={"step": 2}, best_dir=kept)
+    ckpts.save_best(4, {"micro_f1": 0.2})  # ... and killed here
+    ckpts.restore(t.optimizer, t.scheduler, t.scaler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step2", "last"]
+    ckpts.load_best(kept)
+
+
+# ---------------------------------------------------------------- the real run.py, killed and resumed
+
+STEPS = ["--max_steps", "12", "--eval_steps", "4", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tiny_run.small_cache(tmp_path_factory.mktemp("cache"))
+
+
+def _final_metrics(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.startswith("val_") or k in (
+        "micro_f1", "macro_f1", "precision_at_1", "precision_at_3", "precision_at_5", "rp_at_5", "ndcg_at_5",
+        "loss", "best_val_step", "steps", "status", "skipped_steps", "samples_seen")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, kill", [("fp32_baseline", signal.SIGKILL), ("amp_bf16", signal.SIGKILL),
+                                          ("amp_fp16", signal.SIGTERM)])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, cache, config, kill):
+    """Bit-exact for every config tested (measured: no tolerance was needed on CPU, GradScaler included):
+    the whole step log (the resumed run truncates it to the checkpoint and writes the rest again) and the
+    final validation/test metrics. SIGKILL resumes from the last evaluation; SIGTERM checkpoints first."""
+    flags = ["--config", config, *STEPS]
+    reference = tiny_run.run(cache, tmp_path / "reference", *flags)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    rng_seed = random.randrange(10**6)
+    target = random.Random(rng_seed).randint(5, 10)  # after the first checkpoint (step 4)
+    where = f"{config}: killed near step {target} (random seed {rng_seed})"
+    killed_dir = tmp_path / "killed"
+    process = tiny_run.start(cache, killed_dir, *flags)
+    while tiny_run.logged_steps(killed_dir) < target and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(kill)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == (-kill if kill == signal.SIGKILL else 128 + kill), where + output[-2000:]
+    assert tiny_run.rows(killed_dir) == [], where  # an interrupted run has no row yet
+
+    resumed = tiny_run.run(cache, killed_dir, *flags)
+    assert resumed.returncode == 0, where + resumed.stderr[-2000:]
+    (row,) = tiny_run.rows(killed_dir)
+    (expected,) = tiny_run.rows(tmp_path / "reference")
+    resume_step = row["resumed_from_steps"][0]
+    assert f"resuming {row['run_id']} from step {resume_step}" in resumed.stdout
+    if kill == signal.SIGKILL:
+        assert resume_step % 4 == 0 and resume_step >= 4, where  # the last evaluation's checkpoint
+    else:
+        assert resume_step >= target, where  # checkpointed where the signal arrived
+    assert tiny_run.step_log(killed_dir, row["run_id"]) == tiny_run.step_log(tmp_path / "reference", row["run_id"]), where
+    assert _final_metrics(row) == _final_metrics(expected), where

@@ -1,0 +1,271 @@
+"""Precision diagnostics: the fp32 shadow, memory accounting, and the real run.py at lr 2e-5 on the tiny preset.
+
+The end-to-end tests assert on diagnostics measured in the run (step logs and rows), never on constants: bf16
+round-to-nearest loses most of each update while stochastic rounding and fp32 land it; fp16_naive dies in the
+optimizer while amp_fp16 completes; fp32 optimizer arithmetic over the same fp16 weights and gradients survives.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dtype_bench import precision
+from dtype_bench.diagnostics import PrecisionDiagnostics, group_roots, tiny_or_zero
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "classification"))
+CPU = torch.device("cpu")
+
+
+class Toy(nn.Module):
+    """embeddings -> encoder -> head, named like the classifier so `parameter_group_of` applies."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.body = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.LayerNorm(32))
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)).mean(1))
+
+
+def toy_group(name: str) -> str:
+    return {"embed": "embeddings", "body": "encoder", "head": "head"}[name.split(".")[0]]
+
+
+def train_toy(dtype: torch.dtype, optimizer_cls, steps: int, lr: float, *, every: int = 1, poison=None):
+    torch.manual_seed(0)
+    model = Toy().to(dtype)
+    optimizer = optimizer_cls(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    diag = PrecisionDiagnostics(model, optimizer, toy_group, every=every)
+    records = []
+    for step in range(1, steps + 1):
+        if poison and step == poison[0]:
+            poison[1](model)
+        logits = model(torch.randint(0, 50, (4, 6)))
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), torch.ones(4, 8))
+        loss.backward()
+        diag.before_step()
+        optimizer.step()
+        diag.after_step()
+        optimizer.zero_grad(set_to_none=True)
+        fields = diag.step_fields()
+        counts = diag.step_counts().tolist()
+        fields.update(diag.nonfinite_record(step, counts, {"loss": int(not torch.isfinite(loss))},
+                                            scaler_skips=False))
+        records.append(fields)
+    return model, optimizer, diag, records
+
+
+def test_shadow_adamw_is_torch_adamw_in_fp32():
+    torch.manual_seed(0)
+    weight, moments = torch.randn(64, 16), (torch.zeros(64, 16), torch.zeros(64, 16))
+    param = nn.Parameter(weight.clone())
+    ours = nn.Parameter(weight.clone())
+    reference = torch.optim.AdamW([param], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    fp32_states = precision.AdamWFp32States([ours], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    for step in range(1, 4):
+        grad = torch.randn(64, 16)
+        param.grad, ours.grad = grad.clone(), grad.clone()
+        shadow, *moments = precision.adamw_fp32_step(param.detach(), grad, *moments, step, lr=1e-2, beta1=0.9,
+                                                     beta2=0.99, eps=1e-8, weight_decay=0.1)
+        reference.step()
+        fp32_states.step()
+        torch.testing.assert_close(shadow, param.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours.detach(), param.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_fidelity_is_one_in_fp32_and_drops_with_bf16_round_to_nearest():
+    _, _, diag32, rec32 = train_toy(torch.float32, torch.optim.AdamW, 3, 1e-5)
+    _, _, diag16, rec16 = train_toy(torch.bfloat16, torch.optim.AdamW, 3, 1e-5)
+    for fields in rec32:
+        assert all(abs(v - 1) < 1e-3 for v in fields["update_fidelity"].values()), fields
+        assert all(v < 0.01 for v in fields["lost_update_frac"].values())
+    assert set(rec16[0]["update_fidelity"]) == {"embeddings", "encoder", "head"}
+    assert all(v < 0.9 for v in diag16.summary()["mean_update_fidelity"].values())
+    assert all(v > 0.1 for v in rec16[-1]["lost_update_frac"].values())
+    assert diag32.summary()["nonfinite_origin"] is None and diag32.measured_steps == 3
+
+
+def test_sampling_every_k_steps():
+    _, _, diag, records = train_toy(torch.float32, torch.optim.AdamW, 5, 1e-3, every=2)
+    assert ["update_fidelity" in r for r in records] == [True, False, True, False, True]
+    assert all(r["nonfinite_origin"] is None for r in records), "non-finite tracking runs every step"
+    assert diag.measured_steps == 3
+
+
+def test_nonfinite_origin_names_the_stage_and_group():
+    def poison_encoder(model):
+        with torch.no_grad():
+            model.body[2].weight[0] = float("inf")  # LayerNorm scale: its output becomes non-finite
+
+    *_, diag, records = train_toy(torch.float32, torch.optim.AdamW, 3, 1e-3, poison=(2, poison_encoder))
+    assert records[0]["nonfinite_origin"] is None
+    assert records[1]["nonfinite_origin"] == "forward:encoder"
+    assert records[1]["nonfinite"]["outputs"]["embeddings"] == 0 and records[1]["nonfinite"]["outputs"]["encoder"] > 0
+    assert diag.summary()["nonfinite_origin"] == "forward:encoder" and diag.summary()["nonfinite_origin_step"] == 2
+
+    class NaNOnSecondStep(torch.optim.AdamW):  # an optimizer that writes NaN into the head's bias
+        def step(self, closure=None):
+            super().step(closure)
+            if self.state[self.param_groups[0]["params"][-1]]["step"] == 2:
+                self.param_groups[0]["params"][-1].data.fill_(float("nan"))
+
+    *_, records = train_toy(torch.float32, NaNOnSecondStep, 3, 1e-3)
+    assert [r["nonfinite_origin"] for r in records] == [None, "optimizer:head", "forward:head"]
+
+
+def test_group_roots_are_the_outermost_single_group_modules():
+    sys.path.insert(0, str(ROOT / "experiments" / "classification"))
+    import model as model_lib
+
+    encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
+                                      tiny_hidden=64)
+    model = model_lib.MultiLabelClassifier(encoder, 5, 0.0, precision.get("fp32_baseline"), "cpu")
+    roots = group_roots(model, model_lib.parameter_group_of)
+    assert [(g, type(m).__name__) for g, m in roots] == [
+        ("embeddings", "RobertaEmbeddings"), ("encoder", "RobertaEncoder"), ("head", "Linear")]
+
+
+def test_underflow_counts_zero_and_subnormal_in_the_tensors_own_dtype():
+    x = torch.tensor([0.0, 1e-6, 1e-3, float("nan")])
+    assert tiny_or_zero(x.half()).tolist() == [True, True, False, False]  # 1e-6 is subnormal in fp16
+    assert tiny_or_zero(x).tolist() == [True, False, False, False]
+
+
+def test_static_memory_counts_real_8bit_state_and_which_params_got_it():
+    pc = precision.get("amp_bf16_8bit_adam")
+    model = Toy()
+    model.body.append(nn.Linear(32, 256))  # >= 4,096 elements: bitsandbytes gives it 8-bit state
+    model.head = nn.Linear(256, 8)
+    optimizer = precision.build_optimizer(pc, [{"params": list(model.parameters())}], lr=1e-3, betas=(0.9, 0.999),
+                                          eps=1e-8, weight_decay=0.0, device=CPU)
+    diag = PrecisionDiagnostics(model, optimizer, toy_group, every=1)
+    model(torch.randint(0, 50, (4, 6))).sum().backward()
+    diag.before_step()
+    optimizer.step()
+    diag.after_step()
+    summary = diag.summary()
+    assert summary["optimizer_8bit_params"]["encoder"] == ["body.3.weight"]
+    assert summary["optimizer_8bit_params"]["head"] == []
+    big = model.body[3].weight.numel()
+    state = summary["static_memory_bytes"]["optimizer_state"]
+    # 2 uint8 moments for the big matrix (+ block scales) vs 2 fp32 moments for the rest
+    small = sum(p.numel() for p in model.parameters()) - big
+    assert 2 * big <= state["total"] - 8 * small < 2 * big * 1.2
+    assert summary["static_memory_bytes"]["weights"]["total"] == 4 * sum(p.numel() for p in model.parameters())
+    # the shadow reads the dequantized 8-bit state: the fp32-master update lands as computed
+    assert abs(summary["mean_update_fidelity"]["encoder"] - 1) < 1e-3
+
+
+def test_fp8_converts_encoder_linears_only():
+    pytest.importorskip("torchao.float8")
+    import model as model_lib
+
+    pc = precision.get("amp_bf16_fp8")
+    encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
+                                      tiny_hidden=64)
+    model = model_lib.MultiLabelClassifier(encoder, 4271, 0.0, pc, "cpu")
+    precision.cast_model(model.encoder, model.head, pc)
+    kinds = {type(m).__name__ for m in model.encoder.modules()}
+    assert "Float8Linear" in kinds and "Linear" not in kinds
+    assert type(model.head) is nn.Linear
+    assert precision.unsupported_reason(pc, CPU).startswith("float8 training needs a CUDA GPU")
+
+
+# ---------------------------------------------------------------- the real run.py, lr 2e-5, tiny preset
+
+# Small where the mechanisms do not depend on size (per-element rounding and underflow): 1 layer x 64 hidden.
+SMALL = ["--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64", "--max_length", "32", "--batch_size", "4",
+         "--gradient_accumulation_steps", "2", "--learning_rate", "2e-5", "--warmup_ratio", "0", "--log_every", "1",
+         "--eval_steps", "100", "--max_eval_docs", "8", "--eval_batch_size", "8", "--timing_warmup_steps", "0",
+         "--diagnostics_every", "1", "--diverge_patience", "1", "--max_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One in-process run.py per config into one output dir; returns {config: (row, step-log lines)}."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from prepare_data import prepare_tiny
+    from run import main
+
+    cache = prepare_tiny(tmp_path_factory.mktemp("cache") / "tiny")
+    out = tmp_path_factory.mktemp("runs")
+    for config in ("fp32_baseline", "bf16_naive", "bf16_no_compile", "amp_fp16", "fp16_naive", "fp16_fp32_adam_states"):
+        main([*SMALL, "--config", config, "--data_dir", str(cache), "--output_dir", str(out)])
+    rows = {r["config"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    return {c: (r, [json.loads(line) for line in (out / "logs" / f"{r['run_id']}.jsonl").read_text().splitlines()])
+            for c, r in rows.items()}
+
+
+def measured(log: list[dict], key: str) -> list[dict]:
+    return [r[key] for r in log if key in r]
+
+
+def test_bf16_round_to_nearest_loses_most_of_each_update(runs):
+    """bf16_pure's numerics are run through bf16_no_compile: the same weights and stochastic-rounding AdamW,
+    without torch.compile of the model (minutes of compilation on a 2-core CPU)."""
+    def numerics(name: str) -> dict:
+        return {k: v for k, v in precision.get(name).to_record().items() if k not in ("name", "description", "compile")}
+
+    assert numerics("bf16_pure") == numerics("bf16_no_compile")
+    fidelity = {c: runs[c][0]["mean_update_fidelity"] for c in ("fp32_baseline", "bf16_no_compile", "bf16_naive")}
+    for group in ("embeddings", "encoder", "head"):
+        assert abs(fidelity["fp32_baseline"][group] - 1) < 1e-3, fidelity
+        assert abs(fidelity["bf16_no_compile"][group] - 1) < 0.2, fidelity  # unbiased, noisy per step
+        assert fidelity["bf16_naive"][group] < 0.6, fidelity
+    naive_lost = measured(runs["bf16_naive"][1], "lost_update_frac")
+    pure_lost = measured(runs["bf16_no_compile"][1], "lost_update_frac")
+    assert min(s["encoder"] for s in naive_lost) > 0.5  # most elements do not move at all
+    assert all(s["encoder"] < 0.01 for s in measured(runs["fp32_baseline"][1], "lost_update_frac"))
+    assert len(naive_lost) == len(pure_lost) == 2
+
+
+def test_fp16_naive_diverges_in_the_optimizer_while_amp_fp16_completes(runs):
+    naive, log = runs["fp16_naive"]
+    assert naive["status"] == "diverged"
+    assert naive["nonfinite_origin"].startswith("optimizer:") and naive["nonfinite_origin_step"] == 1
+    first = log[0]
+    assert first["nonfinite_origin"].startswith("optimizer:") and math.isfinite(first["loss"])
+    assert sum(first["nonfinite"]["grads"].values()) == 0, "gradients were finite: the update made the NaN"
+    # the mechanism: fp16 second moments underflow (to zero / subnormal)
+    assert first["second_moment_underflow_frac"]["head"] > 0.5
+    amp = runs["amp_fp16"][0]
+    assert amp["status"] == "completed" and amp["nonfinite_origin"] is None
+
+
+def test_fp32_optimizer_arithmetic_over_fp16_weights_tells_the_mechanisms_apart(runs):
+    """Same fp16 weights and fp16 gradients as fp16_naive (their underflow is still there), only the optimizer
+    arithmetic moved to fp32: the run stays finite, so fp16_naive's divergence is the optimizer's."""
+    row, log = runs["fp16_fp32_adam_states"]
+    naive_log = runs["fp16_naive"][1]
+    grads = measured(log, "grad_underflow_frac")[0]
+    assert row["status"] == "completed" and row["nonfinite_origin"] is None
+    # the gradient mechanism is shared: the same fraction of fp16 gradient elements is zero or subnormal
+    assert grads["head"] == pytest.approx(measured(naive_log, "grad_underflow_frac")[0]["head"], abs=1e-3)
+    assert grads["head"] > 0.1
+    # the optimizer mechanism is not: fp16 second moments underflow beyond the gradients, fp32 ones do not
+    naive_second = measured(naive_log, "second_moment_underflow_frac")[0]
+    own_second = measured(log, "second_moment_underflow_frac")[0]
+    for group in ("encoder", "head"):
+        assert own_second[group] <= grads[group] < naive_second[group], (group, grads, own_second, naive_second)
+    assert row["dtypes"]["body_params"] == ["float16"] and row["dtypes"]["optimizer_state"]["exp_avg"] == ["float32"]
+
+
+def test_row_records_eval_precision_memory_and_drift(runs):
+    row, log = runs["fp32_baseline"]
+    assert row["eval_precision"] == "config" and row["diagnostics_measured_steps"] == 2
+    static = row["static_memory_bytes"]
+    assert static["weights"]["total"] == static["grads"]["total"] > 0
+    assert static["optimizer_state"]["total"] >= 2 * static["weights"]["total"]
+    assert row["train_peak_memory_gb"] > 0 and row["peak_memory_gb"] >= row["train_peak_memory_gb"]
+    drift = [r["weight_drift"] for r in log if r.get("eval") == "validation"]
+    assert drift and all(0 < v < 0.01 for v in drift[-1].values())

@@ -1,0 +1,140 @@
+"""Sweeps: which runs run again, failure isolation, torn results lines, run locks and concurrent sweeps."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny_run
+from dtype_bench import results, sweep
+from dtype_bench.distributed import SINGLE_PROCESS
+
+
+def test_needs_run_rules():
+    completed, diverged, failed = ({"status": s} for s in ("completed", "diverged", "failed"))
+    assert sweep.needs_run(None, retry_failed=False, fresh=False)  # never ran, or interrupted: run / resume
+    assert not sweep.needs_run(completed, retry_failed=True, fresh=False)
+    assert not sweep.needs_run(diverged, retry_failed=True, fresh=False)  # a divergence is a result
+    assert not sweep.needs_run(failed, retry_failed=False, fresh=False)
+    assert sweep.needs_run(failed, retry_failed=True, fresh=False)
+    assert sweep.needs_run(completed, retry_failed=False, fresh=True)
+
+
+def test_list_runs_prints_one_command_line_per_run():
+    runs = sweep.grid(["fp32_baseline", "amp_bf16"], 3, 2)
+    assert sweep.list_runs(runs).splitlines() == [
+        "--config fp32_baseline --seed 3", "--config amp_bf16 --seed 3",
+        "--config fp32_baseline --seed 4", "--config amp_bf16 --seed 4"]
+
+
+def test_newest_row_of_a_run_counts():
+    rows = [{"run_id": "a", "status": "failed"}, {"run_id": "b", "status": "completed"},
+            {"run_id": "a", "status": "completed"}]
+    assert {k: r["status"] for k, r in results.latest_per_run(rows).items()} == {"a": "completed", "b": "completed"}
+
+
+def test_truncated_results_line_is_reported_and_the_next_row_survives(tmp_path, capsys):
+    row = {"experiment": "e", "run_id": "r1", "config": "fp32_baseline", "seed": 0, "status": "completed",
+           "setup_fingerprint": "s"}
+    results.append_result(tmp_path, row)
+    with open(tmp_path / "results.jsonl", "a") as f:  # a writer killed in the middle of its line
+        f.write('{"experiment": "e", "run_id": "r2", "sta')
+    results.append_result(tmp_path, {**row, "run_id": "r3"})
+    rows, problems = results.read_results(tmp_path)
+    assert [r["run_id"] for r in rows] == ["r1", "r3"]
+    assert len(problems) == 1 and "results.jsonl:2: malformed line" in problems[0]
+    assert [r["run_id"] for r in sweep.setup_rows(tmp_path, "s")] == ["r1", "r3"]
+    assert "results.jsonl:2: malformed line" in capsys.readouterr().err
+
+
+def test_run_lock_is_exclusive_across_processes_and_freed_when_the_holder_is_killed(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dtype_bench.sweep import claim_run\n"
+         f"with claim_run({str(tmp_path)!r}, 'run-a') as claimed:\n"
+         "    print(claimed, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert sweep.is_claimed(tmp_path, "run-a")
+        assert not sweep.is_claimed(tmp_path, "run-b")
+        with sweep.run_gate(tmp_path, "s", "run-a", retry_failed=False, fresh=False, world=SINGLE_PROCESS) as code:
+            assert code == sweep.EXIT_BUSY
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not sweep.is_claimed(tmp_path, "run-a")  # SIGKILL released it
+
+
+def test_run_gate_skips_a_done_run_and_reruns_it_when_fresh(tmp_path, capsys):
+    row = {"experiment": "e", "run_id": "run-a", "config": "c", "seed": 0, "status": "completed",
+           "setup_fingerprint": "s"}
+    results.append_result(tmp_path, row)
+    gate = dict(retry_failed=True, fresh=False, world=SINGLE_PROCESS)
+    with sweep.run_gate(tmp_path, "s", "run-a", **gate) as code:
+        assert code == 0 and "already completed" in capsys.readouterr().out
+    with sweep.run_gate(tmp_path, "other-setup", "run-a", **gate) as code:
+        assert code is None  # rows of another setup do not count
+    with sweep.run_gate(tmp_path, "s", "run-a", **{**gate, "fresh": True}) as code:
+        assert code is None
+    results.append_result(tmp_path, {**row, "status": "failed", "error": "OutOfMemoryError: ..."})
+    with sweep.run_gate(tmp_path, "s", "run-a", **{**gate, "retry_failed": False}) as code:
+        assert code == 1 and "--retry-failed" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- real sweeps of run.py
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tiny_run.small_cache(tmp_path_factory.mktemp("cache"))
+
+
+FAST = ["--max_steps", "6", "--eval_steps", "3", "--diverge_patience", "2", "--diagnostics_every", "0"]
+
+
+@pytest.mark.slow
+def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, cache):
+    """fp16_naive really diverges (fp16 AdamW states, no loss scaling); amp_bf16 really fails: its run finds
+    a corrupt checkpoint (as a disk error would leave) and refuses it. The others complete, the sweep goes
+    on and exits non-zero; re-running skips what is done and leaves the failure alone unless asked."""
+    broken = tmp_path / "checkpoints" / tiny_run.run_id(cache, tmp_path, "amp_bf16", 0, *FAST) / "last"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{ garbage")
+    sweep_flags = ["--config", "fp32_baseline,amp_bf16,fp16_naive", *FAST]
+
+    first = tiny_run.run(cache, tmp_path, *sweep_flags)
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    by_config = {r["config"]: r for r in tiny_run.rows(tmp_path)}
+    assert {c: r["status"] for c, r in by_config.items()} == {
+        "fp32_baseline": "completed", "amp_bf16": "failed", "fp16_naive": "diverged"}
+    assert by_config["amp_bf16"]["error"].startswith("CheckpointError: checkpoint") and "unreadable" in \
+        by_config["amp_bf16"]["error"]
+    assert 1 <= by_config["fp16_naive"]["diverged_at_step"] <= 6
+    assert by_config["fp32_baseline"]["steps"] == 6 and by_config["fp32_baseline"]["micro_f1"] is not None
+    assert "1 run(s) failed" in first.stderr
+
+    second = tiny_run.run(cache, tmp_path, *sweep_flags)  # runs nothing: two results and a failure
+    assert "fp32_baseline seed 0: already completed, skipping" in second.stdout
+    assert "fp16_naive seed 0: already diverged" in second.stdout
+    assert "amp_bf16 seed 0: already failed" in second.stdout and "--retry-failed" in second.stdout
+    assert second.returncode == 1 and len(tiny_run.rows(tmp_path)) == 3
+    # Retrying the failure from scratch (its checkpoint is the problem, so --fresh discards it).
+    third = tiny_run.run(cache, tmp_path, "--config", "amp_bf16", *FAST, "--retry-failed", "--fresh")
+    assert third.returncode == 0, third.stderr[-3000:]
+    newest = results.latest_per_run(tiny_run.rows(tmp_path))
+    assert sorted(r["status"] for r in newest.values()) == ["completed", "completed", "diverged"]
+    assert len(tiny_run.rows(tmp_path)) == 4  # the failed row stays; the newest row of a run counts
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_share_one_output_dir(tmp_path, cache):
+    """Started together on the same grid: every run is trained exactly once and results.jsonl stays valid."""
+    flags = ["--config", "fp32_baseline,amp_bf16", *FAST[:4]]
+    processes = [tiny_run.start(cache, tmp_path, *flags) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    rows, problems = results.read_results(tmp_path)
+    assert problems == []
+    assert sorted((r["config"], r["status"]) for r in rows) == [("amp_bf16", "completed"), ("fp32_baseline", "completed")]
+    assert not any("resuming" in out for out in outputs)  # nobody picked up a run the other was training

@@ -1,0 +1,77 @@
+"""End-to-end helpers: run experiments/classification/run.py on a small synthetic cache, read what it wrote.
+
+The model and data are as small as the point of each test allows (1 layer, hidden 64, 64 tokens, 600
+documents), so a whole run is a few seconds of training plus the interpreter start-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "experiments" / "classification" / "run.py"
+SMALL = ["--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64", "--max_length", "64",
+         "--max_eval_docs", "32", "--batch_size", "4", "--gradient_accumulation_steps", "2", "--threads", "1"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def small_cache(directory: Path) -> Path:
+    sys.path.insert(0, str(RUN.parent))
+    from prepare_data import prepare
+
+    return prepare("synthetic", directory, tokenizer="bpe:1000", max_length=64, synthetic_docs=600,
+                   synthetic_labels=300)
+
+
+def command(cache: Path, output_dir: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(RUN), *SMALL, "--data_dir", str(cache), "--output_dir", str(output_dir), *flags]
+
+
+def run(cache: Path, output_dir: Path, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(cache, output_dir, *flags), env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(cache: Path, output_dir: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(command(cache, output_dir, *flags), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def rows(output_dir: Path) -> list[dict]:
+    path = output_dir / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def step_log(output_dir: Path, run_id: str) -> list[str]:
+    return (output_dir / "logs" / f"{run_id}.jsonl").read_text().splitlines()
+
+
+def logged_steps(output_dir: Path) -> int:
+    """Highest optimizer step in the (single) step log so far; 0 before the first line."""
+    logs = list((output_dir / "logs").glob("*.jsonl")) if (output_dir / "logs").exists() else []
+    steps = [json.loads(line)["step"] for path in logs for line in path.read_text().splitlines()
+             if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def run_id(cache: Path, output_dir: Path, config: str, seed: int, *flags: str) -> str:
+    """The run id run.py gives (config, seed) under these flags, computed the way run.py does."""
+    import importlib.util
+
+    import torch
+
+    from dtype_bench import results, runner
+
+    spec = importlib.util.spec_from_file_location("classification_config", RUN.parent / "config.py")
+    config_module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = config_module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(config_module)
+    argv = [*SMALL, "--data_dir", str(cache), "--output_dir", str(output_dir), "--config", config, "--seed",
+            str(seed), *flags]
+    _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS, argv)
+    data_fingerprint = json.loads((cache / "meta.json").read_text())["fingerprint"]
+    setup_fp, _ = runner.setup_of(cfg.to_record(), data_fingerprint, torch.device("cpu"))
+    return results.run_id("classification", config, seed, setup_fp)
