@@ -215,10 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated precision configs")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (ours/Trainer) per config")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours/Trainer) per config")
     parser.add_argument("--max_steps", type=int, default=13, help="optimizer steps per run")
-    parser.add_argument("--fp16_max_steps", type=int, default=8,
-                        help="optimizer steps for fp16-autocast configs on CPU (fp16 matmuls are emulated there)")
     parser.add_argument("--timing_warmup_steps", type=int, default=3, help="excluded steps at the start of each run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", help="prepared cache (default: the preset's; tiny is built if missing)")
@@ -239,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = ([], [], why_not)
             print(f"{name}: not compared — {why_not}", flush=True)
             continue
-        fp16_on_cpu = device.type == "cpu" and pc.autocast_dtype == torch.float16
-        steps = args.fp16_max_steps if fp16_on_cpu else args.max_steps
+        steps = args.max_steps
         # Evaluation and logging happen once, at the last step (untimed); the timing windows of both sides
         # then have identical boundaries.
         run_flags = ["--preset", args.preset, "--max_steps", str(steps), "--eval_steps", str(steps),
@@ -258,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                          if result.get("status") != "completed" else ""), flush=True)
         results[name] = (ours, theirs, None)
 
+    threads = extra[extra.index("--threads") + 1] if "--threads" in extra else "torch default"
     print(f"\nours vs Hugging Face Trainer, preset {args.preset}, device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'threads: {threads}'}), "
           f"median over {args.rounds} alternating rounds; samples/s = median over timing windows after "
           f"{args.timing_warmup_steps} warm-up steps")
     header = f"{'config':22s} {'ours samples/s':>15s} {'Trainer samples/s':>18s} {'ratio':>6s} {'ours MFU':>9s} {'Trainer MFU':>12s}"

@@ -8,13 +8,17 @@ AdamW state), and the embedding lookup's output is cast to the body's dtype befo
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from dtype_bench import precision
 from dtype_bench.precision import PrecisionConfig
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
 
 VOCAB_MULTIPLE = 64  # pad the vocabulary as nanoGPT does (50,257 -> 50,304): matmul-friendly shapes
 
@@ -26,6 +30,10 @@ def padded_vocab_size(vocab_size: int) -> int:
 def build_gpt2(vocab_size: int, *, n_layer: int, n_head: int, n_embd: int, block_size: int, dropout: float,
                eos_token_id: int) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 (GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2L))."""
+    # Imported here: HF's modeling code pulls in torchao (seconds, and library-load messages on stderr),
+    # which a command line that fails on a bad flag should not pay for.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         vocab_size=padded_vocab_size(vocab_size), n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
