@@ -132,8 +132,11 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
     encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
                                       max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
                                       tiny_hidden=cfg.tiny_hidden)
-    model = TrainerModel(model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type))
-    dataset = EpochOrderDataset(data_lib.TokenizedSplit(meta.path, "train", cfg.max_length), seed, meta.num_labels)
+    train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
+    label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None  # as run.py
+    model = TrainerModel(model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type,
+                                                        label_prior))
+    dataset = EpochOrderDataset(train_split, seed, meta.num_labels)
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(

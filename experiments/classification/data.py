@@ -98,6 +98,10 @@ class TokenizedSplit:
             ids = np.concatenate([ids[: self.max_length - 1], ids[-1:]])
         return ids
 
+    def label_frequency(self, num_labels: int) -> float:
+        """Average fraction of the label space that is positive per document."""
+        return len(self.label_ids) / max(len(self), 1) / num_labels
+
     def labels(self, i: int) -> np.ndarray:
         return self.label_ids[self.label_offsets[i] : self.label_offsets[i + 1]]
 

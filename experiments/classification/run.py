@@ -88,7 +88,9 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
                                       max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
                                       tiny_hidden=cfg.tiny_hidden)
-    model = model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type)
+    train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
+    label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None
+    model = model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type, label_prior)
     precision.cast_model(model.encoder, model.head, pc)
     model.to(device).train()
     compiled = precision.should_compile(pc, device)
@@ -103,7 +105,6 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     scaler = precision.grad_scaler(pc, device)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
     val_split = data_lib.TokenizedSplit(meta.path, "validation", cfg.max_length)
     batches = data_lib.TrainBatches(train_split, cfg.batch_size, seed, meta.num_labels, meta.pad_token_id,
                                     rank=world.rank, world_size=world.world_size)
