@@ -286,9 +286,13 @@ def build_optimizer(
         return _AdamW(param_groups, bf16_stochastic_round=True, **kwargs)
     if pc.optimizer == "adamw_fp32_states":
         return AdamWFp32States(param_groups, **kwargs)
-    # Fused kernels exist for CUDA and CPU (fp32/bf16/fp16, GradScaler-aware); on a 2-core CPU the fused step
-    # took 12 ms vs 38-52 ms foreach for the tiny model's 6M parameters. Both keep states in the param dtype.
-    fused = device.type in ("cuda", "cpu")
+    # Both implementations keep the states in the parameter dtype, but they do not compute alike: the fused
+    # kernels (CUDA and CPU) do the update arithmetic in fp32 even for fp16/bf16 parameters, which would
+    # quietly turn the naive low-precision configs into mixed-precision optimizers (measured: fp16_naive stops
+    # diverging, because eps=1e-8 no longer rounds to 0). So fused only for fp32 weights (same numerics,
+    # 12 ms vs 38-52 ms per step for the tiny model on a 2-core CPU), foreach arithmetic in the weight dtype
+    # otherwise.
+    fused = pc.weight_dtype == torch.float32 and pc.head_dtype == torch.float32 and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups, fused=fused, foreach=None if fused else True, **kwargs)
 
 

@@ -144,3 +144,15 @@ def test_registry_rejects_inconsistent_configs():
         precision.PrecisionConfig("x", "x", weight_dtype=torch.float16, loss_scaling="dynamic")
     with pytest.raises(ValueError, match="stochastic"):
         precision.PrecisionConfig("x", "x", optimizer="adamw_stochastic_rounding")
+
+
+def test_naive_configs_do_their_update_arithmetic_in_the_weight_dtype():
+    """Fused AdamW computes in fp32 internally; the naive configs must not get it (they would stop being naive)."""
+    for name in ("fp16_naive", "bf16_naive"):
+        _, optimizer, *_ = one_step(precision.REGISTRY[name])
+        assert not optimizer.defaults["fused"]
+    _, optimizer, *_ = one_step(precision.REGISTRY["fp32_baseline"])
+    assert optimizer.defaults["fused"]
+    # the mechanism: eps = 1e-8 vanishes in fp16 arithmetic, so a zero gradient gives 0 / 0
+    zero = torch.zeros(1, dtype=torch.float16)
+    assert torch.isnan(zero / (zero.sqrt() + torch.tensor(1e-8, dtype=torch.float16))).all()
