@@ -122,6 +122,14 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
+def _why(row: dict) -> str:
+    if row["status"] == "diverged":
+        origin = row.get("nonfinite_origin")
+        return (f"non-finite loss from step {row.get('diverged_at_step')}"
+                + (f", first non-finite value in {origin} at step {row.get('nonfinite_origin_step')}" if origin else ""))
+    return row.get("reason") or row.get("error") or ""
+
+
 def format_table(rows: list[dict], metrics: tuple[str, ...] = SEED_METRICS) -> str:
     """Per config: status counts and mean ± std over seeds of each metric (runs that completed)."""
     by_config: dict[str, list[dict]] = {}
@@ -142,6 +150,5 @@ def format_table(rows: list[dict], metrics: tuple[str, ...] = SEED_METRICS) -> s
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    notes = [f"{r['config']} seed {r['seed']}: {r['status']} — {r.get('reason') or r.get('error') or ''}"
-             for r in rows if r["status"] != "completed"]
+    notes = [f"{r['config']} seed {r['seed']}: {r['status']} — {_why(r)}" for r in rows if r["status"] != "completed"]
     return "\n".join(out + ([""] + notes if notes else []))
