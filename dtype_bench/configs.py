@@ -17,6 +17,38 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class TrainingFields:
+    """Validation and derived values shared by every experiment's training dataclass. The fields themselves
+    (batch_size, gradient_accumulation_steps, max_steps, eval_steps, eval_batch_size, log_every,
+    diverge_patience, learning_rate, warmup_ratio, dropout, weight_decay, grad_clip, timing_warmup_steps,
+    diagnostics_every) are declared, with their docstrings, by each experiment's dataclass."""
+
+    def check_training_fields(self, *positive: str) -> None:
+        """Raise ValueError naming the flag for the first invalid common field (and `positive` extras)."""
+        for name in (*positive, "batch_size", "gradient_accumulation_steps", "max_steps", "eval_steps",
+                     "eval_batch_size", "log_every", "diverge_patience"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+        for name in ("warmup_ratio", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0 or self.diagnostics_every < 0:
+            raise ValueError("--weight_decay, --grad_clip, --timing_warmup_steps and --diagnostics_every must be >= 0")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_ratio * self.max_steps)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each dataclass field (PEP 257 attribute docstrings)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

@@ -6,12 +6,14 @@ learn within minutes on a laptop CPU. Any flag overrides either preset.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
+
+from dtype_bench.configs import TrainingFields
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TrainingFields):
     preset: Literal["tiny", "full"] = "full"
     """Which defaults to start from: the seed's full experiment or the offline tiny one."""
     model_name: str = "roberta-base"
@@ -75,20 +77,9 @@ class TrainConfig:
     """CPU threads for torch (None = torch's default)."""
 
     def __post_init__(self) -> None:
-        positive = ("tiny_layers", "tiny_hidden", "max_length", "batch_size", "gradient_accumulation_steps",
-                    "max_steps", "eval_steps", "eval_batch_size", "log_every", "diverge_patience")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        self.check_training_fields("tiny_layers", "tiny_hidden", "max_length")
         if self.tiny_hidden % 64:
             raise ValueError(f"--tiny_hidden must be a multiple of 64 (64-dim heads), got {self.tiny_hidden}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
-        for name in ("warmup_ratio", "dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0 or self.diagnostics_every < 0:
-            raise ValueError("--weight_decay, --grad_clip, --timing_warmup_steps and --diagnostics_every must be >= 0")
         if self.max_eval_docs is not None and self.max_eval_docs <= 0:
             raise ValueError(f"--max_eval_docs must be positive, got {self.max_eval_docs}")
         if self.preset == "full" and self.model_name == "tiny":
@@ -98,22 +89,12 @@ class TrainConfig:
     def cache_dir(self) -> str:
         return self.data_dir or ("data/classification/tiny" if self.preset == "tiny" else "data/classification/eurlex57k")
 
-    @property
-    def warmup_steps(self) -> int:
-        return int(self.warmup_ratio * self.max_steps)
-
-    @property
-    def effective_batch_size(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
-
-    def to_record(self) -> dict:
-        return asdict(self)
-
 
 PRESETS: dict[str, dict] = {
     "full": {},
-    # Sized so fp32 trains ~25 samples/s on 2 CPU cores and reaches micro-F1 well above the trivial baseline
-    # in ~2 minutes. A randomly initialised encoder needs a far larger learning rate than fine-tuning does.
+    # Measured on 2 CPU cores: fp32 ~560 samples/s, ~40 s per config, micro-F1 0.24 / P@1 0.67 against the
+    # label-prior baseline's 0 / 0.19. A randomly initialised encoder needs a far larger learning rate than
+    # fine-tuning does, and the plateau before it learns takes ~250 steps.
     "tiny": dict(
         model_name="tiny", tiny_layers=2, tiny_hidden=128, max_length=64, max_steps=500, eval_steps=100,
         learning_rate=1e-3, warmup_ratio=0.1,

@@ -7,12 +7,14 @@ config on 2 CPU cores. Any flag overrides either preset.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
+
+from dtype_bench.configs import TrainingFields
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TrainingFields):
     preset: Literal["tiny", "full"] = "full"
     """Which defaults to start from: the full GPT-2 small experiment or the offline tiny one."""
     n_layer: int = 12
@@ -72,39 +74,17 @@ class TrainConfig:
     """CPU threads for torch (None = torch's default)."""
 
     def __post_init__(self) -> None:
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                    "max_steps", "eval_steps", "eval_batch_size", "log_every", "diverge_patience")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        self.check_training_fields("n_layer", "n_head", "n_embd", "block_size")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd ({self.n_embd}) must be a multiple of --n_head ({self.n_head})")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
-        for name in ("warmup_ratio", "dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0 or self.diagnostics_every < 0:
-            raise ValueError("--weight_decay, --grad_clip, --timing_warmup_steps and --diagnostics_every must be >= 0")
         if self.eval_sequences is not None and self.eval_sequences <= 0:
             raise ValueError(f"--eval_sequences must be positive, got {self.eval_sequences}")
 
     @property
     def cache_dir(self) -> str:
         return self.data_dir or ("data/lm/tiny" if self.preset == "tiny" else "data/lm/openwebtext")
-
-    @property
-    def warmup_steps(self) -> int:
-        return int(self.warmup_ratio * self.max_steps)
-
-    @property
-    def effective_batch_size(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
-
-    def to_record(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, dict] = {
