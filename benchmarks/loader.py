@@ -36,10 +36,11 @@ def loader_batches_per_second(batches: data_lib.TrainBatches, n_batches: int, de
 
 
 def measure(cache_dir: str, *, batch_size: int, max_length: int, seed: int, n_batches: int,
-            device: torch.device) -> float:
+            device: torch.device, length_grouped: bool = False) -> float:
     meta = data_lib.read_meta(cache_dir)
     split = data_lib.TokenizedSplit(meta.path, "train", max_length)
-    batches = data_lib.TrainBatches(split, batch_size, seed, meta.num_labels, meta.pad_token_id)
+    batches = data_lib.TrainBatches(split, batch_size, seed, meta.num_labels, meta.pad_token_id,
+                                    length_grouped=length_grouped)
     return loader_batches_per_second(batches, n_batches, device)
 
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_length", type=int, help="default: the cache's")
     parser.add_argument("--batches", type=int, default=1000, help="micro-batches timed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--length_grouped_batches", action="store_true", help="serve length-grouped micro-batches")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--consumed_samples_per_second", type=float,
                         help="the model's training rate, to print the loader's headroom over it")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare_tiny(cache_dir)
     max_length = args.max_length or data_lib.read_meta(cache_dir).max_length
     rate = measure(cache_dir, batch_size=args.batch_size, max_length=max_length, seed=args.seed,
-                   n_batches=args.batches, device=torch.device(args.device))
+                   n_batches=args.batches, device=torch.device(args.device),
+                   length_grouped=args.length_grouped_batches)
     print(f"{cache_dir}: {rate:,.0f} micro-batches/s ({rate * args.batch_size:,.0f} samples/s) at batch "
           f"{args.batch_size}, max_length {max_length}, device {args.device}")
     if args.consumed_samples_per_second:

@@ -8,8 +8,8 @@ with other work pass --threads 1: with more torch threads than free cores, OpenM
 times swing 20x from run to run (measured on the 2-core machine this was written on).
 
 Same work on both sides: the same model (built by experiments/classification/model.py from the same seed),
-the same micro-batches in the same order (the Trainer gets the documents in our epoch order with
-`train_sampling_strategy="sequential"`), batch size, gradient accumulation, AdamW hyperparameters, weight
+the same micro-batches in the same order (the Trainer gets the documents in our order, epoch after epoch,
+with `train_sampling_strategy="sequential"`; tests/test_benchmarks.py checks batch for batch), batch size, gradient accumulation, AdamW hyperparameters, weight
 decay groups (both exempt biases and LayerNorm), linear warm-up/decay schedule, gradient clipping, loss
 (BCE-with-logits in fp32) and precision (`bf16`/`fp16` flags for autocast, GradScaler with fp16,
 `adamw_bnb_8bit` for the 8-bit optimizer configs). The Trainer is set up as a competent user would:
@@ -17,12 +17,18 @@ dynamic padding (`DataCollatorWithPadding`), its default optimizer implementatio
 logging, no checkpoints. Configs the Trainer cannot express (low-precision master weights, stochastic
 rounding, an fp32 head outside autocast, fp8) are listed as such, not approximated.
 
+Length-grouped batches (`--length_grouped_batches true`, recorded, off by default because it changes the
+data order) apply to both sides when passed as a run.py flag: still identical work. `--compare_length_grouping`
+instead measures ours with them as a third side in the same alternating rounds, in its own columns (fewer
+padded tokens computed, so not identical work and not part of the ratio); each side's `padding` column is the
+share of computed token positions that were padding.
+
 Same measurement on both sides: each run is its own process (no shared allocator or thread state), and
 both are timed by the same `dtype_bench.timing.StepTimer` at the same boundaries (start of an optimizer
 step .. end of it, contiguous windows, the same warm-up steps excluded, median over windows): ours inside
 run.py, the Trainer's through a callback (`on_step_begin` / `on_step_end`). Whole-process time (imports,
 model build, evaluation) is excluded on both sides. Runs alternate (ours, Trainer, then Trainer, ours in
-the next round) so drift in machine load hits both; the table shows the median over rounds.
+the next round) so drift in machine load hits every side; the table shows the median over rounds.
 
 MFU uses model FLOPs per sample from our run (identical batches, so identical FLOPs) over the matmul peak
 calibrated in our run's process (`dtype_bench.timing`). The Trainer lives here only, never in the training
@@ -90,12 +96,18 @@ class TrainerModel(torch.nn.Module):
         return {"loss": model_lib.bce_loss_fp32(logits, labels), "logits": logits}
 
 
-class EpochOrderDataset(torch.utils.data.Dataset):
-    """The training split in our epoch-0 order, so a sequential sampler yields our exact micro-batches."""
+class TrainingOrderDataset(torch.utils.data.Dataset):
+    """The training split in our order (`data.training_order`, epoch after epoch for `n_docs` documents, so a
+    sequential sampler yields our exact micro-batches, length-grouped or not, across epoch boundaries too."""
 
-    def __init__(self, split: data_lib.TokenizedSplit, seed: int, num_labels: int):
+    def __init__(self, split: data_lib.TokenizedSplit, cfg: TrainConfig, seed: int, num_labels: int, n_docs: int):
         self.split, self.num_labels = split, num_labels
-        self.order = data_lib.epoch_order(len(split), seed, 0)
+        orders, total, epoch = [], 0, 0
+        while total < n_docs:
+            orders.append(data_lib.training_order(split.lengths(), cfg.batch_size, seed, epoch,
+                                                  cfg.length_grouped_batches))
+            total, epoch = total + len(orders[-1]), epoch + 1
+        self.order = np.concatenate(orders)[:n_docs]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -107,9 +119,36 @@ class EpochOrderDataset(torch.utils.data.Dataset):
         return {"input_ids": self.split.tokens(doc).astype(np.int64), "labels": labels}
 
 
+def build_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, device: torch.device,
+                  output_dir: str, callbacks: list):
+    """The Trainer as the benchmark runs it: our model, our micro-batches, the config's precision flags."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    meta = data_lib.read_meta(cfg.cache_dir)
+    runner.seed_everything(seed)
+    encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
+                                      max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
+                                      tiny_hidden=cfg.tiny_hidden)
+    train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
+    label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None  # as run.py
+    model = TrainerModel(model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type,
+                                                        label_prior))
+    dataset = TrainingOrderDataset(train_split, cfg, seed, meta.num_labels, cfg.max_steps * cfg.effective_batch_size)
+    args = TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="linear", max_grad_norm=cfg.grad_clip, adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2, adam_epsilon=pc.adam_eps or cfg.adam_eps,
+        train_sampling_strategy="sequential", logging_strategy="no", save_strategy="no", eval_strategy="no",
+        report_to="none", disable_tqdm=True, seed=seed, use_cpu=device.type == "cpu",
+        **trainer_precision_args(pc, device))
+    return Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
+                   data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(meta.path / "tokenizer")))
+
+
 def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, device: torch.device) -> dict:
-    from transformers import (AutoTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import TrainerCallback
 
     class TimingCallback(TrainerCallback):
         def __init__(self, timer: timing.StepTimer):
@@ -121,35 +160,11 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
         def on_step_end(self, args, state, control, **kwargs):
             self.timer.stop(cfg.effective_batch_size)
 
-    meta = data_lib.read_meta(cfg.cache_dir)
-    if cfg.max_steps * cfg.effective_batch_size > len(data_lib.TokenizedSplit(meta.path, "train")):
-        raise SystemExit("--max_steps x effective batch exceeds one epoch: the Trainer's later epochs would "
-                         "not follow our order")
-    precision_args = trainer_precision_args(pc, device)
     if cfg.threads:  # as run.py does with --threads
         torch.set_num_threads(cfg.threads)
-    runner.seed_everything(seed)
-    encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
-                                      max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
-                                      tiny_hidden=cfg.tiny_hidden)
-    train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
-    label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None  # as run.py
-    model = TrainerModel(model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type,
-                                                        label_prior))
-    dataset = EpochOrderDataset(train_split, seed, meta.num_labels)
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
-            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-            lr_scheduler_type="linear", max_grad_norm=cfg.grad_clip, adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2, adam_epsilon=pc.adam_eps or cfg.adam_eps,
-            train_sampling_strategy="sequential", logging_strategy="no", save_strategy="no", eval_strategy="no",
-            report_to="none", disable_tqdm=True, seed=seed, use_cpu=device.type == "cpu", **precision_args)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[TimingCallback(timer)],
-                          data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(meta.path / "tokenizer")))
-        trainer.train()
+        build_trainer(cfg, pc, seed, device, output_dir, [TimingCallback(timer)]).train()
     return {"status": "completed", **timer.summary()}
 
 
@@ -187,7 +202,7 @@ def worker(argv: list[str]) -> int:
         row = run_trainer(cfg, precision.get(args.config), args.seed, runner.pick_device(cfg.device))
     keep = ("status", "error", "reason", "samples_per_second", "samples_per_second_min", "samples_per_second_max",
             "timing_windows", "timed_steps", "model_flops_per_sample", "peak_flops_measured", "mfu",
-            "mfu_datasheet", "peak_memory_gb")
+            "mfu_datasheet", "peak_memory_gb", "padding_fraction")
     print(RESULT_PREFIX + json.dumps({k: row.get(k) for k in keep}))
     return 0
 
@@ -211,6 +226,11 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+SIDES = {"ours": ("ours", []), "Trainer": ("trainer", []),
+         "ours, length-grouped": ("ours", ["--length_grouped_batches", "true"])}
+"""Measured side -> (worker, extra run flags)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--worker" in argv:
@@ -223,65 +243,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing_warmup_steps", type=int, default=3, help="excluded steps at the start of each run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", help="prepared cache (default: the preset's; tiny is built if missing)")
+    parser.add_argument("--compare_length_grouping", action="store_true",
+                        help="also measure ours with --length_grouped_batches true in the same rounds: less "
+                             "padding, but other batches, so not identical work (its own column, not the ratio)")
     args, extra = parser.parse_known_args(argv)
     configs = precision.resolve_names(args.configs)
-    device = runner.pick_device("auto")
-    cfg = TrainConfig(**{**PRESETS[args.preset], "preset": args.preset, "data_dir": args.data_dir})
+    # Evaluation and logging happen once, at the last step (untimed); the timing windows of all sides then
+    # have identical boundaries.
+    run_flags = ["--preset", args.preset, "--max_steps", str(args.max_steps), "--eval_steps", str(args.max_steps),
+                 "--log_every", str(args.max_steps), "--max_eval_docs", "16",
+                 "--timing_warmup_steps", str(args.timing_warmup_steps), "--diagnostics_every", "0",
+                 *(["--data_dir", args.data_dir] if args.data_dir else []), *extra]
+    _, cfg = runner.parse_args(None, TrainConfig, PRESETS, [*run_flags, "--config", configs[0]])
+    if args.compare_length_grouping and cfg.length_grouped_batches:
+        parser.error("--compare_length_grouping compares against ungrouped runs: drop --length_grouped_batches")
+    sides = [side for side in SIDES if args.compare_length_grouping or side != "ours, length-grouped"]
+    device = runner.pick_device(cfg.device)
     if args.preset == "tiny" and args.data_dir is None:
         from prepare_data import prepare_tiny
 
         prepare_tiny(cfg.cache_dir)
 
-    results: dict[str, tuple[list[dict], list[dict], str | None]] = {}
+    results: dict[str, dict[str, list[dict]] | str] = {}  # config -> side -> runs, or why not compared
     for name in configs:
         pc = precision.get(name)
         why_not = precision.unsupported_reason(pc, device) or trainer_precision_args(pc, device)
         if isinstance(why_not, str):
-            results[name] = ([], [], why_not)
+            results[name] = why_not
             print(f"{name}: not compared — {why_not}", flush=True)
             continue
-        steps = args.max_steps
-        # Evaluation and logging happen once, at the last step (untimed); the timing windows of both sides
-        # then have identical boundaries.
-        run_flags = ["--preset", args.preset, "--max_steps", str(steps), "--eval_steps", str(steps),
-                     "--log_every", str(steps), "--max_eval_docs", "16",
-                     "--timing_warmup_steps", str(args.timing_warmup_steps), "--diagnostics_every", "0",
-                     *(["--data_dir", args.data_dir] if args.data_dir else []), *extra]
-        ours, theirs = [], []
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.rounds):
-            order = ("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")
-            for kind in order:
-                result = measure(kind, name, args.seed, run_flags)
-                (ours if kind == "ours" else theirs).append(result)
-                print(f"{name} round {r + 1} {kind:7s}: {fmt(result.get('samples_per_second'), '.2f')} samples/s"
+            for side in (sides if r % 2 == 0 else sides[::-1]):  # alternate: load drift hits every side
+                kind, side_flags = SIDES[side]
+                result = measure(kind, name, args.seed, [*run_flags, *side_flags])
+                runs[side].append(result)
+                print(f"{name} round {r + 1} {side:21s}: {fmt(result.get('samples_per_second'), '.2f')} samples/s"
                       + (f"  [{result['status']}: {result.get('error') or result.get('reason')}]"
                          if result.get("status") != "completed" else ""), flush=True)
-        results[name] = (ours, theirs, None)
+        results[name] = runs
 
-    threads = extra[extra.index("--threads") + 1] if "--threads" in extra else "torch default"
+    threads = cfg.threads or "torch default"
     print(f"\nours vs Hugging Face Trainer, preset {args.preset}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'threads: {threads}'}), "
+          f"length-grouped batches: {'on (both sides)' if cfg.length_grouped_batches else 'off'}, "
           f"median over {args.rounds} alternating rounds; samples/s = median over timing windows after "
-          f"{args.timing_warmup_steps} warm-up steps")
-    header = f"{'config':22s} {'ours samples/s':>15s} {'Trainer samples/s':>18s} {'ratio':>6s} {'ours MFU':>9s} {'Trainer MFU':>12s}"
+          f"{args.timing_warmup_steps} warm-up steps; padding = share of computed token positions that are padding")
+    grouped_header = f" {'grouped samples/s':>18s} {'grouped padding':>16s}" if args.compare_length_grouping else ""
+    header = (f"{'config':22s} {'ours samples/s':>15s} {'Trainer samples/s':>18s} {'ratio':>6s} {'ours MFU':>9s} "
+              f"{'Trainer MFU':>12s} {'padding':>8s}" + grouped_header)
     print(header + "\n" + "-" * len(header))
-    for name, (ours, theirs, why_not) in results.items():
-        if why_not:
-            print(f"{name:22s} not expressible: {why_not}")
+    for name, runs in results.items():
+        if isinstance(runs, str):
+            print(f"{name:22s} not expressible: {runs}")
             continue
-        ours_rate, theirs_rate = median_of(ours, "samples_per_second"), median_of(theirs, "samples_per_second")
-        flops, peak = median_of(ours, "model_flops_per_sample"), median_of(ours, "peak_flops_measured")
-        mfu = lambda rate: rate * flops / peak if rate and flops and peak else None  # noqa: E731
-        ratio = ours_rate / theirs_rate if ours_rate and theirs_rate else None
-        print(f"{name:22s} {fmt(ours_rate, '15.2f')} {fmt(theirs_rate, '18.2f')} {fmt(ratio, '6.2f')} "
-              f"{fmt(mfu(ours_rate), '9.2%')} {fmt(mfu(theirs_rate), '12.2%')}")
+        rate = {side: median_of(side_runs, "samples_per_second") for side, side_runs in runs.items()}
+        flops, peak = median_of(runs["ours"], "model_flops_per_sample"), median_of(runs["ours"], "peak_flops_measured")
+        mfu = lambda r: r * flops / peak if r and flops and peak else None  # noqa: E731
+        ratio = rate["ours"] / rate["Trainer"] if rate["ours"] and rate["Trainer"] else None
+        grouped = (f" {fmt(rate['ours, length-grouped'], '18.2f')} "
+                   f"{fmt(median_of(runs['ours, length-grouped'], 'padding_fraction'), '16.1%')}"
+                   if args.compare_length_grouping else "")
+        print(f"{name:22s} {fmt(rate['ours'], '15.2f')} {fmt(rate['Trainer'], '18.2f')} {fmt(ratio, '6.2f')} "
+              f"{fmt(mfu(rate['ours']), '9.2%')} {fmt(mfu(rate['Trainer']), '12.2%')} "
+              f"{fmt(median_of(runs['ours'], 'padding_fraction'), '8.1%')}" + grouped)
 
-    rates = [median_of(ours, "samples_per_second") for ours, _, why_not in results.values() if not why_not]
-    fastest = max((r for r in rates if r), default=None)
+    fastest = max((r for runs in results.values() if not isinstance(runs, str)
+                   for r in [median_of(runs["ours"], "samples_per_second")] if r), default=None)
     if fastest:
         meta = data_lib.read_meta(cfg.cache_dir)
         rate = loader.measure(cfg.cache_dir, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=args.seed,
-                              n_batches=500, device=device)
+                              n_batches=500, device=device, length_grouped=cfg.length_grouped_batches)
         print("\n" + loader.headroom_line(rate, fastest, cfg.batch_size) + f" [{meta.path}, fastest config]")
     return 0
 

@@ -33,6 +33,10 @@ class TrainConfig(TrainingFields):
     gradient_accumulation_steps: int = 4
     """Micro-batches per optimizer step: effective batch = batch_size x this, whatever the world size (under
     torchrun each of N ranks computes this / N of them; N must divide it)."""
+    length_grouped_batches: bool = False
+    """Batch training documents of similar length together (data.training_order): less padding, so faster
+    when lengths vary (a third of the real sample's documents are under 512 tokens), but a different data order, so
+    runs with and without it are different setups (it is part of the run id); off as in the seed."""
     max_steps: int = 5000
     """Optimizer steps to train."""
     eval_steps: int = 500

@@ -91,6 +91,11 @@ class TokenizedSplit:
     def __len__(self) -> int:
         return len(self.doc_offsets) - 1
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every document as served (after truncation to max_length), from the offsets alone."""
+        lengths = np.diff(self.doc_offsets)
+        return lengths if self.max_length is None else np.minimum(lengths, self.max_length)
+
     def tokens(self, i: int) -> np.ndarray:
         ids = self.input_ids[self.doc_offsets[i] : self.doc_offsets[i + 1]]
         if self.max_length is not None and len(ids) > self.max_length:
@@ -137,46 +142,84 @@ def collate(split: TokenizedSplit, indices: np.ndarray, num_labels: int, pad_tok
 
 
 def epoch_order(n_docs: int, seed: int, epoch: int) -> np.ndarray:
-    """The training order: a function of (seed, epoch) alone, so every config sees identical batches."""
+    """The shuffled order of an epoch: a function of (seed, epoch) alone, so every config sees identical batches."""
     return np.random.default_rng([seed, epoch]).permutation(n_docs)
 
 
-class TrainBatches:
-    """Endless training micro-batches in a seed-determined order, resumable from a position.
+LENGTH_GROUP_WINDOW = 50
+"""Micro-batches per window sorted by length in length-grouped order (the Hugging Face Trainer's
+`group_by_length` uses the same 50): wider windows pad less but make batches less random."""
 
-    `position` (epoch, index within the epoch) is all a checkpoint needs to continue the same stream.
-    Incomplete tail batches are dropped so every micro-batch has the same size.
+
+def training_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, length_grouped: bool) -> np.ndarray:
+    """Document indices of one epoch, cut into micro-batches of `batch_size` in sequence; the documents left
+    over after the last whole micro-batch are dropped (every micro-batch has the same size).
+
+    `length_grouped`: the shuffled epoch order is split into windows of LENGTH_GROUP_WINDOW micro-batches,
+    each window is sorted by length (so a micro-batch holds documents of similar length and pads little), and
+    the micro-batches are then shuffled, except that the one holding the epoch's longest document goes first
+    (a batch that runs out of memory does so at step 1, not hours in). Same documents per epoch, different
+    batches: runs with and without it are not the same experiment, hence off by default and part of the setup.
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    order = order[: len(order) - len(order) % batch_size]
+    if not length_grouped:
+        return order
+    window = LENGTH_GROUP_WINDOW * batch_size
+    by_length = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(window, len(order), window))])
+    micro_batches = by_length.reshape(-1, batch_size)
+    shuffled = micro_batches[np.random.default_rng([seed, epoch, 1]).permutation(len(micro_batches))]
+    longest_first = np.argmax(lengths[shuffled[:, 0]])  # sorted windows put a batch's longest document first
+    shuffled[[0, longest_first]] = shuffled[[longest_first, 0]]
+    return shuffled.reshape(-1)
+
+
+class TrainBatches:
+    """Endless training micro-batches in a seed-determined order (`training_order`), resumable from a position.
+
+    `position` (epoch, index within the epoch, and the token counts served so far) is all a checkpoint needs to
+    continue the same stream and the same `padding_fraction`.
 
     Sharded over `world_size` ranks (DDP), the single-process stream is dealt out in turn: rank r gets
     micro-batches r, r + world_size, ...; `position` is then the same on every rank (past the last one dealt).
     """
 
     def __init__(self, split: TokenizedSplit, batch_size: int, seed: int, num_labels: int, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, length_grouped: bool = False):
         if len(split) < batch_size:
             raise CacheError(f"training split has {len(split)} documents, fewer than batch_size {batch_size}")
-        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.split, self.batch_size, self.seed, self.length_grouped = split, batch_size, seed, length_grouped
         self.num_labels, self.pad_token_id = num_labels, pad_token_id
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.index = 0, 0
-        self._order = epoch_order(len(split), seed, 0)
+        self._lengths = split.lengths()
+        self.seek({"epoch": 0, "index": 0, "tokens": 0, "padded_tokens": 0})
 
     @property
     def position(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "tokens": self.tokens, "padded_tokens": self.padded_tokens}
 
     def seek(self, position: dict) -> None:
         self.epoch, self.index = int(position["epoch"]), int(position["index"])
-        self._order = epoch_order(len(self.split), self.seed, self.epoch)
+        self.tokens, self.padded_tokens = int(position["tokens"]), int(position["padded_tokens"])
+        self._order = training_order(self._lengths, self.batch_size, self.seed, self.epoch, self.length_grouped)
+
+    @property
+    def padding_fraction(self) -> float | None:
+        """Share of the token positions computed so far (all ranks) that were padding."""
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else None
 
     def __iter__(self) -> "TrainBatches":
         return self
 
     def _next_indices(self) -> np.ndarray:
-        if self.index + self.batch_size > len(self._order):
-            self.seek({"epoch": self.epoch + 1, "index": 0})
+        if self.index == len(self._order):
+            self.seek({**self.position, "epoch": self.epoch + 1, "index": 0})
         indices = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
+        lengths = self._lengths[indices]
+        self.tokens += int(lengths.sum())
+        self.padded_tokens += int(lengths.max()) * len(indices)
         return indices
 
     def __next__(self) -> Batch:

@@ -107,7 +107,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
 
     val_split = data_lib.TokenizedSplit(meta.path, "validation", cfg.max_length)
     batches = data_lib.TrainBatches(train_split, cfg.batch_size, seed, meta.num_labels, meta.pad_token_id,
-                                    rank=world.rank, world_size=world.world_size)
+                                    rank=world.rank, world_size=world.world_size,
+                                    length_grouped=cfg.length_grouped_batches)
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     flops_of = timing.flops_counter(model.encoder, model.head, head_per_token=False)  # FLOPs/sample at a width
     peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32)  # MFU denominators, this process
@@ -200,7 +201,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     speed = timer.summary()
     out = {"status": status, "steps": step, "resumed_from_steps": resumes, "skipped_steps": monitor.skipped_steps,
            "micro_batches": micro_batches,
-           "samples_seen": micro_batches * cfg.batch_size, "compiled": compiled, "dtypes": dtypes,
+           "samples_seen": micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,
+           "compiled": compiled, "dtypes": dtypes,
            "train_wall_seconds": train_seconds, "eval_precision": cfg.eval_precision, **speed,
            **timing.mfu_record(speed, peaks),
            **diag.summary()}

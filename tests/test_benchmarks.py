@@ -1,0 +1,64 @@
+"""benchmarks/: the Trainer side gets exactly our micro-batches (identical work), and the script prints its table.
+No speed is asserted: the numbers are the benchmark's output, not a test's."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tiny_run
+
+sys.path.insert(0, str(tiny_run.ROOT / "benchmarks"))
+sys.path.insert(0, str(tiny_run.RUN.parent))
+
+import data as data_lib  # noqa: E402
+import vs_hf_trainer  # noqa: E402
+from config import TrainConfig  # noqa: E402
+from dtype_bench import precision  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tiny_run.small_cache(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize("length_grouped", [False, True])
+def test_trainer_dataloader_yields_our_micro_batches_across_epochs(cache, tmp_path, length_grouped):
+    cfg = TrainConfig(preset="tiny", model_name="tiny", tiny_layers=1, tiny_hidden=64, data_dir=str(cache),
+                      max_length=64, batch_size=8, gradient_accumulation_steps=2, max_steps=40,
+                      length_grouped_batches=length_grouped)
+    meta = data_lib.read_meta(cache)
+    split = data_lib.TokenizedSplit(cache, "train", cfg.max_length)
+    n_docs = cfg.max_steps * cfg.effective_batch_size  # 640 > 480 training documents: two epochs
+    trainer = vs_hf_trainer.build_trainer(cfg, precision.get("fp32_baseline"), 0, torch.device("cpu"),
+                                          str(tmp_path), callbacks=[])
+    ours = data_lib.TrainBatches(split, cfg.batch_size, 0, meta.num_labels, meta.pad_token_id,
+                                 length_grouped=length_grouped)
+    n_batches = 0
+    for theirs in trainer.get_train_dataloader():
+        mine = next(ours)
+        assert torch.equal(theirs["input_ids"].cpu(), mine.input_ids)
+        assert torch.equal(theirs["labels"].cpu(), mine.targets)
+        n_batches += 1
+    assert n_batches == n_docs // cfg.batch_size and ours.epoch == 1
+
+
+def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
+    proc = subprocess.run(
+        [sys.executable, str(tiny_run.ROOT / "benchmarks" / "vs_hf_trainer.py"), "--configs",
+         "fp32_baseline,bf16_pure", "--rounds", "1", "--max_steps", "3", "--timing_warmup_steps", "1",
+         "--compare_length_grouping", "--data_dir", str(cache), "--tiny_layers", "1", "--tiny_hidden", "64",
+         "--max_length", "64", "--threads", "1"],
+        env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("config "))
+    assert "ratio" in lines[header] and "grouped samples/s" in lines[header]
+    fp32 = next(line for line in lines[header:] if line.startswith("fp32_baseline")).split()
+    ours, theirs, ratio = float(fp32[1]), float(fp32[2]), float(fp32[3])
+    assert ratio == pytest.approx(ours / theirs, abs=0.01) and float(fp32[7]) > 0  # grouped side measured too
+    assert any(line.startswith("bf16_pure") and "not expressible: Trainer has no flag for low-precision"
+               in line for line in lines[header:])
+    assert "threads: 1" in proc.stdout and "x target)" in proc.stdout
