@@ -4,8 +4,8 @@ Layout, per run (`run_dir(output_dir, run_id)` = `<output_dir>/checkpoints/<run_
     last/                the newest resume point (replaced at every evaluation and on SIGTERM/SIGINT)
         model.safetensors    the model's parameters and buffers
         state.pt             optimizer (8-bit states too), LR scheduler, GradScaler, every RNG (Python, NumPy,
-                             torch CPU and CUDA) and the loop's `progress` dict (step counters, data position,
-                             best-so-far validation metrics, step-log offset, monitor counters)
+                             torch CPU and CUDA) and the loop's `RunState` (step counters, data position,
+                             validation results and the best so far, step-log offset, monitor state)
         manifest.json        format version, identity (run, config, setup, data, model signature), step, and
                              the SHA-256 and size of each file above
     best-step<k>/        the best-validation weights (model.safetensors + manifest.json with metrics); `last`
@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -242,6 +243,52 @@ class RunCheckpoints:
         for path in self.directory.glob("best-step*"):
             if re.fullmatch(r"best-step\d+", path.name) and path.name != keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a training loop's state
+
+
+class RunState:
+    """A training loop's counters and its stateful helpers, saved and restored as one unit (the checkpoint's
+    `progress`), the same way by every experiment.
+
+    The loop advances `step` (optimizer steps) and `micro_batches` (summed over ranks); `evals` holds the
+    validation results an experiment reports as a curve (the LM's), `best` the best validation so far with its
+    weights' directory (an experiment that keeps best weights: classification). `state_dict()` adds what the helpers need to continue
+    exactly: the data position (`batches.position`, restored by `batches.seek`), the monitor's and the
+    diagnostics' state, the step-log offset, the steps at which the run was resumed and the training wall time
+    across processes. `RunState(..., resumed=<that dict>)` puts everything back; `resumed=None` starts at 0.
+    """
+
+    def __init__(self, *, batches: Any, monitor: Any, diagnostics: Any, log: Any, resumed: dict | None):
+        self.batches, self.monitor, self.diagnostics, self.log = batches, monitor, diagnostics, log
+        self.step, self.micro_batches, self.evals, self.best = 0, 0, [], None
+        self.resumed_from_steps: list[int] = []
+        self._earlier_train_seconds = 0.0
+        if resumed:
+            self.step, self.micro_batches = resumed["step"], resumed["micro_batches"]
+            self.evals, self.best = resumed["evals"], resumed["best"]
+            self.resumed_from_steps = resumed["resumed_from_steps"] + [self.step]
+            self._earlier_train_seconds = resumed["train_wall_seconds"]
+            batches.seek(resumed["data_position"])
+            monitor.load_state_dict(resumed["monitor"])
+            diagnostics.step = self.step  # diagnostics keep measuring on the same optimizer steps
+        self._started = time.perf_counter()
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time of the training loop, all processes of this run together."""
+        return self._earlier_train_seconds + time.perf_counter() - self._started
+
+    @property
+    def best_dir(self) -> str | None:
+        return self.best["dir"] if self.best else None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_batches": self.micro_batches, "evals": self.evals, "best": self.best,
+                "data_position": self.batches.position, "monitor": self.monitor.state_dict(),
+                "log_offset": self.log.offset(), "resumed_from_steps": self.resumed_from_steps,
+                "train_wall_seconds": self.train_seconds}
 
 
 # ---------------------------------------------------------------- SIGTERM / SIGINT

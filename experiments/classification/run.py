@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: config, data, model, metrics
@@ -124,39 +123,32 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     log_path = Path(cfg.output_dir) / "logs" / f"{rid}.jsonl"
     log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None) if world.is_main else None
     monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
-    step, micro_batches, dtypes, best, status = 0, 0, None, None, "completed"
-    resumes, earlier_train_seconds = [], 0.0
-    if resumed:
-        step, micro_batches, best = resumed["step"], resumed["micro_batches"], resumed["best"]
-        resumes, earlier_train_seconds = resumed["resumes"] + [step], resumed["train_wall_seconds"]
-        batches.seek(resumed["data_position"])
-        monitor.load_state_dict(resumed["monitor"])
-        diag.step = step  # diagnostics keep measuring on the same optimizer steps
-        if world.is_main:
-            print(f"resuming {rid} from step {step}", flush=True)
+    state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
+    if resumed and world.is_main:
+        print(f"resuming {rid} from step {state.step}", flush=True)
+    dtypes, status = None, "completed"
     checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
-    t_start = time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, initial=step, desc=f"{pc.name} seed {seed}", unit="step",
+    progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
                     disable=None if world.is_main else True)
-    while step < cfg.max_steps:
-        timer.start(timed=not diag.measures(step + 1))  # a diagnostics step does extra, untrained work
+    while state.step < cfg.max_steps:
+        timer.start(timed=not diag.measures(state.step + 1))  # a diagnostics step does extra, untrained work
         step_flops = 0.0
         for micro in range(local_accumulation):  # this rank's share of the step's micro-batches
             batch = next(batches).to(device)
             step_flops += flops_of(batch.input_ids.shape[1]) * len(batch)  # padded width: what is computed
             # dropout masks depend on (seed, micro-batch) only: equal for any world size and after a resume
-            distributed.reseed(seed, 0, world.micro_batch_index(step, micro, cfg.gradient_accumulation_steps))
+            distributed.reseed(seed, 0, world.micro_batch_index(state.step, micro, cfg.gradient_accumulation_steps))
             with distributed.gradient_sync(forward, sync=micro == local_accumulation - 1):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids, batch.attention_mask)
                 loss = model_lib.bce_loss_fp32(logits, batch.targets) / local_accumulation  # DDP averages ranks
                 scaler.scale(loss).backward()
             monitor.micro_batch(loss, logits)
-            micro_batches += world.world_size
+            state.micro_batches += world.world_size
         scaler.unscale_(optimizer)  # no-op unless loss scaling is on; clipping sees true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         diag.before_step()  # every diagnostics_every steps: fp32 shadow AdamW of the update about to happen
-        distributed.reseed(seed, 1, step)  # stochastic rounding: the same noise on every rank and after a resume
+        distributed.reseed(seed, 1, state.step)  # stochastic rounding: the same noise on every rank and after a resume
         scaler.step(optimizer)  # skips the update if the scaled gradients overflowed
         diag.after_step()
         scaler.update()
@@ -165,7 +157,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         if dtypes is None:
             dtypes = precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        state.step += 1
+        step = state.step  # the step just done
         timer.stop(cfg.effective_batch_size, step_flops)
         monitor.step(step, grad_norm, lr)
         progress.update()
@@ -181,40 +174,34 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             with memory.evaluating():
                 val = evaluate(model, val_split, cfg, pc, meta, device)
             log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
-            if best is None or val["micro_f1"] > best["metrics"]["micro_f1"]:
-                best = {"step": step, "metrics": val, "dir": ckpt.save_best(step, val)}  # weights on disk
+            if state.best is None or val["micro_f1"] > state.best["metrics"]["micro_f1"]:
+                state.best = {"step": step, "metrics": val, "dir": ckpt.save_best(step, val)}  # weights on disk
         stop = checkpoint.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
         if stop:
             monitor.flush()  # a single process may stop between log steps: write its pending lines first
         if (evaluating or stop) and world.is_main:
-            ckpt.save(optimizer, scheduler, scaler, best_dir=best["dir"] if best else None, progress={
-                "step": step, "micro_batches": micro_batches, "data_position": batches.position, "best": best,
-                "monitor": monitor.state_dict(), "log_offset": log.offset(), "resumes": resumes,
-                "train_wall_seconds": earlier_train_seconds + time.perf_counter() - t_start})
+            ckpt.save(optimizer, scheduler, scaler, progress=state.state_dict(), best_dir=state.best_dir)
         if stop:
             raise checkpoint.Interrupted(stop, step)
     progress.close()
-    train_seconds = earlier_train_seconds + time.perf_counter() - t_start
     if not world.is_main:  # rank 0 evaluates and reports
-        return {"status": status, "steps": step}
+        return {"status": status, "steps": state.step}
     log.close()
     speed = timer.summary()
-    out = {"status": status, "steps": step, "resumed_from_steps": resumes, "skipped_steps": monitor.skipped_steps,
-           "micro_batches": micro_batches,
-           "samples_seen": micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,
-           "compiled": compiled, "dtypes": dtypes,
-           "train_wall_seconds": train_seconds, "eval_precision": cfg.eval_precision, **speed,
-           **timing.mfu_record(speed, peaks),
-           **diag.summary()}
+    out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
+           "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
+           "samples_seen": state.micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,
+           "compiled": compiled, "dtypes": dtypes, "train_wall_seconds": state.train_seconds,
+           "eval_precision": cfg.eval_precision, **speed, **timing.mfu_record(speed, peaks), **diag.summary()}
     if status == "diverged":
         out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step,
                    **memory.summary())
         return out
-    ckpt.load_best(best["dir"])
+    ckpt.load_best(state.best_dir)
     with memory.evaluating():
         test = evaluate(model, data_lib.TokenizedSplit(meta.path, "test", cfg.max_length), cfg, pc, meta, device)
-    out.update(best_val_step=best["step"], **{f"val_{k}": v for k, v in best["metrics"].items()}, **test,
-               **memory.summary())
+    out.update(best_val_step=state.best["step"], **{f"val_{k}": v for k, v in state.best["metrics"].items()},
+               **test, **memory.summary())
     return out
 
 

@@ -11,7 +11,6 @@ analysis compares the two directly.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: config, data, model
@@ -106,37 +105,30 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     log_path = Path(cfg.output_dir) / "logs" / f"{rid}.jsonl"
     log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None) if world.is_main else None
     monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
-    step, micro_batches, dtypes, evals, status = 0, 0, None, [], "completed"
-    resumes, earlier_train_seconds = [], 0.0
-    if resumed:
-        step, micro_batches, evals = resumed["step"], resumed["micro_batches"], resumed["evals"]
-        resumes, earlier_train_seconds = resumed["resumes"] + [step], resumed["train_wall_seconds"]
-        batches.seek(resumed["data_position"])
-        monitor.load_state_dict(resumed["monitor"])
-        diag.step = step  # diagnostics keep measuring on the same optimizer steps
-        if world.is_main:
-            print(f"resuming {rid} from step {step}", flush=True)
+    state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
+    if resumed and world.is_main:
+        print(f"resuming {rid} from step {state.step}", flush=True)
+    dtypes, status = None, "completed"
     checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
-    t_start = time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, initial=step, desc=f"{pc.name} seed {seed}", unit="step",
+    progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
                     disable=None if world.is_main else True)
-    while step < cfg.max_steps:
-        timer.start(timed=not diag.measures(step + 1))  # a diagnostics step does extra, untrained work
+    while state.step < cfg.max_steps:
+        timer.start(timed=not diag.measures(state.step + 1))  # a diagnostics step does extra, untrained work
         for micro in range(local_accumulation):  # this rank's share of the step's micro-batches
             batch = next(batches).to(device)
             # dropout masks depend on (seed, micro-batch) only: equal for any world size and after a resume
-            distributed.reseed(seed, 0, world.micro_batch_index(step, micro, cfg.gradient_accumulation_steps))
+            distributed.reseed(seed, 0, world.micro_batch_index(state.step, micro, cfg.gradient_accumulation_steps))
             with distributed.gradient_sync(forward, sync=micro == local_accumulation - 1):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids)
                 loss = model_lib.cross_entropy_fp32(logits, batch.targets) / local_accumulation  # DDP averages
                 scaler.scale(loss).backward()
             monitor.micro_batch(loss, logits)
-            micro_batches += world.world_size
+            state.micro_batches += world.world_size
         scaler.unscale_(optimizer)  # no-op unless loss scaling is on; clipping sees true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         diag.before_step()  # every diagnostics_every steps: fp32 shadow AdamW of the update about to happen
-        distributed.reseed(seed, 1, step)  # stochastic rounding: the same noise on every rank and after a resume
+        distributed.reseed(seed, 1, state.step)  # stochastic rounding: the same noise on every rank and after a resume
         scaler.step(optimizer)  # skips the update if the scaled gradients overflowed
         diag.after_step()
         scaler.update()
@@ -145,7 +137,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         if dtypes is None:
             dtypes = precision.check_dtypes(pc, model.body(), model.head, logits, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        state.step += 1
+        step = state.step  # the step just done
         timer.stop(cfg.effective_batch_size, cfg.effective_batch_size * sample_flops)
         monitor.step(step, grad_norm, lr)
         progress.update()
@@ -161,37 +154,34 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             with memory.evaluating():
                 val = evaluate(model, val_tokens, cfg, pc, device)
             log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
-            evals.append({"step": step, **val})
+            state.evals.append({"step": step, **val})  # the LM reports its last evaluation, keeps no best weights
         stop = checkpoint.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
         if stop:
             monitor.flush()  # a single process may stop between log steps: write its pending lines first
         if (evaluating or stop) and world.is_main:
-            ckpt.save(optimizer, scheduler, scaler, best_dir=None, progress={  # the LM reports its last eval
-                "step": step, "micro_batches": micro_batches, "data_position": batches.position, "evals": evals,
-                "monitor": monitor.state_dict(), "log_offset": log.offset(), "resumes": resumes,
-                "train_wall_seconds": earlier_train_seconds + time.perf_counter() - t_start})
+            ckpt.save(optimizer, scheduler, scaler, progress=state.state_dict(), best_dir=None)
         if stop:
             raise checkpoint.Interrupted(stop, step)
     progress.close()
-    train_seconds = earlier_train_seconds + time.perf_counter() - t_start
     if not world.is_main:  # rank 0 evaluates and reports
-        return {"status": status, "steps": step}
+        return {"status": status, "steps": state.step}
     log.close()
     speed = timer.summary()
     samples_per_second = speed["samples_per_second"]
-    out = {"status": status, "steps": step, "resumed_from_steps": resumes, "skipped_steps": monitor.skipped_steps,
-           "micro_batches": micro_batches, "samples_seen": micro_batches * cfg.batch_size,
-           "tokens_seen": micro_batches * cfg.batch_size * cfg.block_size,
+    out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
+           "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
+           "samples_seen": state.micro_batches * cfg.batch_size,
+           "tokens_seen": state.micro_batches * cfg.batch_size * cfg.block_size,
            "n_params": model_lib.count_parameters(model), "compiled": compiled, "dtypes": dtypes,
-           "train_wall_seconds": train_seconds, **speed, **timing.mfu_record(speed, peaks), **diag.summary(),
+           "train_wall_seconds": state.train_seconds, **speed, **timing.mfu_record(speed, peaks), **diag.summary(),
            **memory.summary(),
            # every training sequence is exactly block_size tokens long
            "tokens_per_second": None if samples_per_second is None else samples_per_second * cfg.block_size}
     if status == "diverged":
         out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step)
         return out
-    out.update(val_loss=evals[-1]["loss"], perplexity=evals[-1]["perplexity"],
-               val_loss_curve=[[e["step"], e["loss"]] for e in evals])
+    out.update(val_loss=state.evals[-1]["loss"], perplexity=state.evals[-1]["perplexity"],
+               val_loss_curve=[[e["step"], e["loss"]] for e in state.evals])
     return out
 
 
