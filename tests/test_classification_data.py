@@ -1,32 +1,23 @@
 """Training order and batches of the classification experiment: shuffled, optionally length-grouped, resumable."""
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tiny_run
 
+sys.path.insert(0, str(tiny_run.RUN.parent))
+import data  # noqa: E402
 
-def _data_module():
-    spec = importlib.util.spec_from_file_location("classification_data", tiny_run.RUN.parent / "data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-data = _data_module()
 # EUR-Lex-like spread: many short documents, a long tail cut at max_length.
 LENGTHS = np.random.default_rng(0).lognormal(mean=6.0, sigma=0.9, size=1003).astype(np.int64) + 3
 MAX_LENGTH = 512
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory) -> "data.TokenizedSplit":
+def split(tmp_path_factory) -> data.TokenizedSplit:
     """A train split in the cache's array format with LENGTHS tokens per document and one label each."""
     directory = tmp_path_factory.mktemp("cache")
     offsets = np.concatenate([[0], np.cumsum(LENGTHS)])
