@@ -12,16 +12,38 @@ import dataclasses
 import inspect
 import textwrap
 import typing
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
 class TrainingFields:
-    """Validation and derived values shared by every experiment's training dataclass. The fields themselves
-    (batch_size, gradient_accumulation_steps, max_steps, eval_steps, eval_batch_size, log_every,
-    diverge_patience, learning_rate, warmup_ratio, dropout, weight_decay, grad_clip, timing_warmup_steps,
-    diagnostics_every) are declared, with their docstrings, by each experiment's dataclass."""
+    """Fields, validation and derived values shared by every experiment's training dataclass, which inherits
+    this one. Only fields that mean the same in every experiment live here (an experiment may still change a
+    default by re-declaring the field, e.g. the LM's adam_beta2); the others (batch_size,
+    gradient_accumulation_steps, max_steps, eval_steps, eval_batch_size, learning_rate, warmup_ratio, dropout,
+    weight_decay, diagnostics_every) are declared, with their own docstrings, by each experiment."""
+
+    grad_clip: float = 1.0
+    """Max global L2 norm of the gradients (after unscaling); 0 disables clipping."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (a precision config may override it, e.g. fp16_naive_safe_eps)."""
+    log_every: int = 10
+    """Write a step-log line every this many optimizer steps (the only host syncs in the loop)."""
+    timing_warmup_steps: int = 5
+    """Optimizer steps excluded from throughput (compilation, allocator warm-up)."""
+    diverge_patience: int = 5
+    """Stop with status 'diverged' after this many consecutive optimizer steps with a non-finite loss."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    threads: Optional[int] = None
+    """CPU threads for torch (None = torch's default)."""
 
     def check_training_fields(self, *positive: str) -> None:
         """Raise ValueError naming the flag for the first invalid common field (and `positive` extras)."""
@@ -50,15 +72,17 @@ class TrainingFields:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field (PEP 257 attribute docstrings)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """The docstring written under each dataclass field (PEP 257 attribute docstrings), inherited ones too;
+    a class's own docstring for a field wins over its bases'."""
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 
@@ -90,7 +114,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields (defaults depend on --preset)")
-    for f in dataclasses.fields(cls):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    own = [n for n in cls.__dict__.get("__annotations__", {}) if n in fields]  # in the class body's order
+    for f in [fields[n] for n in own] + [f for n, f in fields.items() if n not in own]:  # the experiment's first
         if f.name in skip or not f.init:
             continue
         choices = None

@@ -59,19 +59,26 @@ def logged_steps(output_dir: Path) -> int:
 
 def run_id(cache: Path, output_dir: Path, config: str, seed: int, *flags: str) -> str:
     """The run id run.py gives (config, seed) under these flags, computed the way run.py does."""
-    import importlib.util
-
     import torch
 
     from dtype_bench import results, runner
 
-    spec = importlib.util.spec_from_file_location("classification_config", RUN.parent / "config.py")
-    config_module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = config_module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(config_module)
+    config_module = load_config_module("classification")
     argv = [*SMALL, "--data_dir", str(cache), "--output_dir", str(output_dir), "--config", config, "--seed",
             str(seed), *flags]
     _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS, argv)
     data_fingerprint = json.loads((cache / "meta.json").read_text())["fingerprint"]
     setup_fp, _ = runner.setup_of(cfg.to_record(), data_fingerprint, torch.device("cpu"))
     return results.run_id("classification", config, seed, setup_fp)
+
+
+def load_config_module(experiment: str):
+    """experiments/<experiment>/config.py under its own module name (both experiments have a config.py)."""
+    import importlib.util
+
+    name = f"{experiment}_config"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / experiment / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

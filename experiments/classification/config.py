@@ -47,14 +47,6 @@ class TrainConfig(TrainingFields):
     """AdamW decoupled weight decay (not applied to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.1
     """Fraction of max_steps of linear warm-up, followed by linear decay to 0."""
-    grad_clip: float = 1.0
-    """Max global L2 norm of the gradients (after unscaling); 0 disables clipping."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon (a precision config may override it, e.g. fp16_naive_safe_eps)."""
     head_bias_prior: bool = True
     """Initialise the head bias to the log-odds of the training label frequency (see model.py) instead of 0."""
     dropout: float = 0.1
@@ -69,16 +61,6 @@ class TrainConfig(TrainingFields):
     """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
     many optimizer steps; 0 = never. A measured step costs one extra fp32 AdamW step plus host copies of the
     weights and the intended update (see the diagnostics module); non-finite tracking runs every step."""
-    log_every: int = 10
-    """Write a step-log line every this many optimizer steps (the only host syncs in the loop)."""
-    timing_warmup_steps: int = 5
-    """Optimizer steps excluded from throughput (compilation, allocator warm-up)."""
-    diverge_patience: int = 5
-    """Stop with status 'diverged' after this many consecutive optimizer steps with a non-finite loss."""
-    device: str = "auto"
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    threads: Optional[int] = None
-    """CPU threads for torch (None = torch's default)."""
 
     def __post_init__(self) -> None:
         self.check_training_fields("tiny_layers", "tiny_hidden", "max_length")

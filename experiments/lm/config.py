@@ -51,27 +51,11 @@ class TrainConfig(TrainingFields):
     """Fraction of max_steps of linear warm-up before the cosine decay."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, on matrices only (not biases and LayerNorm gains)."""
-    grad_clip: float = 1.0
-    """Max global L2 norm of the gradients (after unscaling); 0 disables clipping."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
     adam_beta2: float = 0.95
-    """AdamW beta2."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon (a precision config may override it, e.g. fp16_naive_safe_eps)."""
+    """AdamW beta2 (GPT-2 / nanoGPT's 0.95)."""
     diagnostics_every: int = 10
     """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
     many optimizer steps; 0 = never. Non-finite tracking runs every step."""
-    log_every: int = 10
-    """Write a step-log line every this many optimizer steps (the only host syncs in the loop)."""
-    timing_warmup_steps: int = 5
-    """Optimizer steps excluded from throughput (compilation, allocator warm-up)."""
-    diverge_patience: int = 5
-    """Stop with status 'diverged' after this many consecutive optimizer steps with a non-finite loss."""
-    device: str = "auto"
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    threads: Optional[int] = None
-    """CPU threads for torch (None = torch's default)."""
 
     def __post_init__(self) -> None:
         self.check_training_fields("n_layer", "n_head", "n_embd", "block_size")
