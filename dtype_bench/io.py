@@ -166,3 +166,19 @@ def fingerprint(*parts: Any) -> str:
 
 def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class CacheError(RuntimeError):
+    """A prepared-data cache that is missing, stale or malformed; the message says what to do instead."""
+
+
+def read_cache_meta(data_dir: Path, format_version: int) -> dict:
+    """A prepared cache's meta.json, refused (CacheError) if it is missing or of another format version."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.exists():
+        raise CacheError(f"no prepared data in {data_dir} (meta.json missing)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != format_version:
+        raise CacheError(f"cache {data_dir} has format_version {meta.get('format_version')}, expected "
+                         f"{format_version}: prepare it again")
+    return meta

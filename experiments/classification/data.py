@@ -19,20 +19,17 @@ multi-hot rows are stored; targets are built per batch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dtype_bench.io import CacheError, read_cache_meta
+
 CACHE_FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 ARRAYS = ("input_ids", "doc_offsets", "label_ids", "label_offsets", "n_unseen_labels")
-
-
-class CacheError(RuntimeError):
-    """The cache is missing, stale or malformed; the message says what to run instead."""
 
 
 @dataclass(frozen=True)
@@ -48,15 +45,7 @@ class CacheMeta:
 
 def read_meta(data_dir: str | Path) -> CacheMeta:
     data_dir = Path(data_dir)
-    meta_path = data_dir / "meta.json"
-    if not meta_path.exists():
-        raise CacheError(f"no prepared data in {data_dir} (meta.json missing)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != CACHE_FORMAT_VERSION:
-        raise CacheError(
-            f"cache {data_dir} has format_version {meta.get('format_version')}, expected {CACHE_FORMAT_VERSION}: "
-            "prepare it again"
-        )
+    meta = read_cache_meta(data_dir, CACHE_FORMAT_VERSION)
     for split in SPLITS:
         for suffix in ARRAYS:
             if not (data_dir / f"{split}.{suffix}.npy").exists():

@@ -10,7 +10,6 @@ Nothing is re-tokenized at training time; batches are windows cut from the memor
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -18,13 +17,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from dtype_bench.io import CacheError, read_cache_meta
+
 CACHE_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; prepare_data refuses larger vocabularies
-
-
-class CacheError(RuntimeError):
-    """The cache is missing, stale or malformed; the message says what to run instead."""
 
 
 @dataclass(frozen=True)
@@ -43,13 +40,7 @@ def bin_path(data_dir: str | Path, split: str) -> Path:
 
 def read_meta(data_dir: str | Path) -> CacheMeta:
     data_dir = Path(data_dir)
-    meta_path = data_dir / "meta.json"
-    if not meta_path.exists():
-        raise CacheError(f"no prepared data in {data_dir} (meta.json missing)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != CACHE_FORMAT_VERSION:
-        raise CacheError(f"cache {data_dir} has format_version {meta.get('format_version')}, expected "
-                         f"{CACHE_FORMAT_VERSION}: prepare it again")
+    meta = read_cache_meta(data_dir, CACHE_FORMAT_VERSION)
     for split in SPLITS:
         path, expected = bin_path(data_dir, split), int(meta["tokens"][split]) * np.dtype(TOKEN_DTYPE).itemsize
         if not path.exists() or path.stat().st_size != expected:
