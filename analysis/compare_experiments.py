@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
+import plots  # noqa: E402
 from analyze_experiment import DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
 from experiment_data import METRIC_BY_KEY, Metric, is_number, styles  # noqa: E402
 from report import caveats, fmt, fmt_difference, md_table  # noqa: E402
@@ -277,7 +278,7 @@ def rank_plot(tasks: dict[str, Analysis], rank_table: dict, correlations: dict, 
         return None
     (name_a, a), (name_b, b) = tasks.items()
     style = styles({**b.exp.precisions(), **a.exp.precisions()})
-    fig, axes = plt.subplots(1, len(roles), figsize=(5.2 * len(roles), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(roles), figsize=(5.2 * len(roles), 5), squeeze=False, layout="constrained")
     for ax, role in zip(axes[0], roles):
         ra, rb = rank_table[role][name_a]["ranks"], rank_table[role][name_b]["ranks"]
         for config in ra:
@@ -291,10 +292,9 @@ def rank_plot(tasks: dict[str, Analysis], rank_table: dict, correlations: dict, 
         ax.set(title=f"{role} rank (1 = best): Spearman ρ={fmt(corr['rho'], 2)}, p={fmt(corr['p_value'], 2)}",
                xlabel=f"{name_a} ({rank_table[role][name_a]['metric']})",
                ylabel=f"{name_b} ({rank_table[role][name_b]['metric']})")
-        ax.legend(fontsize=6)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
+    plots.legend_below(fig, plots.drawn_handles(axes))  # one legend, however many configs
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -1,6 +1,8 @@
 """PNG figures of one experiment. Colours come from each config's precision family (fp32 grey, fp16 red, bf16 blue);
 8-bit optimizer states are dashed (lines) or hatched (bars). Non-finite values are drawn, not dropped: lines break
-at NaN and an 'x' on the top edge marks each step whose mean value is NaN or infinite.
+at NaN and an 'x' on the top edge marks each step whose mean value is NaN or infinite. A figure has one legend, below
+its panels, in as many columns as its width holds; the figure grows by the legend's height, so all 15 configs of the
+registry (x 3 parameter groups in the diagnostics) stay readable without covering the data.
 
 Each function writes one file and returns its path, or None when the results hold nothing to draw (the caller says
 so in the report).
@@ -15,12 +17,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from experiment_data import BASELINE, Experiment, Metric, Style  # noqa: E402
 from stats import ConfigSummary  # noqa: E402
 
 DIAGNOSTICS = ("update_fidelity", "lost_update_frac", "grad_underflow_frac")
+GROUP_MARKERS = "os^v<>"
+LEGEND_FONTSIZE = 7
 
 
 def _value(record: dict, key: str) -> float | None:
@@ -71,8 +78,39 @@ def _line(ax, steps, values, style: Style, label: str, **kw) -> None:
     _mark_nonfinite(ax, steps, values, style)
 
 
+def drawn_handles(axes) -> dict[str, Artist]:
+    """Label -> artist of everything labelled in `axes`, each label once (the first panel that drew it)."""
+    handles: dict[str, Artist] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    return handles
+
+
+def legend_below(fig, handles: dict[str, Artist]) -> Legend:
+    """One legend for the figure (made with layout="constrained"), below its panels, in as many columns as fit the
+    figure's width; the figure grows by the legend's height, so the panels keep their size however many entries
+    there are."""
+    renderer = fig.canvas.get_renderer()
+    for ncols in range(len(handles), 0, -1):
+        legend = fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols,
+                            fontsize=LEGEND_FONTSIZE, frameon=False)
+        if ncols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            break
+        legend.remove()
+    fig.set_figheight(fig.get_figheight() + legend.get_window_extent(renderer).height / fig.dpi)
+    return legend
+
+
+def _config_handles(configs, styles: dict[str, Style], *, marker: bool) -> dict[str, Line2D]:
+    """Legend entries drawn from each config's style: its marker alone (scatter plots) or its line."""
+    return {c: Line2D([], [], color=styles[c].colour, linestyle="none" if marker else styles[c].linestyle,
+                      marker=styles[c].marker if marker else None,
+                      markerfacecolor="none" if marker and styles[c].eight_bit else styles[c].colour)
+            for c in configs}
+
+
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -80,7 +118,7 @@ def _save(fig, path: Path) -> Path:
 
 def loss_curves(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
     """Training loss (mean over seeds, band = min..max) and validation loss; diverged runs marked at their step."""
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     drawn = False
     for config in exp.configs:
         style = styles[config]
@@ -105,8 +143,7 @@ def loss_curves(exp: Experiment, styles: dict[str, Style], path: Path) -> Path |
         return None
     train_ax.set(title="training loss (mean over seeds, band = min..max)", xlabel="optimizer step", ylabel="loss")
     val_ax.set(title="validation loss (mean over seeds)", xlabel="optimizer step", ylabel="loss")
-    train_ax.legend(fontsize=7)
-    val_ax.legend(fontsize=7)
+    legend_below(fig, drawn_handles([train_ax, val_ax]))
     return _save(fig, path)
 
 
@@ -117,7 +154,7 @@ def relative_bars(exp: Experiment, summaries: list[ConfigSummary], styles: dict[
     if not any(s.config == BASELINE and s.estimates[throughput.key].mean for s in summaries):
         return None
     base = {m.key: next(s for s in summaries if s.config == BASELINE).estimates[m.key].mean for m in (throughput, memory)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(summaries) + 1.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(summaries) + 1.8), layout="constrained")
     for ax, metric, title in ((axes[0], throughput, f"{throughput.label}: speed-up vs fp32"),
                               (axes[1], memory, f"{memory.label}: ratio to fp32")):
         for y, s in enumerate(summaries):
@@ -142,22 +179,21 @@ def pareto(summaries: list[ConfigSummary], styles: dict[str, Style], quality: Me
            panels: list[tuple[Metric, list[str]]], path: Path) -> Path | None:
     """Per panel (x metric, its frontier): quality vs x, means with min..max over seeds as error bars (95%
     t-intervals of 2-3 seeds are too wide to read; they are in the summary table); the frontier joined by a line."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
-    drawn = False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False, layout="constrained")
+    drawn: set[str] = set()  # configs with a point in some panel
     for ax, (x_metric, front) in zip(axes[0], panels):
         for s in summaries:
             ex, ey = s.estimates[x_metric.key], s.estimates[quality.key]
             if ex.mean is None or ey.mean is None or not (math.isfinite(ex.mean) and math.isfinite(ey.mean)):
                 continue
-            drawn = True
+            drawn.add(s.config)
             style = styles[s.config]
             xerr = [[ex.mean - min(ex.values)], [max(ex.values) - ex.mean]]
             yerr = [[ey.mean - min(ey.values)], [max(ey.values) - ey.mean]]
             on_front = s.config in front
             container = ax.errorbar(ex.mean, ey.mean, xerr=xerr, yerr=yerr, fmt=style.marker, color=style.colour,
                                     markersize=9 if on_front else 6, alpha=1.0 if on_front else 0.5, capsize=2,
-                                    markerfacecolor="none" if style.eight_bit else style.colour,
-                                    label=s.config + ("" if on_front else " (dominated)"))
+                                    markerfacecolor="none" if style.eight_bit else style.colour)
             for bar in container[2]:
                 bar.set_linestyle(style.linestyle)
             ax.annotate(s.config, (ex.mean, ey.mean), fontsize=7, xytext=(4, 4), textcoords="offset points")
@@ -167,18 +203,18 @@ def pareto(summaries: list[ConfigSummary], styles: dict[str, Style], quality: Me
             ax.plot(*zip(*points), color="black", linewidth=0.8, linestyle="-", zorder=0)
         better = lambda m: "higher is better" if m.higher_is_better else "lower is better"  # noqa: E731
         ax.set(xlabel=f"{x_metric.label} ({better(x_metric)})", ylabel=f"{quality.label} ({better(quality)})",
-               title=f"{quality.label} vs {x_metric.label}: frontier = black line")
-        ax.legend(fontsize=7)
+               title=f"{quality.label} vs {x_metric.label}: frontier = black line (faded: dominated)")
     if not drawn:
         plt.close(fig)
         return None
+    legend_below(fig, _config_handles([s.config for s in summaries if s.config in drawn], styles, marker=True))
     return _save(fig, path)
 
 
 def step_signal(exp: Experiment, styles: dict[str, Style], key: str, title: str, ylabel: str, path: Path, *,
                 log: bool = True, reference: tuple[float, str] | None = None) -> Path | None:
     """One training-log signal per config (mean over seeds) against the optimizer step."""
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
     drawn = False
     for config in exp.configs:
         steps, mean, _, _ = series(exp, config, key)
@@ -193,14 +229,14 @@ def step_signal(exp: Experiment, styles: dict[str, Style], key: str, title: str,
     if log:
         ax.set_yscale("log")
     ax.set(title=title + " ('x' on the top edge: non-finite)", xlabel="optimizer step", ylabel=ylabel)
-    ax.legend(fontsize=7)
+    legend_below(fig, drawn_handles(ax))
     return _save(fig, path)
 
 
 def loss_scale(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
     """Dynamic loss scale (logged at flush steps) and cumulative scaler-skipped steps, for configs that scale."""
     scaled = [c for c in exp.configs if exp.precision(c).get("loss_scaling") == "dynamic"]
-    fig, (scale_ax, skip_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (scale_ax, skip_ax) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     drawn = False
     for config in scaled:
         steps, mean, _, _ = series(exp, config, "loss_scale")
@@ -217,13 +253,13 @@ def loss_scale(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | 
     scale_ax.set(title="GradScaler loss scale (mean over seeds)", xlabel="optimizer step", ylabel="scale")
     skip_ax.set(title="skipped optimizer steps (cumulative, mean over seeds)", xlabel="optimizer step",
                 ylabel="steps skipped")
-    scale_ax.legend(fontsize=7)
-    skip_ax.legend(fontsize=7)
+    legend_below(fig, drawn_handles([scale_ax, skip_ax]))
     return _save(fig, path)
 
 
 def diagnostics(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
-    """Update fidelity / lost-update / gradient-underflow fractions, per parameter group where logged as {group: v}."""
+    """Update fidelity / lost-update / gradient-underflow fractions, per parameter group where logged as {group: v}:
+    colour and line style = config, marker = group."""
     keys: dict[str, list[str]] = {}
     for records in exp.step_logs.values():
         for rec in records:
@@ -235,14 +271,21 @@ def diagnostics(exp: Experiment, styles: dict[str, Style], path: Path) -> Path |
     panels = [(name, series_keys) for name, series_keys in keys.items() if series_keys]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    groups = list(dict.fromkeys(key.partition("/")[2] for _, series_keys in panels for key in series_keys))
+    marker_of = {g: GROUP_MARKERS[i % len(GROUP_MARKERS)] for i, g in enumerate(groups)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False, layout="constrained")
+    drawn: set[str] = set()  # configs with a line in some panel
     for ax, (name, series_keys) in zip(axes[0], panels):
         for config in exp.configs:
-            for i, key in enumerate(series_keys):
+            for key in series_keys:
                 steps, mean, _, _ = series(exp, config, key)
                 if len(steps):
-                    _line(ax, steps, mean, styles[config], key.replace(name, config, 1), marker="os^v<>"[i % 6],
+                    drawn.add(config)
+                    _line(ax, steps, mean, styles[config], config, marker=marker_of[key.partition("/")[2]],
                           markersize=3)
         ax.set(title=f"{name} (mean over seeds)", xlabel="optimizer step", ylabel="fraction")
-        ax.legend(fontsize=6)
+    group_handles = {f"group {g}": Line2D([], [], color="black", marker=marker_of[g], linestyle="none")
+                     for g in groups if g}
+    configs = [c for c in exp.configs if c in drawn]
+    legend_below(fig, {**_config_handles(configs, styles, marker=False), **group_handles})
     return _save(fig, path)

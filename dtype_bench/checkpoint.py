@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_model
 from dtype_bench.distributed import World, all_agree
 from dtype_bench.io import atomic_directory, fingerprint, json_dumps, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RunState progress with the diagnostics' state
 MODEL_FILE, STATE_FILE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
 
 
@@ -255,9 +255,10 @@ class RunState:
     The loop advances `step` (optimizer steps) and `micro_batches` (summed over ranks); `evals` holds the
     validation results an experiment reports as a curve (the LM's), `best` the best validation so far with its
     weights' directory (an experiment that keeps best weights: classification). `state_dict()` adds what the helpers need to continue
-    exactly: the data position (`batches.position`, restored by `batches.seek`), the monitor's and the
-    diagnostics' state, the step-log offset, the steps at which the run was resumed and the training wall time
-    across processes. `RunState(..., resumed=<that dict>)` puts everything back; `resumed=None` starts at 0.
+    exactly: the data position (`batches.position`, restored by `batches.seek`), the monitor's state, the
+    diagnostics' state (its history: a resumed run's diagnostics summary covers the whole run), the step-log
+    offset, the steps at which the run was resumed and the training wall time across processes.
+    `RunState(..., resumed=<that dict>)` puts everything back; `resumed=None` starts at 0.
     """
 
     def __init__(self, *, batches: Any, monitor: Any, diagnostics: Any, log: Any, resumed: dict | None):
@@ -272,7 +273,7 @@ class RunState:
             self._earlier_train_seconds = resumed["train_wall_seconds"]
             batches.seek(resumed["data_position"])
             monitor.load_state_dict(resumed["monitor"])
-            diagnostics.step = self.step  # diagnostics keep measuring on the same optimizer steps
+            diagnostics.load_state_dict(resumed["diagnostics"])  # same measured steps, history and first origin
         self._started = time.perf_counter()
 
     @property
@@ -287,6 +288,8 @@ class RunState:
     def state_dict(self) -> dict:
         return {"step": self.step, "micro_batches": self.micro_batches, "evals": self.evals, "best": self.best,
                 "data_position": self.batches.position, "monitor": self.monitor.state_dict(),
+                # after the monitor's flush, which sets the diagnostics' first non-finite origin
+                "diagnostics": self.diagnostics.state_dict(),
                 "log_offset": self.log.offset(), "resumed_from_steps": self.resumed_from_steps,
                 "train_wall_seconds": self.train_seconds}
 

@@ -5,8 +5,9 @@ scalars and written to the step log in one transfer at the next log step. Nothin
 is logged as NaN. Divergence (non-finite loss for `patience` consecutive steps) is decided at flush time.
 Under DDP every rank calls `flush` (the signals are reduced over ranks: mean loss, max |logit|, summed
 non-finite counts) and only rank 0 passes a `log`, so all ranks take the same divergence decision.
-With a `PrecisionDiagnostics`, each line also carries its per-group non-finite counts and `nonfinite_origin`,
-and measured steps carry its fields (`update_fidelity`, `lost_update_frac`, `grad_underflow_frac`, ...).
+With a `PrecisionDiagnostics`, each line also carries, per group, how many of its forward outputs, gradients and
+updated weights held a non-finite value, and `nonfinite_origin`; measured steps carry its fields
+(`update_fidelity`, `lost_update_frac`, `grad_underflow_frac`, ...).
 """
 from __future__ import annotations
 

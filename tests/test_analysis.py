@@ -225,3 +225,84 @@ def test_cross_task_comparison_from_real_lm_and_classification_sweeps(results, t
     assert "(lm/report.md)" in report and (out / "lm" / "report.md").exists()
     assert (out / "classification" / "report.md").exists() and "![config ranks in both tasks](ranks.png)" in report
     assert (out / "ranks.png").stat().st_size > 10_000
+
+
+def synthetic_experiment(configs: list[str], seeds: int = 2, steps: int = 20):
+    """Rows and step logs with every signal the plots draw, for configs of the registry (their precision records
+    come from it): what a sweep of all 15 configs logs, without running it."""
+    _, _, experiment_data = analysis_modules()
+    rng = np.random.default_rng(0)
+    rows, logs = [], {}
+    for config in configs:
+        for seed in range(seeds):
+            rid = f"{config}-seed{seed}"
+            rows.append({"config": config, "seed": seed, "status": "completed", "run_id": rid,
+                         "samples_per_second": rng.uniform(300, 600), "peak_memory_gb": rng.uniform(0.3, 0.6),
+                         "micro_f1": rng.uniform(0.1, 0.3)})
+            per_group = lambda: {g: rng.uniform() for g in ("embeddings", "encoder", "head")}  # noqa: E731
+            logs[rid] = [{"step": s, "loss": rng.uniform(0.01, 0.02), "grad_norm": rng.uniform(0.1, 1),
+                          "max_abs_logit": rng.uniform(5, 50), "loss_scale": 2.0 ** 16, "skipped_steps": s // 10,
+                          "update_fidelity": per_group(), "lost_update_frac": per_group(),
+                          "grad_underflow_frac": per_group()} for s in range(1, steps + 1)]
+            logs[rid] += [{"step": s, "eval": "validation", "loss": rng.uniform(0.01, 0.02)} for s in (10, 20)]
+    return experiment_data.Experiment("classification", Path("synthetic"), rows, [], logs)
+
+
+def draw_every_plot(exp, output_dir: Path, monkeypatch) -> dict[str, dict]:
+    """Each figure the report draws, measured after layout: its legend's labels, whether the legend lies inside
+    the figure and clear of every panel, and the panels' heights in inches."""
+    output_dir.mkdir()
+    _, _, experiment_data = analysis_modules()
+    plots, stats = importlib.import_module("plots"), importlib.import_module("stats")
+    measured, save = {}, plots._save
+
+    def measure_then_save(fig, path):
+        fig.canvas.draw()
+        box = fig.legends[0].get_window_extent() if fig.legends else None
+        measured[path.stem] = {
+            "labels": [t.get_text() for t in fig.legends[0].get_texts()] if box else [],
+            "inside": box is not None and fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1
+            and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1,
+            "clear": box is not None and not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes),
+            "panel_heights": [ax.get_window_extent().height / fig.dpi for ax in fig.axes]}
+        return save(fig, path)
+
+    style = experiment_data.styles(exp.precisions())
+    summaries = stats.summarize(exp)
+    quality, memory = experiment_data.METRIC_BY_KEY["micro_f1"], experiment_data.METRIC_BY_KEY["peak_memory_gb"]
+    throughput = experiment_data.METRIC_BY_KEY["samples_per_second"]
+    configs = [s.config for s in summaries]
+    with monkeypatch.context() as patched:
+        patched.setattr(plots, "_save", measure_then_save)
+        plots.loss_curves(exp, style, output_dir / "loss_curves.png")
+        plots.relative_bars(exp, summaries, style, throughput, memory, output_dir / "relative_to_fp32.png")
+        plots.pareto(summaries, style, quality, [(throughput, configs[:2]), (memory, configs[:1])],
+                     output_dir / "pareto.png")
+        plots.step_signal(exp, style, "grad_norm", "grad norm", "norm", output_dir / "grad_norm.png")
+        plots.step_signal(exp, style, "max_abs_logit", "max |logit|", "max |logit|", output_dir / "max_logit.png",
+                          reference=(65504.0, "fp16 max"))
+        plots.loss_scale(exp, style, output_dir / "loss_scale.png")
+        plots.diagnostics(exp, style, output_dir / "diagnostics.png")
+    return measured
+
+
+def test_legends_name_all_15_configs_inside_the_figure_and_clear_of_the_panels(tmp_path, monkeypatch):
+    """Layout only, so synthetic logs of the whole registry stand in for a sweep of it (the real-run tests above
+    draw the same functions): one legend per figure, below the panels, naming every config once; the figure
+    grows to hold it, so the panels are as tall as in a two-config sweep."""
+    _, _, experiment_data = analysis_modules()
+    registry = list(experiment_data.precision_registry.REGISTRY)
+    assert len(registry) == 15
+    everything = draw_every_plot(synthetic_experiment(registry), tmp_path / "all", monkeypatch)
+    two = draw_every_plot(synthetic_experiment(["fp32_baseline", "amp_fp16"]), tmp_path / "two", monkeypatch)
+    scaled = ["amp_fp16", "amp_fp16_8bit_adam"]
+    expected = {"loss_curves": registry, "pareto": registry, "grad_norm": registry,
+                "max_logit": registry + ["fp16 max"], "loss_scale": scaled,
+                "diagnostics": registry + ["group embeddings", "group encoder", "group head"]}
+    assert set(everything) == set(expected) | {"relative_to_fp32"} and everything["relative_to_fp32"]["labels"] == []
+    for name, labels in expected.items():
+        figure = everything[name]
+        assert figure["labels"] == labels, name
+        assert figure["inside"] and figure["clear"], (name, figure)
+        for tall, short in zip(figure["panel_heights"], two[name]["panel_heights"]):
+            assert tall == pytest.approx(short, rel=0.05), (name, figure["panel_heights"], two[name]["panel_heights"])

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from dtype_bench import precision
-from dtype_bench.diagnostics import PrecisionDiagnostics, group_roots, tiny_or_zero
+from dtype_bench import checkpoint, precision
+from dtype_bench.diagnostics import PrecisionDiagnostics, count_nonfinite, extremes, group_roots, tiny_or_zero
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "classification"))
@@ -41,6 +41,27 @@ def toy_group(name: str) -> str:
     return {"embed": "embeddings", "body": "encoder", "head": "head"}[name.split(".")[0]]
 
 
+def toy_step(model: Toy, optimizer, diag: PrecisionDiagnostics, step: int, ids: torch.Tensor, *,
+             overflow: bool = False) -> dict:
+    """One optimizer step as run.py takes it; returns the diagnostics fields the monitor logs for it.
+    `overflow`: one gradient element of the head becomes inf and the update is skipped; recorded without loss
+    scaling, so that gradient is the step's non-finite origin."""
+    logits = model(ids)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), torch.ones(len(ids), 8))
+    loss.backward()
+    if overflow:
+        model.head.bias.grad[0] = float("inf")
+    diag.before_step()
+    if not overflow:
+        optimizer.step()
+    diag.after_step()
+    optimizer.zero_grad(set_to_none=True)
+    fields = diag.step_fields()
+    fields.update(diag.nonfinite_record(step, diag.step_counts().tolist(), {"loss": int(not torch.isfinite(loss))},
+                                        scaler_skips=False))
+    return fields
+
+
 def train_toy(dtype: torch.dtype, optimizer_cls, steps: int, lr: float, *, every: int = 1, poison=None):
     torch.manual_seed(0)
     model = Toy().to(dtype)
@@ -50,18 +71,7 @@ def train_toy(dtype: torch.dtype, optimizer_cls, steps: int, lr: float, *, every
     for step in range(1, steps + 1):
         if poison and step == poison[0]:
             poison[1](model)
-        logits = model(torch.randint(0, 50, (4, 6)))
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), torch.ones(4, 8))
-        loss.backward()
-        diag.before_step()
-        optimizer.step()
-        diag.after_step()
-        optimizer.zero_grad(set_to_none=True)
-        fields = diag.step_fields()
-        counts = diag.step_counts().tolist()
-        fields.update(diag.nonfinite_record(step, counts, {"loss": int(not torch.isfinite(loss))},
-                                            scaler_skips=False))
-        records.append(fields)
+        records.append(toy_step(model, optimizer, diag, step, torch.randint(0, 50, (4, 6))))
     return model, optimizer, diag, records
 
 
@@ -121,6 +131,70 @@ def test_nonfinite_origin_names_the_stage_and_group():
 
     *_, records = train_toy(torch.float32, NaNOnSecondStep, 3, 1e-3)
     assert [r["nonfinite_origin"] for r in records] == [None, "optimizer:head", "forward:head"]
+
+
+def test_a_tensor_counts_once_when_it_holds_a_non_finite_value_and_large_finite_values_never():
+    finfo16, finfo32 = torch.finfo(torch.float16), torch.finfo(torch.float32)
+    finite = [torch.full((1000,), finfo16.max, dtype=torch.float16),  # an fp16 sum or norm of these is inf
+              torch.full((4, 4), finfo32.min),  # an additive attention mask
+              torch.empty(0)]
+    nonfinite = [torch.tensor([1.0, float("nan"), float("inf")]), torch.tensor([float("-inf")], dtype=torch.bfloat16),
+                 torch.tensor([float("nan")], dtype=torch.float16)]
+    assert count_nonfinite(extremes(finite), CPU).item() == 0
+    assert count_nonfinite(extremes(finite + nonfinite), CPU).item() == 3
+    assert count_nonfinite(extremes([]), CPU).item() == 0
+
+
+def test_resumed_diagnostics_report_what_an_uninterrupted_run_reports(tmp_path):
+    """Interrupted after step 3 of 6 and resumed the way run.py resumes: the state goes through a real checkpoint
+    (torch.load with weights_only) and the new PrecisionDiagnostics is built on the freshly initialised model,
+    before the checkpoint is restored. The first non-finite origin (step 2), the fidelity of measured steps 1
+    and 3 (5 comes after the resume), the static memory and the drift from the initial weights all span it."""
+    batches = [torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(s)) for s in range(6)]
+
+    def build():
+        torch.manual_seed(0)
+        model = Toy()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        return model, optimizer, PrecisionDiagnostics(model, optimizer, toy_group, every=2)
+
+    def train(model, optimizer, diag, steps) -> list[dict]:
+        return [toy_step(model, optimizer, diag, step, batches[step - 1], overflow=step == 2) for step in steps]
+
+    def checkpoints(model):
+        return checkpoint.RunCheckpoints(tmp_path, model, {"run_id": "toy"})
+
+    def schedule_and_scaler(optimizer):  # the rest of what a checkpoint holds; constant here
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
+
+    def restore(model, optimizer):
+        return checkpoints(model).restore(optimizer, *schedule_and_scaler(optimizer))
+
+    model, optimizer, uninterrupted = build()
+    expected = train(model, optimizer, uninterrupted, range(1, 7))
+
+    model, optimizer, diag = build()
+    train(model, optimizer, diag, range(1, 4))
+    state = diag.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    checkpoints(model).save(optimizer, *schedule_and_scaler(optimizer), progress={"step": 3, "diagnostics": state},
+                            best_dir=None)
+    del model, optimizer, diag
+
+    model, optimizer, resumed = build()
+    resumed.load_state_dict(restore(model, optimizer)["diagnostics"])
+    assert train(model, optimizer, resumed, range(4, 7)) == expected[3:]
+    summary = resumed.summary()
+    assert summary == uninterrupted.summary() and resumed.weight_drift() == uninterrupted.weight_drift()
+    assert (summary["nonfinite_origin"], summary["nonfinite_origin_step"]) == ("backward:head", 2)
+    assert summary["diagnostics_measured_steps"] == 3 and summary["static_memory_bytes"]["optimizer_state"]
+    assert all(0 < v < 0.5 for v in resumed.weight_drift().values())
+
+    # built on the restored (trained) weights, it would measure drift from the wrong start: refused
+    model, optimizer, _ = build()
+    progress = restore(model, optimizer)
+    with pytest.raises(ValueError, match="other initial weights"):
+        PrecisionDiagnostics(model, optimizer, toy_group, every=2).load_state_dict(progress["diagnostics"])
 
 
 def test_group_roots_are_the_outermost_single_group_modules():
