@@ -196,7 +196,9 @@ def cache(tmp_path_factory) -> Path:
 def _final_metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith("val_") or k in (
         "micro_f1", "macro_f1", "precision_at_1", "precision_at_3", "precision_at_5", "rp_at_5", "ndcg_at_5",
-        "loss", "best_val_step", "steps", "status", "skipped_steps", "samples_seen")}
+        "loss", "best_val_step", "steps", "status", "skipped_steps", "samples_seen", "padding_fraction",
+        # diagnostics history (measured steps before and after the resume) and first non-finite origin
+        "mean_update_fidelity", "diagnostics_measured_steps", "nonfinite_origin", "static_memory_bytes")}
 
 
 @pytest.mark.slow
