@@ -15,7 +15,11 @@ decay groups (both exempt biases and LayerNorm), linear warm-up/decay schedule, 
 `adamw_bnb_8bit` for the 8-bit optimizer configs). The Trainer is set up as a competent user would:
 dynamic padding (`DataCollatorWithPadding`), its default optimizer implementation, no evaluation, no
 logging, no checkpoints. Configs the Trainer cannot express (low-precision master weights, stochastic
-rounding, an fp32 head outside autocast, fp8) are listed as such, not approximated.
+rounding, an fp32 head outside autocast, fp8) are listed as such, not approximated. After each Trainer run
+the precision it really ran is checked (`precision_mismatch`: run.py's `check_dtypes` on its model, last
+logits and optimizer, and whether it scaled the loss); a run that differs is measured but not compared. This
+is how amp_fp16 on CPU shows up: there accelerate turns the `fp16` flag into neither autocast nor loss
+scaling, so the Trainer trains in fp32.
 
 Length-grouped batches (`--length_grouped_batches true`, recorded, off by default because it changes the
 data order) apply to both sides when passed as a run.py flag: still identical work. `--compare_length_grouping`
@@ -93,7 +97,24 @@ class TrainerModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
         logits = self.classifier(input_ids, attention_mask)
+        self.last_logits = logits.detach()  # its dtype shows the precision the Trainer really ran
         return {"loss": model_lib.bce_loss_fp32(logits, labels), "logits": logits}
+
+
+def precision_mismatch(trainer, pc: precision.PrecisionConfig, device: torch.device) -> str | None:
+    """How the precision the Trainer actually ran differs from the config (None: identical): the dtypes it
+    allocated and computed in (the same `check_dtypes` as run.py), and whether it scaled the loss."""
+    model = trainer.model.classifier
+    problems = []
+    try:
+        precision.check_dtypes(pc, model.encoder, model.head, trainer.model.last_logits,
+                               getattr(trainer.optimizer, "optimizer", trainer.optimizer))
+    except precision.PrecisionMismatch as e:
+        problems.append(str(e).removeprefix(f"{pc.name}: "))
+    scaled = trainer.accelerator.scaler is not None
+    if scaled != precision.grad_scaler(pc, device).is_enabled():
+        problems.append("GradScaler " + ("used" if scaled else "not used"))
+    return "; ".join(problems) or None
 
 
 class TrainingOrderDataset(torch.utils.data.Dataset):
@@ -164,7 +185,11 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
         torch.set_num_threads(cfg.threads)
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     with tempfile.TemporaryDirectory() as output_dir:
-        build_trainer(cfg, pc, seed, device, output_dir, [TimingCallback(timer)]).train()
+        trainer = build_trainer(cfg, pc, seed, device, output_dir, [TimingCallback(timer)])
+        trainer.train()
+    mismatch = precision_mismatch(trainer, pc, device)
+    if mismatch:  # measured, but not the config: no ratio is computed from it
+        return {"status": "not identical", "reason": f"its precision differs from the config: {mismatch}", **timer.summary()}
     return {"status": "completed", **timer.summary()}
 
 
@@ -223,7 +248,8 @@ def median_of(runs: list[dict], key: str) -> float | None:
 
 
 def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """`value` formatted by `spec`, or '-' in the same width."""
+    return format(value, spec) if value is not None else format("-", f">{spec.split('.')[0]}")
 
 
 SIDES = {"ours": ("ours", []), "Trainer": ("trainer", []),
@@ -297,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(runs, str):
             print(f"{name:22s} not expressible: {runs}")
             continue
-        rate = {side: median_of(side_runs, "samples_per_second") for side, side_runs in runs.items()}
+        rate = {side: median_of([r for r in side_runs if r.get("status") == "completed"], "samples_per_second")
+                for side, side_runs in runs.items()}
+        not_identical = {r["reason"] for r in runs["Trainer"] if r.get("status") == "not identical"}
         flops, peak = median_of(runs["ours"], "model_flops_per_sample"), median_of(runs["ours"], "peak_flops_measured")
         mfu = lambda r: r * flops / peak if r and flops and peak else None  # noqa: E731
         ratio = rate["ours"] / rate["Trainer"] if rate["ours"] and rate["Trainer"] else None
@@ -307,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22s} {fmt(rate['ours'], '15.2f')} {fmt(rate['Trainer'], '18.2f')} {fmt(ratio, '6.2f')} "
               f"{fmt(mfu(rate['ours']), '9.2%')} {fmt(mfu(rate['Trainer']), '12.2%')} "
               f"{fmt(median_of(runs['ours'], 'padding_fraction'), '8.1%')}" + grouped)
+        for reason in sorted(not_identical):
+            trainer_rate = median_of(runs["Trainer"], "samples_per_second")
+            print(f"{'':22s} ^ Trainer not compared ({fmt(trainer_rate, '.2f')} samples/s measured): {reason}")
 
     fastest = max((r for runs in results.values() if not isinstance(runs, str)
                    for r in [median_of(runs["ours"], "samples_per_second")] if r), default=None)

@@ -45,6 +45,20 @@ def test_trainer_dataloader_yields_our_micro_batches_across_epochs(cache, tmp_pa
     assert n_batches == n_docs // cfg.batch_size and ours.epoch == 1
 
 
+@pytest.mark.parametrize("config, mismatch", [
+    ("amp_bf16", None),
+    # accelerate on CPU: the fp16 flag enables neither autocast nor a GradScaler, so the Trainer trains in fp32
+    ("amp_fp16", "logits float32 != float16; GradScaler not used"),
+])
+def test_the_precision_the_trainer_really_ran_is_checked(cache, tmp_path, config, mismatch):
+    cfg = TrainConfig(preset="tiny", model_name="tiny", tiny_layers=1, tiny_hidden=64, data_dir=str(cache),
+                      max_length=64, batch_size=4, gradient_accumulation_steps=1, max_steps=1)
+    pc, device = precision.get(config), torch.device("cpu")
+    trainer = vs_hf_trainer.build_trainer(cfg, pc, 0, device, str(tmp_path), callbacks=[])
+    trainer.train()
+    assert vs_hf_trainer.precision_mismatch(trainer, pc, device) == mismatch
+
+
 def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
     proc = subprocess.run(
         [sys.executable, str(tiny_run.ROOT / "benchmarks" / "vs_hf_trainer.py"), "--configs",
