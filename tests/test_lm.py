@@ -5,8 +5,10 @@ import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +239,39 @@ def test_sweep_runs_every_config_on_identical_batches_and_prints_the_table(synth
     assert "val_loss" in table and "tokens_per_second" in table and "±" in table
     first = {c: step_log(out, r)[0]["loss"] for c, r in got.items() if r["status"] == "completed"}
     assert first["fp32_baseline"] == pytest.approx(first["amp_bf16_fp32_head"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_uninterrupted(synthetic_cache, tmp_path):
+    """SIGTERM checkpoints at the next step boundary; running the command again resumes there (the shared
+    checkpoint.RunState) and ends with the same step log, validation curve and diagnostics as one run."""
+    flags = [*SMALL, "--config", "amp_bf16", "--max_steps", "40", "--eval_steps", "10",
+             "--data_dir", str(synthetic_cache)]
+    reference = run([*flags, "--output_dir", str(tmp_path / "reference")])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, str(RUN), *flags, "--output_dir", str(out)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = out / "logs"
+    while process.poll() is None and not any(
+            json.loads(line)["step"] >= 3 for f in (logs.glob("*.jsonl") if logs.exists() else [])
+            for line in f.read_text().splitlines() if line.endswith("}")):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]  # stopped before the end, no row
+
+    resumed = run([*flags, "--output_dir", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (row,), (expected,) = rows(out), rows(tmp_path / "reference")
+    assert row["resumed_from_steps"] and 3 <= row["resumed_from_steps"][0] < 40
+    assert f"resuming {row['run_id']} from step {row['resumed_from_steps'][0]}" in resumed.stdout
+    assert step_log(out, row) == step_log(tmp_path / "reference", expected)
+    for key in ("val_loss", "perplexity", "val_loss_curve", "steps", "micro_batches", "tokens_seen",
+                "mean_update_fidelity", "diagnostics_measured_steps", "nonfinite_origin"):
+        assert row[key] == expected[key], key
 
 
 @pytest.mark.parametrize("args, needle", [
