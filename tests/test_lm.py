@@ -274,6 +274,30 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(synthetic_cache, tmp_p
         assert row[key] == expected[key], key
 
 
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(synthetic_cache, tmp_path):
+    """torchrun with 2 ranks, each computing one of the step's 2 micro-batches: the same stream, the same
+    effective batch and, up to reduction order, the same losses as one process."""
+    flags = [*SMALL, "--config", "fp32_baseline", "--data_dir", str(synthetic_cache)]
+    single = run([*flags, "--output_dir", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(RUN), *flags, "--output_dir", str(tmp_path / "ddp")],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    (one,), (two,) = rows(tmp_path / "single"), rows(tmp_path / "ddp")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["tokens_seen"] == one["tokens_seen"] == 6 * 2 * 4 * 32  # same effective batch
+    log_one, log_two = step_log(tmp_path / "single", one), step_log(tmp_path / "ddp", two)
+    assert [r["step"] for r in log_two] == [r["step"] for r in log_one]  # rank 0 alone writes, once per step
+    for a, b in zip(log_one, log_two):  # 1e-4: room for another summation order (NCCL, more ranks)
+        for key in ("loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--config", "amp_bf17"], "valid: all, core, fp32_baseline"),
     (["--config", "amp_bf16", "--n_embd", "100", "--n_head", "3"], "multiple of --n_head"),
