@@ -118,17 +118,14 @@ def precision_mismatch(trainer, pc: precision.PrecisionConfig, device: torch.dev
 
 
 class TrainingOrderDataset(torch.utils.data.Dataset):
-    """The training split in our order (`data.training_order`, epoch after epoch for `n_docs` documents, so a
-    sequential sampler yields our exact micro-batches, length-grouped or not, across epoch boundaries too."""
+    """The first `n_docs` documents of our training stream (`data.TrainBatches`: epoch after epoch, length-grouped
+    or not), so a sequential sampler yields our exact micro-batches."""
 
     def __init__(self, split: data_lib.TokenizedSplit, cfg: TrainConfig, seed: int, num_labels: int, n_docs: int):
         self.split, self.num_labels = split, num_labels
-        orders, total, epoch = [], 0, 0
-        while total < n_docs:
-            orders.append(data_lib.training_order(split.lengths(), cfg.batch_size, seed, epoch,
-                                                  cfg.length_grouped_batches))
-            total, epoch = total + len(orders[-1]), epoch + 1
-        self.order = np.concatenate(orders)[:n_docs]
+        stream = data_lib.TrainBatches(split, cfg.batch_size, seed, num_labels, pad_token_id=0,  # never collated
+                                       length_grouped=cfg.length_grouped_batches)
+        self.order = np.concatenate([stream.next_indices() for _ in range(-(-n_docs // cfg.batch_size))])[:n_docs]
 
     def __len__(self) -> int:
         return len(self.order)

@@ -254,11 +254,11 @@ class RunState:
 
     The loop advances `step` (optimizer steps) and `micro_batches` (summed over ranks); `evals` holds the
     validation results an experiment reports as a curve (the LM's), `best` the best validation so far with its
-    weights' directory (an experiment that keeps best weights: classification). `state_dict()` adds what the helpers need to continue
-    exactly: the data position (`batches.position`, restored by `batches.seek`), the monitor's state, the
-    diagnostics' state (its history: a resumed run's diagnostics summary covers the whole run), the step-log
-    offset, the steps at which the run was resumed and the training wall time across processes.
-    `RunState(..., resumed=<that dict>)` puts everything back; `resumed=None` starts at 0.
+    weights' directory (an experiment that keeps best weights: classification). `state_dict()` adds what the
+    helpers need to continue exactly: the data position (`batches.position`, restored by `batches.seek`), the
+    monitor's state, the diagnostics' state (its history: a resumed run's diagnostics summary covers the whole
+    run), the step-log offset, the steps at which the run was resumed and the training wall time across
+    processes. `RunState(..., resumed=<that dict>)` puts everything back; `resumed=None` starts at 0.
     """
 
     def __init__(self, *, batches: Any, monitor: Any, diagnostics: Any, log: Any, resumed: dict | None):

@@ -201,7 +201,9 @@ class TrainBatches:
     def __iter__(self) -> "TrainBatches":
         return self
 
-    def _next_indices(self) -> np.ndarray:
+    def next_indices(self) -> np.ndarray:
+        """Document indices of the stream's next micro-batch (of any rank), advancing it; `__next__` collates
+        this rank's. The benchmark feeds the Hugging Face Trainer the same stream through it."""
         if self.index == len(self._order):
             self.seek({**self.position, "epoch": self.epoch + 1, "index": 0})
         indices = self._order[self.index : self.index + self.batch_size]
@@ -212,7 +214,7 @@ class TrainBatches:
         return indices
 
     def __next__(self) -> Batch:
-        dealt = [self._next_indices() for _ in range(self.world_size)]
+        dealt = [self.next_indices() for _ in range(self.world_size)]
         return collate(self.split, dealt[self.rank], self.num_labels, self.pad_token_id)
 
 
