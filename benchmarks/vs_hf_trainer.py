@@ -7,19 +7,19 @@ Any other flag is a run.py flag and applies to both sides (e.g. --tiny_layers, -
 with other work pass --threads 1: with more torch threads than free cores, OpenMP's waiting threads make step
 times swing 20x from run to run (measured on the 2-core machine this was written on).
 
-Same work on both sides: the same model (built by experiments/classification/model.py from the same seed),
-the same micro-batches in the same order (the Trainer gets the documents in our order, epoch after epoch,
-with `train_sampling_strategy="sequential"`; tests/test_benchmarks.py checks batch for batch), batch size, gradient accumulation, AdamW hyperparameters, weight
-decay groups (both exempt biases and LayerNorm), linear warm-up/decay schedule, gradient clipping, loss
-(BCE-with-logits in fp32) and precision (`bf16`/`fp16` flags for autocast, GradScaler with fp16,
-`adamw_bnb_8bit` for the 8-bit optimizer configs). The Trainer is set up as a competent user would:
-dynamic padding (`DataCollatorWithPadding`), its default optimizer implementation, no evaluation, no
-logging, no checkpoints. Configs the Trainer cannot express (low-precision master weights, stochastic
-rounding, an fp32 head outside autocast, fp8) are listed as such, not approximated. After each Trainer run
-the precision it really ran is checked (`precision_mismatch`: run.py's `check_dtypes` on its model, last
-logits and optimizer, and whether it scaled the loss); a run that differs is measured but not compared. This
-is how amp_fp16 on CPU shows up: there accelerate turns the `fp16` flag into neither autocast nor loss
-scaling, so the Trainer trains in fp32.
+Same work on both sides: the same model (built by experiments/classification/model.py from the same seed), the
+same micro-batches in the same order (the Trainer gets the documents in our order, epoch after epoch, with
+`train_sampling_strategy="sequential"`; tests/test_benchmarks.py checks batch for batch), batch size, gradient
+accumulation, AdamW hyperparameters, weight decay groups (both exempt biases and LayerNorm), linear
+warm-up/decay schedule, gradient clipping, loss (BCE-with-logits in fp32) and precision (`bf16`/`fp16` flags
+for autocast, GradScaler with fp16, `adamw_bnb_8bit` for the 8-bit optimizer configs). The Trainer is set up
+as a competent user would: dynamic padding (`DataCollatorWithPadding`), its default optimizer implementation,
+no evaluation, no logging, no checkpoints. Configs the Trainer cannot express (low-precision master weights,
+stochastic rounding, an fp32 head outside autocast, fp8) are listed as such, not approximated. After each
+Trainer run the precision it really ran is checked (`precision_mismatch`: run.py's `check_dtypes` on its
+model, last logits and optimizer, and whether it scaled the loss); a run that differs is measured but not
+compared. This is how amp_fp16 on CPU shows up: there accelerate turns the `fp16` flag into neither autocast
+nor loss scaling, so the Trainer trains in fp32.
 
 Length-grouped batches (`--length_grouped_batches true`, recorded, off by default because it changes the
 data order) apply to both sides when passed as a run.py flag: still identical work. `--compare_length_grouping`
@@ -186,7 +186,8 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
         trainer.train()
     mismatch = precision_mismatch(trainer, pc, device)
     if mismatch:  # measured, but not the config: no ratio is computed from it
-        return {"status": "not identical", "reason": f"its precision differs from the config: {mismatch}", **timer.summary()}
+        return {"status": "not identical", "reason": f"its precision differs from the config: {mismatch}",
+                **timer.summary()}
     return {"status": "completed", **timer.summary()}
 
 
