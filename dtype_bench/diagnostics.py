@@ -28,18 +28,38 @@ Every `every` optimizer steps (the first included), measured steps add per group
   from the same gradient and the same (dequantized) optimizer state. 1 = the update landed as computed in
   fp32; below 1 = rounding of the weight/state write lost part of it (stochastic rounding is unbiased: ~1).
 - `lost_update_frac`: of the elements with a non-zero intended update, the fraction left exactly unchanged.
+- `moment_update_lost_frac` = {"exp_avg": {group: f}, "exp_avg_sq": {group: f}}: of the moment elements that the
+  fp32 recurrence from the same stored value (in the optimizer's own convention) would change by more than
+  2^-20 of their magnitude, the fraction whose stored value is bit-identical after the step. The moment
+  counterpart of `lost_update_frac`, and what `update_fidelity` cannot see (its intended update starts from the
+  stored moments): a bf16 second moment rounded to nearest with beta2 = 0.999 moves at most 0.1% per step, below
+  bf16's half-ulp (0.2%), so once gradients shrink it stops decaying. 0 for fp32 moments; floating-point moments
+  only (8-bit codes are left out); absent on step 1 (no state before it).
 - `update_weight_ratio_median`: median |intended update| / |weight| over elements with a non-zero weight
   (a strided sample of at most 2^20 elements per group).
-- `grad_underflow_frac`: fraction of gradient elements that are zero or subnormal in their own dtype.
-- `second_moment_underflow_frac`: the same for the optimizer's second-moment state after the update
+- `grad_zero_frac`, `grad_subnormal_frac` (and their sum `grad_underflow_frac`): parameter-gradient elements that
+  are exactly zero / subnormal in their own dtype, as the optimizer sees them (unscaled, clipped), over the
+  elements of rows that are not structurally zero; `grad_structural_zero_frac`: elements in all-zero rows (dim 0:
+  embedding rows of tokens absent from the batch, positions past the padded length, units nothing reached), over
+  all elements. Structural zeros are never counted as underflow. Under autocast these are fp32 master gradients,
+  where fp16 underflow cannot show: that is what the next fields are for.
+- `act_grad_zero_frac` (flushed to zero), `act_grad_subnormal_frac`, `act_grad_underflow_frac` (below the smallest
+  normal: their sum) and `act_grad_structural_zero_frac`, per group, and `act_grad_dtypes`: the same counts over
+  the gradients of the activations entering every matmul layer (nn.Linear, HF Conv1D) on a measured step's
+  backward, rows along the last (feature) dimension, in the gradient's own dtype and with the loss scale applied
+  (what the hardware computed). Under fp16 autocast the inputs of the layers that follow attention and the FFN
+  activation are fp16, and their gradients are fp16 matmul outputs: this is where loss scaling matters. A row
+  that flushed to zero entirely is counted as structural (the count is a lower bound).
+- `second_moment_underflow_frac`: zero or subnormal elements of the optimizer's second-moment state after the update
   (floating-point states only; 8-bit codes have no subnormals).
 A step the GradScaler skipped has no update to compare: it records the gradient fields and
 `optimizer_step_skipped`. Non-finite values are kept: an update that wrote NaN has NaN fidelity.
 
 Cost of a measured step: the fp32 shadow AdamW step is computed one parameter at a time on the parameter's
-device (transient: about four fp32 copies of the largest parameter), and two tensors per parameter are kept in
-host memory until the update has happened: the weights before it (their own dtype) and the fp32 intended
-update, i.e. N x (weight bytes + 4) bytes of host memory for N parameters, plus the device<->host copies. In
+device (transient: about four fp32 copies of the largest parameter), and tensors per parameter are kept in
+host memory until the update has happened: the weights before it (their own dtype), the fp32 intended update,
+and per floating-point moment its stored value and a boolean mask, i.e. N x (weight bytes + 4 + 2 x (moment
+bytes + 1)) bytes of host memory for N parameters, plus the device<->host copies. In
 time it is one fp32 AdamW step plus ~10 elementwise passes over the weights and a few host syncs per parameter.
 Measured on a 2-core CPU (load 0.3-0.6, quiet), tiny preset fp32 model (1.8M parameters, a training step
 ~70 ms): AdamW step 1.0-1.1 ms, a measured step 53-57 ms in all (about 50 AdamW steps, nearly a training step
@@ -69,11 +89,12 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from dtype_bench.precision import adamw_fp32_step
+from dtype_bench.precision import adamw_fp32_step, dtype_name
 
 GroupOf = Callable[[str], str]
 
 MEDIAN_SAMPLE = 2**20  # elements per group for the update/weight median
+RESOLVED_CHANGE = 2.0**-20  # a relative moment change fp32 resolves (~8 ulps) and bf16 (half-ulp 2^-9) cannot
 BNB_BLOCK_SIZE = 256  # bitsandbytes' 8-bit optimizers quantize their states in blocks of 256
 
 
@@ -91,23 +112,66 @@ def _dequantize(state: dict, which: int, like: torch.Tensor) -> torch.Tensor:
                                      blocksize=BNB_BLOCK_SIZE).float().view_as(like)
 
 
-def moments_fp32(state: dict, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(first moment, second moment, steps taken) of an AdamW state in fp32; zeros before the first step;
-    None for a state layout this module does not know (that parameter is then left out of the fidelity)."""
+def _betas(hyper: dict) -> tuple[float, float]:
+    return tuple(hyper["betas"]) if "betas" in hyper else (hyper["beta1"], hyper["beta2"])  # torch-optimi: beta1/2
+
+
+def _debiased(state: dict, hyper: dict) -> bool:
+    """torch-optimi stores bias-corrected moments (m_t / (1 - beta1^t), likewise v) and counts steps per group."""
+    return "step" not in state and "beta1" in hyper
+
+
+def steps_taken(state: dict, hyper: dict) -> float:
+    if _debiased(state, hyper):
+        return float(hyper.get("step", 0))
+    return float(state["step"]) if state else 0.0
+
+
+def stored_moments(state: dict) -> dict[str, torch.Tensor]:
+    """The stored first and second moment tensors of an AdamW state, by role (bitsandbytes: state1, state2)."""
+    out = {}
+    for role, keys in (("exp_avg", ("exp_avg", "state1")), ("exp_avg_sq", ("exp_avg_sq", "state2"))):
+        value = next((state[k] for k in keys if torch.is_tensor(state.get(k))), None)
+        if value is not None:
+            out[role] = value
+    return out
+
+
+def moments_fp32(state: dict, param: torch.Tensor, hyper: dict) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(first moment, second moment, steps taken) of an AdamW state in fp32, in torch.optim.AdamW's convention
+    (no bias correction in the stored values); zeros before the first step; None for a state layout this module
+    does not know (that parameter is then left out of the fidelity)."""
+    steps = steps_taken(state, hyper)
     if not state:
         zeros = torch.zeros_like(param, dtype=torch.float32)
         return zeros, zeros, 0.0
-    steps = float(state["step"])
-    if "exp_avg" in state:  # torch.optim.AdamW, torchao AdamW (its quantized states dequantize on .float())
-        return state["exp_avg"].float(), state["exp_avg_sq"].float(), steps
+    if "exp_avg" in state:  # torch.optim.AdamW, torchao, torch-optimi (quantized states dequantize on .float())
+        first, second = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        if _debiased(state, hyper):
+            beta1, beta2 = _betas(hyper)
+            first, second = first * (1 - beta1**steps), second * (1 - beta2**steps)
+        return first, second, steps
     if "state1" in state:  # bitsandbytes
         return _dequantize(state, 1, param), _dequantize(state, 2, param), steps
     return None
 
 
+def next_moments_fp32(state: dict, grad: torch.Tensor, hyper: dict) -> dict[str, torch.Tensor]:
+    """The values the stored moments would take after this step if the recurrence ran in fp32 from the stored
+    values (in the optimizer's own convention), for the floating-point moments only (8-bit codes are left out)."""
+    beta1, beta2 = _betas(hyper)
+    if _debiased(state, hyper):  # torch-optimi's bias-corrected betas for the step about to be taken
+        t = steps_taken(state, hyper) + 1
+        beta1, beta2 = ((b**t - b) / (b**t - 1) for b in (beta1, beta2))
+    grad = grad.float()
+    targets = {"exp_avg": (grad, beta1), "exp_avg_sq": (grad.square(), beta2)}
+    return {role: value.float().lerp(targets[role][0], 1 - targets[role][1])
+            for role, value in stored_moments(state).items() if value.is_floating_point()}
+
+
 def _second_moment(state: dict) -> torch.Tensor | None:
-    value = state.get("exp_avg_sq", state.get("state2"))
-    return value if torch.is_tensor(value) and value.is_floating_point() else None
+    value = stored_moments(state).get("exp_avg_sq")
+    return value if value is not None and value.is_floating_point() else None
 
 
 # ---------------------------------------------------------------- small tensor helpers
@@ -116,6 +180,34 @@ def _second_moment(state: dict) -> torch.Tensor | None:
 def tiny_or_zero(t: torch.Tensor) -> torch.Tensor:
     """Elements that are zero or subnormal in the tensor's own dtype (NaN counts as neither)."""
     return t.abs() < torch.finfo(t.dtype).tiny
+
+
+def underflow_counts(rows: torch.Tensor) -> torch.Tensor:
+    """[elements, elements of structurally zero rows, zeros elsewhere, subnormals] of a 2-D view, as an int64
+    device vector (no host sync). A row that is entirely zero is structural: an embedding row of a token absent
+    from the batch, a position past the padded length, a unit no sample reached, an activation at a position the
+    loss does not depend on. A zero inside a row that has non-zero elements is a value that flushed to zero; a
+    subnormal is below the smallest normal of the tensor's own dtype (never in a structural row)."""
+    zero = rows == 0
+    structural = zero.all(1)
+    zeros_elsewhere = (zero & ~structural[:, None]).sum()
+    subnormal = (~zero & tiny_or_zero(rows)).sum()
+    return torch.stack([torch.tensor(rows.numel(), device=rows.device), structural.sum() * rows.shape[1],
+                        zeros_elsewhere, subnormal])
+
+
+def underflow_fields(prefix: str, counts: dict[str, torch.Tensor]) -> dict:
+    """Step-log fields from per-group `underflow_counts` sums: `<prefix>_zero_frac` and `<prefix>_subnormal_frac`
+    over the elements of non-structural rows, `<prefix>_underflow_frac` their sum, and
+    `<prefix>_structural_zero_frac` over all elements."""
+    values = {g: c.tolist() for g, c in counts.items()}
+    live = {g: n - structural for g, (n, structural, _, _) in values.items()}
+    return {
+        f"{prefix}_zero_frac": {g: v[2] / live[g] if live[g] else None for g, v in values.items()},
+        f"{prefix}_subnormal_frac": {g: v[3] / live[g] if live[g] else None for g, v in values.items()},
+        f"{prefix}_underflow_frac": {g: (v[2] + v[3]) / live[g] if live[g] else None for g, v in values.items()},
+        f"{prefix}_structural_zero_frac": {g: v[1] / v[0] if v[0] else None for g, v in values.items()},
+    }
 
 
 def extremes(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -221,6 +313,15 @@ class PrecisionDiagnostics:
         self._memory: dict = {}
         for group, module in roots:
             module.register_forward_hook(self._forward_hook(self.groups.index(group)))
+        # activation gradients: the inputs of every matmul layer, seen in backward on measured steps
+        self._act_counts: dict[str, torch.Tensor] = {}
+        self._act_dtypes: dict[str, set[str]] = {}
+        self._act_hooked: set[int] = set()
+        self._armed = self.measures(1)
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and weight in self.group_of_param:
+                module.register_forward_pre_hook(self._input_grad_hook(self.group_of_param[weight]))
         optimizer.register_step_post_hook(self._mark_stepped)
 
     # ---- hooks
@@ -231,6 +332,23 @@ class PrecisionDiagnostics:
             if module.training:  # evaluation forwards are not training steps
                 self._forward_extremes[slot] += extremes(_output_tensors(output))
         return hook
+
+    def _input_grad_hook(self, group: str):
+        # A closure, like _forward_hook. Registers a tensor hook on the layer's input, once per tensor (q/k/v
+        # share theirs), on the forwards of a measured step: the gradient it sees is what backward computed for
+        # that activation, in its own dtype, with the loss scale applied.
+        def pre_hook(module, args):
+            x = args[0] if args else None
+            if (self._armed and module.training and torch.is_grad_enabled() and torch.is_tensor(x)
+                    and x.requires_grad and id(x) not in self._act_hooked):
+                self._act_hooked.add(id(x))
+                x.register_hook(functools.partial(self._count_activation_grad, group))
+        return pre_hook
+
+    def _count_activation_grad(self, group: str, grad: torch.Tensor) -> None:
+        counts = underflow_counts(grad.detach().reshape(-1, grad.shape[-1]))
+        self._act_counts[group] = self._act_counts[group] + counts if group in self._act_counts else counts
+        self._act_dtypes.setdefault(group, set()).add(dtype_name(grad.dtype))
 
     def _mark_stepped(self, optimizer, args, kwargs) -> None:
         self._stepped = True  # not called when the GradScaler skips the step
@@ -245,6 +363,7 @@ class PrecisionDiagnostics:
         clipped) and the optimizer state is the previous step's."""
         self.step += 1
         self._stepped = False
+        self._act_hooked.clear()
         forward = [count_nonfinite(found, self.device) for found in self._forward_extremes]
         self._forward_extremes = [[] for _ in self.groups]
         grads = [count_nonfinite(extremes(p.grad for p in self._params_of[g] if p.grad is not None), self.device)
@@ -259,33 +378,56 @@ class PrecisionDiagnostics:
 
     @torch.no_grad()
     def _capture(self, with_grad: list[tuple[str, torch.nn.Parameter]]) -> dict:
-        small, total = {g: 0 for g in self.groups}, {g: 0 for g in self.groups}
-        before, intended, ratios = {}, {}, {g: [] for g in self.groups}
+        grad_counts: dict[str, torch.Tensor] = {}
+        before, intended, moments, ratios = {}, {}, {}, {g: [] for g in self.groups}
         for _, p in with_grad:
             group = self.group_of_param[p]
-            small[group] += int(tiny_or_zero(p.grad).sum())
-            total[group] += p.grad.numel()
-            moments = moments_fp32(self.optimizer.state.get(p, {}), p)
-            if moments is None:
+            grad = p.grad.detach()
+            counts = underflow_counts(grad.reshape(grad.shape[0], -1) if grad.ndim >= 2 else grad.reshape(1, -1))
+            grad_counts[group] = grad_counts[group] + counts if group in grad_counts else counts
+            hyper, state = self._hyper[p], self.optimizer.state.get(p, {})
+            moments[p] = self._moment_snapshot(state, grad, hyper)
+            adam_moments = moments_fp32(state, p, hyper)
+            if adam_moments is None:
                 continue
-            hyper = self._hyper[p]
-            beta1, beta2 = hyper["betas"]
-            update = adamw_fp32_step(p, p.grad, *moments[:2], moments[2] + 1, lr=float(hyper["lr"]), beta1=beta1,
-                                     beta2=beta2, eps=hyper["eps"], weight_decay=hyper["weight_decay"])[0] - p.float()
+            beta1, beta2 = _betas(hyper)
+            update = adamw_fp32_step(p, grad, *adam_moments[:2], adam_moments[2] + 1, lr=float(hyper["lr"]),
+                                     beta1=beta1, beta2=beta2, eps=hyper["eps"],
+                                     weight_decay=hyper["weight_decay"])[0] - p.float()
             weight = p.detach().float()
             stride = max(1, self._numel[group] // MEDIAN_SAMPLE)
             ratio = (update.abs() / weight.abs()).flatten()[::stride]
             ratios[group].append(ratio[weight.flatten()[::stride] != 0].cpu())
             before[p], intended[p] = p.detach().to("cpu", copy=True), update.cpu()
-        self._fields["grad_underflow_frac"] = {g: small[g] / total[g] for g in self.groups if total[g]}
+        self._fields.update(underflow_fields("grad", grad_counts))
+        if self._act_counts:
+            self._fields.update(underflow_fields("act_grad", self._act_counts))
+            self._fields["act_grad_dtypes"] = {g: sorted(d) for g, d in self._act_dtypes.items()}
+        self._act_counts, self._act_dtypes = {}, {}
         medians = {g: torch.cat(r) for g, r in ratios.items() if r}
         self._fields["update_weight_ratio_median"] = {
             g: float(r.median()) if r.numel() else None for g, r in medians.items()}
-        return {"before": before, "intended": intended}
+        return {"before": before, "intended": intended, "moments": moments}
+
+    @staticmethod
+    def _moment_snapshot(state: dict, grad: torch.Tensor, hyper: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per floating-point moment: (its stored value before the step, on the host; which elements the fp32
+        recurrence from that stored value would change by more than `RESOLVED_CHANGE` of their magnitude, far
+        below bf16's half-ulp 2^-9 and far above fp32's rounding). Empty before the first step (no state yet)."""
+        if not state:
+            return {}
+        stored = stored_moments(state)
+        out = {}
+        for role, target in next_moments_fp32(state, grad, hyper).items():
+            value = stored[role].detach()
+            changes = (target - value.float()).abs() > RESOLVED_CHANGE * value.float().abs()
+            out[role] = (value.to("cpu", copy=True), changes.cpu())
+        return out
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Call right after `scaler.step(optimizer)` / `optimizer.step()`."""
+        self._armed = self.measures(self.step + 1)
         self._step_counts += [count_nonfinite(extremes(self._params_of[g]), self.device) for g in self.groups]
         if self._stepped and "optimizer_state" not in self._memory:
             self._account_optimizer_state()
@@ -311,6 +453,7 @@ class PrecisionDiagnostics:
                 self.fidelity_history[g].append(value)
         self._fields["update_fidelity"] = fidelity
         self._fields["lost_update_frac"] = {g: lost[g] / moving[g] for g in self.groups if moving[g]}
+        self._fields["moment_update_lost_frac"] = self._moment_update_lost(snapshot["moments"])
         small, total = {g: 0 for g in self.groups}, {g: 0 for g in self.groups}
         for _, p in self.named:
             second = _second_moment(self.optimizer.state.get(p, {}))
@@ -318,6 +461,20 @@ class PrecisionDiagnostics:
                 small[self.group_of_param[p]] += int(tiny_or_zero(second).sum())
                 total[self.group_of_param[p]] += second.numel()
         self._fields["second_moment_underflow_frac"] = {g: small[g] / total[g] for g in self.groups if total[g]}
+
+    def _moment_update_lost(self, snapshots: dict) -> dict[str, dict[str, float]]:
+        """Per moment and group: of the elements the fp32 recurrence would have changed, the fraction whose
+        stored value is bit-identical after the step (the write rounded the change away)."""
+        lost, changing = {}, {}
+        for p, roles in snapshots.items():
+            stored, group = stored_moments(self.optimizer.state.get(p, {})), self.group_of_param[p]
+            for role, (before, changes) in roles.items():
+                unchanged = stored[role].detach().cpu() == before
+                lost.setdefault(role, {}).setdefault(group, 0)
+                changing.setdefault(role, {}).setdefault(group, 0)
+                lost[role][group] += int((changes & unchanged).sum())
+                changing[role][group] += int(changes.sum())
+        return {role: {g: lost[role][g] / n for g, n in groups.items() if n} for role, groups in changing.items()}
 
     # ---- read by the monitor
 
@@ -418,6 +575,7 @@ class PrecisionDiagnostics:
         self.step, self.first_origin = state["step"], state["first_origin"]
         self.fidelity_history, self.measured_steps = state["fidelity_history"], state["measured_steps"]
         self._memory = state["memory"]
+        self._armed = self.measures(self.step + 1)
 
     @functools.cached_property
     def _initial_digest(self) -> str:

@@ -9,16 +9,20 @@ config name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
 
 import torch
 
-OptimizerKind = Literal["adamw", "adamw_8bit", "adamw_stochastic_rounding", "adamw_fp32_states"]
+OptimizerKind = Literal["adamw", "adamw_8bit", "adamw_stochastic_rounding", "adamw_fp32_states", "adamw_kahan"]
 LossScaling = Literal["none", "dynamic"]
+WeightUpdateRounding = Literal["nearest", "stochastic", "kahan"]
+MomentRounding = Literal["nearest"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504: logits above this overflow in fp16
+EIGHT_BIT = torch.uint8  # moment dtype of block-wise 8-bit optimizer states (codes + per-block scales)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -43,17 +47,36 @@ class PrecisionConfig:
     """dtype of the output layer's parameters; None = same as weight_dtype."""
     head_compute_fp32: bool = False
     """Run the output layer outside autocast in fp32 (inputs upcast): fp32 logits and fp32 head gradients."""
+    weight_update_rounding: WeightUpdateRounding = "nearest"
+    """How the new weight is written into a low-precision (fp16/bf16) weight: 'nearest' (round to nearest
+    even: an update below half an ulp of the weight is lost), 'stochastic' (rounded up or down with
+    probabilities that make the stored weight unbiased), 'kahan' (round to nearest plus a per-weight
+    compensation buffer that carries the rounding error into the next step). fp32 weights are always
+    rounded to nearest in fp32."""
+    exp_avg_dtype: torch.dtype = torch.float32
+    """dtype AdamW's first moment is stored in; torch.uint8 = block-wise 8-bit codes (bitsandbytes, which
+    keeps fp32 moments for tensors under 4,096 elements)."""
+    exp_avg_sq_dtype: torch.dtype = torch.float32
+    """dtype AdamW's second moment is stored in (torch.uint8 as for exp_avg). A bf16 second moment rounded
+    to nearest cannot decay: with beta2 = 0.999 one step changes it by at most 0.1%, below bf16's half-ulp
+    (2^-9 = 0.2%)."""
+    moment_rounding: MomentRounding = "nearest"
+    """How a new moment value is written into its dtype. Every optimizer here rounds to nearest (8-bit: to
+    the nearest code); stated so that rows and the report say so."""
     optimizer: OptimizerKind = "adamw"
-    """'adamw': torch AdamW, states in the parameter dtype; 'adamw_8bit': bitsandbytes 8-bit block-wise
-    AdamW states; 'adamw_stochastic_rounding': torchao AdamW writing bf16 weights with stochastic rounding;
-    'adamw_fp32_states': `AdamWFp32States`, fp32 moments and arithmetic, the result rounded to nearest into the
-    weights' own dtype."""
+    """The implementation, which must be able to do what the fields above say (checked in __post_init__):
+    'adamw': torch AdamW, moments in the parameter dtype; 'adamw_8bit': bitsandbytes 8-bit block-wise
+    AdamW; 'adamw_stochastic_rounding': torchao `_AdamW(bf16_stochastic_round=True)` (moments in the
+    parameter dtype, i.e. bf16 rounded to nearest); 'adamw_fp32_states': `AdamWFp32States`, fp32 moments
+    and arithmetic, the new weight rounded to nearest or stochastically; 'adamw_kahan': torch-optimi AdamW
+    with `kahan_sum=True` (moments in the parameter dtype)."""
     adam_eps: float | None = None
     """Override of the run's AdamW epsilon (e.g. an eps that does not round to 0 in fp16); None = the run's."""
     tf32: bool = False
     """Allow TF32 tensor-core matmuls/convolutions for fp32 tensors (CUDA compute capability >= 8.0 only)."""
     compile: bool | None = None
-    """torch.compile the model: True/False, or None = the device default (`compile_default`)."""
+    """torch.compile the model, and run the optimizer's own compiled step compiled (torchao's): True/False,
+    or None = the device default (`compile_default`). False compiles nothing."""
     fp8: bool = False
     """torchao float8 training on the encoder's Linear layers (needs CUDA compute capability >= 8.9)."""
     family: str = field(default="fp32")
@@ -67,10 +90,35 @@ class PrecisionConfig:
             raise ValueError(f"{self.name}: autocast_dtype must be None, float16 or bfloat16")
         if self.loss_scaling == "dynamic" and self.weight_dtype != torch.float32:
             raise ValueError(f"{self.name}: GradScaler needs fp32 master weights (it refuses to unscale fp16 grads)")
-        if self.optimizer == "adamw_stochastic_rounding" and self.weight_dtype != torch.bfloat16:
-            raise ValueError(f"{self.name}: stochastic rounding is implemented for bf16 weights only")
         if self.family not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"{self.name}: family must be fp32, fp16 or bf16")
+        problem = self._optimizer_cannot()
+        if problem:
+            raise ValueError(f"{self.name}: optimizer {self.optimizer!r} {problem}")
+
+    def _optimizer_cannot(self) -> str | None:
+        """What the named optimizer implementation cannot do of what the numerics fields say, or None."""
+        moments = (self.exp_avg_dtype, self.exp_avg_sq_dtype)
+        same_as_weights = moments == (self.weight_dtype,) * 2 and self.head_dtype == self.weight_dtype
+        rounding = self.weight_update_rounding
+        if self.optimizer == "adamw_8bit":
+            return None if moments == (EIGHT_BIT,) * 2 and rounding == "nearest" else \
+                "keeps 8-bit moments (torch.uint8) and rounds weights to nearest"
+        if self.optimizer == "adamw_fp32_states":
+            if moments != (torch.float32,) * 2:
+                return "keeps fp32 moments"
+            if rounding == "kahan" or (rounding == "stochastic" and self.weight_dtype != torch.bfloat16):
+                return "rounds to nearest, or stochastically into bf16 weights"
+            return None
+        if not same_as_weights:
+            return "keeps its moments in the parameters' (single) dtype"
+        if self.optimizer == "adamw_stochastic_rounding":
+            return None if rounding == "stochastic" and self.weight_dtype == torch.bfloat16 else \
+                "rounds bf16 weights stochastically (bf16 weights only)"
+        if self.optimizer == "adamw_kahan":
+            return None if rounding == "kahan" and self.weight_dtype != torch.float32 else \
+                "does Kahan-compensated updates of fp16/bf16 weights"
+        return None if rounding == "nearest" else "rounds to nearest"
 
     @property
     def head_dtype(self) -> torch.dtype:
@@ -78,7 +126,8 @@ class PrecisionConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype most matmuls run in (what the MFU peak is calibrated for)."""
+        """The dtype most matmuls run in (what the MFU peak is calibrated for; float8 matmuls of `fp8`
+        configs are counted against it: their MFU is bf16-equivalent)."""
         return self.autocast_dtype or self.weight_dtype
 
     def to_record(self) -> dict:
@@ -87,47 +136,66 @@ class PrecisionConfig:
 
 
 def _amp(name: str, dtype: torch.dtype, description: str, **kw) -> PrecisionConfig:
-    return PrecisionConfig(
-        name=name, description=description, autocast_dtype=dtype,
-        loss_scaling="dynamic" if dtype == torch.float16 else "none",
-        family="fp16" if dtype == torch.float16 else "bf16", **kw,
-    )
+    kw.setdefault("loss_scaling", "dynamic" if dtype == torch.float16 else "none")
+    return PrecisionConfig(name=name, description=description, autocast_dtype=dtype,
+                           family="fp16" if dtype == torch.float16 else "bf16", **kw)
 
 
-_BF16_PURE = dict(weight_dtype=torch.bfloat16, optimizer="adamw_stochastic_rounding", family="bf16")
+def _low(dtype: torch.dtype, **kw) -> dict:
+    """Pure low-precision weights: weights, gradients and (unless overridden) both moments in `dtype`."""
+    return dict(weight_dtype=dtype, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype,
+                family="fp16" if dtype == torch.float16 else "bf16") | kw
+
+
+_FP32_MOMENTS = dict(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)
+# bf16 weights written with stochastic rounding, fp32 moments that decay as fp32 AdamW's do
+_BF16_SR_FP32_MOMENTS = _low(torch.bfloat16, weight_update_rounding="stochastic", optimizer="adamw_fp32_states",
+                             **_FP32_MOMENTS)
+_EIGHT_BIT_MOMENTS = dict(exp_avg_dtype=EIGHT_BIT, exp_avg_sq_dtype=EIGHT_BIT, optimizer="adamw_8bit")
 
 REGISTRY: dict[str, PrecisionConfig] = {pc.name: pc for pc in (
     PrecisionConfig("fp32_baseline", "fp32 weights and math, TF32 off"),
     PrecisionConfig("fp32_tf32_matmul", "fp32 weights, TF32 tensor-core matmuls", tf32=True),
     _amp("amp_fp16", torch.float16, "fp32 master weights, fp16 autocast, dynamic loss scaling"),
+    _amp("amp_fp16_no_loss_scaling", torch.float16, "amp_fp16 without loss scaling: the control that shows "
+         "what loss scaling buys (fp16 activation gradients underflow)", loss_scaling="none"),
     _amp("amp_bf16", torch.bfloat16, "fp32 master weights, bf16 autocast, no loss scaling"),
-    PrecisionConfig("fp16_naive", "fp16 weights, grads and AdamW states, no loss scaling",
-                    weight_dtype=torch.float16, family="fp16"),
+    PrecisionConfig("fp16_naive", "fp16 weights, grads and AdamW states, no loss scaling", **_low(torch.float16)),
     PrecisionConfig("fp16_naive_safe_eps", "fp16_naive with AdamW eps 1e-4 (representable in fp16): "
                     "isolates the optimizer's 0/0 from gradient underflow/overflow",
-                    weight_dtype=torch.float16, adam_eps=1e-4, family="fp16"),
+                    adam_eps=1e-4, **_low(torch.float16)),
     PrecisionConfig("fp16_fp32_adam_states", "fp16 weights and grads, AdamW moments and arithmetic in fp32 "
                     "(same eps): isolates the optimizer's fp16 arithmetic from fp16 gradients",
-                    weight_dtype=torch.float16, optimizer="adamw_fp32_states", family="fp16"),
+                    **_low(torch.float16, optimizer="adamw_fp32_states", **_FP32_MOMENTS)),
     PrecisionConfig("bf16_naive", "bf16 weights, grads and AdamW states, round-to-nearest updates",
-                    weight_dtype=torch.bfloat16, family="bf16"),
-    PrecisionConfig("bf16_pure", "bf16 weights/activations/grads, AdamW with stochastic rounding, compiled",
-                    compile=True, **_BF16_PURE),
-    PrecisionConfig("bf16_no_compile", "bf16_pure without torch.compile (compile ablation)",
-                    compile=False, **_BF16_PURE),
-    _amp("amp_fp16_8bit_adam", torch.float16, "amp_fp16 with 8-bit AdamW states", optimizer="adamw_8bit"),
-    _amp("amp_bf16_8bit_adam", torch.bfloat16, "amp_bf16 with 8-bit AdamW states", optimizer="adamw_8bit"),
+                    **_low(torch.bfloat16)),
+    PrecisionConfig("bf16_sr_fp32_moments", "bf16 weights/activations/grads, weights written with stochastic "
+                    "rounding, fp32 AdamW moments (they decay), compiled", compile=True, **_BF16_SR_FP32_MOMENTS),
+    PrecisionConfig("bf16_no_compile", "bf16_sr_fp32_moments with nothing compiled (compile ablation)",
+                    compile=False, **_BF16_SR_FP32_MOMENTS),
+    PrecisionConfig("bf16_sr_bf16_moments", "bf16 weights with stochastic rounding, bf16 round-to-nearest AdamW "
+                    "moments (torchao _AdamW; the former bf16_pure): the second moment cannot decay",
+                    **_low(torch.bfloat16, weight_update_rounding="stochastic", optimizer="adamw_stochastic_rounding")),
+    PrecisionConfig("bf16_kahan_bf16_moments", "bf16 weights with Kahan-compensated updates, bf16 round-to-nearest "
+                    "AdamW moments (torch-optimi); its decoupled weight decay is a separate round-to-nearest "
+                    "multiply, lost below bf16's half-ulp",
+                    **_low(torch.bfloat16, weight_update_rounding="kahan", optimizer="adamw_kahan")),
+    _amp("amp_fp16_8bit_adam", torch.float16, "amp_fp16 with 8-bit AdamW states", **_EIGHT_BIT_MOMENTS),
+    _amp("amp_bf16_8bit_adam", torch.bfloat16, "amp_bf16 with 8-bit AdamW states", **_EIGHT_BIT_MOMENTS),
     _amp("amp_bf16_fp32_head", torch.bfloat16, "amp_bf16, output layer in fp32 outside autocast",
          head_compute_fp32=True),
-    PrecisionConfig("bf16_body_fp32_head", "bf16_pure body, fp32 output-layer weights and matmul",
-                    head_weight_dtype=torch.float32, head_compute_fp32=True, compile=True, **_BF16_PURE),
+    PrecisionConfig("bf16_body_fp32_head", "bf16_sr_fp32_moments body, fp32 output-layer weights and matmul",
+                    head_weight_dtype=torch.float32, head_compute_fp32=True, compile=True, **_BF16_SR_FP32_MOMENTS),
     _amp("amp_bf16_fp8", torch.bfloat16, "amp_bf16 with float8 encoder Linear layers (Hopper)", fp8=True),
 )}
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "all": tuple(REGISTRY),
-    "core": ("fp32_baseline", "amp_fp16", "amp_bf16", "bf16_pure"),
+    "core": ("fp32_baseline", "amp_fp16", "amp_bf16", "bf16_sr_fp32_moments"),
 }
+
+RENAMED = {"bf16_pure": "bf16_sr_bf16_moments (same numerics: bf16 round-to-nearest moments) or "
+                        "bf16_sr_fp32_moments (the pure-bf16 recipe now in `core`: moments that decay)"}
 
 
 class UnknownConfig(ValueError):
@@ -140,6 +208,9 @@ def resolve_names(spec: str) -> list[str]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         names.extend(GROUPS.get(part, (part,)))
     unknown = [n for n in names if n not in REGISTRY]
+    renamed = [f"{n} was renamed: use {RENAMED[n]}" for n in unknown if n in RENAMED]
+    if renamed:
+        raise UnknownConfig("; ".join(renamed))
     if unknown or not names:
         raise UnknownConfig(
             f"unknown config {', '.join(unknown) or repr(spec)}; valid: {', '.join(GROUPS)}, {', '.join(REGISTRY)}"
@@ -243,13 +314,32 @@ def adamw_fp32_step(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Ten
     return weight * (1 - lr * weight_decay) - (lr / (1 - beta1**step)) * exp_avg / denom, exp_avg, exp_avg_sq
 
 
-class AdamWFp32States(torch.optim.Optimizer):
-    """AdamW whose moments and arithmetic are fp32 whatever the weights' dtype; the new weight is rounded to
-    nearest into that dtype. Over fp16 weights it is fp16_naive's optimizer without fp16 arithmetic: the
-    second moment cannot underflow and eps = 1e-8 does not round to 0."""
+def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 rounded up or down at random, away from zero with probability (the 16 dropped bits) / 2^16,
+    so the expected stored value is x: add 16 uniform random bits below bf16's last bit and truncate. Draws
+    from torch's default generator (run.py reseeds it per step, so ranks and resumed runs draw alike)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
 
-    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+
+class AdamWFp32States(torch.optim.Optimizer):
+    """AdamW whose moments and arithmetic are fp32 whatever the weights' dtype (`adamw_fp32_step`); the new
+    weight is rounded into the weights' dtype to nearest, or stochastically (`stochastic_round_to_bf16`) into
+    bf16 weights (fp32 weights, e.g. an fp32 head, are written exactly).
+
+    Why our own: no maintained library fits. torchao's `_AdamW(bf16_stochastic_round=True)` allocates its moments
+    like the parameter (bf16 over bf16 weights, rounded to nearest: the second moment cannot decay), torch-optimi
+    keeps moments in the parameter dtype too, and torch's AdamW has no stochastic rounding. Over fp16 weights
+    with rounding to nearest it is fp16_naive's optimizer without fp16 arithmetic: the second moment cannot
+    underflow and eps = 1e-8 does not round to 0."""
+
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 rounding: Literal["nearest", "stochastic"] = "nearest"):
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.rounding = rounding
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -266,7 +356,27 @@ class AdamWFp32States(torch.optim.Optimizer):
                 weight, state["exp_avg"], state["exp_avg_sq"] = adamw_fp32_step(
                     p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=group["lr"], beta1=beta1,
                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-                p.copy_(weight)
+                stochastic = self.rounding == "stochastic" and p.dtype == torch.bfloat16
+                p.copy_(stochastic_round_to_bf16(weight) if stochastic else weight)
+
+
+def _eager_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Run an optimizer whose step torch.compiles itself (torchao's) eagerly: `compile=False` compiles nothing."""
+    compiled_step = optimizer.step
+
+    @functools.wraps(compiled_step)
+    def step(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return compiled_step(*args, **kwargs)
+
+    optimizer.step = step
+    return optimizer
+
+
+def compiles_optimizer_step(pc: PrecisionConfig, device: torch.device) -> bool:
+    """Whether the optimizer step runs torch.compile'd code: torchao's AdamW compiles its per-parameter step
+    unless the config compiles nothing on this device."""
+    return pc.optimizer == "adamw_stochastic_rounding" and should_compile(pc, device)
 
 
 def build_optimizer(
@@ -283,9 +393,15 @@ def build_optimizer(
     if pc.optimizer == "adamw_stochastic_rounding":
         from torchao.optim import _AdamW
 
-        return _AdamW(param_groups, bf16_stochastic_round=True, **kwargs)
+        optimizer = _AdamW(param_groups, bf16_stochastic_round=True, **kwargs)
+        return optimizer if compiles_optimizer_step(pc, device) else _eager_step(optimizer)
     if pc.optimizer == "adamw_fp32_states":
-        return AdamWFp32States(param_groups, **kwargs)
+        return AdamWFp32States(param_groups, rounding=pc.weight_update_rounding, **kwargs)
+    if pc.optimizer == "adamw_kahan":
+        import optimi
+
+        # foreach=False: optimi's for-loop path (its foreach path is deprecated); Triton where it applies (CUDA)
+        return optimi.AdamW(param_groups, kahan_sum=True, foreach=False, **kwargs)
     # Both implementations keep the states in the parameter dtype, but they do not compute alike: the fused
     # kernels (CUDA and CPU) do the update arithmetic in fp32 even for fp16/bf16 parameters, which would
     # quietly turn the naive low-precision configs into mixed-precision optimizers (measured: fp16_naive stops
@@ -294,6 +410,15 @@ def build_optimizer(
     # otherwise.
     fused = pc.weight_dtype == torch.float32 and pc.head_dtype == torch.float32 and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups, fused=fused, foreach=None if fused else True, **kwargs)
+
+
+def weight_update_rounding_of(optimizer: torch.optim.Optimizer) -> WeightUpdateRounding:
+    """How this optimizer object writes low-precision weights, read from the object itself (for check_dtypes)."""
+    if getattr(optimizer, "bf16_stochastic_round", False):  # torchao
+        return "stochastic"
+    if any(g.get("kahan_sum") for g in optimizer.param_groups):  # torch-optimi (True once states exist)
+        return "kahan"
+    return getattr(optimizer, "rounding", "nearest")
 
 
 # ---------------------------------------------------------------- checking what we got
@@ -318,6 +443,24 @@ def optimizer_state_dtypes(optimizer: torch.optim.Optimizer) -> dict[str, list[s
     return {k: sorted(v) for k, v in found.items()}
 
 
+_BNB_MOMENT_KEYS = {"state1": "exp_avg", "state2": "exp_avg_sq"}
+
+
+def _moment_problems(pc: PrecisionConfig, state_dtypes: dict[str, list[str]]) -> list[str]:
+    """Each moment's allocated dtypes against the config's field. 8-bit: bitsandbytes keeps fp32 moments for
+    tensors under 4,096 elements, so fp32 may appear beside uint8, but uint8 must."""
+    problems = []
+    for key, field_name in (("exp_avg", "exp_avg_dtype"), ("exp_avg_sq", "exp_avg_sq_dtype")):
+        expected = dtype_name(getattr(pc, field_name))
+        found = sorted({d for k, dtypes in state_dtypes.items() if _BNB_MOMENT_KEYS.get(k, k) == key for d in dtypes})
+        allowed = {expected, "float32"} if expected == dtype_name(EIGHT_BIT) else {expected}
+        if not found:
+            problems.append(f"no {key} state allocated (state keys {sorted(state_dtypes)})")
+        elif not set(found) <= allowed or expected not in found:
+            problems.append(f"{key} stored as {found}, config says {expected}")
+    return problems
+
+
 def check_dtypes(
     pc: PrecisionConfig, body: torch.nn.Module, head: torch.nn.Module, logits: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -336,8 +479,6 @@ def check_dtypes(
     expected_logits = (
         torch.float32 if pc.head_compute_fp32 else pc.autocast_dtype or pc.head_dtype
     )
-    moment_keys = {"exp_avg", "exp_avg_sq", "state1", "state2"}
-    state = {k: v for k, v in got["optimizer_state"].items() if k in moment_keys}
     problems = []
     if got["body_params"] != [dtype_name(pc.weight_dtype)]:
         problems.append(f"body params {got['body_params']} != {dtype_name(pc.weight_dtype)}")
@@ -345,17 +486,14 @@ def check_dtypes(
         problems.append(f"head params {got['head_params']} != {dtype_name(pc.head_dtype)}")
     if logits.dtype != expected_logits:
         problems.append(f"logits {got['logits']} != {dtype_name(expected_logits)}")
-    if not state:
-        problems.append(f"no AdamW moment state found (keys {sorted(got['optimizer_state'])})")
-    elif pc.optimizer == "adamw_8bit":
-        if not any("uint8" in v for v in state.values()):
-            problems.append(f"8-bit optimizer allocated no uint8 state: {state}")
-    else:
-        param_dtypes = ({"float32"} if pc.optimizer == "adamw_fp32_states"
-                        else {dtype_name(pc.weight_dtype), dtype_name(pc.head_dtype)})
-        bad = {k: v for k, v in state.items() if not set(v) <= param_dtypes}
-        if bad:
-            problems.append(f"optimizer states {bad} not in parameter dtypes {sorted(param_dtypes)}")
+    problems += _moment_problems(pc, got["optimizer_state"])
+    rounding = weight_update_rounding_of(optimizer)
+    got["weight_update_rounding"] = rounding
+    if rounding != pc.weight_update_rounding:
+        problems.append(f"optimizer rounds weight updates {rounding!r}, config says {pc.weight_update_rounding!r}")
+    if rounding == "kahan" and got["optimizer_state"].get("kahan_comp") != [dtype_name(pc.weight_dtype)]:
+        problems.append(f"Kahan compensation buffers {got['optimizer_state'].get('kahan_comp')} are not "
+                        f"{dtype_name(pc.weight_dtype)}")
     if problems:
         raise PrecisionMismatch(f"{pc.name}: " + "; ".join(problems))
     return got
