@@ -453,7 +453,9 @@ class PrecisionDiagnostics:
                 self.fidelity_history[g].append(value)
         self._fields["update_fidelity"] = fidelity
         self._fields["lost_update_frac"] = {g: lost[g] / moving[g] for g in self.groups if moving[g]}
-        self._fields["moment_update_lost_frac"] = self._moment_update_lost(snapshot["moments"])
+        moments_lost = self._moment_update_lost(snapshot["moments"])
+        if moments_lost:  # none before the first step allocated moments
+            self._fields["moment_update_lost_frac"] = moments_lost
         small, total = {g: 0 for g in self.groups}, {g: 0 for g in self.groups}
         for _, p in self.named:
             second = _second_moment(self.optimizer.state.get(p, {}))
@@ -474,7 +476,8 @@ class PrecisionDiagnostics:
                 changing.setdefault(role, {}).setdefault(group, 0)
                 lost[role][group] += int((changes & unchanged).sum())
                 changing[role][group] += int(changes.sum())
-        return {role: {g: lost[role][g] / n for g, n in groups.items() if n} for role, groups in changing.items()}
+        fractions = {role: {g: lost[role][g] / n for g, n in groups.items() if n} for role, groups in changing.items()}
+        return {role: groups for role, groups in fractions.items() if groups}
 
     # ---- read by the monitor
 

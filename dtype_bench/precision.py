@@ -9,7 +9,6 @@ config name.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
@@ -360,17 +359,18 @@ class AdamWFp32States(torch.optim.Optimizer):
                 p.copy_(stochastic_round_to_bf16(weight) if stochastic else weight)
 
 
-def _eager_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Run an optimizer whose step torch.compiles itself (torchao's) eagerly: `compile=False` compiles nothing."""
-    compiled_step = optimizer.step
+def _torchao_adamw(compiled: bool, param_groups: list[dict], **kwargs) -> torch.optim.Optimizer:
+    """torchao's `_AdamW` writing bf16 weights with stochastic rounding. It torch.compiles its per-parameter step
+    by itself; `compiled=False` runs that step eagerly (a config with compile=False compiles nothing)."""
+    from torchao.optim import _AdamW
 
-    @functools.wraps(compiled_step)
-    def step(*args, **kwargs):
-        with torch.compiler.set_stance("force_eager"):
-            return compiled_step(*args, **kwargs)
+    class EagerAdamW(_AdamW):
+        @torch.no_grad()
+        def step(self, closure=None):
+            with torch.compiler.set_stance("force_eager"):
+                return super().step(closure)
 
-    optimizer.step = step
-    return optimizer
+    return (_AdamW if compiled else EagerAdamW)(param_groups, bf16_stochastic_round=True, **kwargs)
 
 
 def compiles_optimizer_step(pc: PrecisionConfig, device: torch.device) -> bool:
@@ -391,10 +391,7 @@ def build_optimizer(
 
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
     if pc.optimizer == "adamw_stochastic_rounding":
-        from torchao.optim import _AdamW
-
-        optimizer = _AdamW(param_groups, bf16_stochastic_round=True, **kwargs)
-        return optimizer if compiles_optimizer_step(pc, device) else _eager_step(optimizer)
+        return _torchao_adamw(compiles_optimizer_step(pc, device), param_groups, **kwargs)
     if pc.optimizer == "adamw_fp32_states":
         return AdamWFp32States(param_groups, rounding=pc.weight_update_rounding, **kwargs)
     if pc.optimizer == "adamw_kahan":

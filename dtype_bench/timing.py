@@ -13,9 +13,12 @@ are reset when a phase begins and read when it ends (max allocated and max reser
 process's resident-set high-water mark (VmHWM), reset per phase through /proc/self/clear_refs where Linux
 allows it; elsewhere it is the whole-process peak since start, and `peak_memory_kind` says which.
 
-MFU: model FLOPs per sample (`training_flops_per_sample`) x samples/s, over the matmul peak measured in the
-same process in the config's compute dtype (`measure_matmul_peak`), and over the datasheet peak where the
-GPU is known (`datasheet_peak_flops`).
+MFU: model FLOPs per sample (`training_flops_per_sample`) x samples/s of one device, over one device's matmul
+peak measured in the same process in the config's compute dtype (`measure_matmul_peak`), and over the datasheet
+peak where the GPU is known (`datasheet_peak_flops`). Under torchrun each process feeds its StepTimer its own
+samples and FLOPs, so the timer's numbers are per device; `throughput_record` adds the job's samples/s (x the
+world size). float8 configs count their float8 matmuls against the bf16 peak: their MFU is bf16-equivalent
+(`mfu_basis`), about twice what it would be against the float8 peak.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ class StepTimer:
             self._open = _Window(self._mark(), None, 0, 0, 0.0)
 
     def stop(self, samples: int, flops: float = 0.0) -> None:
-        """Call after the optimizer step, with the samples (and model FLOPs) it processed."""
+        """Call after the optimizer step, with the samples (and model FLOPs) this process computed in it."""
         self._steps_seen += 1
         if self._open is None:
             return
@@ -310,21 +313,29 @@ def flops_counter(body: torch.nn.Module, head: torch.nn.Module, *, head_per_toke
     return flops
 
 
-def calibrate_peaks(device: torch.device, compute_dtype: torch.dtype, *, tf32: bool) -> dict:
-    """Measured and datasheet peak FLOP/s for this run's compute dtype. Call after the run's matmul
+def calibrate_peaks(device: torch.device, compute_dtype: torch.dtype, *, tf32: bool, fp8: bool = False) -> dict:
+    """Measured and datasheet peak FLOP/s of one device for this run's compute dtype. Call after the run's matmul
     precision flags are set (so an fp32 calibration uses TF32 exactly when the run does) and before the
-    peak-memory reset point (the calibration's buffers are not the model's memory)."""
+    peak-memory reset point (the calibration's buffers are not the model's memory). `fp8`: the run's encoder
+    matmuls are float8; the peak stays the compute dtype's and `mfu_basis` says the MFU is bf16-equivalent."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return {"peak_flops_measured": measure_matmul_peak(device, compute_dtype),
             "peak_flops_datasheet": datasheet_peak_flops(name, compute_dtype, tf32) if name else None,
-            "peak_flops_dtype": str(compute_dtype).removeprefix("torch.") + ("+tf32" if tf32 else "")}
+            "peak_flops_dtype": str(compute_dtype).removeprefix("torch.") + ("+tf32" if tf32 else ""),
+            "mfu_basis": f"{str(compute_dtype).removeprefix('torch.')}-equivalent (float8 matmuls counted against "
+                         "this peak)" if fp8 else "compute dtype peak"}
 
 
-def mfu_record(speed: dict, peaks: dict) -> dict:
-    """MFU fields of a results row: model FLOPs per sample (from `StepTimer.summary`) x samples/s, over the
-    measured and over the datasheet peak (None where either is unknown)."""
-    rate, per_sample = speed.get("samples_per_second"), speed.get("model_flops_per_sample")
-    achieved = rate * per_sample if rate and per_sample else None
+def throughput_record(speed: dict, peaks: dict, world_size: int = 1) -> dict:
+    """Results-row throughput and MFU fields from `StepTimer.summary()` of a timer fed this process's samples and
+    FLOPs (per device): `samples_per_second` (and its min/max) of the whole job = per device x `world_size` (every
+    rank processes the same number of samples per step), `samples_per_second_per_device`, and MFU = model FLOPs
+    per sample x samples/s per device over one device's measured and datasheet peak (None where unknown)."""
+    per_device, per_sample = speed.get("samples_per_second"), speed.get("model_flops_per_sample")
+    achieved = per_device * per_sample if per_device and per_sample else None
     ratio = lambda peak: achieved / peak if achieved and peak else None  # noqa: E731
-    return {"flops_formula": FLOPS_FORMULA, "model_flops_per_second": achieved, **peaks,
+    job = {k: speed[k] * world_size for k in ("samples_per_second", "samples_per_second_min",
+                                              "samples_per_second_max") if speed.get(k) is not None}
+    return {**speed, **job, "samples_per_second_per_device": per_device, "flops_formula": FLOPS_FORMULA,
+            "model_flops_per_second": achieved, **peaks,
             "mfu": ratio(peaks.get("peak_flops_measured")), "mfu_datasheet": ratio(peaks.get("peak_flops_datasheet"))}

@@ -62,7 +62,7 @@ def test_the_precision_the_trainer_really_ran_is_checked(cache, tmp_path, config
 def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
     proc = subprocess.run(
         [sys.executable, str(tiny_run.ROOT / "benchmarks" / "vs_hf_trainer.py"), "--configs",
-         "fp32_baseline,bf16_pure", "--rounds", "1", "--max_steps", "3", "--timing_warmup_steps", "1",
+         "fp32_baseline,bf16_sr_fp32_moments", "--rounds", "1", "--max_steps", "3", "--timing_warmup_steps", "1",
          "--compare_length_grouping", "--data_dir", str(cache), "--tiny_layers", "1", "--tiny_hidden", "64",
          "--max_length", "64", "--threads", "1"],
         env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=600)
@@ -73,6 +73,6 @@ def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
     fp32 = next(line for line in lines[header:] if line.startswith("fp32_baseline")).split()
     ours, theirs, ratio = float(fp32[1]), float(fp32[2]), float(fp32[3])
     assert ratio == pytest.approx(ours / theirs, abs=0.01) and float(fp32[7]) > 0  # grouped side measured too
-    assert any(line.startswith("bf16_pure") and "not expressible: Trainer has no flag for low-precision"
+    assert any(line.startswith("bf16_sr_fp32_moments") and "not expressible: Trainer has no flag for low-precision"
                in line for line in lines[header:])
     assert "threads: 1" in proc.stdout and "x target)" in proc.stdout

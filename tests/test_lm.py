@@ -162,8 +162,8 @@ def test_vocabulary_is_padded_like_nanogpt():
 
 
 # One config per combination of body weights, head weights, logits and optimizer state that the tied LM
-# head meets (the registry's own semantics are tested in test_precision.py). bf16_pure's stochastic-rounding
-# AdamW is bf16_body_fp32_head's without the fp32 head.
+# head meets (the registry's own semantics are tested in test_precision.py). bf16_sr_fp32_moments' optimizer
+# (stochastic rounding, fp32 moments) is bf16_body_fp32_head's without the fp32 head.
 @pytest.mark.parametrize("name", ["fp32_baseline", "amp_fp16", "fp16_naive", "bf16_naive", "amp_bf16_8bit_adam",
                                   "amp_bf16_fp32_head", "bf16_body_fp32_head"])
 def test_configs_get_the_dtypes_they_name_with_the_tied_head(name):

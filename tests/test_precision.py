@@ -1,6 +1,7 @@
 """Precision semantics of every registry config: what each one allocates, computes and skips."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -82,21 +83,86 @@ def test_naive_configs_keep_optimizer_state_in_low_precision():
         assert {s["exp_avg_sq"].dtype for s in optimizer.state.values()} == {low}
 
 
-def test_fp16_naive_safe_eps_only_changes_eps():
-    naive, safe = precision.REGISTRY["fp16_naive"], precision.REGISTRY["fp16_naive_safe_eps"]
-    assert torch.tensor(1e-8, dtype=torch.float16).item() == 0.0, "the default eps vanishes in fp16"
-    assert torch.tensor(safe.adam_eps, dtype=torch.float16).item() > 0
-    differing = {k for k, v in naive.to_record().items() if safe.to_record()[k] != v}
-    assert differing == {"name", "description", "adam_eps"}
+def test_fp16_naive_makes_nan_from_zero_gradients_and_safe_eps_or_fp32_states_do_not():
+    """The mechanism the three fp16 configs separate, on one real step: fp16 AdamW arithmetic turns eps = 1e-8
+    into 0, so elements with a zero gradient (embedding rows of absent tokens) get 0 / 0; eps = 1e-4 or fp32
+    moments and arithmetic avoid it. The configs differ only where their names say."""
+    naive, safe, fp32_states = (precision.REGISTRY[n] for n in
+                                ("fp16_naive", "fp16_naive_safe_eps", "fp16_fp32_adam_states"))
+    differing = lambda a, b: {k for k, v in a.to_record().items() if b.to_record()[k] != v}  # noqa: E731
+    assert differing(naive, safe) == {"name", "description", "adam_eps"}
+    assert differing(naive, fp32_states) == {"name", "description", "optimizer", "exp_avg_dtype", "exp_avg_sq_dtype"}
+    model, *_ = one_step(naive)
+    embeddings = model.encoder.embeddings.word_embeddings.weight
+    assert torch.isnan(embeddings).any() and not torch.isnan(model.head.weight).any()
+    for pc in (safe, fp32_states):
+        model, *_ = one_step(pc)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), pc.name
 
 
-def test_bf16_pure_uses_stochastic_rounding_optimizer():
-    from torchao.optim import _AdamW
+@pytest.mark.parametrize("name, optimizer_type, moments", [
+    ("bf16_sr_fp32_moments", "AdamWFp32States", torch.float32),
+    ("bf16_sr_bf16_moments", "EagerAdamW", torch.bfloat16),
+    ("bf16_kahan_bf16_moments", "AdamW", torch.bfloat16),
+])
+def test_bf16_update_variants_build_the_optimizer_their_fields_name(name, optimizer_type, moments):
+    pc = precision.REGISTRY[name]
+    model, optimizer, *_ = one_step(pc)
+    assert type(optimizer).__name__ == optimizer_type
+    assert precision.weight_update_rounding_of(optimizer) == pc.weight_update_rounding
+    assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {moments}
+    assert {s["exp_avg_sq"].dtype for s in optimizer.state.values()} == {moments}
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
-    _, optimizer, *_ = one_step(precision.REGISTRY["bf16_pure"])
-    assert isinstance(optimizer, _AdamW) and optimizer.bf16_stochastic_round
-    assert precision.REGISTRY["bf16_pure"].compile is True
-    assert precision.REGISTRY["bf16_no_compile"].compile is False
+
+def test_compile_false_compiles_nothing_not_even_torchaos_optimizer_step():
+    """torchao's AdamW torch.compiles its per-parameter step by itself; a config that says compile=False must run
+    it eagerly (counted by dynamo: no frame compiled)."""
+    from torch._dynamo.utils import counters
+
+    pc = dataclasses.replace(precision.REGISTRY["bf16_sr_bf16_moments"], compile=False)
+    assert not precision.compiles_optimizer_step(pc, CPU)
+    counters.clear()
+    _, optimizer, *_ = one_step(pc)
+    assert optimizer.state, "the step ran"
+    assert sum(counters["frames"].values()) == 0, dict(counters["frames"])
+    assert precision.compiles_optimizer_step(precision.REGISTRY["bf16_sr_bf16_moments"], torch.device("cuda"))
+    assert not precision.compiles_optimizer_step(precision.REGISTRY["bf16_no_compile"], torch.device("cuda"))
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2**-10)
+    lower, upper = 1.0, 1.0 + 2**-7  # bf16 has 8 significant bits: the neighbours of 1 + 2^-10 are 1 and 1 + 2^-7
+    rounded = precision.stochastic_round_to_bf16(x).float()
+    assert set(rounded.unique().tolist()) == {lower, upper}
+    assert (rounded == upper).float().mean().item() == pytest.approx(2**-10 / 2**-7, abs=0.005)  # 1/8
+    assert x.to(torch.bfloat16).float().unique().tolist() == [lower], "round-to-nearest loses it"
+    negative = precision.stochastic_round_to_bf16(-x).float()
+    assert negative.mean().item() == pytest.approx(-x[0].item(), abs=2e-4)
+    exact = torch.tensor([0.0, -2.0, 1.5, float("inf")])
+    assert torch.equal(precision.stochastic_round_to_bf16(exact).float(), exact), "representable values stay"
+
+
+@pytest.mark.parametrize("name, lands", [("bf16_naive", False), ("bf16_no_compile", True),
+                                         ("bf16_sr_bf16_moments", True), ("bf16_kahan_bf16_moments", True)])
+def test_updates_below_half_an_ulp_land_only_with_stochastic_rounding_or_kahan(name, lands):
+    """200 AdamW steps with a constant gradient move a weight of 1.0 by lr per step (Adam normalises the step):
+    2e-5 each, about 1/100 of bf16's half-ulp below 1 (2^-9). Round-to-nearest never moves it; stochastic rounding and Kahan
+    summation land the fp32 total (0.004) within bf16's resolution and the noise of the random rounding."""
+    torch.manual_seed(0)
+    pc = precision.REGISTRY[name]
+    weight = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    optimizer = precision.build_optimizer(pc, [{"params": [weight]}], lr=2e-5, betas=(0.9, 0.999), eps=1e-8,
+                                          weight_decay=0.0, device=CPU)
+    for _ in range(200):
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+    moved = 1.0 - weight.float().mean().item()
+    if lands:
+        assert moved == pytest.approx(200 * 2e-5, rel=0.1), moved
+    else:
+        assert moved == 0.0
 
 
 def test_8bit_optimizer_allocates_uint8_state_for_large_tensors_only():
@@ -123,12 +189,14 @@ def test_gpu_only_configs_are_skipped_on_cpu_with_a_reason(name, needle):
 
 
 def test_config_names_resolve_and_unknown_ones_list_the_valid_names():
-    assert precision.resolve_names("core") == ["fp32_baseline", "amp_fp16", "amp_bf16", "bf16_pure"]
+    assert precision.resolve_names("core") == ["fp32_baseline", "amp_fp16", "amp_bf16", "bf16_sr_fp32_moments"]
     assert precision.resolve_names("all") == list(precision.REGISTRY)
     assert precision.resolve_names("amp_bf16,fp32_baseline") == ["amp_bf16", "fp32_baseline"]
     with pytest.raises(precision.UnknownConfig) as err:
         precision.resolve_names("amp_bf17")
     assert "amp_bf17" in str(err.value) and "fp32_baseline" in str(err.value)
+    with pytest.raises(precision.UnknownConfig, match="bf16_pure was renamed: use bf16_sr_bf16_moments"):
+        precision.resolve_names("bf16_pure")
 
 
 def test_tf32_is_an_explicit_setting_of_every_run():
@@ -144,6 +212,11 @@ def test_registry_rejects_inconsistent_configs():
         precision.PrecisionConfig("x", "x", weight_dtype=torch.float16, loss_scaling="dynamic")
     with pytest.raises(ValueError, match="stochastic"):
         precision.PrecisionConfig("x", "x", optimizer="adamw_stochastic_rounding")
+    with pytest.raises(ValueError, match="keeps fp32 moments"):  # the fields must say what the optimizer does
+        precision.PrecisionConfig("x", "x", weight_dtype=torch.bfloat16, weight_update_rounding="stochastic",
+                                  exp_avg_sq_dtype=torch.bfloat16, optimizer="adamw_fp32_states")
+    with pytest.raises(ValueError, match="parameters' \\(single\\) dtype"):
+        precision.PrecisionConfig("x", "x", weight_dtype=torch.bfloat16, optimizer="adamw")
 
 
 def test_naive_configs_do_their_update_arithmetic_in_the_weight_dtype():
@@ -153,6 +226,14 @@ def test_naive_configs_do_their_update_arithmetic_in_the_weight_dtype():
         assert not optimizer.defaults["fused"]
     _, optimizer, *_ = one_step(precision.REGISTRY["fp32_baseline"])
     assert optimizer.defaults["fused"]
-    # the mechanism: eps = 1e-8 vanishes in fp16 arithmetic, so a zero gradient gives 0 / 0
-    zero = torch.zeros(1, dtype=torch.float16)
-    assert torch.isnan(zero / (zero.sqrt() + torch.tensor(1e-8, dtype=torch.float16))).all()
+
+
+def test_check_dtypes_fails_on_moments_or_rounding_other_than_the_config_says():
+    promised = precision.REGISTRY["bf16_sr_fp32_moments"]
+    model, optimizer, _, logits, *_ = one_step(precision.REGISTRY["bf16_sr_bf16_moments"])  # bf16 moments
+    with pytest.raises(precision.PrecisionMismatch, match=r"exp_avg_sq stored as \['bfloat16'\], config says float32"):
+        precision.check_dtypes(promised, model.encoder, model.head, logits, optimizer)
+    model, optimizer, _, logits, *_ = one_step(precision.REGISTRY["bf16_naive"])  # bf16 moments, nearest
+    with pytest.raises(precision.PrecisionMismatch, match="rounds weight updates 'nearest'"):
+        precision.check_dtypes(precision.REGISTRY["bf16_sr_bf16_moments"], model.encoder, model.head, logits,
+                               optimizer)

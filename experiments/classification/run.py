@@ -92,7 +92,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     model = model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type, label_prior)
     precision.cast_model(model.encoder, model.head, pc)
     model.to(device).train()
-    compiled = precision.should_compile(pc, device)
+    compiled = precision.should_compile(pc, device)  # the model; torchao's optimizer step follows the same flag
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
@@ -110,7 +110,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
                                     length_grouped=cfg.length_grouped_batches)
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     flops_of = timing.flops_counter(model.encoder, model.head, head_per_token=False)  # FLOPs/sample at a width
-    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32)  # MFU denominators, this process
+    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
     memory = timing.PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
 
     diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
@@ -132,9 +132,10 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
                     disable=None if world.is_main else True)
     while state.step < cfg.max_steps:
         timer.start(timed=not diag.measures(state.step + 1))  # a diagnostics step does extra, untrained work
-        step_flops = 0.0
+        step_samples, step_flops = 0, 0.0  # this rank's: throughput and MFU are per device
         for micro in range(local_accumulation):  # this rank's share of the step's micro-batches
             batch = next(batches).to(device)
+            step_samples += len(batch)
             step_flops += flops_of(batch.input_ids.shape[1]) * len(batch)  # padded width: what is computed
             # dropout masks depend on (seed, micro-batch) only: equal for any world size and after a resume
             distributed.reseed(seed, 0, world.micro_batch_index(state.step, micro, cfg.gradient_accumulation_steps))
@@ -159,7 +160,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         step = state.step  # the step just done
-        timer.stop(cfg.effective_batch_size, step_flops)
+        timer.stop(step_samples, step_flops)
         monitor.step(step, grad_norm, lr)
         progress.update()
         if step % cfg.log_every == 0 or step % cfg.eval_steps == 0 or step == cfg.max_steps:
@@ -187,12 +188,13 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     if not world.is_main:  # rank 0 evaluates and reports
         return {"status": status, "steps": state.step}
     log.close()
-    speed = timer.summary()
+    speed = timing.throughput_record(timer.summary(), peaks, world.world_size)
     out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,
-           "compiled": compiled, "dtypes": dtypes, "train_wall_seconds": state.train_seconds,
-           "eval_precision": cfg.eval_precision, **speed, **timing.mfu_record(speed, peaks), **diag.summary()}
+           "compiled": compiled, "optimizer_step_compiled": precision.compiles_optimizer_step(pc, device),
+           "dtypes": dtypes, "train_wall_seconds": state.train_seconds, "eval_precision": cfg.eval_precision,
+           **speed, **diag.summary()}
     if status == "diverged":
         out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step,
                    **memory.summary())

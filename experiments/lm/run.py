@@ -73,7 +73,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     model = model_lib.CausalLM(gpt2, pc, device.type)
     precision.cast_model(model.body(), model.head, pc)  # the head is the tied embedding matrix
     model.to(device).train()
-    compiled = precision.should_compile(pc, device)
+    compiled = precision.should_compile(pc, device)  # the model; torchao's optimizer step follows the same flag
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
@@ -92,7 +92,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     # FLOPs of one sequence: the LM head (tied embedding) runs at every position
     sample_flops = timing.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
-    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32)  # MFU denominators, this process
+    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
+    local_samples = cfg.batch_size * local_accumulation  # per step, this rank's: throughput and MFU are per device
     memory = timing.PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
 
     diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
@@ -139,7 +140,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         step = state.step  # the step just done
-        timer.stop(cfg.effective_batch_size, cfg.effective_batch_size * sample_flops)
+        timer.stop(local_samples, local_samples * sample_flops)
         monitor.step(step, grad_norm, lr)
         progress.update()
         if step % cfg.log_every == 0 or step % cfg.eval_steps == 0 or step == cfg.max_steps:
@@ -166,14 +167,15 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     if not world.is_main:  # rank 0 evaluates and reports
         return {"status": status, "steps": state.step}
     log.close()
-    speed = timer.summary()
+    speed = timing.throughput_record(timer.summary(), peaks, world.world_size)
     samples_per_second = speed["samples_per_second"]
     out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size,
            "tokens_seen": state.micro_batches * cfg.batch_size * cfg.block_size,
-           "n_params": model_lib.count_parameters(model), "compiled": compiled, "dtypes": dtypes,
-           "train_wall_seconds": state.train_seconds, **speed, **timing.mfu_record(speed, peaks), **diag.summary(),
+           "n_params": model_lib.count_parameters(model), "compiled": compiled,
+           "optimizer_step_compiled": precision.compiles_optimizer_step(pc, device), "dtypes": dtypes,
+           "train_wall_seconds": state.train_seconds, **speed, **diag.summary(),
            **memory.summary(),
            # every training sequence is exactly block_size tokens long
            "tokens_per_second": None if samples_per_second is None else samples_per_second * cfg.block_size}
