@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The core configs (fp32_baseline, amp_fp16, amp_bf16, bf16_pure) on the offline tiny preset, then the report.
+# The core configs (fp32_baseline, amp_fp16, amp_bf16, bf16_sr_fp32_moments) on the offline tiny preset, then the report.
 demo: venv
 	$(PY) $(CLS) --config core --output_dir $(DEMO_DIR)/classification
 	$(PY) analysis/analyze_experiment.py --results_dir $(DEMO_DIR)/classification

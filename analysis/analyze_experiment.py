@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: exp
 
 import plots
 from experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
-from report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, setup_section
+from report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, precision_table, setup_section
 from stats import ConfigSummary, Difference, pareto_front, relative_name, summarize
 
 from dtype_bench.io import atomic_write_text
@@ -254,7 +254,21 @@ FIGURE_TEXT = {
                   "line is fp16's largest finite value."),
     "loss_scale": ("Loss scale and skipped steps", "GradScaler's scale (logged at flush steps) and cumulative "
                    "skipped optimizer steps, for configs with dynamic loss scaling."),
-    "diagnostics": ("Update fidelity and underflow", "Precision diagnostics logged by the monitor, per parameter group."),
+    "diagnostics": ("Update fidelity and underflow", (
+        "Precision diagnostics of sampled optimizer steps, per parameter group (marker). *Update fidelity*: the "
+        "weight change the optimizer applied, projected on the one an fp32 AdamW computes from the same gradient and "
+        "stored moments (1 = landed as computed). *Weight updates lost*: elements whose intended change was non-zero "
+        "but whose stored weight did not change. *Moment updates lost* is the same for the optimizer's moments: of "
+        "the elements the fp32 recurrence from the same stored value would change, the fraction whose stored "
+        "moment did not change. Update fidelity cannot see it, because its fp32 reference starts from the stored "
+        "moments: a bf16 second moment rounded to nearest with beta2 = 0.999 changes by at most 0.1% per step, "
+        "below bf16's half-ulp (0.2%), so it stops decaying when gradients shrink and later updates come out too "
+        "small. It is 0 for fp32 moments. *Parameter gradients*: zero or subnormal elements as the optimizer sees "
+        "them, with structurally zero rows (embedding rows of tokens absent from the batch, unused positions) "
+        "left out; under autocast these are fp32 master gradients. *Activation gradients*: the gradients entering "
+        "each matmul layer during backward, in their own dtype with the loss scale applied, below the dtype's "
+        "smallest normal (subnormal or flushed to zero); under fp16 autocast this is the underflow loss scaling "
+        "exists for: compare amp_fp16 with amp_fp16_no_loss_scaling.")),
 }
 NOT_DRAWN = {
     "loss_curves": "no step log holds a training loss",
@@ -263,7 +277,7 @@ NOT_DRAWN = {
     "grad_norm": "no step log holds grad_norm",
     "max_logit": "no step log holds max_abs_logit",
     "loss_scale": "no config in these results uses dynamic loss scaling (or none logged a scale)",
-    "diagnostics": "no step log holds update_fidelity / lost_update_frac / grad_underflow_frac",
+    "diagnostics": "no step log holds any of the diagnostics fields (update_fidelity, lost_update_frac, ...)",
 }
 
 
@@ -328,6 +342,12 @@ def render_report(analysis: Analysis) -> str:
         lines.append("")
     lines += ["## Setup and environment", "", setup_section(exp), "",
               f"Peak memory: {memory_kind(exp)}.", "",
+              "## Precision configs", "",
+              "As recorded in the rows. Weight update: how a new value is written into fp16/bf16 weights (nearest: an "
+              "update below half an ulp is lost; stochastic: rounded up or down, unbiased; kahan: rounded to nearest "
+              "with a compensation buffer carrying the error to the next step). exp_avg / exp_avg_sq: the dtype AdamW's "
+              "moments are stored in (uint8: block-wise 8-bit). Head weights `-`: as the other weights.", "",
+              precision_table(exp), "",
               "## Summary", "",
               "Mean ± standard deviation over completed seeds, with the 95% Student-t interval of the mean; speed-up "
               "and memory ratio are relative to fp32_baseline's mean; the quality difference to fp32 is paired by seed "

@@ -1,7 +1,7 @@
 """PNG figures of one experiment. Colours come from each config's precision family (fp32 grey, fp16 red, bf16 blue);
 8-bit optimizer states are dashed (lines) or hatched (bars). Non-finite values are drawn, not dropped: lines break
 at NaN and an 'x' on the top edge marks each step whose mean value is NaN or infinite. A figure has one legend, below
-its panels, in as many columns as its width holds; the figure grows by the legend's height, so all 15 configs of the
+its panels, in as many columns as its width holds; the figure grows by the legend's height, so all 18 configs of the
 registry (x 3 parameter groups in the diagnostics) stay readable without covering the data.
 
 Each function writes one file and returns its path, or None when the results hold nothing to draw (the caller says
@@ -25,17 +25,28 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 from experiment_data import BASELINE, Experiment, Metric, Style  # noqa: E402
 from stats import ConfigSummary  # noqa: E402
 
-DIAGNOSTICS = ("update_fidelity", "lost_update_frac", "grad_underflow_frac")
+DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each holds {group: value}
+    ("update_fidelity", "update fidelity (applied / intended, fp32 shadow)"),
+    ("lost_update_frac", "weight updates lost (element unchanged)"),
+    ("moment_update_lost_frac/exp_avg_sq", "second-moment updates lost (fp32 would change it)"),
+    ("moment_update_lost_frac/exp_avg", "first-moment updates lost"),
+    ("grad_underflow_frac", "parameter gradients zero or subnormal (structural zeros excluded)"),
+    ("act_grad_underflow_frac", "activation gradients below the smallest normal (loss scale applied)"),
+)
 GROUP_MARKERS = "os^v<>"
 LEGEND_FONTSIZE = 7
 
 
+def _lookup(record: dict, key: str):
+    """record[key], or record[a][b]... for key 'a/b/...' (per-group diagnostics); None when absent."""
+    value = record
+    for part in key.split("/"):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _value(record: dict, key: str) -> float | None:
-    """record[key], or record[a][b] for key 'a/b' (per-group diagnostics); None when absent."""
-    head, _, group = key.partition("/")
-    value = record.get(head)
-    if group:
-        value = value.get(group) if isinstance(value, dict) else None
+    value = _lookup(record, key)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -258,32 +269,40 @@ def loss_scale(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | 
 
 
 def diagnostics(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
-    """Update fidelity / lost-update / gradient-underflow fractions, per parameter group where logged as {group: v}:
-    colour and line style = config, marker = group."""
+    """The `DIAGNOSTICS` fields per parameter group, one panel each (those some step log holds): colour and line
+    style = config, marker = group."""
     keys: dict[str, list[str]] = {}
     for records in exp.step_logs.values():
         for rec in records:
-            for name in DIAGNOSTICS:
-                value = rec.get(name)
+            for name, _ in DIAGNOSTICS:
+                value = _lookup(rec, name)
                 groups = [f"{name}/{g}" for g in value] if isinstance(value, dict) else [name] if value is not None else []
                 keys.setdefault(name, [])
                 keys[name] += [g for g in groups if g not in keys[name]]
+    titles = dict(DIAGNOSTICS)
     panels = [(name, series_keys) for name, series_keys in keys.items() if series_keys]
     if not panels:
         return None
-    groups = list(dict.fromkeys(key.partition("/")[2] for _, series_keys in panels for key in series_keys))
+    groups = list(dict.fromkeys(key.removeprefix(name).lstrip("/") for name, series_keys in panels
+                                for key in series_keys))
     marker_of = {g: GROUP_MARKERS[i % len(GROUP_MARKERS)] for i, g in enumerate(groups)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False, layout="constrained")
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.5 * rows), squeeze=False, layout="constrained")
     drawn: set[str] = set()  # configs with a line in some panel
-    for ax, (name, series_keys) in zip(axes[0], panels):
+    for ax, (name, series_keys) in zip(axes.flat, panels):
         for config in exp.configs:
             for key in series_keys:
                 steps, mean, _, _ = series(exp, config, key)
                 if len(steps):
                     drawn.add(config)
-                    _line(ax, steps, mean, styles[config], config, marker=marker_of[key.partition("/")[2]],
+                    _line(ax, steps, mean, styles[config], config, marker=marker_of[key.removeprefix(name).lstrip("/")],
                           markersize=3)
-        ax.set(title=f"{name} (mean over seeds)", xlabel="optimizer step", ylabel="fraction")
+        ax.set(title=f"{titles[name]}\n(mean over seeds)", xlabel="optimizer step",
+               ylabel="ratio" if name == "update_fidelity" else "fraction")
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     group_handles = {f"group {g}": Line2D([], [], color="black", marker=marker_of[g], linestyle="none")
                      for g in groups if g}
     configs = [c for c in exp.configs if c in drawn]

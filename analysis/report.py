@@ -66,6 +66,27 @@ def setup_section(exp: Experiment) -> str:
     return md_table(["field", "value"], rows)
 
 
+PRECISION_COLUMNS = (  # results-row `precision` record field -> column
+    ("weight_dtype", "weights"), ("head_weight_dtype", "head weights"), ("autocast_dtype", "autocast"),
+    ("loss_scaling", "loss scaling"), ("weight_update_rounding", "weight update"), ("exp_avg_dtype", "exp_avg"),
+    ("exp_avg_sq_dtype", "exp_avg_sq"), ("moment_rounding", "moment rounding"), ("optimizer", "optimizer"),
+)
+
+
+def precision_table(exp: Experiment) -> str:
+    """What each config does, from its rows' `precision` record, and what was compiled, from its rows."""
+    rows = []
+    for config in exp.configs:
+        record = exp.precision(config)
+        runs = [r for r in exp.runs(config) if "compiled" in r]
+        compiled = sorted({f"{'yes' if r['compiled'] else 'no'} / "
+                           + {True: "yes", False: "no", None: "-"}[r.get("optimizer_step_compiled")] for r in runs})
+        rows.append([config] + [str(record.get(k, "-")) if record.get(k) is not None else "-"
+                                for k, _ in PRECISION_COLUMNS] + ["; ".join(compiled) or "-"])
+    return md_table(["config"] + [label for _, label in PRECISION_COLUMNS] + ["compiled (model / optimizer step)"],
+                    rows)
+
+
 def memory_kind(exp: Experiment) -> str:
     kinds = sorted({r["peak_memory_kind"] for r in exp.rows if r.get("peak_memory_kind")})
     return "; ".join(f"`{k}` = {memory_kind_text(k)}" for k in kinds) or "not recorded"

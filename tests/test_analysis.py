@@ -229,7 +229,7 @@ def test_cross_task_comparison_from_real_lm_and_classification_sweeps(results, t
 
 def synthetic_experiment(configs: list[str], seeds: int = 2, steps: int = 20):
     """Rows and step logs with every signal the plots draw, for configs of the registry (their precision records
-    come from it): what a sweep of all 15 configs logs, without running it."""
+    come from it): what a sweep of all 18 configs logs, without running it."""
     _, _, experiment_data = analysis_modules()
     rng = np.random.default_rng(0)
     rows, logs = [], {}
@@ -243,7 +243,9 @@ def synthetic_experiment(configs: list[str], seeds: int = 2, steps: int = 20):
             logs[rid] = [{"step": s, "loss": rng.uniform(0.01, 0.02), "grad_norm": rng.uniform(0.1, 1),
                           "max_abs_logit": rng.uniform(5, 50), "loss_scale": 2.0 ** 16, "skipped_steps": s // 10,
                           "update_fidelity": per_group(), "lost_update_frac": per_group(),
-                          "grad_underflow_frac": per_group()} for s in range(1, steps + 1)]
+                          "grad_underflow_frac": per_group(), "act_grad_underflow_frac": per_group(),
+                          "moment_update_lost_frac": {"exp_avg": per_group(), "exp_avg_sq": per_group()}}
+                         for s in range(1, steps + 1)]
             logs[rid] += [{"step": s, "eval": "validation", "loss": rng.uniform(0.01, 0.02)} for s in (10, 20)]
     return experiment_data.Experiment("classification", Path("synthetic"), rows, [], logs)
 
@@ -286,13 +288,13 @@ def draw_every_plot(exp, output_dir: Path, monkeypatch) -> dict[str, dict]:
     return measured
 
 
-def test_legends_name_all_15_configs_inside_the_figure_and_clear_of_the_panels(tmp_path, monkeypatch):
+def test_legends_name_all_18_configs_inside_the_figure_and_clear_of_the_panels(tmp_path, monkeypatch):
     """Layout only, so synthetic logs of the whole registry stand in for a sweep of it (the real-run tests above
     draw the same functions): one legend per figure, below the panels, naming every config once; the figure
     grows to hold it, so the panels are as tall as in a two-config sweep."""
     _, _, experiment_data = analysis_modules()
     registry = list(experiment_data.precision_registry.REGISTRY)
-    assert len(registry) == 15
+    assert len(registry) == 18
     everything = draw_every_plot(synthetic_experiment(registry), tmp_path / "all", monkeypatch)
     two = draw_every_plot(synthetic_experiment(["fp32_baseline", "amp_fp16"]), tmp_path / "two", monkeypatch)
     scaled = ["amp_fp16", "amp_fp16_8bit_adam"]

@@ -98,3 +98,4 @@ def test_two_gloo_ranks_match_one_process(tmp_path, cache):
     for key in ("micro_f1", "macro_f1", "precision_at_1", "precision_at_5", "loss", "val_loss", "val_micro_f1"):
         assert _close(one[key], two[key], 1e-4), (key, one[key], two[key])
     assert two["best_val_step"] == one["best_val_step"]
+    tiny_run.assert_mfu_is_per_device(one, two)

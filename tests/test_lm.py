@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dtype_bench import precision
+from tiny_run import assert_mfu_is_per_device
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_DIR = ROOT / "experiments" / "lm"
@@ -296,6 +297,7 @@ def test_two_gloo_ranks_match_one_process(synthetic_cache, tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    assert_mfu_is_per_device(one, two)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -82,3 +82,17 @@ def load_config_module(experiment: str):
     sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def assert_mfu_is_per_device(one: dict, two: dict) -> None:
+    """A 1-process row and a 2-rank row of the same run: the same model FLOPs per sample (each rank counts the
+    samples and FLOPs it computed), the job's samples/s twice the per-device rate, and MFU = FLOPs per sample x
+    per-device samples/s over one device's peak, which is the single-process MFU at the same per-device rate.
+    (The timed rates themselves differ between the runs: two ranks share this machine's cores.)"""
+    import pytest
+
+    assert two["model_flops_per_sample"] == pytest.approx(one["model_flops_per_sample"], rel=1e-9)
+    for row, world_size in ((one, 1), (two, 2)):
+        per_device = row["samples_per_second_per_device"]
+        assert row["samples_per_second"] == pytest.approx(world_size * per_device)
+        assert row["mfu"] == pytest.approx(row["model_flops_per_sample"] * per_device / row["peak_flops_measured"])
