@@ -129,8 +129,8 @@ def test_pareto_fronts_are_the_non_dominated_means(analysis):
 
 def test_report_reads_top_to_bottom_and_links_non_empty_pngs(analysis):
     report = (analysis.output_dir / "report.md").read_text()
-    sections = ["## Setup and environment", "## Summary", "## Stability", "## Pareto frontier", "## Plots",
-                "## Caveats", "## Every run"]
+    sections = ["## Setup and environment", "## Precision configs", "## Summary", "## Stability", "## Pareto frontier",
+                "## Plots", "## Caveats", "## Every run"]
     assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
     assert {"loss_curves.png", "relative_to_fp32.png", "pareto.png", "grad_norm.png", "max_logit.png"} <= set(links)
@@ -141,6 +141,8 @@ def test_report_reads_top_to_bottom_and_links_non_empty_pngs(analysis):
     assert "loss_scale.png" not in links and "no config in these results uses dynamic loss scaling" in report
     assert "not EURLEX57K" in report and "peak resident set size" in report
     assert "| train_config.max_steps | 6 |" in report and "| env.device | cpu |" in report
+    # the config table: weights, head, autocast, loss scaling, weight update, moments, optimizer, compiled
+    assert "| fp32_baseline | float32 | - | - | none | nearest | float32 | float32 | nearest | adamw | no / no |" in report
 
 
 def test_partial_results_are_explained_and_nan_is_kept(results, analysis):

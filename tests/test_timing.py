@@ -210,5 +210,7 @@ def test_slow_evaluation_in_run_py_is_outside_every_timing_window(tmp_path, monk
     validation_evals = len(evaluations) - 1  # the last one is the test split, after training
     assert validation_evals == 2
     assert row["timed_seconds"] <= row["train_wall_seconds"] - validation_evals * sleep_s
-    assert row["model_flops_per_sample"] > 0 and row["mfu"] > 0
+    assert row["mfu"] == pytest.approx(row["model_flops_per_sample"] * row["samples_per_second_per_device"]
+                                       / row["peak_flops_measured"])
+    assert row["samples_per_second"] == row["samples_per_second_per_device"]  # one process
     assert row["eval_peak_memory_gb"] is not None
