@@ -267,8 +267,10 @@ FIGURE_TEXT = {
         "them, with structurally zero rows (embedding rows of tokens absent from the batch, unused positions) "
         "left out; under autocast these are fp32 master gradients. *Activation gradients*: the gradients entering "
         "each matmul layer during backward, in their own dtype with the loss scale applied, below the dtype's "
-        "smallest normal (subnormal or flushed to zero); under fp16 autocast this is the underflow loss scaling "
-        "exists for: compare amp_fp16 with amp_fp16_no_loss_scaling.")),
+        "smallest normal (subnormal or flushed to zero), and the part flushed to zero; under fp16 autocast this is "
+        "the underflow loss scaling exists for: compare amp_fp16 with amp_fp16_no_loss_scaling. A row (feature "
+        "vector, or a parameter row) that is zero throughout counts as structural, so a row that flushed entirely "
+        "is not counted: these fractions are lower bounds.")),
 }
 NOT_DRAWN = {
     "loss_curves": "no step log holds a training loss",

@@ -32,6 +32,7 @@ DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each 
     ("moment_update_lost_frac/exp_avg", "first-moment updates lost"),
     ("grad_underflow_frac", "parameter gradients zero or subnormal (structural zeros excluded)"),
     ("act_grad_underflow_frac", "activation gradients below the smallest normal (loss scale applied)"),
+    ("act_grad_zero_frac", "activation gradients flushed to zero (loss scale applied)"),
 )
 GROUP_MARKERS = "os^v<>"
 LEGEND_FONTSIZE = 7

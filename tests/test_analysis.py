@@ -246,6 +246,7 @@ def synthetic_experiment(configs: list[str], seeds: int = 2, steps: int = 20):
                           "max_abs_logit": rng.uniform(5, 50), "loss_scale": 2.0 ** 16, "skipped_steps": s // 10,
                           "update_fidelity": per_group(), "lost_update_frac": per_group(),
                           "grad_underflow_frac": per_group(), "act_grad_underflow_frac": per_group(),
+                          "act_grad_zero_frac": per_group(),
                           "moment_update_lost_frac": {"exp_avg": per_group(), "exp_avg_sq": per_group()}}
                          for s in range(1, steps + 1)]
             logs[rid] += [{"step": s, "eval": "validation", "loss": rng.uniform(0.01, 0.02)} for s in (10, 20)]
