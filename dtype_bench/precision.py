@@ -340,6 +340,18 @@ class AdamWFp32States(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding = rounding
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim casts every loaded state tensor but `step` to its parameter's dtype, which would round the fp32
+        moments of low-precision weights (a resumed run would differ from an uninterrupted one): put them back
+        exactly, from the state dict itself (which torch copies before casting)."""
+        moments = {i: {k: v for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}
+                   for i, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for i, p in zip(ids, [p for group in self.param_groups for p in group["params"]]):
+            for key, value in moments.get(i, {}).items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:

@@ -61,9 +61,11 @@ class Trainable:
         return [p.detach().clone() for p in self.model.parameters()]
 
 
-@pytest.mark.parametrize("config", ["fp32_baseline", "amp_fp16", "amp_bf16_8bit_adam", "bf16_no_compile"])
+@pytest.mark.parametrize("config", ["fp32_baseline", "amp_fp16", "amp_bf16_8bit_adam", "bf16_no_compile",
+                                    "fp16_fp32_adam_states", "bf16_sr_bf16_moments", "bf16_kahan_bf16_moments"])
 def test_restored_state_continues_exactly(tmp_path, config):
-    """AdamW, GradScaler, bitsandbytes 8-bit AdamW and torchao stochastic-rounding AdamW states, the LR
+    """AdamW, GradScaler, bitsandbytes 8-bit AdamW, torchao stochastic-rounding AdamW, fp32 moments over fp16/bf16
+    weights (which torch.optim would round to the weights' dtype on loading) and torch-optimi Kahan states, the LR
     schedule and all RNGs: after restoring, training continues bit for bit as if never stopped."""
     random.seed(1), np.random.seed(1)
     original = Trainable(config)
