@@ -63,7 +63,9 @@ bytes + 1)) bytes of host memory for N parameters, plus the device<->host copies
 time it is one fp32 AdamW step plus ~10 elementwise passes over the weights and a few host syncs per parameter.
 Measured on a 2-core CPU (load 0.3-0.6, quiet), tiny preset fp32 model (1.8M parameters, a training step
 ~70 ms): AdamW step 1.0-1.1 ms, a measured step 53-57 ms in all (about 50 AdamW steps, nearly a training step
-of its own): keep `every` >= 10 where throughput matters. Run loops exclude measured steps from throughput timing
+of its own; measured before the moment and activation-gradient counts were added, which add a few elementwise
+passes and one tensor hook per matmul input on measured steps only, not re-measured): keep `every` >= 10 where
+throughput matters. Run loops exclude measured steps from throughput timing
 (`measures(step)`).
 
 Cost of the per-step non-finite tracking, on the same CPU (load 1.2-1.9: these runs plus another user's jobs),
