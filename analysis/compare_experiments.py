@@ -214,7 +214,8 @@ def render_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | N
               else "No flips: every pair of configs is ordered the same way in both tasks.", ""]
     lines += ["## Caveats", ""] + [f"- {c}" for c in dict.fromkeys(c for a in tasks.values() for c in caveats(a.exp))]
     lines.append(f"- Recommendations call a config's quality kept only when a TOST equivalence test at level "
-                 f"{hypotheses.LEVEL} puts its seed-paired difference to fp32 within ±{comparison['quality_margin']:.0%} "
+                 f"{hypotheses.LEVEL} puts its seed-paired difference to fp32 within "
+                 f"±{comparison['quality_margin']:.0%} "
                  "of fp32's mean; the hypotheses use their own stated margins and level.")
     return "\n".join(lines) + "\n"
 

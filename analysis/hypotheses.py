@@ -342,7 +342,9 @@ def evaluate_claim(exp: Experiment, h: Hypothesis, claim: Claim) -> dict:
     quality_key = h.metric.get(exp.name) or PRIMARY_QUALITY.get(exp.name)
     missing = [c for c in (claim.config, claim.reference) if not exp.runs(c)]
     if missing and claim.kind != "on_frontier":
-        result = _result("inconclusive", f"not run: {', '.join(missing)}", {}, f"runs of {', '.join(missing)}")
+        result = _result("inconclusive", f"not run: {', '.join(missing)}", {
+            "config_runs": _counts(exp, claim.config), "reference_runs": _counts(exp, claim.reference)},
+            f"runs of {', '.join(missing)}")
     elif claim.kind in ("worse", "equivalent"):
         result = _quality_claim(exp, h, claim, quality_key)
     elif claim.kind == "diverges_more":
@@ -400,7 +402,8 @@ def plan_section() -> str:
              f"n, the interval and how many seeds would settle it). A claim is supported or refuted only when its "
              f"test at level α = {LEVEL} says so, and never with fewer than {MIN_SEEDS} runs per config; quality "
              "differences are seed-paired, oriented so that positive = better, and reported with their "
-             f"(1 − 2α) = {1 - 2 * float(LEVEL):.0%} interval (the one that decides both one-sided tests and TOST); \"matches/keeps "
+             f"(1 − 2α) = {1 - 2 * float(LEVEL):.0%} interval (the one that decides both one-sided tests and TOST); "
+             "\"matches/keeps "
              "quality\" is decided only by an equivalence test.", ""), ""]
     for h in HYPOTHESES:
         scope = ", ".join(h.tasks) + (f" (reported, not deciding: {', '.join(h.reported_in)})" if h.reported_in

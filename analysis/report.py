@@ -56,8 +56,8 @@ def _distinct(exp: Experiment, section: str, key: str) -> str:
 
 
 METRIC_DEFINITIONS = {
-    "macro_f1": "macro-F1 (all labels): the seed's macro-F1, the mean per-label F1 over every label of the label space, "
-                "a label never gold and never predicted scoring 0 (scikit-learn `f1_score(average=\"macro\", "
+    "macro_f1": "macro-F1 (all labels): the seed's macro-F1, the mean per-label F1 over every label of the label "
+                "space, a label never gold and never predicted scoring 0 (scikit-learn `f1_score(average=\"macro\", "
                 "zero_division=0)`)",
     "macro_f1_present_labels": "macro-F1 (labels with gold): the same mean over only the labels with at least one "
                                "gold positive in the evaluated split",

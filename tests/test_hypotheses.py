@@ -282,11 +282,11 @@ def h4_rows(task: str, n: int = 4, device: str = "cuda", rival_speed: float | No
     fp32, naive = paired(n, -0.1, 0.002, seed=7)
     _, same = paired(n, 0.0, 0.001, seed=7)
     speed = lambda mean: mean + np.random.default_rng(int(mean)).normal(0, 5, n)  # noqa: E731
-    rows = (task_rows(task, "fp32_baseline", n, device=device, quality=fp32, throughput=speed(500), memory=np.full(n, 2.0))
-            + task_rows(task, "amp_bf16", n, device=device, quality=same, throughput=speed(1000), memory=np.full(n, 1.8))
-            + task_rows(task, "bf16_naive", n, device=device, quality=naive, throughput=speed(950), memory=np.full(n, 1.0))
-            + task_rows(task, "bf16_pure", n, device=device, quality=same, throughput=speed(900),
-                        memory=np.full(n, 1.0) + np.arange(n) * 1e-3)
+    config = lambda name, **values: task_rows(task, name, n, device=device, **values)  # noqa: E731
+    rows = (config("fp32_baseline", quality=fp32, throughput=speed(500), memory=np.full(n, 2.0))
+            + config("amp_bf16", quality=same, throughput=speed(1000), memory=np.full(n, 1.8))
+            + config("bf16_naive", quality=naive, throughput=speed(950), memory=np.full(n, 1.0))
+            + config("bf16_pure", quality=same, throughput=speed(900), memory=np.full(n, 1.0) + np.arange(n) * 1e-3)
             + task_rows(task, "fp16_naive", n, "diverged", device=device))  # no completed run: on no frontier
     if rival_speed:
         rows += task_rows(task, "amp_fp16", n, device=device, quality=same, throughput=speed(rival_speed),
