@@ -199,6 +199,10 @@ def findings(analysis: Analysis) -> list[str]:
     for config, (verdict, numbers) in verdicts.items():
         if verdict in ("worse", "unstable"):
             out.append(f"Avoid **{config}** ({'quality loss' if verdict == 'worse' else 'unstable'}): {numbers}.")
+    undecided = [f"{config} ({numbers})" for config, (verdict, numbers) in verdicts.items() if verdict == "inconclusive"]
+    if undecided:
+        out.append("Undecided (neither equivalence nor a loss shown; more seeds would settle it): "
+                   + "; ".join(undecided) + ".")
     out.append(f"Criterion: every run completed and a TOST equivalence test (level {LEVEL}, at least {MIN_SEEDS} "
                f"seeds) puts the seed-paired {q.label} difference to fp32 within ±{analysis.quality_margin:.0%} of "
                f"fp32's mean (its {1 - 2 * float(LEVEL):.0%} interval inside the margin); 'avoid' = a significant "
