@@ -164,6 +164,8 @@ def _comparison_stat(c: Comparison) -> dict:
 def _settle(c: Comparison, goal: str) -> str:
     if c.n < 2 or not c.spreads:
         return f"at least {MIN_SEEDS} completed seeds of both configs"
+    if goal == "equivalence" and c.margin == 0:
+        return "a reference with a non-zero mean (the margin is relative to it; here it is empty)"
     n = c.seeds_needed(goal)
     if n is None:
         what = ("equivalence within the margin: the observed difference is beyond it" if goal == "equivalence"
