@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: exp
 import plots
 from experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
 from report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, precision_table, setup_section
-from stats import ConfigSummary, Difference, pareto_front, relative_name, summarize
+from hypotheses import LEVEL, QUALITY_MARGIN
+from stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
 
 from dtype_bench.io import atomic_write_text
 
-DEFAULT_QUALITY_MARGIN = 0.02
+DEFAULT_QUALITY_MARGIN = QUALITY_MARGIN
 
 
 @dataclass
@@ -147,9 +148,11 @@ def oriented(d: Difference, metric: Metric) -> tuple[float | None, float | None,
 
 
 def quality_verdict(analysis: Analysis, config: str) -> tuple[str, str]:
-    """('ok' | 'worse' | 'unstable' | 'unknown', the numbers behind it) for a config's primary quality vs fp32.
-    'ok' = every run completed, mean within the margin of fp32 and not significantly worse."""
-    s, q = analysis.summary(config), analysis.exp.quality_metric
+    """('ok' | 'worse' | 'inconclusive' | 'unstable' | 'unknown', the numbers behind it): a config's primary quality
+    against fp32. 'ok' only when every run completed and a TOST equivalence test at level LEVEL puts the seed-paired
+    difference within ±quality_margin of fp32's mean (at least MIN_SEEDS seeds); 'worse' when a one-sided test at
+    that level shows a loss and equivalence is not shown; otherwise 'inconclusive', with n and the interval."""
+    s, q, exp = analysis.summary(config), analysis.exp.quality_metric, analysis.exp
     if s is None or q is None:
         return "unknown", "no rows"
     bad = s.status_counts["diverged"] + s.status_counts["failed"]
@@ -157,16 +160,17 @@ def quality_verdict(analysis: Analysis, config: str) -> tuple[str, str]:
         return "unstable", f"{s.status_counts['diverged']} diverged, {s.status_counts['failed']} failed of {sum(s.status_counts.values())}"
     if config == BASELINE:
         return ("ok", f"{q.label} {fmt_estimate(s.estimates[q.key])}") if s.status_counts["completed"] else ("unknown", "no completed run")
-    d = s.quality_deltas.get(q.key)
-    if d is None or d.delta is None or not math.isfinite(d.delta):
-        return "unknown", f"no finite {q.label} difference to fp32"
-    delta, lo, hi = oriented(d, q)
-    base = analysis.summary(BASELINE).estimates[q.key].mean
-    tolerance = analysis.quality_margin * abs(base)
-    numbers = f"Δ{q.label} vs fp32 {fmt_difference(d)}"
-    if delta < -tolerance or (hi is not None and hi < 0):
+    a, b = by_seed(exp.runs(config, "completed"), q.key), by_seed(exp.runs(BASELINE, "completed"), q.key)
+    if not a or not b or not all(math.isfinite(v) for v in [*a.values(), *b.values()]):
+        return "unknown", f"no finite {q.label} of completed runs of {config} and {BASELINE}"
+    c = compare(a, b, margin=analysis.quality_margin * abs(sum(b.values()) / len(b)), alpha=float(LEVEL),
+                higher_is_better=q.higher_is_better)
+    numbers = f"{q.label} vs fp32: {c.text()}" + ("" if c.p_equivalent is None else f", TOST p={c.p_equivalent:.2g}")
+    if c.equivalent:
+        return "ok", numbers
+    if c.worse:
         return "worse", numbers
-    return "ok", numbers
+    return "inconclusive", numbers + (f"; fewer than {MIN_SEEDS} seeds" if c.n < MIN_SEEDS else "")
 
 
 def findings(analysis: Analysis) -> list[str]:
@@ -180,23 +184,31 @@ def findings(analysis: Analysis) -> list[str]:
     out = []
     if ok:
         fastest = max(ok, key=lambda s: s.estimates[t.key].mean)
-        out.append(f"Fastest config without a quality loss beyond {analysis.quality_margin:.0%} of fp32: "
+        out.append(f"Fastest config shown to keep quality (within {analysis.quality_margin:.0%} of fp32): "
                    f"**{fastest.config}** — {t.label} {fmt_estimate(fastest.estimates[t.key])} "
                    f"({fmt(fastest.vs_baseline.get(t.key), 3)}× fp32); {verdicts[fastest.config][1]}.")
         if mem.key in fastest.estimates:
             leanest = min((s for s in ok if s.estimates[mem.key].mean is not None),
                           key=lambda s: s.estimates[mem.key].mean, default=None)
             if leanest:
-                out.append(f"Least memory without such a loss: **{leanest.config}** — {mem.label} "
+                out.append(f"Least memory among those: **{leanest.config}** — {mem.label} "
                            f"{fmt_estimate(leanest.estimates[mem.key])} ({fmt(leanest.vs_baseline.get(mem.key), 3)}× "
                            f"fp32); {verdicts[leanest.config][1]}.")
     else:
-        out.append("No config qualifies as 'no quality loss' (see the criterion below): nothing to recommend.")
+        out.append("No config is shown to keep quality (see the criterion below): nothing to recommend.")
     for config, (verdict, numbers) in verdicts.items():
         if verdict in ("worse", "unstable"):
             out.append(f"Avoid **{config}** ({'quality loss' if verdict == 'worse' else 'unstable'}): {numbers}.")
-    out.append(f"Criterion: every run completed, mean {q.label} within {analysis.quality_margin:.0%} of fp32's and "
-               "the 95% interval of the seed-paired difference not entirely on the worse side.")
+    undecided = [f"{config} ({numbers})" for config, (verdict, numbers) in verdicts.items() if verdict == "inconclusive"]
+    if undecided:
+        out.append("Undecided (neither equivalence nor a loss shown; more seeds would settle it): "
+                   + "; ".join(undecided) + ".")
+    out.append(f"Criterion: every run completed and a TOST equivalence test (level {LEVEL}, at least {MIN_SEEDS} "
+               f"seeds) puts the seed-paired {q.label} difference to fp32 within ±{analysis.quality_margin:.0%} of "
+               f"fp32's mean (its {1 - 2 * float(LEVEL):.0%} interval inside the margin); 'avoid' = a significant "
+               "loss (one-sided test) "
+               "without equivalence, or a diverged/failed run. Configs that are neither are not recommended either "
+               "way: their seeds do not decide.")
     return out
 
 

@@ -5,8 +5,9 @@ report in a sub-folder).
     python analysis/compare_experiments.py --lm_results results/lm --cls_results results/classification \\
         --output_dir results/comparison
 
-Every verdict is `supported`, `refuted` or `inconclusive` and carries the statistic it rests on; missing configs,
-skipped runs or too few seeds make a verdict inconclusive, and the reason says which.
+The hypotheses and the tests that decide them are defined in analysis/hypotheses.py (and stated, from there, in
+experiments/classification/PLAN.md); every verdict carries its claims' tests, n and intervals, and an inconclusive
+one says what would settle it.
 """
 from __future__ import annotations
 
@@ -23,18 +24,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from scipy import stats as scipy_stats  # noqa: E402
 
 import plots  # noqa: E402
+import hypotheses  # noqa: E402
 from analyze_experiment import DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
-from experiment_data import METRIC_BY_KEY, Metric, is_number, styles  # noqa: E402
+from experiment_data import Metric, styles  # noqa: E402
 from report import caveats, fmt, fmt_difference, md_table  # noqa: E402
 from stats import by_seed, difference, pareto_front, ranks, spearman  # noqa: E402
 
 from dtype_bench.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 ROLES = ("quality", "throughput", "memory")
-VERDICTS = ("supported", "refuted", "inconclusive")
 
 
 def role_metric(analysis: Analysis, role: str) -> Metric | None:
@@ -98,146 +98,6 @@ def cross_task_tables(tasks: dict[str, Analysis]) -> tuple[dict, dict, list[dict
                               "significant_in_both": all(g["significant"] for g in gaps.values()), "tasks": gaps})
     flips.sort(key=lambda f: -f["size"])
     return rank_table, correlations, flips
-
-
-# ---------------------------------------------------------------- hypotheses
-
-
-def _verdict(verdict: str, statistic: dict, reason: str) -> dict:
-    assert verdict in VERDICTS
-    return {"verdict": verdict, "statistic": statistic, "reason": reason}
-
-
-def _paired_gain(analysis: Analysis, config: str, reference: str, metric: Metric) -> dict | None:
-    """Seed-paired difference config - reference, oriented so positive = config better; None if either lacks runs."""
-    a = by_seed(analysis.exp.runs(config, "completed"), metric.key)
-    b = by_seed(analysis.exp.runs(reference, "completed"), metric.key)
-    if not a or not b:
-        return None
-    d = difference(a, b)
-    delta, lo, hi = oriented(d, metric)
-    return {"metric": metric.key, "gain": delta, "ci95": [lo, hi], "p_value": d.p_value, "n": d.n,
-            "paired": d.paired, "reference_mean": _mean(b), "text": fmt_difference(d)}
-
-
-def _status_note(analysis: Analysis, *configs: str) -> str:
-    notes = []
-    for config in configs:
-        runs = analysis.exp.runs(config)
-        if not runs:
-            notes.append(f"{config} not run")
-        for r in runs:
-            if r["status"] != "completed":
-                notes.append(f"{config} seed {r['seed']} {r['status']}"
-                             + (f": {r.get('reason') or r.get('error')}" if r.get("reason") or r.get("error") else ""))
-    return "; ".join(notes)
-
-
-def h1_output_layer(tasks: dict[str, Analysis], margin: float) -> dict:
-    """amp_bf16_fp32_head beats amp_bf16 on classification (macro-F1 first: rare labels have the smallest logit
-    margins) but not on LM."""
-    stat, notes = {}, []
-    for name, analysis in tasks.items():
-        metric = METRIC_BY_KEY["macro_f1"] if name == "classification" and METRIC_BY_KEY["macro_f1"] in \
-            analysis.exp.metrics else analysis.exp.quality_metric
-        gain = _paired_gain(analysis, "amp_bf16_fp32_head", "amp_bf16", metric) if metric else None
-        stat[name] = gain
-        if gain is None:
-            notes.append(f"{name}: no completed pair ({_status_note(analysis, 'amp_bf16_fp32_head', 'amp_bf16')})")
-    cls, lm = stat.get("classification"), stat.get("lm")
-    if cls is None or lm is None or cls["ci95"][0] is None or lm["ci95"][0] is None:
-        return _verdict("inconclusive", stat, "; ".join(notes) or "fewer than 2 seeds: no interval")
-    tol = margin * abs(cls["reference_mean"])
-    if cls["ci95"][0] > 0 and not lm["ci95"][0] > 0:
-        return _verdict("supported", stat, "fp32 head significantly better on classification, not on LM")
-    if cls["ci95"][1] < 0 or -tol < cls["ci95"][0] <= cls["ci95"][1] < tol:
-        return _verdict("refuted", stat, f"on classification the fp32 head is worse or within ±{margin:.0%} "
-                                         "(the whole 95% interval)")
-    if cls["ci95"][0] > 0 and lm["ci95"][0] > 0:
-        return _verdict("refuted", stat, "the fp32 head helps both tasks: not specific to the classification head")
-    return _verdict("inconclusive", stat, "the 95% interval on classification includes both no gain and a gain "
-                                          f"beyond ±{margin:.0%}")
-
-
-def h2_stability(tasks: dict[str, Analysis]) -> dict:
-    """fp16_naive diverges in one task and not in the other (and when)."""
-    stat = {}
-    for name, analysis in tasks.items():
-        runs = analysis.exp.runs("fp16_naive")
-        max_steps = [(r.get("train_config") or {}).get("max_steps") for r in runs]
-        stat[name] = {"runs": len(runs), "diverged": sum(r["status"] == "diverged" for r in runs),
-                      "completed": sum(r["status"] == "completed" for r in runs),
-                      "diverged_at_steps": [r.get("diverged_at_step") for r in runs if r["status"] == "diverged"],
-                      "max_steps": max_steps[0] if max_steps else None,
-                      "other": _status_note(analysis, "fp16_naive")}
-    counts = list(stat.values())
-    if any(c["runs"] == 0 or c["diverged"] + c["completed"] < c["runs"] for c in counts):
-        return _verdict("inconclusive", stat, "fp16_naive missing, failed or skipped in a task")
-    table = [[c["diverged"], c["completed"]] for c in counts]
-    stat["fisher_exact_p"] = float(scipy_stats.fisher_exact(table).pvalue)
-    all_div = [c["diverged"] == c["runs"] for c in counts]
-    none_div = [c["diverged"] == 0 for c in counts]
-    if any(all_div) and any(none_div):
-        return _verdict("supported", stat, "diverges in every run of one task and in no run of the other")
-    if all(all_div) or all(none_div):
-        return _verdict("refuted", stat, "same outcome in both tasks: " + ("always diverges" if all(all_div) else "never diverges"))
-    return _verdict("inconclusive", stat, "mixed outcomes across seeds")
-
-
-def h3_eight_bit(tasks: dict[str, Analysis], margin: float) -> dict:
-    """8-bit AdamW states cost quality within ±margin of the same AMP config with fp32 AdamW states, in both tasks."""
-    stat, inside, beyond, missing = {}, [], [], []
-    for name, analysis in tasks.items():
-        metric = analysis.exp.quality_metric
-        for config, reference in (("amp_bf16_8bit_adam", "amp_bf16"), ("amp_fp16_8bit_adam", "amp_fp16")):
-            gain = _paired_gain(analysis, config, reference, metric) if metric else None
-            key = f"{name}: {config} vs {reference}"
-            if gain is None or gain["ci95"][0] is None:
-                missing.append(f"{key} ({_status_note(analysis, config, reference) or 'fewer than 2 seeds'})")
-                stat[key] = gain
-                continue
-            memory = [analysis.summary(c).estimates.get("peak_memory_gb") for c in (config, reference)]
-            gain["memory_ratio"] = memory[0].mean / memory[1].mean if all(m and m.mean for m in memory) else None
-            stat[key] = gain
-            tol = margin * abs(gain["reference_mean"])
-            (inside if -tol < gain["ci95"][0] and gain["ci95"][1] < tol else
-             beyond if gain["ci95"][1] < -tol else []).append(key)
-    if beyond:
-        return _verdict("refuted", stat, f"quality cost beyond {margin:.0%} (whole interval): {', '.join(beyond)}")
-    if inside and not missing and len(inside) == len(stat):
-        return _verdict("supported", stat, f"every pair within ±{margin:.0%} (whole interval)")
-    return _verdict("inconclusive", stat, "; ".join(
-        ([f"not evaluable: {', '.join(missing)}"] if missing else [])
-        + [f"interval too wide for ±{margin:.0%}: {k}" for k in stat if k not in inside and k not in beyond
-           and stat[k] is not None and stat[k]["ci95"][0] is not None]))
-
-
-def h4_frontier(tasks: dict[str, Analysis]) -> dict:
-    """The memory-throughput frontier holds the same configs in both tasks."""
-    common = None
-    for analysis in tasks.values():
-        done = {s.config for s in analysis.summaries if s.status_counts["completed"]}
-        common = done if common is None else common & done
-    fronts = {}
-    for name, analysis in tasks.items():
-        t, m = role_metric(analysis, "throughput"), role_metric(analysis, "memory")
-        if t is None or m is None:
-            return _verdict("inconclusive", {}, f"{name} lacks a throughput or memory metric")
-        points = {c: (analysis.summary(c).estimates[t.key].mean, analysis.summary(c).estimates[m.key].mean)
-                  for c in sorted(common) if is_number(analysis.summary(c).estimates[t.key].mean)
-                  and is_number(analysis.summary(c).estimates[m.key].mean)}
-        fronts[name] = pareto_front(points, t, m)[0]
-    sets = [set(f) for f in fronts.values()]
-    union = set.union(*sets)
-    jaccard = len(set.intersection(*sets)) / len(union) if union else None
-    stat = {"frontiers": fronts, "jaccard": jaccard, "common_configs": sorted(common)}
-    if len(common) < 3 or jaccard is None:
-        return _verdict("inconclusive", stat, f"only {len(common)} configs completed in both tasks")
-    if jaccard == 1:
-        return _verdict("supported", stat, "identical frontiers")
-    if jaccard < 0.5:
-        return _verdict("refuted", stat, f"frontiers share {jaccard:.0%} of their configs (< 50%)")
-    return _verdict("inconclusive", stat, f"frontiers overlap partly (Jaccard {jaccard:.2f})")
 
 
 # ---------------------------------------------------------------- recommendations
@@ -313,9 +173,18 @@ def render_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | N
     if problems or any(only.values()):
         lines += ["", "## What is missing or malformed", ""] + [f"- {p}" for p in problems]
         lines += [f"- configs run only in {name}: {', '.join(c)}" for name, c in only.items() if c]
-    lines += ["", "## Verdicts", ""]
+    lines += ["", "## Hypotheses", "", "Stated and decided as in `experiments/classification/PLAN.md` (generated from "
+              "`analysis/hypotheses.py`): a hypothesis is supported when every claim is, refuted when any claim is; "
+              "a claim only when its test at the stated level says so, with at least "
+              f"{hypotheses.MIN_SEEDS} runs per config. Numbers in `comparison.json`.", ""]
     for key, v in comparison["verdicts"].items():
-        lines.append(f"- **{key}: {v['verdict']}** — {v['reason']}. Statistic: `{_compact(v['statistic'])}`")
+        lines += [f"### {key}: **{v['verdict']}**", "", v["statement"], ""]
+        for task, result in v["tasks"].items():
+            role = "" if result["decides"] else " (reported beside the verdict, not deciding it)"
+            lines.append(f"- {task}{role}: **{result['verdict']}**")
+            lines += [f"  - {c['outcome']}: {c['claim']} — {c['reason']}"
+                      + (f". Would settle it: {c['settle']}" if c["settle"] else "") for c in result["claims"]]
+        lines.append("")
     lines += ["", "## Recommendations", "", "Universal (both tasks):", ""]
     lines += [f"- {r}" for r in comparison["recommendations"]["universal"] + comparison["recommendations"]["avoid_everywhere"]]
     for name, items in comparison["recommendations"]["per_task"].items():
@@ -344,21 +213,11 @@ def render_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | N
     lines += [md_table(["metric", "pair", "size", "significant in both"] + list(tasks), rows) if rows
               else "No flips: every pair of configs is ordered the same way in both tasks.", ""]
     lines += ["## Caveats", ""] + [f"- {c}" for c in dict.fromkeys(c for a in tasks.values() for c in caveats(a.exp))]
-    lines.append(f"- Verdict thresholds: quality differences count as 'no difference' within ±{comparison['quality_margin']:.0%} "
-                 "of the reference mean (whole 95% interval); H4 is supported only by identical frontiers and refuted "
-                 "below 50% overlap.")
+    lines.append(f"- Recommendations call a config's quality kept only when a TOST equivalence test at level "
+                 f"{hypotheses.LEVEL} puts its seed-paired difference to fp32 within "
+                 f"±{comparison['quality_margin']:.0%} "
+                 "of fp32's mean; the hypotheses use their own stated margins and level.")
     return "\n".join(lines) + "\n"
-
-
-def _compact(statistic: object) -> str:
-    """Numbers rounded for the report (comparison.json keeps them whole)."""
-    if isinstance(statistic, dict):
-        return "{" + ", ".join(f"{k}: {_compact(v)}" for k, v in statistic.items() if k != "text") + "}"
-    if isinstance(statistic, list):
-        return "[" + ", ".join(_compact(v) for v in statistic) + "]"
-    if isinstance(statistic, float):
-        return fmt(statistic, 3)
-    return str(statistic)
 
 
 def compare(lm_results: str | Path, cls_results: str | Path, output_dir: str | Path, *,
@@ -374,10 +233,7 @@ def compare(lm_results: str | Path, cls_results: str | Path, output_dir: str | P
                   for name, a in tasks.items()},
         "quality_margin": quality_margin,
         "ranks": rank_table, "correlations": correlations, "flips": flips,
-        "verdicts": {"H1 output-layer precision": h1_output_layer(tasks, quality_margin),
-                     "H2 stability": h2_stability(tasks),
-                     "H3 8-bit AdamW": h3_eight_bit(tasks, quality_margin),
-                     "H4 memory-throughput frontier": h4_frontier(tasks)},
+        "verdicts": hypotheses.evaluate_all({name: a.exp for name, a in tasks.items()}),
         "recommendations": recommendations(tasks),
     }
     atomic_write_json(output_dir / "comparison.json", comparison)
@@ -393,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="where comparison.json, report.md and the per-task "
                                                             "analyses go")
     parser.add_argument("--quality_margin", type=float, default=DEFAULT_QUALITY_MARGIN,
-                        help="relative quality difference counted as 'no difference' in verdicts and recommendations")
+                        help="equivalence margin (relative to fp32's mean) of the recommendations; the hypotheses "
+                             "keep the margin analysis/hypotheses.py states")
     args = parser.parse_args(argv)
     for flag, path in (("--lm_results", args.lm_results), ("--cls_results", args.cls_results)):
         if not (Path(path) / "results.jsonl").exists():

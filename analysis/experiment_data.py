@@ -38,7 +38,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("train_peak_memory_gb", "training peak memory (GB)", "memory", False),
     Metric("eval_peak_memory_gb", "evaluation peak memory (GB)", "memory", False),
     Metric("micro_f1", "micro-F1", "quality", True),
-    Metric("macro_f1", "macro-F1", "quality", True),
+    Metric("macro_f1", "macro-F1 (all labels)", "quality", True),
+    Metric("macro_f1_present_labels", "macro-F1 (labels with gold)", "quality", True),
     Metric("precision_at_1", "P@1", "quality", True),
     Metric("precision_at_3", "P@3", "quality", True),
     Metric("precision_at_5", "P@5", "quality", True),
@@ -168,6 +169,11 @@ def load_experiment(results_dir: str | Path) -> Experiment:
             problems.append(f"{row['config']} seed {row['seed']}: recorded more than once; the last row is used")
         by_run[key] = row
     rows = list(by_run.values())
+    old_macro = sorted({f"{r['config']} seed {r['seed']}" for r in rows
+                        if "macro_f1" in r and "macro_f1_present_labels" not in r})
+    if old_macro:  # before the metric followed the seed, macro_f1 averaged only the labels with gold
+        problems.append("macro_f1 of rows written before it averaged all labels (it then averaged the labels with "
+                        f"gold only; not comparable with newer rows): {', '.join(old_macro)}")
 
     experiments = sorted({r.get("experiment", "?") for r in rows})
     if len(experiments) > 1:

@@ -55,15 +55,50 @@ def _distinct(exp: Experiment, section: str, key: str) -> str:
     return "; ".join(f"{v} ({n} runs)" for v, n in values.most_common())
 
 
+METRIC_DEFINITIONS = {
+    "macro_f1": "macro-F1 (all labels): the seed's macro-F1, the mean per-label F1 over every label of the label "
+                "space, a label never gold and never predicted scoring 0 (scikit-learn `f1_score(average=\"macro\", "
+                "zero_division=0)`)",
+    "macro_f1_present_labels": "macro-F1 (labels with gold): the same mean over only the labels with at least one "
+                               "gold positive in the evaluated split",
+}
+
+
+def recipe_departures(exp: Experiment) -> list[list[str]]:
+    """[field, value in these runs, the reference recipe's] for every field some row departs from its recipe in."""
+    recorded = [r["recipe_departures"] for r in exp.rows if isinstance(r.get("recipe_departures"), dict)]
+    fields = dict.fromkeys(k for d in recorded for k in d)
+    rows = []
+    for name in fields:
+        values = Counter(str(d[name]["value"]) if name in d else "the recipe's" for d in recorded)
+        value = next(iter(values)) if len(values) == 1 else "; ".join(f"{v} ({n} runs)" for v, n in values.items())
+        rows.append([name, value, str(next(d[name]["recipe"] for d in recorded if name in d))])
+    return rows
+
+
 def setup_section(exp: Experiment) -> str:
-    """Training setup and environment as recorded in the rows (several values: each with its run count)."""
+    """Departures from the reference recipe, the metric definitions that differ between conventions, then the
+    training setup and environment as recorded in the rows (several values: each with its run count)."""
+    recorded = any(isinstance(r.get("recipe_departures"), dict) for r in exp.rows)
+    departures = recipe_departures(exp)
+    parts = []
+    if departures:
+        parts += ["Departures from the reference recipe (classification: the seed's; LM: PLAN.md's GPT-2 small), "
+                  "from the preset or flags:", "", md_table(["field", "these runs", "recipe"], departures), ""]
+    elif recorded:
+        parts += ["These runs use the reference recipe unchanged (classification: the seed's; LM: PLAN.md's).", ""]
+    else:
+        parts += ["The rows do not record departures from the reference recipe (written before it was recorded).", ""]
+    defined = [text for key, text in METRIC_DEFINITIONS.items() if any(key in r for r in exp.rows)]
+    if defined:
+        parts += ["Metrics: " + "; ".join(defined) + ".", ""]
     keys = dict.fromkeys(k for r in exp.rows for k in (r.get("train_config") or {}) if k not in NOT_SETUP)
     rows = [[f"train_config.{k}", _distinct(exp, "train_config", k)] for k in keys]
     rows += [[f"env.{k}", _distinct(exp, "env", k)] for k in ENV_FIELDS
              if any(k in (r.get("env") or {}) for r in exp.rows)]
     if not rows:
-        return "No row carries `train_config` or `env` (only rows of crashed processes?)."
-    return md_table(["field", "value"], rows)
+        return "\n".join(parts + ["No row carries `train_config` or `env` (only rows of crashed processes?)."])
+    return "\n".join(parts + [md_table(["field", "value"], rows)])
 
 
 PRECISION_COLUMNS = (  # results-row `precision` record field -> column

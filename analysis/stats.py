@@ -80,6 +80,127 @@ def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
     return Difference(delta, delta - half, delta + half, p, min(len(xa), len(xb)), False)
 
 
+MIN_SEEDS = 3
+"""Fewer completed seeds than this per config: no test decides anything (a verdict is always inconclusive)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Config `a` against reference `b` over seeds, oriented so that a positive delta means `a` is better, with the
+    one-sided and equivalence (TOST) tests at level `alpha` against an equivalence margin of ±`margin`.
+
+    Paired t over the seeds both ran (same data order and initialisation) when there are at least 2, else Welch's
+    t over all seeds of each. [lo, hi] is the (1 - 2 alpha) interval: the one whose bounds decide the one-sided
+    tests (hi < 0 <=> p_worse < alpha) and TOST (-margin < lo and hi < margin <=> p_equivalent < alpha); a test
+    decides when p <= alpha and both configs have at least MIN_SEEDS seeds."""
+    delta: float | None
+    lo: float | None
+    hi: float | None
+    n: int
+    """Seed pairs (paired), else the smaller group's size (Welch)."""
+    paired: bool
+    test: str
+    se: float | None
+    dof: float | None
+    p_better: float | None
+    """H1: delta > 0."""
+    p_worse: float | None
+    """H1: delta < 0."""
+    p_equivalent: float | None
+    """TOST: the larger of the p-values of delta > -margin and delta < +margin."""
+    p_beyond: float | None
+    """The smaller of the p-values of delta < -margin and delta > +margin (a difference beyond the margin)."""
+    margin: float
+    alpha: float
+    spreads: tuple[float, ...] = ()
+    """Standard deviation of the paired differences, or of each group (Welch): what a seed-count plan uses."""
+
+    def _decided(self, p: float | None) -> bool:
+        return p is not None and self.n >= MIN_SEEDS and p <= self.alpha
+
+    @property
+    def better(self) -> bool:
+        return self._decided(self.p_better)
+
+    @property
+    def worse(self) -> bool:
+        return self._decided(self.p_worse)
+
+    @property
+    def equivalent(self) -> bool:
+        return self._decided(self.p_equivalent)
+
+    @property
+    def beyond_margin(self) -> bool:
+        return self._decided(self.p_beyond)
+
+    def text(self) -> str:
+        if self.delta is None:
+            return f"no values to compare (n={self.n})"
+        interval = "" if self.lo is None else f", {1 - 2 * self.alpha:.0%} CI [{self.lo:+.3g}, {self.hi:+.3g}]"
+        return f"Δ {self.delta:+.3g}{interval} ({self.test}, n={self.n}; margin ±{self.margin:.3g})"
+
+    def seeds_needed(self, goal: str) -> int | None:
+        """Seeds per config for the (1 - 2 alpha) interval to settle `goal` ('difference': exclude 0;
+        'equivalence': fit inside ±margin) if the observed delta and spread stayed as they are; None when the
+        observed numbers cannot get there (equivalence with |delta| >= margin, a difference of exactly 0, or no
+        spread measured yet)."""
+        if self.delta is None or not self.spreads:
+            return None
+        room = abs(self.delta) if goal == "difference" else self.margin - abs(self.delta)
+        if room <= 0:
+            return None
+        for n in range(max(self.n, 2), 10_001):
+            se = math.sqrt(sum(sd ** 2 for sd in self.spreads) / n)
+            dof = n - 1 if self.paired else 2 * (n - 1)  # Welch with equal spreads and sizes
+            if float(scipy_stats.t.ppf(1 - self.alpha, dof)) * se < room:
+                return max(n, MIN_SEEDS)
+        return None
+
+
+def _t_tail(z: float, dof: float, upper: bool) -> float:
+    """P(T > z) (upper) or P(T < z) for Student's t; with no spread (z = ±inf or 0/0) the exact 0 or 1."""
+    if math.isnan(z):
+        return 1.0
+    return float(scipy_stats.t.sf(z, dof) if upper else scipy_stats.t.cdf(z, dof))
+
+
+def compare(a: dict[int, float], b: dict[int, float], *, margin: float, alpha: float,
+            higher_is_better: bool = True) -> Comparison:
+    """`a`, `b`: seed -> value (finite); see Comparison."""
+    sign = 1.0 if higher_is_better else -1.0
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        d = sign * np.array([a[s] - b[s] for s in common], dtype=float)
+        delta, sd = float(d.mean()), float(d.std(ddof=1))
+        se, dof, paired, test, spreads, size = sd / math.sqrt(len(d)), len(d) - 1.0, True, "paired t", (sd,), len(d)
+    else:
+        xa, xb = (sign * np.array(list(v.values()), dtype=float) for v in (a, b))
+        size = min(len(xa), len(xb))
+        if size == 0:
+            return Comparison(None, None, None, 0, False, "none", None, None, None, None, None, None, margin, alpha)
+        delta = float(xa.mean() - xb.mean())
+        if size < 2:
+            return Comparison(delta, None, None, size, False, "none (one seed)", None, None, None, None, None, None,
+                              margin, alpha)
+        va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
+        se = math.sqrt(va + vb)
+        dof = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1)) if se > 0 else float(size - 1)
+        paired, test, spreads = False, "Welch t", (float(xa.std(ddof=1)), float(xb.std(ddof=1)))
+
+    def z(c: float) -> float:
+        return (delta - c) / se if se > 0 else (math.inf if delta > c else -math.inf if delta < c else math.nan)
+
+    half = float(scipy_stats.t.ppf(1 - alpha, dof)) * se
+    p_above_minus, p_below_plus = _t_tail(z(-margin), dof, True), _t_tail(z(margin), dof, False)
+    return Comparison(
+        delta, delta - half, delta + half, size, paired, test, se, dof,
+        p_better=_t_tail(z(0.0), dof, True), p_worse=_t_tail(z(0.0), dof, False),
+        p_equivalent=max(p_above_minus, p_below_plus),
+        p_beyond=min(_t_tail(z(-margin), dof, False), _t_tail(z(margin), dof, True)),
+        margin=margin, alpha=alpha, spreads=spreads)
+
+
 def by_seed(rows: list[dict], key: str) -> dict[int, float]:
     return {r["seed"]: float(r[key]) for r in rows if is_number(r.get(key))}
 

@@ -13,7 +13,7 @@ import inspect
 import textwrap
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -44,6 +44,15 @@ class TrainingFields:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     threads: Optional[int] = None
     """CPU threads for torch (None = torch's default)."""
+
+    REFERENCE_RECIPE: ClassVar[dict[str, Any]] = {}
+    """The published recipe the experiment's full preset reproduces (field -> value); not a flag."""
+
+    def recipe_departures(self) -> dict[str, dict[str, Any]]:
+        """field -> {"value": this run's, "recipe": the reference recipe's} for every field that differs from it:
+        what a preset or a flag changed. Recorded in the results row; the report lists it under the setup."""
+        return {name: {"value": getattr(self, name), "recipe": value} for name, value in self.REFERENCE_RECIPE.items()
+                if getattr(self, name) != value}
 
     def check_training_fields(self, *positive: str) -> None:
         """Raise ValueError naming the flag for the first invalid common field (and `positive` extras)."""

@@ -111,7 +111,7 @@ def _train_and_record(experiment: str, config_name: str, seed: int, cfg: Any, de
     rid = results.run_id(experiment, pc.name, seed, setup_fp)
     row = {"experiment": experiment, "run_id": rid, "config": pc.name, "seed": seed,
            "setup_fingerprint": setup_fp, "precision": pc.to_record(), "train_config": cfg.to_record(),
-           "env": results.environment(device)}
+           "recipe_departures": cfg.recipe_departures(), "env": results.environment(device)}
     started = time.perf_counter()
     reason = precision.unsupported_reason(pc, device)
     exit_code = 0

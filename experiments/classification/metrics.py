@@ -18,13 +18,15 @@ Rules (each one is tested in tests/test_metrics.py)
                    Nothing is hidden: `nonfinite_scores` = number of NaN/+inf/-inf entries in `scores`.
     micro_f1       2TP / (2TP + FP + FN) pooled over all (doc, label) pairs; FN includes every unseen gold label;
                    0.0 when the denominator is 0 (no gold and no predictions at all).
-    macro_f1       mean of per-label F1 = 2TP_l / (2TP_l + FP_l + FN_l) over the labels of the label space with at
-                   least one gold positive in the evaluated set (a label with gold but no prediction has precision
-                   0 -> F1 0); labels without gold are left out (their recall is 0/0), though their false
-                   positives still count in micro_f1. Unseen labels have no column and are not part of it. NaN
-                   when no label has a gold positive.
-    macro_f1_all_labels  mean per-label F1 over ALL L labels, 0/0 -> 0 (scikit-learn f1_score(average="macro",
-                   zero_division=0)); a label with no gold and no prediction scores 0 and drags the mean down.
+    macro_f1       the seed's "average across all labels": mean of per-label F1 = 2TP_l / (2TP_l + FP_l + FN_l) over
+                   ALL L labels of the label space, a label with 0/0 (no gold and no prediction) scoring 0: exactly
+                   scikit-learn's f1_score(average="macro", zero_division=0). Labels never predicted and never gold
+                   in the evaluated set drag it down, so it depends on how many labels the evaluated set covers.
+                   Unseen labels have no column and are not part of it. NaN only when L = 0.
+    macro_f1_present_labels  the same mean over only the labels with at least one gold positive in the evaluated
+                   set (scikit-learn's macro F1 with labels=those labels); a label with gold but no prediction
+                   scores 0; labels without gold are left out, though their false positives still count in
+                   micro_f1. NaN when no label has a gold positive.
     ranking        labels ordered by score descending, ties broken by the lower label index (deterministic, for
                    every dtype: bf16 logits tie often). If L < k, only the L labels are ranked (the divisor stays k).
     precision_at_k (relevant labels among the top k) / k, averaged over ALL N documents, k in {1, 3, 5}; a document
@@ -153,13 +155,14 @@ def multilabel_metrics(scores, targets, *, n_unseen_gold=None, threshold: float 
     f1_den = pred_per_label + gold_per_label  # = 2TP + FP + FN per label
     f1_per_label = np.divide(2.0 * tp_per_label, f1_den, out=np.zeros(n_labels, dtype=np.float64), where=f1_den > 0)
     has_gold = gold_per_label > 0
-    macro_f1 = float(f1_per_label[has_gold].mean()) if has_gold.any() else float("nan")
-    macro_f1_all = float(f1_per_label.mean()) if n_labels else float("nan")
+    macro_f1 = float(f1_per_label.mean()) if n_labels else float("nan")
+    macro_f1_present = float(f1_per_label[has_gold].mean()) if has_gold.any() else float("nan")
 
     # --- ranking metrics ------------------------------------------------------------------------------------------
     top = topk_indices(s, _K)  # (N, min(5, L))
     rel = np.take_along_axis(gold, top, axis=1)  # bool (N, k')
-    out: dict[str, float] = {"micro_f1": float(micro_f1), "macro_f1": macro_f1, "macro_f1_all_labels": macro_f1_all}
+    out: dict[str, float] = {"micro_f1": float(micro_f1), "macro_f1": macro_f1,
+                             "macro_f1_present_labels": macro_f1_present}
     for k in _PRECISION_KS:
         hits = rel[:, :k].sum(axis=1)
         out[f"precision_at_{k}"] = float(hits.mean() / k) if n_docs else float("nan")

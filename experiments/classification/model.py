@@ -35,6 +35,7 @@ class MultiLabelClassifier(nn.Module):
     The head may hold a different dtype from the body (fp32 head configs); its input is cast to the head's
     dtype, and with `head_compute_fp32` it runs outside autocast so logits and head grads are fp32.
 
+    Without `label_prior` the head is a plain nn.Linear with its default initialisation (the seed's recipe).
     `label_prior` (the average fraction of labels that are positive, ~5/4,271) sets the head bias to its
     log-odds, so every sigmoid starts at the base rate instead of 0.5. With a zero bias, AdamW moves each of the
     thousands of biases by about lr per step; the network instead collapses its representation to push all

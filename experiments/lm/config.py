@@ -8,7 +8,7 @@ config on 2 CPU cores. Any flag overrides either preset.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from dtype_bench.configs import TrainingFields
 
@@ -56,6 +56,14 @@ class TrainConfig(TrainingFields):
     diagnostics_every: int = 10
     """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
     many optimizer steps; 0 = never. Non-finite tracking runs every step."""
+
+    REFERENCE_RECIPE: ClassVar[dict[str, Any]] = dict(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, batch_size=12, gradient_accumulation_steps=5,
+        max_steps=10_000, eval_steps=500, eval_sequences=2400, learning_rate=6e-4, min_lr_ratio=0.1, warmup_ratio=0.05,
+        weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, grad_clip=1.0,
+    )
+    """PLAN.md's recipe (nanoGPT's GPT-2 small, shortened to 10,000 steps): the full preset is exactly this; any
+    other value is a departure (`TrainingFields.recipe_departures`)."""
 
     def __post_init__(self) -> None:
         self.check_training_fields("n_layer", "n_head", "n_embd", "block_size")

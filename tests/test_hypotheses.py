@@ -1,0 +1,355 @@
+"""analysis/hypotheses.py and stats.compare: every statistic against scipy, and the verdict of each hypothesis on
+synthetic results built for each case (clear effect, clear equivalence, noise, one seed, all diverged)."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from tiny_run import ROOT
+
+if str(ROOT / "analysis") not in sys.path:  # analysis/ is a folder of scripts importing their siblings by name
+    sys.path.insert(0, str(ROOT / "analysis"))
+hypotheses = importlib.import_module("hypotheses")
+stats = importlib.import_module("stats")
+experiment_data = importlib.import_module("experiment_data")
+analyze_experiment = importlib.import_module("analyze_experiment")
+
+H = {h.key: h for h in hypotheses.HYPOTHESES}
+ALPHA = 0.05
+
+
+# ---------------------------------------------------------------- synthetic results
+
+
+def runs(config: str, n: int = 3, status: str = "completed", device: str = "cuda", **metrics) -> list[dict]:
+    """n seeds of one config; a diverged/failed run carries no quality metric, as the real rows do."""
+    rows = []
+    for seed in range(n):
+        row = {"config": config, "seed": seed, "status": status, "env": {"device": device}}
+        if status == "completed":
+            row.update({k: (v if isinstance(v, dict) else float(np.asarray(v)[seed])) for k, v in metrics.items()})
+        elif status == "diverged":
+            row["diverged_at_step"] = 2
+        rows.append(row)
+    return rows
+
+
+def task_rows(task: str, config: str, n: int = 3, status: str = "completed", device: str = "cuda", *,
+              quality=None, throughput=None, memory=None, state_bytes=None) -> list[dict]:
+    """The same synthetic outcome in either experiment's metrics: classification's F1 (higher is better) or the
+    LM's validation loss (lower is better, = 3 - quality)."""
+    metrics = {}
+    if quality is not None:
+        q = np.asarray(quality, dtype=float)
+        metrics.update({"micro_f1": q, "macro_f1": q} if task == "classification" else {"val_loss": 3.0 - q})
+    if throughput is not None:
+        metrics["samples_per_second" if task == "classification" else "tokens_per_second"] = throughput
+    if memory is not None:
+        metrics["peak_memory_gb"] = memory
+    if state_bytes is not None:
+        metrics["static_memory_bytes"] = {"optimizer_state": {"encoder": state_bytes, "head": state_bytes / 10}}
+    return runs(config, n, status, device, **metrics)
+
+
+def experiment(task: str, rows: list[dict]):
+    return experiment_data.Experiment(task, Path(task), rows, [], {})
+
+
+def both(build) -> dict:
+    """task -> Experiment from build(task) -> rows."""
+    return {task: experiment(task, build(task)) for task in ("classification", "lm")}
+
+
+def paired(n: int, delta: float, noise: float, seed: int = 0, base: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, config) over n seeds sharing a seed effect: config = reference + delta + noise."""
+    rng = np.random.default_rng(seed)
+    reference = base + rng.normal(0, 0.02, n)
+    return reference, reference + delta + rng.normal(0, noise, n)
+
+
+def claims(result: dict, task: str) -> list[dict]:
+    return result["tasks"][task]["claims"]
+
+
+# ---------------------------------------------------------------- statistics against scipy
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_comparison_matches_scipy(seed):
+    b, a = paired(6, -0.01, 0.01, seed)
+    margin = 0.02 * b.mean()
+    c = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=margin, alpha=ALPHA)
+    d = a - b
+    assert c.paired and c.n == 6 and c.delta == pytest.approx(d.mean())
+    assert c.p_worse == pytest.approx(scipy_stats.ttest_rel(a, b, alternative="less").pvalue, rel=1e-9)
+    assert c.p_better == pytest.approx(scipy_stats.ttest_rel(a, b, alternative="greater").pvalue, rel=1e-9)
+    tost = max(scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue,
+               scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue)
+    assert c.p_equivalent == pytest.approx(tost, rel=1e-9)
+    beyond = min(scipy_stats.ttest_1samp(d, -margin, alternative="less").pvalue,
+                 scipy_stats.ttest_1samp(d, margin, alternative="greater").pvalue)
+    assert c.p_beyond == pytest.approx(beyond, rel=1e-9)
+    lo, hi = scipy_stats.t.interval(1 - 2 * ALPHA, 5, loc=d.mean(), scale=scipy_stats.sem(d))
+    assert (c.lo, c.hi) == (pytest.approx(lo), pytest.approx(hi))
+    assert c.equivalent == (-margin < lo and hi < margin) and c.worse == (hi < 0)  # the interval decides the same
+    # lower is better (a loss): oriented so that positive = better
+    low = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=margin, alpha=ALPHA, higher_is_better=False)
+    assert low.p_better == pytest.approx(scipy_stats.ttest_rel(a, b, alternative="less").pvalue, rel=1e-9)
+    assert low.delta == pytest.approx(-d.mean())
+
+
+def test_welch_comparison_when_the_seeds_differ_matches_scipy():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.48, 0.01, 4), rng.normal(0.5, 0.03, 5)
+    margin = 0.01
+    c = stats.compare({10 + i: v for i, v in enumerate(a)}, dict(enumerate(b)), margin=margin, alpha=ALPHA)
+    assert not c.paired and c.test == "Welch t" and c.n == 4
+    welch = lambda x, y, alt: scipy_stats.ttest_ind(x, y, equal_var=False, alternative=alt).pvalue  # noqa: E731
+    assert c.p_worse == pytest.approx(welch(a, b, "less"), rel=1e-9)
+    assert c.p_better == pytest.approx(welch(a, b, "greater"), rel=1e-9)
+    assert c.p_equivalent == pytest.approx(max(welch(a + margin, b, "greater"), welch(a - margin, b, "less")), rel=1e-9)
+
+
+def test_one_seed_and_too_few_seeds_decide_nothing():
+    one = stats.compare({0: 0.1}, {0: 0.9}, margin=0.01, alpha=ALPHA)
+    assert one.n == 1 and one.lo is None and not (one.worse or one.better or one.equivalent)
+    b, a = paired(2, -0.3, 0.0001)
+    two = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=0.01, alpha=ALPHA)
+    assert two.p_worse < ALPHA and not two.worse  # significant at n=2, yet below MIN_SEEDS: no decision
+
+
+@pytest.mark.parametrize("table", [(3, 0, 0, 3), (2, 1, 0, 3), (5, 0, 1, 4), (0, 3, 3, 0), (4, 2, 1, 6)])
+def test_exact_tests_match_scipy(table):
+    div_a, done_a, div_b, done_b = table
+    na, nb = div_a + done_a, div_b + done_b
+    ours = hypotheses._hypergeometric_tail(div_a, na, div_a + div_b, na + nb)
+    want = scipy_stats.fisher_exact([[div_a, done_a], [div_b, done_b]], alternative="greater").pvalue
+    assert float(ours) == pytest.approx(want, rel=1e-12)
+    assert float(hypotheses._binomial_lower_tail(div_a, na)) == pytest.approx(
+        scipy_stats.binomtest(div_a, na, 0.5, alternative="less").pvalue, rel=1e-12)
+
+
+def test_plan_states_the_hypotheses_as_defined():
+    plan = hypotheses.PLAN.read_text()
+    assert hypotheses.plan_section() in plan, "run: python analysis/hypotheses.py --write_plan"
+    for h in hypotheses.HYPOTHESES:
+        assert f"**{h.key} – {h.title}.**" in plan
+        for claim in h.claims:
+            assert f"`{claim.config}`" in plan
+
+
+# ---------------------------------------------------------------- H1
+
+
+def h1_experiments(n: int, bf16_delta: float, head_delta: float, noise: float, head_status: str = "completed"):
+    fp32, bf16 = paired(n, bf16_delta, noise, seed=1)
+    _, head = paired(n, head_delta, noise, seed=1)
+    rows = (task_rows("classification", "fp32_baseline", n, quality=fp32)
+            + task_rows("classification", "amp_bf16", n, quality=bf16)
+            + task_rows("classification", "amp_bf16_fp32_head", n, head_status, quality=head))
+    lm = (task_rows("lm", "fp32_baseline", n, quality=fp32) + task_rows("lm", "amp_bf16", n, quality=fp32)
+          + task_rows("lm", "amp_bf16_fp32_head", n, quality=fp32 - 0.3))  # the LM says the opposite
+    return {"classification": experiment("classification", rows), "lm": experiment("lm", lm)}, fp32, bf16
+
+
+def test_h1_clear_effect_is_supported_on_classification_whatever_the_lm_says():
+    exps, fp32, bf16 = h1_experiments(5, bf16_delta=-0.05, head_delta=0.0, noise=0.001)
+    result = hypotheses.evaluate(H["H1"], exps)
+    assert result["verdict"] == "supported"
+    worse, equivalent = claims(result, "classification")
+    assert worse["outcome"] == equivalent["outcome"] == "supported"
+    assert worse["statistic"]["metric"] == "macro_f1"
+    assert worse["statistic"]["p_worse"] == pytest.approx(
+        scipy_stats.ttest_rel(bf16, fp32, alternative="less").pvalue, rel=1e-9)
+    assert not result["tasks"]["lm"]["decides"] and result["tasks"]["lm"]["verdict"] == "refuted"
+
+
+def test_h1_refuted_when_amp_bf16_is_shown_equivalent():
+    exps, _, _ = h1_experiments(5, bf16_delta=0.0, head_delta=0.0, noise=0.001)
+    result = hypotheses.evaluate(H["H1"], exps)
+    assert result["verdict"] == "refuted"
+    assert claims(result, "classification")[0]["outcome"] == "refuted"
+    assert "equivalent within the margin" in claims(result, "classification")[0]["reason"]
+
+
+def test_h1_noise_is_inconclusive_with_n_interval_and_seeds_needed():
+    exps, _, _ = h1_experiments(3, bf16_delta=-0.01, head_delta=0.0, noise=0.05)
+    result = hypotheses.evaluate(H["H1"], exps)
+    assert result["verdict"] == "inconclusive"
+    for claim in claims(result, "classification"):
+        assert claim["outcome"] == "inconclusive" and "n=3" in claim["reason"] and "90% CI [" in claim["reason"]
+        assert claim["settle"] and "seeds" in claim["settle"]
+
+
+def test_h1_one_seed_is_inconclusive_even_with_a_large_effect():
+    exps, _, _ = h1_experiments(1, bf16_delta=-0.2, head_delta=0.0, noise=0.0)
+    result = hypotheses.evaluate(H["H1"], exps)
+    assert result["verdict"] == "inconclusive"
+    assert all("n=1 < 3" in c["reason"] for c in claims(result, "classification"))
+
+
+def test_h1_head_diverging_in_every_run_refutes_matching_fp32():
+    exps, _, _ = h1_experiments(3, bf16_delta=-0.05, head_delta=0.0, noise=0.001, head_status="diverged")
+    result = hypotheses.evaluate(H["H1"], exps)
+    assert result["verdict"] == "refuted"
+    assert "diverged in every run" in claims(result, "classification")[1]["reason"]
+
+
+# ---------------------------------------------------------------- H2
+
+
+def h2_rows(task: str, n: int, naive: str, control: str = "completed") -> list[dict]:
+    q = np.full(n, 0.5)
+    return (task_rows(task, "fp16_naive", n, naive, quality=q) + task_rows(task, "amp_fp16", n, quality=q)
+            + task_rows(task, "fp16_fp32_adam_states", n, control, quality=q))
+
+
+def test_h2_fp16_naive_failing_in_both_tasks_is_what_plan_predicts():
+    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 3, "diverged")))
+    assert result["verdict"] == "supported"  # the old code called this "refuted"
+    for task in ("classification", "lm"):
+        for claim in claims(result, task):
+            want = scipy_stats.fisher_exact([[3, 0], [0, 3]], alternative="greater").pvalue
+            assert claim["statistic"]["fisher_p_more"] == pytest.approx(want) and claim["outcome"] == "supported"
+
+
+def test_h2_one_seed_is_inconclusive():
+    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 1, "diverged")))
+    assert result["verdict"] == "inconclusive" and "finished runs (< 3)" in result["reason"]
+
+
+def test_h2_refuted_when_fp16_naive_completes_in_most_runs():
+    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 5 if task == "lm" else 3,
+                                                                    "completed" if task == "lm" else "diverged")))
+    assert result["verdict"] == "refuted"
+    assert result["tasks"]["classification"]["verdict"] == "supported"
+    assert "completes in most runs" in claims(result, "lm")[0]["reason"]
+
+
+def test_h2_all_diverged_including_the_controls_is_inconclusive():
+    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 3, "diverged", control="diverged")))
+    outcomes = [c["outcome"] for c in claims(result, "classification")]
+    assert outcomes == ["supported", "inconclusive"] and result["verdict"] == "inconclusive"
+    assert claims(result, "classification")[1]["statistic"]["fisher_p_more"] == 1.0
+
+
+# ---------------------------------------------------------------- H3
+
+
+def h3_rows(task: str, n: int, delta: float, noise: float, status: str = "completed", ratio: float = 0.26):
+    rows = []
+    for reference, eight_bit in (("amp_bf16", "amp_bf16_8bit_adam"), ("amp_fp16", "amp_fp16_8bit_adam")):
+        ref, new = paired(n, delta, noise, seed=5)
+        rows += task_rows(task, reference, n, quality=ref, state_bytes=8e6)
+        rows += task_rows(task, eight_bit, n, status, quality=new, state_bytes=8e6 * ratio)
+    return rows
+
+
+def test_h3_clear_equivalence_is_supported():
+    result = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 4, 0.0, 0.001)))
+    assert result["verdict"] == "supported"
+    eq = claims(result, "classification")[0]["statistic"]
+    assert eq["p_equivalent"] <= ALPHA and -eq["margin"] < eq["interval"][0] < eq["interval"][1] < eq["margin"]
+    assert claims(result, "classification")[2]["statistic"]["ratio"] == pytest.approx(0.26)
+
+
+def test_h3_clear_loss_and_too_many_bytes_are_refuted():
+    loss = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 4, -0.1, 0.001)))
+    assert loss["verdict"] == "refuted" and claims(loss, "classification")[0]["outcome"] == "refuted"
+    heavy = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 4, 0.0, 0.001, ratio=0.6)))
+    assert heavy["verdict"] == "refuted" and claims(heavy, "lm")[3]["outcome"] == "refuted"
+
+
+def test_h3_all_diverged_refutes_and_noise_or_one_seed_is_inconclusive():
+    diverged = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 3, 0.0, 0.001, status="diverged")))
+    assert diverged["verdict"] == "refuted"
+    noisy = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 3, 0.0, 0.05)))
+    assert noisy["verdict"] == "inconclusive"
+    assert "equivalence not shown" in claims(noisy, "classification")[0]["reason"]
+    one = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 1, 0.0, 0.0)))
+    assert one["verdict"] == "inconclusive" and all(c["outcome"] == "inconclusive" for c in claims(one, "lm"))
+
+
+# ---------------------------------------------------------------- H4
+
+
+def h4_rows(task: str, n: int = 4, device: str = "cuda", rival_speed: float | None = None) -> list[dict]:
+    fp32, naive = paired(n, -0.1, 0.002, seed=7)
+    _, same = paired(n, 0.0, 0.001, seed=7)
+    speed = lambda mean: mean + np.random.default_rng(int(mean)).normal(0, 5, n)  # noqa: E731
+    config = lambda name, **values: task_rows(task, name, n, device=device, **values)  # noqa: E731
+    rows = (config("fp32_baseline", quality=fp32, throughput=speed(500), memory=np.full(n, 2.0))
+            + config("amp_bf16", quality=same, throughput=speed(1000), memory=np.full(n, 1.8))
+            + config("bf16_naive", quality=naive, throughput=speed(950), memory=np.full(n, 1.0))
+            + config("bf16_sr_fp32_moments", quality=same, throughput=speed(900), memory=np.full(n, 1.0) + np.arange(n) * 1e-3)
+            + task_rows(task, "fp16_naive", n, "diverged", device=device))  # no completed run: on no frontier
+    if rival_speed:
+        rows += task_rows(task, "amp_fp16", n, device=device, quality=same, throughput=speed(rival_speed),
+                          memory=np.full(n, 1.8))
+    return rows
+
+
+def test_h4_clear_effects_are_supported_on_gpu():
+    result = hypotheses.evaluate(H["H4"], both(h4_rows))
+    assert result["verdict"] == "supported", result["reason"]
+    frontier = claims(result, "classification")[0]["statistic"]["against"]
+    assert set(frontier) == {"fp32_baseline", "bf16_naive", "bf16_sr_fp32_moments"}
+
+
+def test_h4_on_cpu_the_frontier_claim_is_inconclusive():
+    result = hypotheses.evaluate(H["H4"], both(lambda task: h4_rows(task, device="cpu")))
+    assert result["verdict"] == "inconclusive"
+    assert [c["outcome"] for c in claims(result, "classification")] == ["inconclusive", "supported", "supported",
+                                                                         "supported"]
+
+
+def test_h4_refuted_when_a_faster_config_keeps_quality():
+    result = hypotheses.evaluate(H["H4"], both(lambda task: h4_rows(task, rival_speed=1500)))
+    assert result["verdict"] == "refuted" and "dominated by amp_fp16" in claims(result, "classification")[0]["reason"]
+
+
+def test_h4_one_seed_and_everything_diverged_are_inconclusive():
+    one = hypotheses.evaluate(H["H4"], both(lambda task: h4_rows(task, n=1)))
+    assert one["verdict"] == "inconclusive"
+    assert all(c["outcome"] == "inconclusive" for c in claims(one, "classification"))
+    dead = both(lambda task: [r for c in ("fp32_baseline", "amp_bf16", "bf16_naive", "bf16_sr_fp32_moments")
+                              for r in task_rows(task, c, 3, "diverged")])
+    result = hypotheses.evaluate(H["H4"], dead)
+    assert result["verdict"] == "inconclusive"
+    assert all(c["outcome"] == "inconclusive" for c in claims(result, "lm"))
+
+
+def test_missing_experiment_or_config_is_inconclusive_and_says_so():
+    result = hypotheses.evaluate(H["H2"], {"classification": experiment("classification", [])})
+    assert result["verdict"] == "inconclusive" and "no lm results" in result["reason"]
+    assert "not run: fp16_naive, amp_fp16" in result["reason"]
+
+
+# ---------------------------------------------------------------- recommendations' quality verdict
+
+
+def quality_verdict(differences: list[float], extra: list[dict] = ()) -> tuple[str, str]:
+    """amp_bf16's verdict when its micro-F1 is fp32's plus `differences` (one per seed)."""
+    n = len(differences)
+    fp32 = 0.25 + 0.01 * np.sin(np.arange(n))
+    rows = task_rows("classification", "fp32_baseline", n, quality=fp32) + task_rows(
+        "classification", "amp_bf16", n, quality=fp32 + np.asarray(differences)) + list(extra)
+    exp = experiment("classification", rows)
+    analysis = analyze_experiment.Analysis(exp, stats.summarize(exp), {}, [], {}, Path("unused"), 0.02)
+    return analyze_experiment.quality_verdict(analysis, "amp_bf16")
+
+
+def test_quality_verdict_says_ok_only_for_shown_equivalence():
+    verdict, numbers = quality_verdict([-0.05, 0.03, 0.0])  # 90% CI [-0.075, +0.061], like the issue's example
+    assert verdict == "inconclusive" and "90% CI [-0.0748, +0.0615]" in numbers and "TOST p=" in numbers
+    assert quality_verdict([0.001, -0.001, 0.0005, -0.0005])[0] == "ok"  # margin ±0.005 (2% of 0.25)
+    assert quality_verdict([-0.05, -0.051, -0.049])[0] == "worse"
+    assert quality_verdict([0.0])[0] == "inconclusive"
+    unstable = task_rows("classification", "amp_bf16", 1, "diverged")
+    unstable[0]["seed"] = 9
+    assert quality_verdict([0.001, -0.001, 0.0005, -0.0005], extra=unstable)[0] == "unstable"
