@@ -86,6 +86,7 @@ import copy
 import functools
 import hashlib
 import math
+import weakref
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -318,7 +319,7 @@ class PrecisionDiagnostics:
         # activation gradients: the inputs of every matmul layer, seen in backward on measured steps
         self._act_counts: dict[str, torch.Tensor] = {}
         self._act_dtypes: dict[str, set[str]] = {}
-        self._act_hooked: set[int] = set()
+        self._act_hooked: dict[int, weakref.ref] = {}  # id -> the tensor hooked (ids of freed tensors are reused)
         self._armed = self.measures(1)
         for module in model.modules():
             weight = getattr(module, "weight", None)
@@ -341,9 +342,12 @@ class PrecisionDiagnostics:
         # that activation, in its own dtype, with the loss scale applied.
         def pre_hook(module, args):
             x = args[0] if args else None
-            if (self._armed and module.training and torch.is_grad_enabled() and torch.is_tensor(x)
-                    and x.requires_grad and id(x) not in self._act_hooked):
-                self._act_hooked.add(id(x))
+            if not (self._armed and module.training and torch.is_grad_enabled() and torch.is_tensor(x)
+                    and x.requires_grad):
+                return
+            hooked = self._act_hooked.get(id(x))
+            if hooked is None or hooked() is not x:
+                self._act_hooked[id(x)] = weakref.ref(x)
                 x.register_hook(functools.partial(self._count_activation_grad, group))
         return pre_hook
 
