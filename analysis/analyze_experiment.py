@@ -23,6 +23,7 @@ from experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_ex
 from report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, setup_section
 from stats import ConfigSummary, Difference, pareto_front, relative_name, summarize
 
+from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import atomic_write_text
 
 DEFAULT_QUALITY_MARGIN = 0.02
@@ -354,7 +355,7 @@ def render_report(analysis: Analysis) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--results_dir", required=True, help="an experiment's output dir (holds results.jsonl)")
     parser.add_argument("--output_dir", help="where summary.csv, the PNGs and report.md go (default RESULTS_DIR/analysis)")
     parser.add_argument("--quality_margin", type=float, default=DEFAULT_QUALITY_MARGIN,

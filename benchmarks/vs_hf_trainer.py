@@ -60,6 +60,7 @@ import loader
 import model as model_lib
 from config import PRESETS, TrainConfig
 from dtype_bench import precision, runner, timing
+from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import read_jsonl
 
 # 8-bit AdamW (amp_*_8bit_adam) can be passed with --configs, but it is not identical work: the Trainer's
@@ -259,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--worker" in argv:
         return worker(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="run.py preset of both sides")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated precision configs")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours/Trainer) per config")
     parser.add_argument("--max_steps", type=int, default=13, help="optimizer steps per run")
     parser.add_argument("--timing_warmup_steps", type=int, default=3, help="excluded steps at the start of each run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of model, data order and dropout")
     parser.add_argument("--data_dir", help="prepared cache (default: the preset's; tiny is built if missing)")
     parser.add_argument("--compare_length_grouping", action="store_true",
                         help="also measure ours with --length_grouped_batches true in the same rounds: less "

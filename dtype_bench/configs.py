@@ -109,8 +109,31 @@ def _parser_for(annotation: Any):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One `--name` flag per field; default None so `resolve` can tell 'given' from 'preset default'."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` keeps the description's layout and shows each flag's default unless its help already says it
+    (switches are off by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        stated = "default:" in text or "(default" in text
+        if stated or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _default_text(f: dataclasses.Field, presets: dict[str, dict]) -> str:
+    """'[default: X; --preset tiny: Y]': the dataclass default and each preset that overrides it."""
+    default = (f.default if f.default is not dataclasses.MISSING
+               else f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+    parts = [f"default: {default}"] + [f"--preset {name}: {values[f.name]}" for name, values in presets.items()
+                                       if f.name in values and values[f.name] != default]
+    return "[" + "; ".join(parts) + "]"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+              presets: dict[str, dict] | None = None) -> None:
+    """One `--name` flag per field; default None so `resolve` can tell 'given' from 'preset default'. The help
+    is the field's docstring, its default and the value each preset gives it."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields (defaults depend on --preset)")
@@ -125,7 +148,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
         if lit:
             choices = typing.get_args(lit[0])
         group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, choices=choices,
-                           help=docs.get(f.name, ""), metavar=None if choices else f.name.upper())
+                           help=f"{docs.get(f.name, '')} {_default_text(f, presets or {})}".replace("%", "%%"),
+                           metavar=None if choices else f.name.upper())
 
 
 def resolve(cls: type[T], presets: dict[str, dict], preset: str, args: argparse.Namespace) -> T:

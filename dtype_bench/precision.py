@@ -181,11 +181,16 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+def optional_packages(pc: PrecisionConfig) -> list[tuple[str, str, str | None]]:
+    """(module, pip distribution, extra) of each optional package the config needs."""
+    features = [pc.optimizer] + (["fp8"] if pc.fp8 else [])
+    return [OPTIONAL_PACKAGES[f] for f in features if f in OPTIONAL_PACKAGES]
+
+
 def missing_package_reason(pc: PrecisionConfig) -> str | None:
     """Why the config cannot run here for want of an optional package (a `skipped` row naming the install
     command, not a `failed` one with a traceback), or None."""
-    features = [pc.optimizer] + (["fp8"] if pc.fp8 else [])
-    for module, dist, extra in (OPTIONAL_PACKAGES[f] for f in features if f in OPTIONAL_PACKAGES):
+    for module, dist, extra in optional_packages(pc):
         try:
             importlib.import_module(module)
         except ImportError as e:

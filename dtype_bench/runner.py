@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dtype_bench import checkpoint, distributed, precision, results, sweep
-from dtype_bench.configs import add_flags, resolve
+from dtype_bench.configs import HelpFormatter, add_flags, resolve
 from dtype_bench.io import fingerprint
 
 TrainFn = Callable[[Any, precision.PrecisionConfig, int, Any, torch.device, str], dict]
@@ -55,13 +55,15 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
                argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
     """--config/--seed/--seeds/--preset plus one flag per field of `cfg_cls`; `args.config_names` holds the
     resolved registry names."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True,
-                        help="precision config: a name, comma-separated names, 'core' or 'all'")
+                        help="precision config: a name, comma-separated names, 'core' or 'all' "
+                             "(`dtype-bench configs` lists them)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a single run; first seed of --seeds")
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
-    parser.add_argument("--preset", choices=sorted(presets), default="full")
-    add_flags(parser, cfg_cls, skip=("preset",))
+    parser.add_argument("--preset", choices=sorted(presets), default="full",
+                        help="which defaults the training fields start from (each field's help shows them)")
+    add_flags(parser, cfg_cls, skip=("preset",), presets=presets)
     sweep.add_flags(parser)
     args = parser.parse_args(argv)
     try:
