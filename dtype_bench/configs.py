@@ -13,7 +13,7 @@ import inspect
 import textwrap
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -44,6 +44,9 @@ class TrainingFields:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     threads: Optional[int] = None
     """CPU threads for torch (None = torch's default)."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also write the step log live to TensorBoard (<output_dir>/tensorboard/<run_id>) or Weights & Biases
+    (offline without an API key); the JSONL step log stays the source of truth (dtype_bench.reporting)."""
 
     def check_training_fields(self, *positive: str) -> None:
         """Raise ValueError naming the flag for the first invalid common field (and `positive` extras)."""
@@ -56,6 +59,9 @@ class TrainingFields:
         for name in ("warmup_ratio", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        from dtype_bench.reporting import require
+
+        require(self.report_to)  # its writer's package is installed
         if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0 or self.diagnostics_every < 0:
             raise ValueError("--weight_decay, --grad_clip, --timing_warmup_steps and --diagnostics_every must be >= 0")
 
@@ -88,7 +94,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _parser_for(annotation: Any):
     """argparse `type` for a field annotation (Optional[X] accepts 'none')."""
-    args = typing.get_args(annotation)
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is not typing.Literal else ()
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
     if typing.get_origin(base) is typing.Literal:
@@ -144,7 +150,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
             continue
         choices = None
         base = hints[f.name]
-        lit = [a for a in (typing.get_args(base) or (base,)) if typing.get_origin(a) is typing.Literal]
+        lit = [a for a in (base, *typing.get_args(base)) if typing.get_origin(a) is typing.Literal]
         if lit:
             choices = typing.get_args(lit[0])
         group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, choices=choices,

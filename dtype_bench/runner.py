@@ -77,9 +77,9 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
 
 
 def setup_of(cfg_record: dict, data_fingerprint: str, device: torch.device) -> tuple[str, dict]:
-    """Everything that makes runs comparable except config and seed. Left out: where results go, and the
-    device index and thread count (each row's environment record keeps those)."""
-    setup = {k: v for k, v in cfg_record.items() if k not in ("output_dir", "device", "threads")}
+    """Everything that makes runs comparable except config and seed. Left out: where results and live views go,
+    and the device index and thread count (each row's environment record keeps those)."""
+    setup = {k: v for k, v in cfg_record.items() if k not in ("output_dir", "device", "threads", "report_to")}
     setup.update(data_fingerprint=data_fingerprint, device_type=device.type)
     return fingerprint(setup), setup
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tiny_run
-from dtype_bench import cli, precision
+from dtype_bench import cli, precision, runner
 
 
 def test_configs_prints_every_config_and_every_precision_field(capsys):
@@ -112,3 +112,14 @@ def test_cli_run_is_the_seed_command(tmp_path):
         return [(r["step"], r.get("loss")) for r in map(json.loads, tiny_run.step_log(out, seed_row["run_id"]))]
 
     assert losses(tmp_path / "cli") == losses(tmp_path / "seed") and len(losses(tmp_path / "seed")) >= 3
+
+
+def test_literal_fields_are_flags_with_choices():
+    """--eval_precision / --report_to (Literal fields) parse their values and refuse others."""
+    config_module = tiny_run.load_config_module("classification")
+    _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS,
+                               ["--config", "amp_bf16", "--eval_precision", "fp32", "--report_to", "tensorboard"])
+    assert (cfg.eval_precision, cfg.report_to) == ("fp32", "tensorboard")
+    with pytest.raises(SystemExit):
+        runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS,
+                          ["--config", "amp_bf16", "--report_to", "comet"])
