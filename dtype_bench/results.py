@@ -19,6 +19,8 @@ import torch
 from dtype_bench.io import append_jsonl, atomic_write_json, json_dumps, read_jsonl
 
 STATUSES = ("completed", "diverged", "skipped", "failed")
+STEP_LOG_TIMING = ("samples_per_second",)
+"""Wall-clock fields of step-log lines: the only ones that differ between two runs of the same command."""
 SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
                 "precision_at_1", "precision_at_3", "precision_at_5")
 

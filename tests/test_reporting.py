@@ -43,7 +43,8 @@ def test_wandb_view_logs_every_record_at_its_step(monkeypatch, tmp_path):
     view.open(None)
     view.write({"step": 3, "loss": 0.5, "eval": None})
     view.close()
-    assert calls[0][1]["mode"] == "offline" and calls[0][1]["id"] == "rid" and calls[0][1]["config"] == {"config": "amp_bf16"}
+    init = calls[0][1]
+    assert init["mode"] == "offline" and init["id"] == "rid" and init["config"] == {"config": "amp_bf16"}
     assert calls[1:] == [("log", 3, {"train/loss": 0.5}), ("finish",)]
 
 
