@@ -44,6 +44,9 @@ class TrainingFields:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     threads: Optional[int] = None
     """CPU threads for torch (None = torch's default)."""
+    max_cpu_slowdown: Optional[float] = None
+    """On a CPU, record as `skipped` a config whose compute dtype's matmuls measure more than this many times
+    slower than fp32 here (emulated fp16/bf16; dtype_bench.cpu); None = run every config."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """Also write the step log live to TensorBoard (<output_dir>/tensorboard/<run_id>) or Weights & Biases
     (offline without an API key); the JSONL step log stays the source of truth (dtype_bench.reporting)."""

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dtype_bench import checkpoint, distributed, precision, results, sweep
+from dtype_bench import checkpoint, cpu, distributed, precision, results, sweep
 from dtype_bench.configs import HelpFormatter, add_flags, resolve
 from dtype_bench.io import fingerprint
 
@@ -78,8 +78,10 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
 
 def setup_of(cfg_record: dict, data_fingerprint: str, device: torch.device) -> tuple[str, dict]:
     """Everything that makes runs comparable except config and seed. Left out: where results and live views go,
-    and the device index and thread count (each row's environment record keeps those)."""
-    setup = {k: v for k, v in cfg_record.items() if k not in ("output_dir", "device", "threads", "report_to")}
+    which configs a slow CPU skips, and the device index and thread count (each row's environment record keeps
+    those)."""
+    setup = {k: v for k, v in cfg_record.items()
+             if k not in ("output_dir", "device", "threads", "report_to", "max_cpu_slowdown")}
     setup.update(data_fingerprint=data_fingerprint, device_type=device.type)
     return fingerprint(setup), setup
 
@@ -115,7 +117,7 @@ def _train_and_record(experiment: str, config_name: str, seed: int, cfg: Any, de
            "setup_fingerprint": setup_fp, "precision": pc.to_record(), "train_config": cfg.to_record(),
            "env": results.environment(device)}
     started = time.perf_counter()
-    reason = precision.unsupported_reason(pc, device)
+    reason = precision.unsupported_reason(pc, device) or cpu.too_slow_reason(pc, device, cfg.max_cpu_slowdown)
     exit_code = 0
     if reason:
         row.update(status="skipped", reason=reason)
@@ -154,8 +156,11 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         if world.distributed and len(runs) > 1:
             raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
                             "`run.py --config all --seeds 3 --list-runs | xargs -L1 torchrun ... run.py <flags>`")
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        threads, note = cpu.pick_threads(cfg.threads) if device.type == "cpu" else (cfg.threads, None)
+        if note and world.is_main:
+            print(note)
+        if threads:
+            torch.set_num_threads(threads)
         with distributed.main_process_first(world):  # rank 0 prepares a missing cache alone
             data = load_data(cfg)
         setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
@@ -171,5 +176,7 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         finally:
             distributed.shutdown()
     passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv, ("--config", "--seed", "--seeds"))
+    if threads and not cfg.threads:  # decided once: every run of the sweep is timed with the same threads
+        passthrough += ["--threads", str(threads)]
     return sweep.run_sweep(str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp, experiment,
                            retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)
