@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dtype_bench import checkpoint, cpu, distributed, precision, results, sweep
+from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, sweep
 from dtype_bench.configs import HelpFormatter, add_flags, resolve
 from dtype_bench.io import fingerprint
 
@@ -65,6 +65,7 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
                         help="which defaults the training fields start from (each field's help shows them)")
     add_flags(parser, cfg_cls, skip=("preset",), presets=presets)
     sweep.add_flags(parser)
+    launchers.add_flags(parser)
     args = parser.parse_args(argv)
     try:
         cfg = resolve(cfg_cls, presets, args.preset, args)
@@ -168,14 +169,18 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
     except (UserError, results.SetupMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(runs) == 1:
+    if len(runs) == 1 and args.launcher == "local":
         try:
             return run_single(experiment, args.config_names[0], args.seed, cfg, device, setup_fp,
                               lambda pc, rid: train(cfg, pc, args.seed, data, device, rid), metrics,
                               world=world, fresh=args.fresh, retry_failed=args.retry_failed)
         finally:
             distributed.shutdown()
-    passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv, ("--config", "--seed", "--seeds"))
+    passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv,
+                                    ("--config", "--seed", "--seeds", "--launcher", *launchers.SLURM_FLAGS))
+    if args.launcher != "local":  # each job picks the threads of the node it lands on
+        return sweep.launch_sweep(args, str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp,
+                                  experiment, retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)
     if threads and not cfg.threads:  # decided once: every run of the sweep is timed with the same threads
         passthrough += ["--threads", str(threads)]
     return sweep.run_sweep(str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp, experiment,
