@@ -47,13 +47,19 @@ def pick_threads(requested: int | None, *, cores: int | None = None, busy: float
 
 @functools.cache
 def matmul_slowdown(dtype: torch.dtype) -> float:
-    """Time of a CPU matmul in `dtype` over the same matmul in fp32 (best of repeated runs, ~0.2 s each):
-    about 1 where the CPU computes the dtype natively (or faster, e.g. AMX), 10-20 where it is emulated."""
+    """Time of a CPU matmul in `dtype` over the same matmul in fp32 (best of repeated runs, ~0.2 s each), on one
+    thread: about 1 where the CPU computes the dtype natively (or faster, e.g. AMX), 10-200 where it is emulated.
+    One thread, because on busy cores a multi-threaded fp32 matmul can lose more to waiting threads than
+    emulation costs (measured on a loaded 2-core EPYC: fp16 1.7x with 2 threads, 180x with 1)."""
     from dtype_bench.timing import measure_matmul_peak
 
-    cpu = torch.device("cpu")
-    fp32 = measure_matmul_peak(cpu, torch.float32, size=CALIBRATION_SIZE, seconds=0.2)
-    return fp32 / measure_matmul_peak(cpu, dtype, size=CALIBRATION_SIZE, seconds=0.2)
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32 = measure_matmul_peak(cpu, torch.float32, size=CALIBRATION_SIZE, seconds=0.2)
+        return fp32 / measure_matmul_peak(cpu, dtype, size=CALIBRATION_SIZE, seconds=0.2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def too_slow_reason(pc, device: torch.device, max_slowdown: float | None) -> str | None:
@@ -67,7 +73,7 @@ def too_slow_reason(pc, device: torch.device, max_slowdown: float | None) -> str
     name = str(pc.compute_dtype).removeprefix("torch.")
     return (f"{name} matmuls measured {slowdown:.1f}x slower than float32 on this CPU (emulated, not native; "
             f"{CALIBRATION_SIZE}x{CALIBRATION_SIZE} calibration), above --max_cpu_slowdown {max_slowdown:g}; "
-            f"run it without that flag to measure it anyway (expect several times fp32's time)")
+            "pass --max_cpu_slowdown none to measure it anyway (expect several times fp32's time)")
 
 
 def main(argv: list[str] | None = None) -> int:
