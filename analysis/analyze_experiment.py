@@ -24,7 +24,8 @@ from report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_
 from hypotheses import LEVEL, QUALITY_MARGIN
 from stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
 
-from dtype_bench.io import atomic_write_text
+from dtype_bench.configs import HelpFormatter
+from dtype_bench.io import atomic_write_bytes, atomic_write_text
 
 DEFAULT_QUALITY_MARGIN = QUALITY_MARGIN
 
@@ -75,6 +76,45 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer.writerows({k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()}
                      for row in rows)
     atomic_write_text(path, text.getvalue())
+
+
+def flat_row(row: dict) -> dict:
+    """A results row with nested dicts flattened to `section.key` columns (e.g. `precision.weight_dtype`,
+    `train_config.max_steps`, `env.torch`); lists stay lists."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in flat_row(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    """One Parquet row per dict, a column per key (missing = null). A column whose values are all bools, all ints or
+    all numbers gets that type (NaN kept); any other column is text, JSON for lists and mixed values."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row.get(key) for row in rows]
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, bool) for v in present):
+            kind = pa.bool_()
+        elif present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+            kind = pa.int64()
+        elif present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+            kind, values = pa.float64(), [None if v is None else float(v) for v in values]
+        else:
+            kind = pa.string()
+            values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+        columns[key] = pa.array(values, type=kind)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def first_nonfinite_origin(exp: Experiment, row: dict) -> str | None:
@@ -228,7 +268,10 @@ def analyze(results_dir: str | Path, output_dir: str | Path | None = None, *,
             points = {s.config: (s.estimates[x.key].mean, s.estimates[quality.key].mean) for s in summaries
                       if s.estimates[x.key].mean is not None and s.estimates[quality.key].mean is not None}
             fronts[name] = pareto_front(points, x, quality)
-    write_csv(output_dir / "summary.csv", summary_csv_rows(exp, summaries))
+    summary_rows = summary_csv_rows(exp, summaries)
+    write_csv(output_dir / "summary.csv", summary_rows)
+    write_parquet(output_dir / "summary.parquet", summary_rows)
+    write_parquet(output_dir / "runs.parquet", [flat_row(row) for row in exp.rows])
     stability = stability_matrix(exp)
     write_csv(output_dir / "stability.csv", stability)
 
@@ -295,6 +338,41 @@ NOT_DRAWN = {
 }
 
 
+VERDICT_TEXT = {"ok": "no quality loss", "worse": "avoid: quality loss", "unstable": "avoid: unstable",
+                "unknown": "no verdict", "skipped": "not run here (skipped: see Stability)"}
+
+
+def which_config(analysis: Analysis) -> list[str]:
+    """The report's first screen: per config, the verdict and its evidence (quality vs fp32 with its interval,
+    samples/s and memory relative to fp32, how its runs ended), best first, and links to the plots."""
+    exp = analysis.exp
+    q, t, mem = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
+    verdicts = {s.config: quality_verdict(analysis, s.config) for s in analysis.summaries}
+    speed = {s.config: s.vs_baseline.get(t.key) if t else None for s in analysis.summaries}
+    order = sorted(analysis.summaries, key=lambda s: (verdicts[s.config][0] != "ok", -(speed[s.config] or 0)))
+    rows = []
+    for s in order:
+        verdict = verdicts[s.config][0]
+        d = s.quality_deltas.get(q.key) if q else None
+        quality = "reference" if s.config == BASELINE else fmt_difference(d) if d else "-"
+        runs = sum(s.status_counts.values())
+        stability = f"{s.status_counts['completed']}/{runs} completed" + "".join(
+            f", {n} {k}" for k, n in s.status_counts.items() if n and k != "completed")
+        if not s.status_counts["completed"] and s.status_counts["skipped"]:
+            verdict = "skipped"
+        rows.append([s.config, VERDICT_TEXT[verdict], quality, fmt(speed[s.config], 3),
+                     fmt(s.vs_baseline.get(mem.key), 3) if mem in exp.metrics else "-", stability])
+    header = ["config", "verdict", f"Δ{q.label if q else 'quality'} vs fp32 [95% CI]",
+              f"{t.label if t else 'throughput'} ÷ fp32", "peak memory ÷ fp32", "stability"]
+    plots_line = ", ".join(f"[{FIGURE_TEXT[k][0].lower()}]({p.name})" for k, p in analysis.plots.items() if p)
+    return ["## Which config should I use", "",
+            "Best first: configs without a quality loss, fastest first. " + (findings(analysis)[0] if q and t else ""),
+            "", md_table(header, rows), "",
+            f"Verdict: every run completed, mean {q.label if q else 'quality'} within {analysis.quality_margin:.0%} of "
+            "fp32's and the 95% interval of the seed-paired difference not entirely on the worse side (details: "
+            "Summary, Stability). Plots: " + (plots_line or "none drawn") + ".", ""]
+
+
 def main_table(analysis: Analysis) -> str:
     exp = analysis.exp
     q, t, mem = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
@@ -342,7 +420,8 @@ def render_report(analysis: Analysis) -> str:
     lines = [f"# dtype-bench: {exp.name} experiment", "",
              f"From `{exp.results_dir / 'results.jsonl'}`: {len(exp.rows)} runs of {len(exp.configs)} configs "
              f"(seeds {', '.join(map(str, exp.seeds)) or '-'}). Per-config numbers: `summary.csv`; per-run stability: "
-             "`stability.csv`.", ""]
+             "`stability.csv` (also as Parquet: `summary.parquet`, one row per run in `runs.parquet`).", ""]
+    lines += which_config(analysis)
     missing = exp.missing_configs()
     gaps = [f"{c}: seeds {', '.join(map(str, exp.missing_seeds(c)))} not run" for c in exp.configs if exp.missing_seeds(c)]
     if exp.problems or missing or gaps or not analysis.summary(BASELINE):
@@ -388,7 +467,7 @@ def render_report(analysis: Analysis) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--results_dir", required=True, help="an experiment's output dir (holds results.jsonl)")
     parser.add_argument("--output_dir", help="where summary.csv, the PNGs and report.md go (default RESULTS_DIR/analysis)")
     parser.add_argument("--quality_margin", type=float, default=DEFAULT_QUALITY_MARGIN,

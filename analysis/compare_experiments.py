@@ -32,6 +32,7 @@ from experiment_data import Metric, styles  # noqa: E402
 from report import caveats, fmt, fmt_difference, md_table  # noqa: E402
 from stats import by_seed, difference, pareto_front, ranks, spearman  # noqa: E402
 
+from dtype_bench.configs import HelpFormatter  # noqa: E402
 from dtype_bench.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 ROLES = ("quality", "throughput", "memory")
@@ -243,7 +244,7 @@ def compare(lm_results: str | Path, cls_results: str | Path, output_dir: str | P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--lm_results", required=True, help="the LM experiment's output dir (results.jsonl)")
     parser.add_argument("--cls_results", required=True, help="the classification experiment's output dir")
     parser.add_argument("--output_dir", required=True, help="where comparison.json, report.md and the per-task "

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "cl
 import torch
 
 import data as data_lib
+from dtype_bench.configs import HelpFormatter
 
 TARGET_HEADROOM = 50.0
 
@@ -54,17 +55,19 @@ def headroom_line(loader_rate: float, samples_per_second: float, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("tiny", "full"), default="tiny")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--preset", choices=("tiny", "full"), default="tiny", help="whose cache to read")
     parser.add_argument("--data_dir", help="prepared cache (default: the preset's)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="documents per micro-batch")
     parser.add_argument("--max_length", type=int, help="default: the cache's")
     parser.add_argument("--batches", type=int, default=1000, help="micro-batches timed")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order")
     parser.add_argument("--length_grouped_batches", action="store_true", help="serve length-grouped micro-batches")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the micro-batches are copied to")
     parser.add_argument("--consumed_samples_per_second", type=float,
-                        help="the model's training rate, to print the loader's headroom over it")
+                        help="the model's training rate, to print the loader's headroom over it "
+                             "(default: none, no headroom line)")
     args = parser.parse_args(argv)
     cache_dir = args.data_dir or f"data/classification/{'tiny' if args.preset == 'tiny' else 'eurlex57k'}"
     if args.preset == "tiny" and args.data_dir is None:

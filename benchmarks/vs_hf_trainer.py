@@ -59,7 +59,8 @@ import data as data_lib
 import loader
 import model as model_lib
 from config import PRESETS, TrainConfig
-from dtype_bench import precision, runner, timing
+from dtype_bench import cpu, precision, runner, timing
+from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import read_jsonl
 
 # 8-bit AdamW (amp_*_8bit_adam) can be passed with --configs, but it is not identical work: the Trainer's
@@ -259,17 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--worker" in argv:
         return worker(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="run.py preset of both sides")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated precision configs")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours/Trainer) per config")
     parser.add_argument("--max_steps", type=int, default=13, help="optimizer steps per run")
     parser.add_argument("--timing_warmup_steps", type=int, default=3, help="excluded steps at the start of each run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of model, data order and dropout")
     parser.add_argument("--data_dir", help="prepared cache (default: the preset's; tiny is built if missing)")
     parser.add_argument("--compare_length_grouping", action="store_true",
                         help="also measure ours with --length_grouped_batches true in the same rounds: less "
                              "padding, but other batches, so not identical work (its own column, not the ratio)")
+    parser.add_argument("--max_cpu_slowdown", default="4",
+                        help="on a CPU, leave out configs whose fp16/bf16 matmuls measure more than this many times "
+                             "slower than fp32 (emulated: e.g. amp_fp16 on most AMD CPUs, which the Trainer would "
+                             "train in fp32 anyway); 'none' measures every config")
     args, extra = parser.parse_known_args(argv)
     configs = precision.resolve_names(args.configs)
     # Evaluation and logging happen once, at the last step (untimed); the timing windows of all sides then
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     run_flags = ["--preset", args.preset, "--max_steps", str(args.max_steps), "--eval_steps", str(args.max_steps),
                  "--log_every", str(args.max_steps), "--max_eval_docs", "16",
                  "--timing_warmup_steps", str(args.timing_warmup_steps), "--diagnostics_every", "0",
+                 "--max_cpu_slowdown", args.max_cpu_slowdown,
                  *(["--data_dir", args.data_dir] if args.data_dir else []), *extra]
     _, cfg = runner.parse_args(None, TrainConfig, PRESETS, [*run_flags, "--config", configs[0]])
     if args.compare_length_grouping and cfg.length_grouped_batches:
@@ -291,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[dict]] | str] = {}  # config -> side -> runs, or why not compared
     for name in configs:
         pc = precision.get(name)
-        why_not = precision.unsupported_reason(pc, device) or trainer_precision_args(pc, device)
-        if isinstance(why_not, str):
+        trainer_args = trainer_precision_args(pc, device)  # or why the Trainer cannot express the config
+        why_not = (precision.unsupported_reason(pc, device) or (trainer_args if isinstance(trainer_args, str) else None)
+                   or cpu.too_slow_reason(pc, device, cfg.max_cpu_slowdown))
+        if why_not:
             results[name] = why_not
             print(f"{name}: not compared — {why_not}", flush=True)
             continue

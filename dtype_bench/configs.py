@@ -13,7 +13,7 @@ import inspect
 import textwrap
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, TypeVar
+from typing import Any, ClassVar, Literal, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -44,6 +44,12 @@ class TrainingFields:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     threads: Optional[int] = None
     """CPU threads for torch (None = torch's default)."""
+    max_cpu_slowdown: Optional[float] = None
+    """On a CPU, record as `skipped` a config whose compute dtype's matmuls measure more than this many times
+    slower than fp32 here (emulated fp16/bf16; dtype_bench.cpu); None = run every config."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also write the step log live to TensorBoard (<output_dir>/tensorboard/<run_id>) or Weights & Biases
+    (offline without an API key); the JSONL step log stays the source of truth (dtype_bench.reporting)."""
 
     REFERENCE_RECIPE: ClassVar[dict[str, Any]] = {}
     """The published recipe the experiment's full preset reproduces (field -> value); not a flag."""
@@ -65,6 +71,9 @@ class TrainingFields:
         for name in ("warmup_ratio", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        from dtype_bench.reporting import require
+
+        require(self.report_to)  # its writer's package is installed
         if self.weight_decay < 0 or self.grad_clip < 0 or self.timing_warmup_steps < 0 or self.diagnostics_every < 0:
             raise ValueError("--weight_decay, --grad_clip, --timing_warmup_steps and --diagnostics_every must be >= 0")
 
@@ -97,7 +106,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _parser_for(annotation: Any):
     """argparse `type` for a field annotation (Optional[X] accepts 'none')."""
-    args = typing.get_args(annotation)
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is not typing.Literal else ()
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), annotation) if args else annotation
     if typing.get_origin(base) is typing.Literal:
@@ -118,8 +127,31 @@ def _parser_for(annotation: Any):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One `--name` flag per field; default None so `resolve` can tell 'given' from 'preset default'."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` keeps the description's layout and shows each flag's default unless its help already says it
+    (switches are off by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        stated = "default:" in text or "(default" in text
+        if stated or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _default_text(f: dataclasses.Field, presets: dict[str, dict]) -> str:
+    """'[default: X; --preset tiny: Y]': the dataclass default and each preset that overrides it."""
+    default = (f.default if f.default is not dataclasses.MISSING
+               else f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+    parts = [f"default: {default}"] + [f"--preset {name}: {values[f.name]}" for name, values in presets.items()
+                                       if f.name in values and values[f.name] != default]
+    return "[" + "; ".join(parts) + "]"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+              presets: dict[str, dict] | None = None) -> None:
+    """One `--name` flag per field; default None so `resolve` can tell 'given' from 'preset default'. The help
+    is the field's docstring, its default and the value each preset gives it."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields (defaults depend on --preset)")
@@ -130,11 +162,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
             continue
         choices = None
         base = hints[f.name]
-        lit = [a for a in (typing.get_args(base) or (base,)) if typing.get_origin(a) is typing.Literal]
+        lit = [a for a in (base, *typing.get_args(base)) if typing.get_origin(a) is typing.Literal]
         if lit:
             choices = typing.get_args(lit[0])
         group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, choices=choices,
-                           help=docs.get(f.name, ""), metavar=None if choices else f.name.upper())
+                           help=f"{docs.get(f.name, '')} {_default_text(f, presets or {})}".replace("%", "%%"),
+                           metavar=None if choices else f.name.upper())
 
 
 def resolve(cls: type[T], presets: dict[str, dict], preset: str, args: argparse.Namespace) -> T:

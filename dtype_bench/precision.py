@@ -9,6 +9,7 @@ config name.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
@@ -239,11 +240,33 @@ def unsupported_reason(pc: PrecisionConfig, device: torch.device) -> str | None:
     uses_bf16 = torch.bfloat16 in (pc.weight_dtype, pc.autocast_dtype, pc.head_weight_dtype)
     if uses_bf16 and cuda and not torch.cuda.is_bf16_supported():
         return f"{where} has no bfloat16 support"
-    if pc.fp8:
+    return missing_package_reason(pc)
+
+
+# The optional packages a config's features need: feature -> (module to import, pip distribution, its extra).
+OPTIONAL_PACKAGES: dict[str, tuple[str, str, str | None]] = {
+    "adamw_8bit": ("bitsandbytes", "bitsandbytes", "optimizers"),
+    "adamw_stochastic_rounding": ("torchao.optim", "torchao", "optimizers"),
+    "adamw_kahan": ("optimi", "torch-optimi", "optimizers"),
+    "fp8": ("torchao.float8", "torchao", "optimizers"),
+}
+
+
+def optional_packages(pc: PrecisionConfig) -> list[tuple[str, str, str | None]]:
+    """(module, pip distribution, extra) of each optional package the config needs."""
+    features = [pc.optimizer] + (["fp8"] if pc.fp8 else [])
+    return [OPTIONAL_PACKAGES[f] for f in features if f in OPTIONAL_PACKAGES]
+
+
+def missing_package_reason(pc: PrecisionConfig) -> str | None:
+    """Why the config cannot run here for want of an optional package (a `skipped` row naming the install
+    command, not a `failed` one with a traceback), or None."""
+    for module, dist, extra in optional_packages(pc):
         try:
-            import torchao.float8  # noqa: F401
+            importlib.import_module(module)
         except ImportError as e:
-            return f"torchao float8 is not importable: {e}"
+            hint = f"pip install 'dtype-bench[{extra}]' (or pip install {dist})" if extra else f"pip install {dist}"
+            return f"{pc.name} needs {dist}, which is not importable here ({type(e).__name__}: {e}); install it: {hint}"
     return None
 
 

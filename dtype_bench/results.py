@@ -19,6 +19,8 @@ import torch
 from dtype_bench.io import append_jsonl, atomic_write_json, json_dumps, read_jsonl
 
 STATUSES = ("completed", "diverged", "skipped", "failed")
+STEP_LOG_TIMING = ("samples_per_second",)
+"""Wall-clock fields of step-log lines: the only ones that differ between two runs of the same command."""
 SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
                 "precision_at_1", "precision_at_3", "precision_at_5")
 
@@ -99,9 +101,11 @@ def read_results(output_dir: str | Path) -> tuple[list[dict], list[str]]:
 
 
 class StepLog:
-    """A run's JSONL step log. Lines are flushed as written; values are kept as they are (NaN stays NaN)."""
+    """A run's JSONL step log. Lines are flushed as written; values are kept as they are (NaN stays NaN).
+    `views` (dtype_bench.reporting: TensorBoard, W&B) receive every record written, after the line."""
 
-    def __init__(self, path: str | Path, *, append: bool = False, resume_at: int | None = None):
+    def __init__(self, path: str | Path, *, append: bool = False, resume_at: int | None = None,
+                 views: Iterable = ()):
         """`resume_at`: a byte offset from `offset()`; the log is cut back to it (lines written after the
         checkpoint that recorded it are dropped, as a resumed run writes them again) and appended to."""
         self.path = Path(path)
@@ -113,10 +117,19 @@ class StepLog:
                                  "checkpoint recorded; pass --fresh to start over")
             os.truncate(self.path, resume_at)
         self._file: IO[str] = open(self.path, "a" if append or resume_at is not None else "w", encoding="utf-8")
+        self.views = list(views)
+        first_step = None
+        if self.views and (append or resume_at is not None):
+            kept, _ = read_jsonl(self.path)
+            first_step = 1 + max((r["step"] for r in kept if isinstance(r.get("step"), int)), default=0)
+        for view in self.views:
+            view.open(first_step)  # a resumed view drops what it holds from first_step on, as the log did
 
     def write(self, record: dict) -> None:
         self._file.write(json_dumps(record) + "\n")
         self._file.flush()
+        for view in self.views:
+            view.write(record)
 
     def offset(self) -> int:
         """Bytes written so far (all lines are flushed): where a resumed run continues the log."""
@@ -124,6 +137,8 @@ class StepLog:
 
     def close(self) -> None:
         self._file.close()
+        for view in self.views:
+            view.close()
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dtype_bench import checkpoint, distributed, precision, results, sweep
-from dtype_bench.configs import add_flags, resolve
+from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, sweep
+from dtype_bench.configs import HelpFormatter, add_flags, resolve
 from dtype_bench.io import fingerprint
 
 TrainFn = Callable[[Any, precision.PrecisionConfig, int, Any, torch.device, str], dict]
@@ -55,14 +55,17 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
                argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
     """--config/--seed/--seeds/--preset plus one flag per field of `cfg_cls`; `args.config_names` holds the
     resolved registry names."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True,
-                        help="precision config: a name, comma-separated names, 'core' or 'all'")
+                        help="precision config: a name, comma-separated names, 'core' or 'all' "
+                             "(`dtype-bench configs` lists them)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a single run; first seed of --seeds")
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
-    parser.add_argument("--preset", choices=sorted(presets), default="full")
-    add_flags(parser, cfg_cls, skip=("preset",))
+    parser.add_argument("--preset", choices=sorted(presets), default="full",
+                        help="which defaults the training fields start from (each field's help shows them)")
+    add_flags(parser, cfg_cls, skip=("preset",), presets=presets)
     sweep.add_flags(parser)
+    launchers.add_flags(parser)
     args = parser.parse_args(argv)
     try:
         cfg = resolve(cfg_cls, presets, args.preset, args)
@@ -75,9 +78,11 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
 
 
 def setup_of(cfg_record: dict, data_fingerprint: str, device: torch.device) -> tuple[str, dict]:
-    """Everything that makes runs comparable except config and seed. Left out: where results go, and the
-    device index and thread count (each row's environment record keeps those)."""
-    setup = {k: v for k, v in cfg_record.items() if k not in ("output_dir", "device", "threads")}
+    """Everything that makes runs comparable except config and seed. Left out: where results and live views go,
+    which configs a slow CPU skips, and the device index and thread count (each row's environment record keeps
+    those)."""
+    setup = {k: v for k, v in cfg_record.items()
+             if k not in ("output_dir", "device", "threads", "report_to", "max_cpu_slowdown")}
     setup.update(data_fingerprint=data_fingerprint, device_type=device.type)
     return fingerprint(setup), setup
 
@@ -113,7 +118,7 @@ def _train_and_record(experiment: str, config_name: str, seed: int, cfg: Any, de
            "setup_fingerprint": setup_fp, "precision": pc.to_record(), "train_config": cfg.to_record(),
            "recipe_departures": cfg.recipe_departures(), "env": results.environment(device)}
     started = time.perf_counter()
-    reason = precision.unsupported_reason(pc, device)
+    reason = precision.unsupported_reason(pc, device) or cpu.too_slow_reason(pc, device, cfg.max_cpu_slowdown)
     exit_code = 0
     if reason:
         row.update(status="skipped", reason=reason)
@@ -152,8 +157,11 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         if world.distributed and len(runs) > 1:
             raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
                             "`run.py --config all --seeds 3 --list-runs | xargs -L1 torchrun ... run.py <flags>`")
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        threads, note = cpu.pick_threads(cfg.threads) if device.type == "cpu" else (cfg.threads, None)
+        if note and world.is_main:
+            print(note)
+        if threads:
+            torch.set_num_threads(threads)
         with distributed.main_process_first(world):  # rank 0 prepares a missing cache alone
             data = load_data(cfg)
         setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
@@ -161,13 +169,19 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
     except (UserError, results.SetupMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(runs) == 1:
+    if len(runs) == 1 and args.launcher == "local":
         try:
             return run_single(experiment, args.config_names[0], args.seed, cfg, device, setup_fp,
                               lambda pc, rid: train(cfg, pc, args.seed, data, device, rid), metrics,
                               world=world, fresh=args.fresh, retry_failed=args.retry_failed)
         finally:
             distributed.shutdown()
-    passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv, ("--config", "--seed", "--seeds"))
+    passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv,
+                                    ("--config", "--seed", "--seeds", "--launcher", *launchers.SLURM_FLAGS))
+    if args.launcher != "local":  # each job picks the threads of the node it lands on
+        return sweep.launch_sweep(args, str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp,
+                                  experiment, retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)
+    if threads and not cfg.threads:  # decided once: every run of the sweep is timed with the same threads
+        passthrough += ["--threads", str(threads)]
     return sweep.run_sweep(str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp, experiment,
                            retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)

@@ -191,12 +191,26 @@ def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_d
         if returncode == EXIT_BUSY:
             busy.append(rid)
             continue
-        if sum(r.get("run_id") == rid for r in setup_rows(output_dir, setup_fingerprint)) == len(rows):
-            append_result(output_dir, {
-                "experiment": experiment, "run_id": rid, "config": spec.config, "seed": spec.seed,
-                "status": "failed", "setup_fingerprint": setup_fingerprint,
-                "error": f"run process exited with code {returncode} without writing a result",
-            })
+        record_silent_exit(output_dir, setup_fingerprint, experiment, spec, len(rows), returncode)
+    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics)
+
+
+def record_silent_exit(output_dir: str | Path, setup_fingerprint: str, experiment: str, spec: RunSpec,
+                       rows_before: int, returncode: int) -> None:
+    """A run process that ended without appending a row (killed, crashed before its handler) gets a `failed`
+    row saying so."""
+    rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
+    if sum(r.get("run_id") == rid for r in setup_rows(output_dir, setup_fingerprint)) == rows_before:
+        append_result(output_dir, {
+            "experiment": experiment, "run_id": rid, "config": spec.config, "seed": spec.seed,
+            "status": "failed", "setup_fingerprint": setup_fingerprint,
+            "error": f"run process exited with code {returncode} without writing a result",
+        })
+
+
+def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str, runs: list[RunSpec],
+                busy: list[str], metrics: tuple[str, ...]) -> int:
+    """Print the grid's newest rows as a table; the sweep's exit code (1 if any run of the grid failed)."""
     newest = latest_per_run(setup_rows(output_dir, setup_fingerprint))
     grid_rows = [newest[r] for r in (run_id(experiment, s.config, s.seed, setup_fingerprint) for s in runs)
                  if r in newest]
@@ -207,3 +221,29 @@ def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_d
     if failed:
         print(f"\n{len(failed)} run(s) failed: {', '.join(failed)} (--retry-failed runs them again)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunSpec], passthrough: list[str],
+                 output_dir: str | Path, setup_fingerprint: str, experiment: str, *, retry_failed: bool = False,
+                 fresh: bool = False, metrics: tuple[str, ...] = SEED_METRICS) -> int:
+    """The runs that `needs_run` as jobs of another launcher (dtype_bench.launchers), each running
+    `python script <passthrough> --config C --seed S` as the local launcher's children do."""
+    from dtype_bench import launchers
+
+    pending: dict[str, tuple[RunSpec, int]] = {}
+    for spec in runs:
+        rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
+        rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
+        if not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh):
+            print(f"{spec.config} seed {spec.seed}: {why_not(rows[-1])}, not submitted")
+        else:
+            pending[rid] = (spec, len(rows))
+    commands = {rid: [sys.executable, script, *passthrough, *spec.flags()] for rid, (spec, _) in pending.items()}
+    codes = launchers.launch(launcher_args.launcher, launcher_args, script, commands, Path(output_dir)) if commands else {}
+    if launcher_args.launcher == "slurm":
+        return 0
+    busy = [rid for rid, code in codes.items() if code == EXIT_BUSY]
+    for rid, code in codes.items():
+        if code != EXIT_BUSY:
+            record_silent_exit(output_dir, setup_fingerprint, experiment, pending[rid][0], pending[rid][1], code)
+    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics)

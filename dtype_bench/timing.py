@@ -66,6 +66,7 @@ class StepTimer:
     _windows: list[_Window] = field(default_factory=list)
     _steps_seen: int = 0
     _open: _Window | None = None
+    _reported_windows: int = 0
 
     def _mark(self) -> object:
         if self.device.type == "cuda":
@@ -113,6 +114,13 @@ class StepTimer:
         if self._open is not None and self._open.steps:
             self._close()
         self._open = None
+
+    def recent_samples_per_second(self) -> float | None:
+        """Samples/s over the windows closed since the previous call (None if none): the step log's live rate.
+        Call after `pause()`, at a log step (with CUDA it waits for those windows' events)."""
+        recent, self._reported_windows = self._windows[self._reported_windows:], len(self._windows)
+        seconds = sum(self._seconds(w) for w in recent)
+        return sum(w.samples for w in recent) / seconds if seconds > 0 else None
 
     def summary(self) -> dict:
         """Median and spread over windows; call after training (resolves CUDA events: one sync)."""

@@ -49,6 +49,13 @@ def step_log(output_dir: Path, run_id: str) -> list[str]:
     return (output_dir / "logs" / f"{run_id}.jsonl").read_text().splitlines()
 
 
+def without_timing(records: list[dict]) -> list[dict]:
+    """Step-log records less their wall-clock fields: equal for two runs of the same command (a resumed one too)."""
+    from dtype_bench.results import STEP_LOG_TIMING
+
+    return [{k: v for k, v in r.items() if k not in STEP_LOG_TIMING} for r in records]
+
+
 def logged_steps(output_dir: Path) -> int:
     """Highest optimizer step in the (single) step log so far; 0 before the first line."""
     logs = list((output_dir / "logs").glob("*.jsonl")) if (output_dir / "logs").exists() else []

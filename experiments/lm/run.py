@@ -22,7 +22,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 import data as data_lib
 import model as model_lib
 from config import PRESETS, TrainConfig
-from dtype_bench import checkpoint, distributed, precision, results, runner, timing
+from dtype_bench import checkpoint, distributed, precision, reporting, results, runner, timing
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.monitor import TrainingMonitor
 from dtype_bench.runner import UserError
@@ -104,7 +104,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         record={"train_config": cfg.to_record(), "precision": pc.to_record()})
     resumed = ckpt.restore(optimizer, scheduler, scaler)  # None: no checkpoint, start at step 0
     log_path = Path(cfg.output_dir) / "logs" / f"{rid}.jsonl"
-    log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None) if world.is_main else None
+    log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None,
+                          views=reporting.views(cfg, pc, seed, rid, EXPERIMENT)) if world.is_main else None
     monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
     state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
     if resumed and world.is_main:
@@ -145,7 +146,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         progress.update()
         if step % cfg.log_every == 0 or step % cfg.eval_steps == 0 or step == cfg.max_steps:
             timer.pause()  # the flush below is the loop's only host sync
-            record = monitor.flush()
+            record = monitor.flush({"samples_per_second": timer.recent_samples_per_second()})
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if monitor.diverged:
                 status = "diverged"

@@ -1,0 +1,172 @@
+"""`dtype-bench`: one command for the project, in the style of `tune run` / `litgpt finetune`.
+
+    dtype-bench configs                                        the precision registry as a table
+    dtype-bench prepare [classification|lm] --source ... --output_dir ...
+    dtype-bench run [classification|lm] --config amp_bf16 --preset tiny
+    dtype-bench analyze --results_dir results/classification
+    dtype-bench compare --lm_results results/lm --cls_results results/classification --output_dir results/comparison
+    dtype-bench bench [trainer|loader] --preset tiny
+
+The experiment defaults to classification. Every subcommand but `configs` calls the `main(argv)` of the script
+the seed's commands run (experiments/<experiment>/run.py, analysis/analyze_experiment.py, ...) with the flags as
+given, so `dtype-bench run --config amp_bf16 --seed 0` and `python experiments/classification/run.py --config
+amp_bf16 --seed 0` are the same code and write the same rows. `dtype-bench <subcommand> --help` lists the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+# subcommand -> (target -> script path relative to the repository root); the first target is the default
+SCRIPTS: dict[str, dict[str, str]] = {
+    "prepare": {"classification": "experiments/classification/prepare_data.py", "lm": "experiments/lm/prepare_data.py"},
+    "run": {"classification": "experiments/classification/run.py", "lm": "experiments/lm/run.py"},
+    "analyze": {"": "analysis/analyze_experiment.py"},
+    "compare": {"": "analysis/compare_experiments.py"},
+    "bench": {"trainer": "benchmarks/vs_hf_trainer.py", "loader": "benchmarks/loader.py"},
+}
+SUMMARIES = {
+    "configs": "print the precision registry: dtypes, loss scaling, optimizer, what each config needs",
+    "prepare": "prepare a dataset cache (classification: EURLEX57K; lm: OpenWebText)",
+    "run": "train configs x seeds (classification or lm) and append results rows",
+    "analyze": "summary.csv/.parquet, plots and report.md for one experiment's results",
+    "compare": "cross-task comparison of the classification and LM results",
+    "bench": "benchmarks: our loop vs the Hugging Face Trainer (trainer), data-loader throughput (loader)",
+}
+
+
+def script_path(relative: str) -> Path:
+    """A script in a clone (next to the package) or in an installed wheel (inside it, same layout)."""
+    package = Path(__file__).resolve().parent
+    for base in (package, package.parent):
+        if (base / relative).is_file():
+            return base / relative
+    raise FileNotFoundError(f"{relative} is neither in {package} nor in {package.parent}")
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script as `python script.py` would (its directory first on sys.path), without running its
+    `__main__` block. Its sibling modules are imported by bare name (`import data`); another experiment's
+    modules of the same name, imported earlier in this process, are dropped so that the script gets its own."""
+    sys.path[:] = [str(path.parent)] + [p for p in sys.path if p != str(path.parent)]
+    for sibling in path.parent.glob("*.py"):
+        loaded = sys.modules.get(sibling.stem)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != path.parent:
+            del sys.modules[sibling.stem]
+    name = "dtype_bench_script_" + "_".join(path.with_suffix("").parts[-2:])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- `dtype-bench configs`
+
+# The hardware a config's boolean feature needs beyond a CPU (its packages: precision.optional_packages; whether it
+# runs on this machine: precision.unsupported_reason).
+FEATURE_HARDWARE = {"tf32": "CUDA cc >= 8.0", "fp8": "CUDA cc >= 8.9"}
+NOT_COLUMNS = ("name", "description")
+
+
+def _cell(value) -> str:
+    import torch
+
+    from dtype_bench.precision import dtype_name
+
+    if isinstance(value, torch.dtype):
+        return dtype_name(value)
+    return "-" if value is None else str(value)
+
+
+def registry_table(device_spec: str = "auto") -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one column per PrecisionConfig field (whatever fields it has), the dtype most matmuls run
+    in, what the config needs beyond a CPU and whether it runs on `device_spec`."""
+    from dtype_bench import precision
+    from dtype_bench.runner import pick_device
+
+    device = pick_device(device_spec)
+    fields = [f.name for f in dataclasses.fields(precision.PrecisionConfig) if f.name not in NOT_COLUMNS]
+    header = ["config", *fields, "compute_dtype", "needs", f"runs on {device}"]
+    rows = []
+    for pc in precision.REGISTRY.values():
+        needs = [hw for feature, hw in FEATURE_HARDWARE.items() if getattr(pc, feature, False)]
+        needs += sorted({dist for _, dist, _ in precision.optional_packages(pc)})
+        reason = precision.unsupported_reason(pc, device)
+        rows.append([pc.name, *(_cell(getattr(pc, f)) for f in fields), _cell(pc.compute_dtype),
+                     ", ".join(needs) or "-", "yes" if reason is None else f"no: {reason}"])
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]], fmt: str) -> str:
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows])
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def configs_main(argv: list[str]) -> int:
+    from dtype_bench import precision
+    from dtype_bench.configs import HelpFormatter, field_docs
+
+    parser = argparse.ArgumentParser(prog="dtype-bench configs", formatter_class=HelpFormatter,
+                                     description="The precision registry (dtype_bench/precision.py), one row per "
+                                                 "config, one column per PrecisionConfig field.")
+    parser.add_argument("--format", choices=("text", "markdown"), default="text", help="table layout")
+    parser.add_argument("--device", default="auto", help="device the `runs on` column checks")
+    parser.add_argument("--explain", action="store_true", help="also print each column's and config's meaning")
+    args = parser.parse_args(argv)
+    header, rows = registry_table(args.device)
+    print(format_table(header, rows, args.format))
+    print(f"\ngroups: " + "; ".join(f"{g} = {', '.join(names)}" for g, names in precision.GROUPS.items()))
+    if args.explain:
+        print("\ncolumns:")
+        for name, doc in field_docs(precision.PrecisionConfig).items():
+            if name not in NOT_COLUMNS:
+                print(f"  {name}: {doc}")
+        print("\nconfigs:")
+        for pc in precision.REGISTRY.values():
+            print(f"  {pc.name}: {pc.description}")
+    return 0
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def usage() -> str:
+    lines = [__doc__.split("\n\n")[0], "", "usage: dtype-bench <subcommand> [target] [flags]", "", "subcommands:"]
+    for name, text in SUMMARIES.items():
+        targets = [t for t in SCRIPTS.get(name, {}) if t]
+        lines.append(f"  {name:<8} {text}" + (f" [{'|'.join(targets)}; default {targets[0]}]" if targets else ""))
+    lines += ["", "`dtype-bench <subcommand> --help` lists the subcommand's flags with their meaning and defaults."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "configs":
+        return configs_main(rest)
+    if command not in SCRIPTS:
+        print(f"dtype-bench: unknown subcommand {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    targets = SCRIPTS[command]
+    target = rest[0] if rest and rest[0] in targets else next(iter(targets))
+    if rest and rest[0] == target:
+        rest = rest[1:]
+    script = script_path(targets[target])
+    sys.argv = [f"dtype-bench {command}" + (f" {target}" if target else ""), *rest]  # argparse's prog
+    return load_script(script).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

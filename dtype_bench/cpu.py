@@ -1,0 +1,107 @@
+"""Training on a CPU someone else is using, or one without native fp16/bf16 matmuls.
+
+- Threads: with more torch threads than free cores, OpenMP's waiting threads make step times swing up to 20x
+  (measured on a shared 2-core machine: 20 instead of ~560 samples/s). Without `--threads`, a run on a busy
+  CPU uses as many threads as there are free cores (cores minus those busy over half a second before it
+  starts, at least 1) and says so; a sweep decides once and passes `--threads` to every run, so that its
+  configs are timed alike; the row's `env.torch_threads` records what each ran with.
+- Emulated dtypes: many x86 CPUs have no fp16 (some no bf16) matrix multiply and PyTorch emulates it, 10-20x
+  slower than fp32. `matmul_slowdown` measures it (a short fp16/bf16 vs fp32 matmul calibration in this
+  process); with `--max_cpu_slowdown X` a config whose compute dtype is more than X times slower is recorded
+  as `skipped` with the measured factor, rather than spending half an hour on a number that says nothing
+  about a GPU. `python -m dtype_bench.cpu` prints both for this machine.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+CALIBRATION_SIZE = 256  # the tiny preset's matmul widths are 128-256; emulated fp16 at 1024 would take seconds
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def busy_cores() -> float:
+    """Cores busy with other work, measured over half a second (a load average would still count the
+    previous run of a sweep)."""
+    import psutil
+
+    return psutil.cpu_percent(interval=0.5) / 100 * (os.cpu_count() or 1)
+
+
+def pick_threads(requested: int | None, *, cores: int | None = None, busy: float | None = None,
+                 default: int | None = None) -> tuple[int, str | None]:
+    """(torch threads to use, a note to print when they differ from torch's default because cores are busy)."""
+    default = default or torch.get_num_threads()
+    if requested:
+        return requested, None
+    cores = cores or os.cpu_count() or 1
+    busy = busy_cores() if busy is None else busy
+    free = max(1, int(cores - busy + 0.5))
+    if free >= default:
+        return default, None
+    return free, (f"{busy:.1f} of {cores} cores busy: using {free} torch thread(s) instead of {default}, as more "
+                  "threads than free cores make step times swing up to 20x; --threads N overrides")
+
+
+@functools.cache
+def matmul_slowdown(dtype: torch.dtype) -> float:
+    """Time of a CPU matmul in `dtype` over the same matmul in fp32 (best of repeated runs, ~0.2 s each), on one
+    thread: about 1 where the CPU computes the dtype natively (or faster, e.g. AMX), 10-200 where it is emulated.
+    One thread, because on busy cores a multi-threaded fp32 matmul can lose more to waiting threads than
+    emulation costs (measured on a loaded 2-core EPYC: fp16 1.7x with 2 threads, 180x with 1)."""
+    from dtype_bench.timing import measure_matmul_peak
+
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32 = measure_matmul_peak(cpu, torch.float32, size=CALIBRATION_SIZE, seconds=0.2)
+        return fp32 / measure_matmul_peak(cpu, dtype, size=CALIBRATION_SIZE, seconds=0.2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def too_slow_reason(pc, device: torch.device, max_slowdown: float | None) -> str | None:
+    """Why a config is skipped under `--max_cpu_slowdown` (its compute dtype's measured CPU matmul slowdown
+    over fp32 exceeds it), or None."""
+    if max_slowdown is None or device.type != "cpu" or pc.compute_dtype not in LOW_PRECISION:
+        return None
+    slowdown = matmul_slowdown(pc.compute_dtype)
+    if slowdown <= max_slowdown:
+        return None
+    name = str(pc.compute_dtype).removeprefix("torch.")
+    return (f"{name} matmuls measured {slowdown:.1f}x slower than float32 on this CPU (emulated, not native; "
+            f"{CALIBRATION_SIZE}x{CALIBRATION_SIZE} calibration), above --max_cpu_slowdown {max_slowdown:g}; "
+            "pass --max_cpu_slowdown none to measure it anyway (expect several times fp32's time)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print this CPU's thread choice and dtype slowdowns, and which configs a run would train or skip."""
+    import argparse
+
+    from dtype_bench import precision
+    from dtype_bench.configs import HelpFormatter
+    from dtype_bench.results import cpu_name
+
+    parser = argparse.ArgumentParser(prog="python -m dtype_bench.cpu", description=main.__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config", default="core", help="configs to plan for (as run.py's --config)")
+    parser.add_argument("--max_cpu_slowdown", type=lambda s: None if s.lower() == "none" else float(s),
+                        help="as run.py's flag (default: none, run all)")
+    args = parser.parse_args(argv)
+    threads, note = pick_threads(None)
+    print(f"{cpu_name()}: {os.cpu_count()} cores; torch threads: {threads}" + (f" ({note})" if note else ""))
+    torch.set_num_threads(threads)
+    for dtype in LOW_PRECISION:
+        print(f"{str(dtype).removeprefix('torch.')} matmul time / float32's: {matmul_slowdown(dtype):.2f}")
+    for name in precision.resolve_names(args.config):
+        pc = precision.get(name)
+        reason = precision.unsupported_reason(pc, torch.device("cpu")) or too_slow_reason(
+            pc, torch.device("cpu"), args.max_cpu_slowdown)
+        print(f"  {name}: {'skipped: ' + reason if reason else 'runs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Busy cores and emulated low-precision matmuls: the thread choice and the recorded `skipped` rows."""
+from __future__ import annotations
+
+import math
+import subprocess
+
+import pytest
+import torch
+
+import tiny_run
+from dtype_bench import cpu, precision
+
+
+def test_threads_follow_the_free_cores():
+    assert cpu.pick_threads(None, cores=2, busy=0.1, default=2) == (2, None)
+    threads, note = cpu.pick_threads(None, cores=2, busy=1.7, default=2)
+    assert threads == 1 and "1.7 of 2 cores busy" in note and "--threads" in note
+    assert cpu.pick_threads(None, cores=16, busy=5.0, default=16)[0] == 11
+    assert cpu.pick_threads(None, cores=2, busy=9.0, default=2)[0] == 1  # at least one
+    assert cpu.pick_threads(3, cores=2, busy=2.0, default=2) == (3, None)  # --threads wins
+
+
+def test_matmul_slowdown_is_a_measured_ratio():
+    for dtype in cpu.LOW_PRECISION:
+        slowdown = cpu.matmul_slowdown(dtype)
+        assert math.isfinite(slowdown) and slowdown > 0
+
+
+def test_too_slow_reason_names_the_measured_factor(monkeypatch):
+    monkeypatch.setattr(cpu, "matmul_slowdown", lambda dtype: 18.0 if dtype == torch.float16 else 0.9)
+    cpu_device = torch.device("cpu")
+    reason = cpu.too_slow_reason(precision.get("amp_fp16"), cpu_device, 4.0)
+    assert "float16 matmuls measured 18.0x slower" in reason and "--max_cpu_slowdown 4" in reason
+    assert cpu.too_slow_reason(precision.get("amp_fp16"), cpu_device, None) is None  # flag not given
+    assert cpu.too_slow_reason(precision.get("amp_fp16"), cpu_device, 20.0) is None
+    assert cpu.too_slow_reason(precision.get("amp_bf16"), cpu_device, 4.0) is None  # native here
+    assert cpu.too_slow_reason(precision.get("fp32_baseline"), cpu_device, 0.0) is None
+
+
+@pytest.mark.slow
+def test_forced_emulation_limit_records_skipped_rows_and_the_sweep_pins_threads(tmp_path):
+    """--max_cpu_slowdown below any measurable ratio: the low-precision configs are `skipped` with the measured
+    factor, fp32 trains; every run of the sweep gets the thread count the sweep chose."""
+    cache = tiny_run.small_cache(tmp_path / "cache")
+    command = tiny_run.command(cache, tmp_path / "out", "--config", "fp32_baseline,amp_fp16", "--max_steps", "2",
+                               "--eval_steps", "2", "--max_cpu_slowdown", "0.001")
+    at = command.index("--threads")
+    del command[at:at + 2]  # let the sweep choose
+    proc = subprocess.run(command, env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["config"]: r for r in tiny_run.rows(tmp_path / "out")}
+    assert rows["fp32_baseline"]["status"] == "completed"
+    assert rows["amp_fp16"]["status"] == "skipped"
+    assert "float16 matmuls measured" in rows["amp_fp16"]["reason"] and "0.001" in rows["amp_fp16"]["reason"]
+    assert rows["amp_fp16"]["train_config"]["threads"] == rows["fp32_baseline"]["train_config"]["threads"] >= 1

@@ -1,0 +1,84 @@
+"""Parquet outputs (pandas and `datasets` read them back) and the report's first screen."""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtype_bench import precision
+
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
+SAMPLES_PER_SECOND = {"fp32_baseline": (100.0, 110.0), "amp_bf16": (150.0, 160.0), "fp16_naive": (120.0, 125.0)}
+MICRO_F1 = {"fp32_baseline": (0.50, 0.52), "amp_bf16": (0.505, 0.515), "fp16_naive": (0.20, 0.21)}
+
+
+def row(config: str, seed: int) -> dict:
+    return {"experiment": "classification", "run_id": f"classification-{config}-seed{seed}-abcdef12",
+            "config": config, "seed": seed, "status": "completed", "setup_fingerprint": "abcdef12" * 8,
+            "samples_per_second": SAMPLES_PER_SECOND[config][seed], "peak_memory_gb": 1.0 + 0.1 * seed,
+            "peak_memory_kind": "cuda_max_allocated", "micro_f1": MICRO_F1[config][seed], "macro_f1": float("nan"),
+            "precision_at_1": 0.6, "steps": 10, "compiled": False,
+            "precision": precision.get(config).to_record(), "train_config": {"preset": "tiny", "max_steps": 10},
+            "env": {"device": "cuda:0", "torch": "2.13.0"}, "dtypes": {"body_params": ["float32"]}}
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    results_dir = tmp_path_factory.mktemp("results")
+    rows = [row(c, s) for c in SAMPLES_PER_SECOND for s in (0, 1)]
+    skipped = {k: v for k, v in row("fp32_baseline", 0).items() if k not in ("samples_per_second", "micro_f1")}
+    rows.append({**skipped, "config": "fp32_tf32_matmul", "run_id": "classification-fp32_tf32_matmul-seed0-abcdef12",
+                 "status": "skipped", "reason": "no GPU", "precision": precision.get("fp32_tf32_matmul").to_record()})
+    (results_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if str(ANALYSIS) not in sys.path:
+        sys.path.insert(0, str(ANALYSIS))
+    return importlib.import_module("analyze_experiment").analyze(results_dir, results_dir / "analysis")
+
+
+def test_runs_parquet_has_one_row_per_run_readable_by_pandas_and_datasets(analysis):
+    pandas = pytest.importorskip("pandas")
+    datasets = pytest.importorskip("datasets")
+    path = analysis.output_dir / "runs.parquet"
+    frame = pandas.read_parquet(path)
+    assert len(frame) == 7 and set(frame["status"]) == {"completed", "skipped"}
+    by_run = frame.set_index("run_id")
+    assert by_run.loc["classification-amp_bf16-seed1-abcdef12", "micro_f1"] == 0.515
+    assert by_run.loc["classification-amp_bf16-seed1-abcdef12", "precision.autocast_dtype"] == "bfloat16"
+    assert by_run.loc["classification-fp32_tf32_matmul-seed0-abcdef12", "reason"] == "no GPU"
+    assert frame["macro_f1"].isna().all() and str(frame["train_config.max_steps"].dtype) == "int64"
+    assert json.loads(by_run.loc["classification-amp_bf16-seed1-abcdef12", "dtypes.body_params"]) == ["float32"]
+    loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    assert loaded.num_rows == 7 and "precision.weight_dtype" in loaded.column_names
+
+
+def test_summary_parquet_holds_the_csvs_numbers(analysis):
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.read_parquet(analysis.output_dir / "summary.parquet").set_index("config")
+    with open(analysis.output_dir / "summary.csv", newline="") as f:
+        csv_rows = {r["config"]: r for r in csv.DictReader(f)}
+    assert set(frame.index) == set(csv_rows)
+    for config, values in csv_rows.items():
+        for key in ("micro_f1_mean", "samples_per_second_mean", "micro_f1_ci95_low"):
+            if values[key]:
+                assert frame.loc[config, key] == pytest.approx(float(values[key]), rel=1e-12), (config, key)
+    assert frame.loc["amp_bf16", "micro_f1_mean"] == pytest.approx(statistics.fmean(MICRO_F1["amp_bf16"]))
+
+
+def test_the_first_screen_says_which_config_to_use_with_its_evidence(analysis):
+    report = (analysis.output_dir / "report.md").read_text()
+    first = report.index("## Which config should I use")
+    assert first < report.index("## Summary") and first < 1500  # right under the title and sources
+    table = [line for line in report[first:report.index("\n## ", first + 1)].splitlines() if line.startswith("| ")]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[1:]}
+    assert [line.split("|")[1].strip() for line in table[1:3]] == ["amp_bf16", "fp32_baseline"]  # ok, fastest first
+    speed = statistics.fmean(SAMPLES_PER_SECOND["amp_bf16"]) / statistics.fmean(SAMPLES_PER_SECOND["fp32_baseline"])
+    assert cells["amp_bf16"][0] == "no quality loss" and cells["amp_bf16"][2] == f"{speed:.3g}"
+    assert cells["amp_bf16"][1].startswith("+0 [-0.0635, +0.0635] (paired, n=2")  # equal means, seed-paired interval
+    assert cells["fp16_naive"][0] == "avoid: quality loss"
+    assert cells["fp32_tf32_matmul"][0].startswith("not run here") and cells["fp32_tf32_matmul"][-1] == "0/1 completed, 1 skipped"
+    assert "(relative_to_fp32.png)" in report[first:report.index("## Summary")]
