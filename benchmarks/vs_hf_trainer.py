@@ -283,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compare_length_grouping compares against ungrouped runs: drop --length_grouped_batches")
     sides = [side for side in SIDES if args.compare_length_grouping or side != "ours, length-grouped"]
     device = runner.pick_device(cfg.device)
-    if args.preset == "tiny" and args.data_dir is None:
-        from prepare_data import prepare_tiny
+    if args.preset != "full" and args.data_dir is None:
+        from prepare_data import prepare_preset
 
-        prepare_tiny(cfg.cache_dir)
+        prepare_preset(args.preset, cfg.cache_dir)
 
     results: dict[str, dict[str, list[dict]] | str] = {}  # config -> side -> runs, or why not compared
     for name in configs:

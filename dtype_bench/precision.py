@@ -9,6 +9,7 @@ config name.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
@@ -169,12 +170,17 @@ def unsupported_reason(pc: PrecisionConfig, device: torch.device) -> str | None:
     uses_bf16 = torch.bfloat16 in (pc.weight_dtype, pc.autocast_dtype, pc.head_weight_dtype)
     if uses_bf16 and cuda and not torch.cuda.is_bf16_supported():
         return f"{where} has no bfloat16 support"
-    if pc.fp8:
+    needed = (["torchao.float8"] if pc.fp8 else []) + [OPTIMIZER_PACKAGES.get(pc.optimizer)]
+    for module in filter(None, needed):
         try:
-            import torchao.float8  # noqa: F401
-        except ImportError as e:
-            return f"torchao float8 is not importable: {e}"
+            importlib.import_module(module)
+        except ImportError as e:  # e.g. an offline node without the optional package: skipped, not failed
+            return f"{module} is not importable: {e}"
     return None
+
+
+OPTIMIZER_PACKAGES = {"adamw_8bit": "bitsandbytes", "adamw_stochastic_rounding": "torchao.optim"}
+"""Optimizer kind -> the optional package (module) that implements it (see build_optimizer)."""
 
 
 def compile_default(device: torch.device) -> bool:
