@@ -260,6 +260,12 @@ def write_jsonl_splits(
 
 # ------------------------------------------------------------------------------- token-id corpora
 
+ROBERTA_BASE_VOCAB_SIZE = 50_265
+GPT2_VOCAB_SIZE = 50_257
+FULL_SIZE_CLASSIFICATION_DOCS = 5_400
+"""Token-id classification corpus at full size: 4,320 train documents (80%), so all 4,271 labels occur."""
+FULL_SIZE_LM_DOCS = 2_000
+"""Token-id LM corpus at full size: ~1M tokens, of which 5% (~51k) are held out for validation."""
 ID_WORD = "w{}"
 """Token id i written as a word, for the `words:SIZE` tokenizer (dtype_bench.tokenization) to map back to i."""
 TOKEN_ID_LENGTHS = ("filling", "eurlex_sample")

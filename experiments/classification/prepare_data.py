@@ -676,23 +676,18 @@ def prepare_tiny(output_dir: str | Path) -> Path:
                    synthetic_labels=synthetic.EURLEX_NUM_LABELS)
 
 
-ROBERTA_BASE_VOCAB_SIZE = 50_265
-
-
-def prepare_synthetic_full(output_dir: str | Path, source: str) -> Path:
-    """The offline default for `run.py --preset synthetic_full[_eurlex_lengths]`: roberta-base's vocabulary
-    size, max_length 512, 5,400 documents (4,320 train: every one of the 4,271 labels occurs) of random token
-    ids from `source` (TOKEN_ID_SOURCES)."""
-    return prepare(source, output_dir, tokenizer=f"words:{ROBERTA_BASE_VOCAB_SIZE}", max_length=512,
-                   synthetic_docs=5400, synthetic_labels=synthetic.EURLEX_NUM_LABELS)
+PRESET_SOURCES = {"synthetic_full": "synthetic-ids", "synthetic_full_eurlex_lengths": "synthetic-ids-eurlex-lengths"}
 
 
 def prepare_preset(preset: str, output_dir: str | Path) -> Path:
-    """The cache of an offline preset of run.py (config.PRESETS): all but `full`."""
+    """The cache of an offline preset of run.py (config.PRESETS): all but `full`. The synthetic_full ones:
+    random token ids at roberta-base's vocabulary size, max_length 512, 5,400 documents (4,320 train: every one
+    of the 4,271 labels occurs)."""
     if preset == "tiny":
         return prepare_tiny(output_dir)
-    sources = {"synthetic_full": "synthetic-ids", "synthetic_full_eurlex_lengths": "synthetic-ids-eurlex-lengths"}
-    return prepare_synthetic_full(output_dir, sources[preset])
+    return prepare(PRESET_SOURCES[preset], output_dir, tokenizer=f"words:{synthetic.ROBERTA_BASE_VOCAB_SIZE}",
+                   max_length=512, synthetic_docs=synthetic.FULL_SIZE_CLASSIFICATION_DOCS,
+                   synthetic_labels=synthetic.EURLEX_NUM_LABELS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -241,16 +241,13 @@ def prepare_tiny(output_dir: str | Path) -> Path:
     return prepare("synthetic", output_dir, tokenizer="bpe:4096", val_fraction=0.05, synthetic_docs=3000)
 
 
-GPT2_VOCAB_SIZE = 50_257
-
-
 def prepare_preset(preset: str, output_dir: str | Path) -> Path:
-    """The cache of an offline preset of run.py (config.PRESETS): `tiny`, or `synthetic_full`: 2,000 documents
-    of random ids at GPT-2's vocabulary size (~1M tokens; 5% held out, ~51k validation tokens)."""
+    """The cache of an offline preset of run.py (config.PRESETS): `tiny`, or `synthetic_full`: random ids at
+    GPT-2's vocabulary size (~1M tokens, 5% of the documents held out for validation)."""
     if preset == "tiny":
         return prepare_tiny(output_dir)
-    return prepare("synthetic-ids", output_dir, tokenizer=f"words:{GPT2_VOCAB_SIZE}", val_fraction=0.05,
-                   synthetic_docs=2000)
+    return prepare("synthetic-ids", output_dir, tokenizer=f"words:{synthetic.GPT2_VOCAB_SIZE}", val_fraction=0.05,
+                   synthetic_docs=synthetic.FULL_SIZE_LM_DOCS)
 
 
 def main(argv: list[str] | None = None) -> int:
