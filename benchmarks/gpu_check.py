@@ -19,10 +19,10 @@ issue allows, leaving a device call time for a second try) and step counts:
   packages         10 s  torchao, bitsandbytes: present, or `pip install --no-index --no-deps` from the wheel
                          folder (--wheels DIR, or ./wheels); never the network, never torch
   data             35 s  the synthetic caches (prepare_data.py --source synthetic-ids...), reused when built
-  classification  185 s  every config of the precision registry, core first: 40 steps, 10 warm-up, so 3 timing
-                         windows of 10 steps; 64 validation + 64 test documents evaluated (eval peak memory)
+  classification  185 s  every config of the precision registry, core first, fp32 compute last: 40 steps, 10
+                         warm-up, so 3 timing windows of 10 steps; 64 validation + 64 test documents evaluated
   timer            60 s  the outside timer: whole amp_bf16 runs of N = 50 and 2N steps, difference / N
-  lm               55 s  the LM's core configs, 40 steps, 10 warm-up
+  lm               55 s  the LM's core configs, 30 steps, 10 warm-up
   trainer          60 s  ours vs the Hugging Face Trainer, fp32_baseline / amp_bf16 / amp_fp16, 30 steps, 10 warm-up
   length_grouping  35 s  amp_bf16 on EURLEX57K-like lengths, with and without length-grouped batches
   loader           10 s  the loader alone (500 micro-batches) against the fastest classification config
@@ -100,7 +100,9 @@ class Plan:
     lm_data: tuple[str, ...]
     lm_run: tuple[str, ...]
     steps: int
-    """Optimizer steps per classification and LM run: warm-up plus at least 3 timing windows of 10 steps."""
+    """Optimizer steps per classification run: warm-up plus at least 3 timing windows of 10 steps."""
+    lm_steps: int
+    """Optimizer steps per LM run (a GPT-2 step is ~6x a classification step: 2 windows)."""
     warmup_steps: int
     """Steps excluded from timing at the start of each run (compilation, allocator warm-up)."""
     trainer_steps: int
@@ -130,7 +132,8 @@ FULL = Plan(
     lm_data=("--tokenizer", f"words:{synthetic.GPT2_VOCAB_SIZE}", "--synthetic_docs",
              str(synthetic.FULL_SIZE_LM_DOCS), "--val_fraction", "0.05"),
     lm_run=("--eval_sequences", "24"),
-    steps=40, warmup_steps=10, trainer_steps=30, trainer_warmup_steps=10, timer_steps=50, timer_config="amp_bf16",
+    steps=40, lm_steps=30, warmup_steps=10, trainer_steps=30, trainer_warmup_steps=10, timer_steps=50,
+    timer_config="amp_bf16",
     eval_docs=64, loader_batches=500, cls_configs=None, lm_configs=precision.GROUPS["core"],
     trainer_configs=TRAINER_CONFIGS, grouping_config="amp_bf16",
     budgets={"packages": 10, "data": 35, "classification": 185, "timer": 60, "lm": 55, "trainer": 60,
@@ -145,7 +148,8 @@ DRY_RUN = Plan(
     lm_data=("--tokenizer", "words:1000", "--synthetic_docs", "100", "--val_fraction", "0.1"),
     lm_run=("--n_layer", "1", "--n_head", "1", "--n_embd", "64", "--block_size",
             "32", "--batch_size", "4", "--gradient_accumulation_steps", "1", "--eval_sequences", "8"),
-    steps=4, warmup_steps=1, trainer_steps=3, trainer_warmup_steps=1, timer_steps=2, timer_config="fp32_baseline",
+    steps=4, lm_steps=4, warmup_steps=1, trainer_steps=3, trainer_warmup_steps=1, timer_steps=2,
+    timer_config="fp32_baseline",
     eval_docs=8, loader_batches=20,
     # one config that trains and one this CPU must skip (float8 needs compute capability 8.9)
     cls_configs=("fp32_baseline", "amp_bf16_fp8"), lm_configs=("fp32_baseline",),
@@ -161,7 +165,8 @@ DRY_RUN = Plan(
 
 @dataclass
 class Check:
-    """One check in progress: where it writes, its plan, its deadline, and the report so far."""
+    """One check in progress: where it writes, its plan, its deadline, and the report so far. Runs go to
+    runs/ (runs-dry/ for a dry run: the two are different setups, which one results folder refuses to mix)."""
 
     output_dir: Path
     plan: Plan
@@ -174,6 +179,9 @@ class Check:
         """gpu_check.json and gpu_check.md as they stand: a check cut short still leaves its results."""
         atomic_write_json(self.output_dir / "gpu_check.json", self.report)
         atomic_write_text(self.output_dir / "gpu_check.md", markdown(self.report))
+
+    def runs_dir(self, name: str) -> Path:
+        return self.output_dir / ("runs-dry" if self.plan is DRY_RUN else "runs") / name
 
     def remaining(self) -> float:
         return self.part_deadline - time.monotonic()
@@ -292,18 +300,22 @@ def training_flags(check: Check, experiment: str, cache: str, steps: int) -> lis
     return [*plan.lm_run, *common]
 
 
-def classification_configs(check: Check) -> list[str]:
-    """The registry's configs, core first (the most wanted numbers go first in case the budget runs out)."""
-    configs = check.configs or check.plan.cls_configs or list(precision.REGISTRY)
-    core = [c for c in precision.GROUPS["core"] if c in configs]
-    return core + [c for c in configs if c not in core]
+def run_order(configs: list[str]) -> list[str]:
+    """Core configs first (the most wanted numbers, in case the budget runs out), and within each group those
+    computing in fp32 last (the slowest: one that overruns leaves the others measured)."""
+    core = set(precision.GROUPS["core"])
+    return sorted(configs, key=lambda c: (c not in core, precision.get(c).compute_dtype == torch.float32))
 
 
-def part_training(check: Check, experiment: str, configs: list[str], cache: str) -> None:
-    records = check.report.setdefault(experiment, [])
-    flags = training_flags(check, experiment, cache, check.plan.steps)
-    for config in configs:
-        records.append(run_config(check, experiment, config, check.output_dir / "runs" / experiment, flags)
+def part_training(check: Check, experiment: str) -> None:
+    plan, records = check.plan, check.report.setdefault(experiment, [])
+    if experiment == "classification":
+        configs, steps = check.configs or plan.cls_configs or list(precision.REGISTRY), plan.steps
+    else:
+        configs, steps = check.configs or plan.lm_configs, plan.lm_steps
+    flags = training_flags(check, experiment, experiment, steps)
+    for config in run_order(list(configs)):
+        records.append(run_config(check, experiment, config, check.runs_dir(experiment), flags)
                        if check.remaining() > 1 else not_run(config, experiment))
         check.save()
 
@@ -312,11 +324,12 @@ def part_timer(check: Check) -> None:
     """The project's timer against an outside one: wall time of whole run.py processes of N and 2N steps
     (same start-up, compilation, evaluation and checkpoint in both), difference / N = the time of N steps."""
     n, config = check.plan.timer_steps, check.plan.timer_config
-    runs = {}
-    for steps in (n, 2 * n):
-        out_dir = check.output_dir / "runs" / f"timer_{steps}_steps"
-        runs[steps] = run_config(check, "classification", config, out_dir,
-                                 training_flags(check, "classification", "classification", steps))
+    flags = lambda steps: training_flags(check, "classification", "classification", steps)  # noqa: E731
+    if not any(r["config"] == config and r["status"] == "completed" for r in check.report.get("classification", [])):
+        # nothing compiled this config yet: a discarded run first, so both timed runs find a warm compile cache
+        run_config(check, "classification", config, check.runs_dir("timer_warm_up"), flags(n))
+    runs = {steps: run_config(check, "classification", config, check.runs_dir(f"timer_{steps}_steps"), flags(steps))
+            for steps in (n, 2 * n)}
     check.report["timer"] = timer_record(config, n, runs[n], runs[2 * n],
                                          classification_config(check).effective_batch_size)
     check.save()
@@ -368,7 +381,7 @@ def part_length_grouping(check: Check) -> None:
     for grouped in (False, True):
         flags = [*training_flags(check, "classification", "classification_eurlex_lengths", check.plan.steps),
                  "--length_grouped_batches", str(grouped).lower()]
-        out_dir = check.output_dir / "runs" / f"eurlex_lengths_{'grouped' if grouped else 'ungrouped'}"
+        out_dir = check.runs_dir(f"eurlex_lengths_{'grouped' if grouped else 'ungrouped'}")
         records.append({"length_grouped_batches": grouped, **run_config(check, "classification", config, out_dir,
                                                                         flags)})
         check.save()
@@ -394,10 +407,9 @@ def part_loader(check: Check) -> None:
 PARTS: dict[str, Callable[[Check], None]] = {
     "packages": part_packages,
     "data": part_data,
-    "classification": lambda check: part_training(check, "classification", classification_configs(check),
-                                                  "classification"),
+    "classification": lambda check: part_training(check, "classification"),
     "timer": part_timer,
-    "lm": lambda check: part_training(check, "lm", list(check.configs or check.plan.lm_configs), "lm"),
+    "lm": lambda check: part_training(check, "lm"),
     "trainer": part_trainer,
     "length_grouping": part_length_grouping,
     "loader": part_loader,
@@ -534,9 +546,11 @@ def markdown(report: dict) -> str:
            + (f", compute capability {device['capability']}, {device['memory_gib']} GiB" if device.get("capability")
               else "") + "). Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
            f"Started {report.get('started')}; {fmt(report.get('elapsed_seconds'), '.0f')} s of the "
-           f"{fmt(report.get('budget_seconds'), '.0f')} s budget used. Steps per run: {plan.get('steps')} "
-           f"({plan.get('warmup_steps')} warm-up steps excluded from timing, windows of 10 steps); data: random token "
-           "ids (`synthetic-ids`), never EURLEX57K; quality numbers are meaningless and not shown.", "",
+           f"{fmt(report.get('budget_seconds'), '.0f')} s budget used. Steps per run: classification "
+           f"{plan.get('steps')}, LM {plan.get('lm_steps')}, Trainer comparison {plan.get('trainer_steps')}, the "
+           f"first {plan.get('warmup_steps')} untimed (Trainer comparison: {plan.get('trainer_warmup_steps')}); "
+           "samples/s is the median over windows of 10 steps. Data: random token ids (`synthetic-ids`), never "
+           "EURLEX57K; quality numbers are meaningless and not shown.", "",
            "## Parts", "", "| part | status | seconds | budget s |", "|---|---|---|---|"]
     for name, part in report.get("parts", {}).items():
         out.append(f"| {name} | {part['status']} | {fmt(part.get('seconds'), '.0f')} | "
