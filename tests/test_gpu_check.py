@@ -99,3 +99,11 @@ def test_full_plan_fits_the_device_call_and_times_three_windows():
     assert gpu_check.FULL.steps - gpu_check.FULL.warmup_steps >= 3 * window
     assert set(gpu_check.FULL.budgets) == set(gpu_check.PARTS) == set(gpu_check.DRY_RUN.budgets)
     assert gpu_check.FULL.trainer_configs == ("fp32_baseline", "amp_bf16", "amp_fp16")
+
+
+def test_a_config_whose_optional_package_is_missing_is_skipped_with_the_reason(monkeypatch):
+    """What an offline GPU node without torchao / bitsandbytes records for those configs (not `failed`)."""
+    monkeypatch.setitem(precision.OPTIMIZER_PACKAGES, "adamw_8bit", "no_such_package_for_this_test")
+    reason = precision.unsupported_reason(precision.get("amp_bf16_8bit_adam"), torch.device("cpu"))
+    assert reason and "no_such_package_for_this_test" in reason
+    assert precision.unsupported_reason(precision.get("amp_bf16"), torch.device("cpu")) is None
