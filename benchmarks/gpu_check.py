@@ -349,7 +349,10 @@ def timer_record(config: str, n: int, short: dict, long: dict, samples_per_step:
               "status": "completed" if short["status"] == long["status"] == "completed" else
               f"not comparable: runs {short['status']} / {long['status']}"}
     difference = long["wall_seconds_outside"] - short["wall_seconds_outside"]
-    if record["status"] == "completed" and difference > 0:
+    if record["status"] == "completed" and difference <= 0:
+        record["status"] = (f"inconclusive: the {2 * n}-step run took no longer than the {n}-step one (process "
+                            f"start-up varies by more than {n} steps take)")
+    elif record["status"] == "completed":
         record["outside_samples_per_second"] = n * samples_per_step / difference
         if record["project_samples_per_second"]:
             record["outside_over_project"] = record["outside_samples_per_second"] / record["project_samples_per_second"]
@@ -560,7 +563,9 @@ def markdown(report: dict) -> str:
     for key, title in (("classification", "Classification (roberta-base shape + 768 -> 4,271 head)"),
                        ("lm", "Language model (GPT-2 124M shape)")):
         if report.get(key):
-            out += ["", f"## {title}", "", *training_table(report[key])]
+            kinds = sorted({r["peak_memory_kind"] for r in report[key] if r.get("peak_memory_kind")})
+            out += ["", f"## {title}", "", *training_table(report[key]),
+                    *([f"\nPeak memory: {', '.join(kinds)}."] if kinds else [])]
     if report.get("timer"):
         t = report["timer"]
         out += ["", "## Outside timer (wall time of whole runs of N and 2N steps)", "",
