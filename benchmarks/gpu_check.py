@@ -2,7 +2,10 @@
 
     python benchmarks/gpu_check.py --output_dir gpu_check                     # a CUDA machine, no network
     python benchmarks/gpu_check.py --output_dir gpu_check --wheels /path/to/wheels
-    python benchmarks/gpu_check.py --output_dir /tmp/dry --dry-run           # same code path, tiny, CPU
+    python benchmarks/gpu_check.py --output_dir /tmp/dry --dry-run           # same code path, tiny, CPU (*)
+
+(*) Each run of the dry run trains in a second or two; the whole takes a few minutes on 2 cores, nearly all of
+it the start-up (torch + transformers imports) of the dozen processes it launches.
 
 Nothing is downloaded. Throughput, MFU and memory do not depend on pretrained weights or real text, so the
 check trains models of exactly the experiments' shapes built from configs (run.py's `synthetic_full` presets:
