@@ -30,9 +30,10 @@ issue allows, leaving a device call time for a second try) and step counts:
   length_grouping  35 s  amp_bf16 on EURLEX57K-like lengths, with and without length-grouped batches
   loader           10 s  the loader alone (500 micro-batches) against the fastest classification config
 A part may use the time earlier parts left unused but never the time reserved for the parts after it, so the
-check ends within the sum whatever happens. What a budget cut off is recorded as `not run` or `timeout`, and the
-report ends with the commands that run it next (`--parts`, `--configs`). Compilation is the unknown: each run
-compiles in its own process (torch.compile on CUDA), with inductor's on-disk cache shared between runs.
+check ends within the sum whatever happens; one training run gets at most 90 s (`run_timeout_s`). What a
+budget cut off is recorded as `not run` or `timeout`, and the report ends with the commands that run it next
+(`--parts`, `--configs`). Compilation is the unknown: each run compiles in its own process (torch.compile on
+CUDA), with inductor's on-disk cache shared between runs.
 
 Outputs in --output_dir: gpu_check.json (everything, incl. device and versions) and gpu_check.md (the tables,
 also printed), plus runs/ (results rows and step logs; checkpoints are deleted after each run).
@@ -123,6 +124,9 @@ class Plan:
     grouping_config: str
     budgets: dict[str, float]
     """Part -> seconds (see PARTS); their sum is the check's deadline."""
+    run_timeout_s: float
+    """At most this long for one training run (start-up and compilation included), so that one run that hangs
+    or crawls cannot take a whole part's budget from the configs after it."""
     threads: int | None = None
 
 
@@ -139,6 +143,7 @@ FULL = Plan(
     timer_config="amp_bf16",
     eval_docs=64, loader_batches=500, cls_configs=None, lm_configs=precision.GROUPS["core"],
     trainer_configs=TRAINER_CONFIGS, grouping_config="amp_bf16",
+    run_timeout_s=90,
     budgets={"packages": 10, "data": 35, "classification": 185, "timer": 60, "lm": 55, "trainer": 60,
              "length_grouping": 35, "loader": 10},
 )
@@ -157,6 +162,7 @@ DRY_RUN = Plan(
     # one config that trains and one this CPU must skip (float8 needs compute capability 8.9)
     cls_configs=("fp32_baseline", "amp_bf16_fp8"), lm_configs=("fp32_baseline",),
     trainer_configs=("fp32_baseline",), grouping_config="fp32_baseline",
+    run_timeout_s=120,
     budgets={"packages": 30, "data": 120, "classification": 120, "timer": 90, "lm": 60, "trainer": 90,
              "length_grouping": 90, "loader": 30},
     threads=1,
@@ -212,7 +218,7 @@ class Check:
 def run_config(check: Check, experiment: str, config: str, out_dir: Path, flags: list[str]) -> dict:
     """One run.py run in its own process; the summary of its results row (or why there is none)."""
     proc = check.run([sys.executable, str(RUN[experiment]), "--config", config, "--seed", "0", "--fresh",
-                      "--output_dir", str(out_dir), *flags])
+                      "--output_dir", str(out_dir), *flags], timeout=check.plan.run_timeout_s)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # ~2 GB per full-size run; not needed here
     rows, _ = read_jsonl(out_dir / "results.jsonl") if (out_dir / "results.jsonl").exists() else ([], [])
     row = next((r for r in reversed(rows) if r.get("config") == config), None)
@@ -370,8 +376,11 @@ def part_trainer(check: Check) -> None:
         PRESET, plan.trainer_steps, plan.trainer_warmup_steps, str(cache_dir(check, "classification")),
         [*plan.cls_run, *(["--threads", str(plan.threads)] if plan.threads else [])])
     for config in plan.trainer_configs:
-        sides = {side: vs_hf_trainer.measure(side, config, 0, flags, timeout=check.remaining())
-                 if check.remaining() > 1 else not_run(config, "trainer") for side in ("ours", "trainer")}
+        sides = {}
+        for side in ("ours", "trainer"):
+            sides[side] = (vs_hf_trainer.measure(side, config, 0, flags, timeout=min(plan.run_timeout_s,
+                                                                                      check.remaining()))
+                           if check.remaining() > 1 else not_run(config, "trainer"))
         ours, theirs = sides["ours"].get("samples_per_second"), sides["trainer"].get("samples_per_second")
         identical = sides["trainer"].get("status") == "completed"
         records.append({"config": config, "ours": sides["ours"], "trainer": sides["trainer"],
