@@ -22,8 +22,9 @@ issue allows, leaving a device call time for a second try) and step counts:
   packages         10 s  torchao, bitsandbytes: present, or `pip install --no-index --no-deps` from the wheel
                          folder (--wheels DIR, or ./wheels); never the network, never torch
   data             35 s  the synthetic caches (prepare_data.py --source synthetic-ids...), reused when built
-  classification  185 s  every config of the precision registry, core first, fp32 compute last: 40 steps, 10
-                         warm-up, so 3 timing windows of 10 steps; 64 validation + 64 test documents evaluated
+  classification  185 s  every config of the precision registry (core, then TF32 and fp8, then the rest; fp32
+                         math last in each): 40 steps, 10 warm-up, so 3 timing windows of 10 steps; 64
+                         validation + 64 test documents evaluated
   timer            60 s  the outside timer: whole amp_bf16 runs of N = 50 and 2N steps, difference / N
   lm               55 s  the LM's core configs, 30 steps, 10 warm-up
   trainer          60 s  ours vs the Hugging Face Trainer, fp32_baseline / amp_bf16 / amp_fp16, 30 steps, 10 warm-up
@@ -310,10 +311,17 @@ def training_flags(check: Check, experiment: str, cache: str, steps: int) -> lis
 
 
 def run_order(configs: list[str]) -> list[str]:
-    """Core configs first (the most wanted numbers, in case the budget runs out), and within each group those
-    computing in fp32 last (the slowest: one that overruns leaves the others measured)."""
+    """The most wanted numbers first, in case the budget runs out: the core configs, then TF32 and fp8 (which only
+    a GPU can measure), then the rest; within each group, plain fp32 math last (the slowest: one that overruns
+    leaves the others measured)."""
     core = set(precision.GROUPS["core"])
-    return sorted(configs, key=lambda c: (c not in core, precision.get(c).compute_dtype == torch.float32))
+
+    def key(name: str) -> tuple[int, bool]:
+        pc = precision.get(name)
+        group = 0 if name in core else 1 if pc.tf32 or pc.fp8 else 2
+        return group, pc.compute_dtype == torch.float32 and not pc.tf32
+
+    return sorted(configs, key=key)
 
 
 def part_training(check: Check, experiment: str) -> None:
