@@ -191,7 +191,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,
-           "data": meta.raw["source"], "compiled": compiled, "dtypes": dtypes, "train_wall_seconds": state.train_seconds,
+           "compiled": compiled, "dtypes": dtypes, "train_wall_seconds": state.train_seconds,
+           "data": meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
            "eval_precision": cfg.eval_precision, **speed, **timing.mfu_record(speed, peaks), **diag.summary()}
     if status == "diverged":
         out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step,

@@ -172,7 +172,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size,
            "tokens_seen": state.micro_batches * cfg.batch_size * cfg.block_size,
-           "n_params": model_lib.count_parameters(model), "data": meta.raw["source"], "compiled": compiled, "dtypes": dtypes,
+           "n_params": model_lib.count_parameters(model), "compiled": compiled, "dtypes": dtypes,
+           "data": meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
            "train_wall_seconds": state.train_seconds, **speed, **timing.mfu_record(speed, peaks), **diag.summary(),
            **memory.summary(),
            # every training sequence is exactly block_size tokens long
