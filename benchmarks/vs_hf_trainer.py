@@ -231,14 +231,26 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
-def measure(kind: str, config: str, seed: int, run_flags: list[str]) -> dict:
+def measure(kind: str, config: str, seed: int, run_flags: list[str], timeout: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--config", config, "--seed", str(seed), "--", *run_flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"not finished within {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
         return {"status": "failed", "error": " | ".join(tail)}
     return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def measured_run_flags(preset: str, max_steps: int, timing_warmup_steps: int, data_dir: str | None,
+                       extra: list[str]) -> list[str]:
+    """run.py flags of every measured run. Evaluation and logging happen once, at the last step (untimed); the
+    timing windows of all sides then have identical boundaries."""
+    return ["--preset", preset, "--max_steps", str(max_steps), "--eval_steps", str(max_steps),
+            "--log_every", str(max_steps), "--max_eval_docs", "16", "--timing_warmup_steps", str(timing_warmup_steps),
+            "--diagnostics_every", "0", *(["--data_dir", data_dir] if data_dir else []), *extra]
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
@@ -277,22 +289,17 @@ def main(argv: list[str] | None = None) -> int:
                              "train in fp32 anyway); 'none' measures every config")
     args, extra = parser.parse_known_args(argv)
     configs = precision.resolve_names(args.configs)
-    # Evaluation and logging happen once, at the last step (untimed); the timing windows of all sides then
-    # have identical boundaries.
-    run_flags = ["--preset", args.preset, "--max_steps", str(args.max_steps), "--eval_steps", str(args.max_steps),
-                 "--log_every", str(args.max_steps), "--max_eval_docs", "16",
-                 "--timing_warmup_steps", str(args.timing_warmup_steps), "--diagnostics_every", "0",
-                 "--max_cpu_slowdown", args.max_cpu_slowdown,
-                 *(["--data_dir", args.data_dir] if args.data_dir else []), *extra]
+    run_flags = measured_run_flags(args.preset, args.max_steps, args.timing_warmup_steps, args.data_dir,
+                                   ["--max_cpu_slowdown", args.max_cpu_slowdown, *extra])
     _, cfg = runner.parse_args(None, TrainConfig, PRESETS, [*run_flags, "--config", configs[0]])
     if args.compare_length_grouping and cfg.length_grouped_batches:
         parser.error("--compare_length_grouping compares against ungrouped runs: drop --length_grouped_batches")
     sides = [side for side in SIDES if args.compare_length_grouping or side != "ours, length-grouped"]
     device = runner.pick_device(cfg.device)
-    if args.preset == "tiny" and args.data_dir is None:
-        from prepare_data import prepare_tiny
+    if args.preset != "full" and args.data_dir is None:
+        from prepare_data import prepare_preset
 
-        prepare_tiny(cfg.cache_dir)
+        prepare_preset(args.preset, cfg.cache_dir)
 
     results: dict[str, dict[str, list[dict]] | str] = {}  # config -> side -> runs, or why not compared
     for name in configs:

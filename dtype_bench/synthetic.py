@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dtype_bench.io import atomic_write_text
 
 ARCHIVE_FIELDS = (
@@ -254,3 +256,64 @@ def write_jsonl_splits(
         paths[split] = out_dir / ARCHIVE_SPLIT_FILES[split]
         atomic_write_text(paths[split], "".join(json.dumps(doc) + "\n" for doc in documents[start:stop]))
     return paths
+
+
+# ------------------------------------------------------------------------------- token-id corpora
+
+ROBERTA_BASE_VOCAB_SIZE = 50_265
+GPT2_VOCAB_SIZE = 50_257
+FULL_SIZE_CLASSIFICATION_DOCS = 5_400
+"""Token-id classification corpus at full size: 4,320 train documents (80%), so all 4,271 labels occur."""
+FULL_SIZE_LM_DOCS = 2_000
+"""Token-id LM corpus at full size: ~1M tokens, of which 5% (~51k) are held out for validation."""
+ID_WORD = "w{}"
+"""Token id i written as a word, for the `words:SIZE` tokenizer (dtype_bench.tokenization) to map back to i."""
+TOKEN_ID_LENGTHS = ("filling", "eurlex_sample")
+"""Length distributions of the token-id corpora: every document longer than roberta-base's 512 positions, or
+the token lengths of real EURLEX57K documents."""
+FILLING_WORDS = 520
+"""Words (= tokens) of a `filling` document: more than 512, so every document fills max_length <= 512."""
+EURLEX_SAMPLE_LENGTH_PERCENTILES = (204, 314, 367, 410, 454, 472, 489, 507, 542, 570, 631, 690, 755, 826, 914,
+                                    1008, 1134, 1326, 1491, 2361, 4108)
+"""Percentiles 0, 5, ..., 100 of the token length (<s> and </s> included) of the 200 real EURLEX57K documents in
+`../shared/data/eurlex57k-sample` (zones title, header, recitals, main_body), tokenized with a bpe:8000
+tokenizer trained on its 100 training documents: 36% are at most 512 tokens, the median is 631. roberta-base's
+tokenizer cannot be loaded offline, so its lengths are not these (a general 50k BPE splits legal text
+differently); tests/test_synthetic.py re-measures them when the sample is present."""
+
+
+def token_id_lengths(n_docs: int, lengths: str, rng: np.random.Generator) -> np.ndarray:
+    """Tokens per document (special tokens included) under a `TOKEN_ID_LENGTHS` distribution."""
+    if lengths == "filling":
+        return np.full(n_docs, FILLING_WORDS + 2)
+    if lengths == "eurlex_sample":  # inverse CDF, linear between the recorded percentiles
+        percentiles = np.linspace(0, 100, len(EURLEX_SAMPLE_LENGTH_PERCENTILES))
+        return np.rint(np.interp(rng.uniform(0, 100, n_docs), percentiles,
+                                 EURLEX_SAMPLE_LENGTH_PERCENTILES)).astype(np.int64)
+    raise ValueError(f"lengths must be one of {TOKEN_ID_LENGTHS}, got {lengths!r}")
+
+
+def token_id_texts(n_docs: int, *, vocab_size: int, lengths: str, num_labels: int, seed: int = 0,
+                   first_id: int = 5) -> list[tuple[str, list[str]]]:
+    """(text, concept ids) of `n_docs` documents of uniformly random token ids in [first_id, vocab_size), written
+    as the words the `words:SIZE` tokenizer (dtype_bench.tokenization) maps back to those ids; lengths count
+    the <s> and </s> that tokenizer adds. Nothing here is learnable: these corpora exist to run a model of a
+    real vocabulary size and sequence length offline, for speed and memory, never for quality.
+
+    Labels: document i has concept `i % num_labels` (so the first num_labels documents use every concept and a
+    classifier trained on them has exactly num_labels outputs) plus others drawn with the Zipf-Mandelbrot
+    frequency of `generate_documents`, LABEL_COUNTS per document in all."""
+    if n_docs < 0 or num_labels < 1 or vocab_size <= first_id:
+        raise ValueError(f"need n_docs >= 0, num_labels >= 1, vocab_size > {first_id}; got {n_docs}, {num_labels}, "
+                         f"{vocab_size}")
+    rng = np.random.default_rng(seed)
+    n_tokens = token_id_lengths(n_docs, lengths, rng) - 2
+    label_counts = rng.choice(LABEL_COUNTS, size=n_docs, p=np.array(LABEL_COUNT_WEIGHTS) / sum(LABEL_COUNT_WEIGHTS))
+    zipf = 1.0 / (np.arange(num_labels) + 1 + ZIPF_OFFSET) ** ZIPF_EXPONENT
+    documents = []
+    for i, (length, n_labels) in enumerate(zip(n_tokens, label_counts)):
+        ids = rng.integers(first_id, vocab_size, size=length)
+        others = rng.choice(num_labels, size=min(n_labels, num_labels) - 1, replace=False, p=zipf / zipf.sum())
+        labels = dict.fromkeys([i % num_labels, *others.tolist()])
+        documents.append((" ".join(map(ID_WORD.format, ids.tolist())), [str(c) for c in labels]))
+    return documents

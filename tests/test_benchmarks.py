@@ -2,6 +2,7 @@
 No speed is asserted: the numbers are the benchmark's output, not a test's."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -71,8 +72,15 @@ def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
     header = next(i for i, line in enumerate(lines) if line.startswith("config "))
     assert "ratio" in lines[header] and "grouped samples/s" in lines[header]
     fp32 = next(line for line in lines[header:] if line.startswith("fp32_baseline")).split()
-    ours, theirs, ratio = float(fp32[1]), float(fp32[2]), float(fp32[3])
-    assert ratio == pytest.approx(ours / theirs, abs=0.01) and float(fp32[7]) > 0  # grouped side measured too
+    # The table must be built from the runs measured in the rounds (printed as they finish), each side in its
+    # own column: with one round, each column is that round's value and the ratio is ours / the Trainer's.
+    rounds = dict(re.findall(r"^fp32_baseline round 1 (ours|Trainer|ours, length-grouped)\s*: ([\d.]+) samples/s",
+                             proc.stdout, flags=re.M))
+    assert float(fp32[1]) == float(rounds["ours"]) and float(fp32[2]) == float(rounds["Trainer"])
+    assert float(fp32[7]) == float(rounds["ours, length-grouped"])
+    assert float(fp32[3]) == pytest.approx(float(rounds["ours"]) / float(rounds["Trainer"]), abs=0.006)
+    ours_mfu, trainer_mfu = float(fp32[4].rstrip("%")), float(fp32[5].rstrip("%"))  # same FLOPs and peak
+    assert ours_mfu / trainer_mfu == pytest.approx(float(rounds["ours"]) / float(rounds["Trainer"]), rel=0.02)
     assert any(line.startswith("bf16_sr_fp32_moments") and "not expressible: Trainer has no flag for low-precision"
                in line for line in lines[header:])
     assert "threads: 1" in proc.stdout and "x target)" in proc.stdout

@@ -1,8 +1,12 @@
-"""Training configuration of the classification experiment: one typed dataclass, two presets.
+"""Training configuration of the classification experiment: one typed dataclass, its presets.
 
 `full` is the seed's experiment (roberta-base on EURLEX57K); `tiny` is the offline embedded default (a small
 RoBERTa built from a config, a synthetic EUR-Lex-like corpus and a locally trained byte-level BPE) sized to
-learn within minutes on a laptop CPU. Any flag overrides either preset.
+learn within minutes on a laptop CPU. `synthetic_full` is the full experiment's arithmetic with nothing to
+download, for speed and memory on a GPU: a model of exactly roberta-base's shape built from a config (random
+weights) and the 768 -> 4,271 head, on random token ids at roberta-base's vocabulary size whose documents all
+fill 512 tokens; `synthetic_full_eurlex_lengths` the same with EURLEX57K's document lengths (for length-grouped
+batches). Their rows say so (`data`); their quality numbers mean nothing. Any flag overrides any preset.
 """
 from __future__ import annotations
 
@@ -14,16 +18,18 @@ from dtype_bench.configs import TrainingFields
 
 @dataclass(frozen=True)
 class TrainConfig(TrainingFields):
-    preset: Literal["tiny", "full"] = "full"
-    """Which defaults to start from: the seed's full experiment or the offline tiny one."""
+    preset: Literal["tiny", "full", "synthetic_full", "synthetic_full_eurlex_lengths"] = "full"
+    """Which defaults to start from: the seed's full experiment, the offline tiny one, or the full shape on
+    synthetic token ids (see the module docstring)."""
     model_name: str = "roberta-base"
-    """Hub id or local directory of the encoder; 'tiny' builds a small RoBERTa from a config."""
+    """Hub id or local directory of the encoder; 'tiny' builds a RoBERTa from a config (random weights) of
+    tiny_layers x tiny_hidden, roberta-base's shape at 12 x 768 with the cache's vocabulary and max_length 512."""
     tiny_layers: int = 4
-    """Encoder layers of the tiny model (ignored for pretrained encoders)."""
+    """Encoder layers of the model built from a config (ignored for pretrained encoders)."""
     tiny_hidden: int = 256
-    """Hidden size of the tiny model (heads = hidden / 64)."""
+    """Hidden size of the model built from a config (heads = hidden / 64, intermediate = 4 x hidden)."""
     data_dir: Optional[str] = None
-    """Prepared cache (prepare_data.py); default data/classification/{eurlex57k|tiny} by preset."""
+    """Prepared cache (prepare_data.py); default by preset: CACHE_DIRS."""
     output_dir: str = "results/classification"
     """Where results.jsonl, logs/ and checkpoints/ go."""
     max_length: int = 512
@@ -84,7 +90,13 @@ class TrainConfig(TrainingFields):
 
     @property
     def cache_dir(self) -> str:
-        return self.data_dir or ("data/classification/tiny" if self.preset == "tiny" else "data/classification/eurlex57k")
+        return self.data_dir or CACHE_DIRS[self.preset]
+
+
+CACHE_DIRS = {"full": "data/classification/eurlex57k", "tiny": "data/classification/tiny",
+              "synthetic_full": "data/classification/synthetic_ids_512",
+              "synthetic_full_eurlex_lengths": "data/classification/synthetic_ids_eurlex_lengths"}
+"""Default prepared cache per preset; all but `full` are built offline on first use (prepare_data.py)."""
 
 
 PRESETS: dict[str, dict] = {
@@ -97,4 +109,8 @@ PRESETS: dict[str, dict] = {
         model_name="tiny", tiny_layers=2, tiny_hidden=128, max_length=64, max_steps=500, eval_steps=100,
         learning_rate=1e-3, warmup_ratio=0.1, head_bias_prior=True,
     ),
+    # roberta-base: 12 layers, hidden 768, 12 heads, intermediate 3,072, 514 positions; vocabulary 50,265 from
+    # the cache's words:50265 tokenizer. The rest is the full preset (batch 8 x 4, seq 512, lr 2e-5).
+    "synthetic_full": dict(model_name="tiny", tiny_layers=12, tiny_hidden=768, max_length=512),
+    "synthetic_full_eurlex_lengths": dict(model_name="tiny", tiny_layers=12, tiny_hidden=768, max_length=512),
 }

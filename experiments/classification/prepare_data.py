@@ -9,7 +9,11 @@ SOURCE is one of
     as a local path, an http(s) URL (downloaded resumably into --download_dir), or an extracted folder;
   * any folder of jsonl files in the archive's schema (see dtype_bench.synthetic.ARCHIVE_FIELDS);
   * a Hugging Face hub dataset id, `owner/name[@revision]`, loaded with `datasets.load_dataset`;
-  * `synthetic`: a generated corpus (dtype_bench.synthetic), written as jsonl and read like the archive.
+  * `synthetic`: a generated corpus (dtype_bench.synthetic), written as jsonl and read like the archive;
+  * `synthetic-ids` / `synthetic-ids-eurlex-lengths`: uniformly random token ids at the vocabulary size of
+    `--tokenizer words:SIZE` (e.g. words:50265, roberta-base's), every document filling 512 tokens / with the
+    length distribution of real EURLEX57K documents (dtype_bench.synthetic.token_id_texts); for speed and
+    memory at full size offline, nothing in them is learnable.
 Our split names are train / validation / test; the archive's `dev` is our `validation`. When a source has
 no test split (like the shared 200-document sample), half of the validation documents, chosen with a fixed
 seed, become the test split; the note is printed and recorded in meta.json.
@@ -406,10 +410,38 @@ def synthetic_corpus(n_docs: int, num_labels: int, seed: int) -> Corpus:
     )
 
 
+TOKEN_ID_SOURCES = {"synthetic-ids": "filling", "synthetic-ids-eurlex-lengths": "eurlex_sample"}
+"""Source name -> length distribution of the token-id corpus (dtype_bench.synthetic.TOKEN_ID_LENGTHS)."""
+
+
+def token_id_corpus(source: str, tokenizer: str, n_docs: int, num_labels: int, seed: int) -> Corpus:
+    vocab_size = tokenization.parse_words_spec(tokenizer)
+    if vocab_size is None:
+        raise PrepareError(f"source {source} is written for a words:SIZE tokenizer, got --tokenizer {tokenizer}")
+    sizes = synthetic_split_sizes(n_docs)
+    if sizes["train"] < num_labels:
+        raise PrepareError(f"{source}: {sizes['train']} training documents cannot hold all {num_labels} labels; "
+                           f"pass synthetic_docs >= {-(-num_labels * 10 // 8)}")
+    options = {"docs": sizes, "num_labels": num_labels, "seed": seed, "vocab_size": vocab_size,
+               "lengths": TOKEN_ID_SOURCES[source]}
+
+    def read(zones: tuple[str, ...]) -> Splits:  # the text is all there is: it stands in for every zone
+        texts = synthetic.token_id_texts(n_docs, vocab_size=vocab_size, lengths=options["lengths"],
+                                         num_labels=num_labels, seed=seed)
+        documents = [Document(f"synthetic-ids-{i}", text, tuple(labels)) for i, (text, labels) in enumerate(texts)]
+        bounds = np.cumsum([0, *sizes.values()])
+        return {split: documents[start:stop] for split, start, stop in zip(sizes, bounds, bounds[1:])}
+
+    return Corpus(identity={"kind": source, **options, "generator_sha256": sha256_file(synthetic.__file__)},
+                  description={"kind": source, **options}, read=read)
+
+
 def open_source(source: str, download_dir: Path, synthetic_docs: int, synthetic_labels: int,
-                synthetic_seed: int) -> Corpus:
+                synthetic_seed: int, tokenizer: str) -> Corpus:
     if source == "synthetic":
         return synthetic_corpus(synthetic_docs, synthetic_labels, synthetic_seed)
+    if source in TOKEN_ID_SOURCES:
+        return token_id_corpus(source, tokenizer, synthetic_docs, synthetic_labels, synthetic_seed)
     if re.match(r"https?://", source):
         return url_corpus(source, download_dir)
     path = Path(source).expanduser()
@@ -575,7 +607,7 @@ def prepare(
     # so a bad tokenizer spec fails before a long download.
     loaded_tokenizer = None if bpe_size is not None else load_tokenizer(tokenizer)
     corpus = open_source(source, Path(download_dir) if download_dir else output_dir.parent / "downloads",
-                         synthetic_docs, synthetic_labels, synthetic_seed)
+                         synthetic_docs, synthetic_labels, synthetic_seed, tokenizer)
     options = {"max_length": max_length, "zones": list(zones)}
     token_identity = bpe_identity(bpe_size) if loaded_tokenizer is None else tokenizer_fingerprint(loaded_tokenizer)
     # The code that writes the cache is part of its identity: a changed rule (say, the test split of a
@@ -644,15 +676,31 @@ def prepare_tiny(output_dir: str | Path) -> Path:
                    synthetic_labels=synthetic.EURLEX_NUM_LABELS)
 
 
+PRESET_SOURCES = {"synthetic_full": "synthetic-ids", "synthetic_full_eurlex_lengths": "synthetic-ids-eurlex-lengths"}
+
+
+def prepare_preset(preset: str, output_dir: str | Path) -> Path:
+    """The cache of an offline preset of run.py (config.PRESETS): all but `full`. The synthetic_full ones:
+    random token ids at roberta-base's vocabulary size, max_length 512, 5,400 documents (4,320 train: every one
+    of the 4,271 labels occurs)."""
+    if preset == "tiny":
+        return prepare_tiny(output_dir)
+    return prepare(PRESET_SOURCES[preset], output_dir, tokenizer=f"words:{synthetic.ROBERTA_BASE_VOCAB_SIZE}",
+                   max_length=512, synthetic_docs=synthetic.FULL_SIZE_CLASSIFICATION_DOCS,
+                   synthetic_labels=synthetic.EURLEX_NUM_LABELS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", required=True,
                         help="dataset.zip path or URL, a folder of train/dev/test.jsonl, a hub id "
-                             "owner/name[@revision], or 'synthetic'")
+                             "owner/name[@revision], 'synthetic', or a token-id corpus: "
+                             + ", ".join(TOKEN_ID_SOURCES))
     parser.add_argument("--output_dir", required=True, type=Path, help="the cache directory to write")
     parser.add_argument("--tokenizer", default="roberta-base",
-                        help="hub id, local tokenizer directory, or bpe:SIZE (trained on the train split)")
+                        help="hub id, local tokenizer directory, bpe:SIZE (trained on the train split) "
+                             "or words:SIZE (for the token-id corpora)")
     parser.add_argument("--max_length", type=int, default=512, help="tokens per document, <s> and </s> included")
     parser.add_argument("--zones", default=",".join(DEFAULT_ZONES), help=f"comma-separated, from {','.join(ZONES)}")
     parser.add_argument("--download_dir", type=Path, help="where URL sources are downloaded (default: "

@@ -32,11 +32,11 @@ EXPERIMENT = "classification"
 
 
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
-    """The prepared cache; the tiny preset builds its synthetic one on first use (seconds)."""
-    if cfg.preset == "tiny" and cfg.data_dir is None:
-        from prepare_data import prepare_tiny
+    """The prepared cache; the offline presets build their synthetic one on first use (seconds)."""
+    if cfg.preset != "full" and cfg.data_dir is None:
+        from prepare_data import prepare_preset
 
-        prepare_tiny(cfg.cache_dir)
+        prepare_preset(cfg.preset, cfg.cache_dir)
     try:
         meta = data_lib.read_meta(cfg.cache_dir)
     except data_lib.CacheError as e:
@@ -194,7 +194,9 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,
            "compiled": compiled, "optimizer_step_compiled": precision.compiles_optimizer_step(pc, device),
-           "dtypes": dtypes, "train_wall_seconds": state.train_seconds, "eval_precision": cfg.eval_precision,
+           "dtypes": dtypes,
+           "data": meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
+           "train_wall_seconds": state.train_seconds, "eval_precision": cfg.eval_precision,
            **speed, **diag.summary()}
     if status == "diverged":
         out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step,

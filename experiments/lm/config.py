@@ -1,9 +1,11 @@
-"""Training configuration of the language-modelling experiment: one typed dataclass, two presets.
+"""Training configuration of the language-modelling experiment: one typed dataclass, its presets.
 
 `full` is the issue's experiment (GPT-2 small from scratch on OpenWebText, nanoGPT's recipe, 10k
 iterations); `tiny` is the offline embedded default (a few-layer GPT-2 on the synthetic legal corpus with a
 locally trained byte-level BPE) sized so that validation loss clearly drops within a couple of minutes per
-config on 2 CPU cores. Any flag overrides either preset.
+config on 2 CPU cores; `synthetic_full` is the full experiment's shape (GPT-2 124M, block 1,024, batch 12 x 5)
+on random token ids at GPT-2's vocabulary size, for speed and memory offline (its rows say so in `data`; its
+losses mean nothing). Any flag overrides any preset.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from dtype_bench.configs import TrainingFields
 
 @dataclass(frozen=True)
 class TrainConfig(TrainingFields):
-    preset: Literal["tiny", "full"] = "full"
-    """Which defaults to start from: the full GPT-2 small experiment or the offline tiny one."""
+    preset: Literal["tiny", "full", "synthetic_full"] = "full"
+    """Which defaults to start from: the full GPT-2 small experiment, the offline tiny one, or the full shape on
+    synthetic token ids."""
     n_layer: int = 12
     """Transformer blocks."""
     n_head: int = 12
@@ -28,7 +31,7 @@ class TrainConfig(TrainingFields):
     dropout: float = 0.0
     """Dropout on embeddings, attention and residuals (0 for pre-training, as nanoGPT)."""
     data_dir: Optional[str] = None
-    """Prepared cache (prepare_data.py); default data/lm/{openwebtext|tiny} by preset."""
+    """Prepared cache (prepare_data.py); default by preset: CACHE_DIRS."""
     output_dir: str = "results/lm"
     """Where results.jsonl and logs/ go."""
     batch_size: int = 12
@@ -76,7 +79,11 @@ class TrainConfig(TrainingFields):
 
     @property
     def cache_dir(self) -> str:
-        return self.data_dir or ("data/lm/tiny" if self.preset == "tiny" else "data/lm/openwebtext")
+        return self.data_dir or CACHE_DIRS[self.preset]
+
+
+CACHE_DIRS = {"full": "data/lm/openwebtext", "tiny": "data/lm/tiny", "synthetic_full": "data/lm/synthetic_ids"}
+"""Default prepared cache per preset; all but `full` are built offline on first use (prepare_data.py)."""
 
 
 PRESETS: dict[str, dict] = {
@@ -89,4 +96,5 @@ PRESETS: dict[str, dict] = {
         max_steps=150, eval_steps=50, eval_sequences=128, eval_batch_size=32, learning_rate=2e-3,
         warmup_ratio=0.1,
     ),
+    "synthetic_full": {},  # the full shape; the vocabulary (50,257) comes from the cache's words:50257 tokenizer
 }

@@ -11,7 +11,9 @@ SOURCE is one of
     `train` split's `text` column (OpenWebText has no validation split: one is held out, as below);
   * a local `.txt` file or a folder of them (searched recursively): each file is one document;
   * `synthetic`: legal-style documents from dtype_bench.synthetic (the EUR-Lex-like corpus the
-    classification experiment uses), so everything runs offline.
+    classification experiment uses), so everything runs offline;
+  * `synthetic-ids`: uniformly random token ids at the vocabulary size of `--tokenizer words:SIZE` (e.g.
+    words:50257, GPT-2's), 520 per document: for speed and memory at full size offline, not learnable.
 A fraction `--val_fraction` of the documents (chosen with a fixed seed, as nanoGPT does) becomes `val`.
 Every document is followed by the tokenizer's end-of-text token, then all are concatenated.
 
@@ -39,7 +41,7 @@ from data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, CacheError, bin_path
 from dtype_bench import synthetic
 from dtype_bench.io import atomic_directory, atomic_write_json, fingerprint, sha256_file
 from dtype_bench.tokenization import (
-    TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, tokenizer_fingerprint,
+    TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, parse_words_spec, tokenizer_fingerprint,
 )
 
 SPLIT_SEED = 2357  # nanoGPT's, for the held-out validation documents
@@ -77,6 +79,21 @@ def synthetic_corpus(n_docs: int, seed: int) -> Corpus:
                    "generator_sha256": sha256_file(synthetic.__file__)}, read)
 
 
+def token_id_corpus(tokenizer: str, n_docs: int, seed: int) -> Corpus:
+    vocab_size = parse_words_spec(tokenizer)
+    if vocab_size is None:
+        raise PrepareError(f"source synthetic-ids is written for a words:SIZE tokenizer, got --tokenizer {tokenizer}")
+
+    def read():
+        from datasets import Dataset
+
+        texts = synthetic.token_id_texts(n_docs, vocab_size=vocab_size, lengths="filling", num_labels=1, seed=seed)
+        return Dataset.from_dict({"text": [text for text, _ in texts]})
+
+    return Corpus({"kind": "synthetic-ids", "docs": n_docs, "seed": seed, "vocab_size": vocab_size,
+                   "generator_sha256": sha256_file(synthetic.__file__)}, read)
+
+
 def local_corpus(path: Path) -> Corpus:
     from datasets import Dataset
 
@@ -105,9 +122,11 @@ def hub_corpus(spec: str, num_proc: int) -> Corpus:
     return Corpus(identity, lambda: documents.select_columns(["text"]))
 
 
-def open_source(source: str, *, synthetic_docs: int, synthetic_seed: int, num_proc: int) -> Corpus:
+def open_source(source: str, *, synthetic_docs: int, synthetic_seed: int, num_proc: int, tokenizer: str) -> Corpus:
     if source == "synthetic":
         return synthetic_corpus(synthetic_docs, synthetic_seed)
+    if source == "synthetic-ids":
+        return token_id_corpus(tokenizer, synthetic_docs, synthetic_seed)
     path = Path(source).expanduser()
     if path.exists():
         return local_corpus(path)
@@ -170,7 +189,8 @@ def prepare(source: str, output_dir: str | Path, *, tokenizer: str = "gpt2", val
     # before training; any other tokenizer is loaded and fingerprinted by content.
     loaded_tokenizer = None if bpe_size is not None else load_tokenizer(tokenizer)
     token_identity = bpe_identity(bpe_size) if loaded_tokenizer is None else tokenizer_fingerprint(loaded_tokenizer)
-    corpus = open_source(source, synthetic_docs=synthetic_docs, synthetic_seed=synthetic_seed, num_proc=num_proc)
+    corpus = open_source(source, synthetic_docs=synthetic_docs, synthetic_seed=synthetic_seed, num_proc=num_proc,
+                         tokenizer=tokenizer)
     options = {"val_fraction": val_fraction, "split_seed": SPLIT_SEED, "separator": "eos_after_each_document"}
     cache_fingerprint = fingerprint(CACHE_FORMAT_VERSION, corpus.identity, token_identity, options)
 
@@ -221,14 +241,25 @@ def prepare_tiny(output_dir: str | Path) -> Path:
     return prepare("synthetic", output_dir, tokenizer="bpe:4096", val_fraction=0.05, synthetic_docs=3000)
 
 
+def prepare_preset(preset: str, output_dir: str | Path) -> Path:
+    """The cache of an offline preset of run.py (config.PRESETS): `tiny`, or `synthetic_full`: random ids at
+    GPT-2's vocabulary size (~1M tokens, 5% of the documents held out for validation)."""
+    if preset == "tiny":
+        return prepare_tiny(output_dir)
+    return prepare("synthetic-ids", output_dir, tokenizer=f"words:{synthetic.GPT2_VOCAB_SIZE}", val_fraction=0.05,
+                   synthetic_docs=synthetic.FULL_SIZE_LM_DOCS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", required=True,
-                        help="hub dataset id owner/name[@revision], a .txt file or folder of them, or 'synthetic'")
+                        help="hub dataset id owner/name[@revision], a .txt file or folder of them, 'synthetic' "
+                             "or 'synthetic-ids'")
     parser.add_argument("--output_dir", required=True, type=Path, help="the cache directory to write")
     parser.add_argument("--tokenizer", default="gpt2",
-                        help="hub id, local tokenizer directory, or bpe:SIZE (trained on the train split)")
+                        help="hub id, local tokenizer directory, bpe:SIZE (trained on the train split) "
+                             "or words:SIZE (for synthetic-ids)")
     parser.add_argument("--val_fraction", type=float, default=OWT_VAL_FRACTION,
                         help="fraction of documents held out as the val split")
     parser.add_argument("--num_proc", type=int, default=1,

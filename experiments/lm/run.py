@@ -32,11 +32,11 @@ METRICS = ("tokens_per_second", "samples_per_second", "peak_memory_gb", "val_los
 
 
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
-    """The prepared token streams; the tiny preset builds its synthetic ones on first use (seconds)."""
-    if cfg.preset == "tiny" and cfg.data_dir is None:
-        from prepare_data import prepare_tiny
+    """The prepared token streams; the offline presets build their synthetic ones on first use (seconds)."""
+    if cfg.preset != "full" and cfg.data_dir is None:
+        from prepare_data import prepare_preset
 
-        prepare_tiny(cfg.cache_dir)
+        prepare_preset(cfg.preset, cfg.cache_dir)
     try:
         return data_lib.read_meta(cfg.cache_dir)
     except data_lib.CacheError as e:
@@ -176,6 +176,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
            "tokens_seen": state.micro_batches * cfg.batch_size * cfg.block_size,
            "n_params": model_lib.count_parameters(model), "compiled": compiled,
            "optimizer_step_compiled": precision.compiles_optimizer_step(pc, device), "dtypes": dtypes,
+           "data": meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
            "train_wall_seconds": state.train_seconds, **speed, **diag.summary(),
            **memory.summary(),
            # every training sequence is exactly block_size tokens long
