@@ -455,27 +455,21 @@ def parameter_shapes(check: Check) -> dict[str, list[tuple[int, ...]]]:
     return {"body": [tuple(p.shape) for p in encoder.parameters()], "head": [tuple(p.shape) for p in head.parameters()]}
 
 
-def predicted_static_bytes(pc: precision.PrecisionConfig, shapes: dict[str, list[tuple[int, ...]]]) -> dict | None:
-    """Weights, gradients and AdamW moments in bytes as the config's fields say they are allocated (None for an
-    optimizer this prediction does not know). Independent of the run: shapes x dtype sizes."""
+def predicted_static_bytes(pc: precision.PrecisionConfig, shapes: dict[str, list[tuple[int, ...]]]) -> dict:
+    """Weights, gradients and AdamW moments (and Kahan compensation buffers) in bytes as the config's fields say
+    they are allocated. Independent of the run: shapes x dtype sizes."""
     record = pc.to_record()
     dtype_of = {"body": record["weight_dtype"], "head": record["head_weight_dtype"] or record["weight_dtype"]}
     tensors = [(math.prod(shape), DTYPE_BYTES[dtype_of[role]]) for role, group in shapes.items() for shape in group]
     weights = sum(n * size for n, size in tensors)
 
-    def moments(n: int, size: int) -> int:  # exp_avg + exp_avg_sq of one tensor
-        if pc.optimizer in ("adamw", "adamw_stochastic_rounding"):  # states in the parameter dtype
-            return 2 * n * size
-        if pc.optimizer == "adamw_fp32_states":
-            return 2 * n * 4
+    def state_bytes(n: int, weight_size: int) -> int:  # exp_avg + exp_avg_sq (+ Kahan compensation) of one tensor
         if pc.optimizer == "adamw_8bit":  # uint8 codes + a float32 absmax per block; small tensors stay 32-bit
             return 2 * (n + 4 * math.ceil(n / BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 2 * n * 4
-        raise KeyError(pc.optimizer)
+        moments = n * (DTYPE_BYTES[record["exp_avg_dtype"]] + DTYPE_BYTES[record["exp_avg_sq_dtype"]])
+        return moments + (n * weight_size if pc.weight_update_rounding == "kahan" else 0)
 
-    try:
-        states = sum(moments(n, size) for n, size in tensors)
-    except KeyError:
-        return None
+    states = sum(state_bytes(n, size) for n, size in tensors)
     return {"weights": weights, "grads": weights, "optimizer_state": states, "parameters": sum(n for n, _ in tensors)}
 
 
