@@ -123,3 +123,61 @@ def test_stale_cache_is_refused(tiny_cache, tmp_path):
     proc = run([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
                 "--output_dir", str(tmp_path / "out")])
     assert proc.returncode == 2 and "exceeds the cache" in proc.stderr
+
+
+@pytest.mark.slow
+def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path):
+    """The cache fingerprint covers what determines the data, not the source bytes of the code that
+    prepares it: after a comment edit of prepare_data.py, tokenization.py and synthetic.py (in a copy of
+    the tree), both experiments' caches are reused, a killed run resumes from its checkpoint, and the
+    output directory takes another seed."""
+    import shutil
+    import signal
+    import time
+
+    tree = tmp_path / "tree"
+    for part in ("dtype_bench", "experiments"):
+        shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(tree)}
+
+    def script(*args: str, wait: bool = True):
+        command = [sys.executable, *args]
+        if not wait:
+            return subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+
+    cls_cache, lm_cache, out = tmp_path / "cls_cache", tmp_path / "lm_cache", tmp_path / "out"
+    prepare_cls = ("experiments/classification/prepare_data.py", "--source", "synthetic", "--synthetic_docs", "600",
+                   "--synthetic_labels", "300", "--tokenizer", "bpe:1000", "--max_length", "64",
+                   "--output_dir", str(cls_cache))
+    prepare_lm = ("experiments/lm/prepare_data.py", "--source", "synthetic", "--synthetic_docs", "100",
+                  "--tokenizer", "bpe:400", "--val_fraction", "0.1", "--output_dir", str(lm_cache))
+    for command in (prepare_cls, prepare_lm):
+        assert script(*command).returncode == 0
+    train = ("experiments/classification/run.py", "--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64",
+             "--max_length", "64", "--max_eval_docs", "32", "--batch_size", "4", "--gradient_accumulation_steps",
+             "2", "--threads", "1", "--max_steps", "12", "--eval_steps", "4", "--log_every", "1",
+             "--config", "fp32_baseline", "--data_dir", str(cls_cache), "--output_dir", str(out))
+    process = script(*train, "--seed", "0", wait=False)
+    while not list(out.glob("checkpoints/*/last/manifest.json")) and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=120)
+    assert not (out / "results.jsonl").exists()
+
+    for module in ("experiments/classification/prepare_data.py", "experiments/lm/prepare_data.py",
+                   "dtype_bench/tokenization.py", "dtype_bench/synthetic.py"):
+        with open(tree / module, "a") as f:
+            f.write("# a comment edit\n")
+    for command in (prepare_cls, prepare_lm):
+        again = script(*command)
+        assert again.returncode == 0 and "reusing cache" in again.stdout, again.stdout + again.stderr
+    resumed = script(*train, "--seed", "0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "from step 4" in resumed.stdout
+    extended = script(*train, "--seed", "1")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    (first, second) = rows(out)
+    assert first["status"] == second["status"] == "completed" and first["resumed_from_steps"] == [4]
+    assert first["setup_fingerprint"] == second["setup_fingerprint"] and second["seed"] == 1

@@ -27,6 +27,8 @@ import torch
 
 from dtype_bench.io import CacheError, read_cache_meta
 
+# Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
+# (prepare_data.py), so that no cache built by the old rules is reused.
 CACHE_FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 ARRAYS = ("input_ids", "doc_offsets", "label_ids", "label_offsets", "n_unseen_labels")

@@ -19,6 +19,8 @@ import torch
 
 from dtype_bench.io import CacheError, read_cache_meta
 
+# Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
+# (prepare_data.py), so that no cache built by the old rules is reused.
 CACHE_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; prepare_data refuses larger vocabularies
