@@ -1,9 +1,10 @@
 """Read the prepared EUR-Lex cache and serve batches.
 
-Cache format (written by prepare_data.py, version 1) — one directory:
+Cache format (written by prepare_data.py, version 2) — one directory:
     meta.json                 format_version, fingerprint (of source + tokenizer + options), source, tokenizer
                               (name, fingerprint, vocab_size, pad/cls/sep ids), options (max_length, zones, ...),
                               splits {name: n_docs}, num_labels, labels_not_in_train {split: count}
+                              files {path: {bytes, sha256}} of every other file (checked on reuse)
     labels.json               the label vocabulary: list of concept ids; position = label index
     tokenizer/                the tokenizer used (HF fast-tokenizer files), so nothing is re-fetched
     {split}.input_ids.npy     int32, all documents' token ids concatenated (already truncated, with <s> ... </s>)
@@ -29,7 +30,7 @@ from dtype_bench.io import CacheError, read_cache_meta
 
 # Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
 # (prepare_data.py), so that no cache built by the old rules is reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: meta.json records each file's size and SHA-256 (`files`)
 SPLITS = ("train", "validation", "test")
 ARRAYS = ("input_ids", "doc_offsets", "label_ids", "label_offsets", "n_unseen_labels")
 
@@ -52,6 +53,8 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         for suffix in ARRAYS:
             if not (data_dir / f"{split}.{suffix}.npy").exists():
                 raise CacheError(f"cache {data_dir} is incomplete: {split}.{suffix}.npy missing; prepare it again")
+    if int(meta["num_labels"]) < 1:
+        raise CacheError(f"cache {data_dir} has no labels (no training document has one): nothing to classify")
     tok = meta["tokenizer"]
     return CacheMeta(
         path=data_dir,

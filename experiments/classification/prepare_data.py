@@ -41,13 +41,15 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
 import numpy as np
-from filelock import FileLock
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from data import ARRAYS, CACHE_FORMAT_VERSION, SPLITS, CacheError, read_meta
+from data import ARRAYS, CACHE_FORMAT_VERSION, SPLITS
 from dtype_bench import synthetic
-from dtype_bench.io import atomic_directory, atomic_write_json, atomic_write_text, fingerprint, sha256_file
+from dtype_bench.io import (
+    CACHE_MARKER, FolderRefused, atomic_write_json, atomic_write_text, building_cache, claim_folder, fingerprint,
+    sha256_file,
+)
 from dtype_bench.tokenization import (
     TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, tokenizer_fingerprint, train_bpe_tokenizer,
 )
@@ -540,13 +542,6 @@ def stats_markdown(stats: dict) -> str:
 # ------------------------------------------------------------------------------------------- prepare
 
 
-def cached_fingerprint(output_dir: Path) -> str | None:
-    try:
-        return read_meta(output_dir).fingerprint
-    except (CacheError, ValueError, KeyError):  # missing, incomplete, old format or unreadable: rebuild
-        return None
-
-
 def prepare(
     source: str,
     output_dir: str | Path,
@@ -563,7 +558,7 @@ def prepare(
     """Build (or reuse) the cache for `source` in `output_dir` and return its path. `download_dir` holds
     downloads of URL sources (default: a `downloads` folder beside output_dir); the synthetic_* options
     apply to the `synthetic` source only."""
-    output_dir = Path(output_dir)
+    output_dir = claim_folder(output_dir, CACHE_MARKER, "fingerprint")  # never replace what is not ours
     zones = tuple(zones)
     unknown = [z for z in zones if z not in ZONES]
     if not zones or unknown or len(set(zones)) != len(zones):
@@ -582,53 +577,49 @@ def prepare(
     # bumps CACHE_FORMAT_VERSION.
     cache_fingerprint = fingerprint(CACHE_FORMAT_VERSION, corpus.identity, token_identity, options)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent runs wanting the same cache build it once; the others then reuse it.
-    with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
-        if not force and cached_fingerprint(output_dir) == cache_fingerprint:
-            print(f"reusing cache {output_dir} (fingerprint {cache_fingerprint})")
+    with building_cache(output_dir, cache_fingerprint, CACHE_FORMAT_VERSION, force=force) as tmp:
+        if tmp is None:
             return output_dir
         started = time.perf_counter()
         splits = corpus.read(zones)
         labels = sorted({c for d in splits["train"] for c in d.concepts})
         label_index = {c: i for i, c in enumerate(labels)}
-        with atomic_directory(output_dir) as tmp:
-            if loaded_tokenizer is None:
-                print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
-                active_tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), bpe_size, tmp / "tokenizer")
-            else:
-                active_tokenizer = loaded_tokenizer
-                active_tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            encoded = {split: encode_split(active_tokenizer, docs, label_index, max_length, split)
-                       for split, docs in splits.items()}
-            for split, arrays in encoded.items():
-                for name in ARRAYS:
-                    np.save(tmp / f"{split}.{name}.npy", getattr(arrays, name))
-            atomic_write_json(tmp / "labels.json", labels)
-            stats = compute_stats(splits, encoded, len(labels), max_length)
-            report = stats_markdown(stats)
-            atomic_write_json(tmp / "stats.json", stats)
-            atomic_write_text(tmp / "stats.md", report)
-            seconds = time.perf_counter() - started
-            n_docs = sum(len(d) for d in splits.values())
-            atomic_write_json(tmp / "meta.json", {
-                "format_version": CACHE_FORMAT_VERSION,
-                "fingerprint": cache_fingerprint,
-                "source": {**corpus.description, "notes": corpus.notes},
-                "tokenizer": {
-                    "name": tokenizer,
-                    "fingerprint": tokenizer_fingerprint(active_tokenizer),
-                    "vocab_size": len(active_tokenizer),
-                    "pad_token_id": active_tokenizer.pad_token_id,
-                    "cls_token_id": active_tokenizer.cls_token_id,
-                    "sep_token_id": active_tokenizer.sep_token_id,
-                },
-                "options": options,
-                "splits": {split: len(docs) for split, docs in splits.items()},
-                "num_labels": len(labels),
-                "labels_not_in_train": {split: int(e.n_unseen_labels.sum()) for split, e in encoded.items()},
-                "build_seconds": round(seconds, 2),
-            })
+        if loaded_tokenizer is None:
+            print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
+            active_tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), bpe_size, tmp / "tokenizer")
+        else:
+            active_tokenizer = loaded_tokenizer
+            active_tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        encoded = {split: encode_split(active_tokenizer, docs, label_index, max_length, split)
+                   for split, docs in splits.items()}
+        for split, arrays in encoded.items():
+            for name in ARRAYS:
+                np.save(tmp / f"{split}.{name}.npy", getattr(arrays, name))
+        atomic_write_json(tmp / "labels.json", labels)
+        stats = compute_stats(splits, encoded, len(labels), max_length)
+        report = stats_markdown(stats)
+        atomic_write_json(tmp / "stats.json", stats)
+        atomic_write_text(tmp / "stats.md", report)
+        seconds = time.perf_counter() - started
+        n_docs = sum(len(d) for d in splits.values())
+        atomic_write_json(tmp / "meta.json", {
+            "format_version": CACHE_FORMAT_VERSION,
+            "fingerprint": cache_fingerprint,
+            "source": {**corpus.description, "notes": corpus.notes},
+            "tokenizer": {
+                "name": tokenizer,
+                "fingerprint": tokenizer_fingerprint(active_tokenizer),
+                "vocab_size": len(active_tokenizer),
+                "pad_token_id": active_tokenizer.pad_token_id,
+                "cls_token_id": active_tokenizer.cls_token_id,
+                "sep_token_id": active_tokenizer.sep_token_id,
+            },
+            "options": options,
+            "splits": {split: len(docs) for split, docs in splits.items()},
+            "num_labels": len(labels),
+            "labels_not_in_train": {split: int(e.n_unseen_labels.sum()) for split, e in encoded.items()},
+            "build_seconds": round(seconds, 2),
+        })
     print(report)
     sizes = " / ".join(f"{split} {len(docs)}" for split, docs in splits.items())
     print(f"prepared {output_dir}: {sizes} documents, {len(labels)} labels, tokenizer {tokenizer}, "
@@ -669,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                 zones=[z.strip() for z in args.zones.split(",") if z.strip()], force=args.force,
                 download_dir=args.download_dir, synthetic_docs=args.synthetic_docs,
                 synthetic_labels=args.synthetic_labels, synthetic_seed=args.synthetic_seed)
-    except (PrepareError, TokenizerError) as e:
+    except (PrepareError, TokenizerError, FolderRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,9 @@
 """Read the prepared token streams and serve language-modelling batches.
 
-Cache format (written by prepare_data.py, version 1), nanoGPT's layout — one directory:
+Cache format (written by prepare_data.py, version 2), nanoGPT's layout — one directory:
     meta.json      format_version, fingerprint (of source + tokenizer + options), source, tokenizer
-                   (name, fingerprint, vocab_size, eos_token_id), tokens {split: count}, options
+                   (name, fingerprint, vocab_size, eos_token_id), tokens {split: count}, options,
+                   files {path: {bytes, sha256}} of every other file (checked on reuse)
     tokenizer/     the tokenizer used (HF fast-tokenizer files), so nothing is re-fetched
     train.bin      uint16 token ids of every training document concatenated, each followed by the
     val.bin        end-of-text token; raw bytes, read with np.memmap (no header)
@@ -21,7 +22,7 @@ from dtype_bench.io import CacheError, read_cache_meta
 
 # Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
 # (prepare_data.py), so that no cache built by the old rules is reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: meta.json records each file's size and SHA-256 (`files`)
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; prepare_data refuses larger vocabularies
 
