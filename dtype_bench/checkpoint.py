@@ -211,11 +211,12 @@ class RunCheckpoints:
     def restore(self, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> dict | None:
         """Load `last` into the model, optimizer, scheduler, scaler and RNGs and return its `progress`; None if
         there is no checkpoint. Everything is read and checked before the first object is changed."""
-        try:
-            claim_folder(self.last_dir, MANIFEST, "format_version")  # a `last` that is not a checkpoint stays
-        except FolderRefused as e:
-            raise CheckpointError(str(e)) from e
         if not self.exists():
+            try:
+                claim_folder(self.last_dir, MANIFEST, "format_version")  # a `last` that is not a checkpoint stays
+            except FolderRefused as e:
+                raise CheckpointError(f"{e} (it is where this run's checkpoint goes: move it away, or pass --fresh "
+                                      "to discard this run's checkpoint folder)") from e
             return None
         directory = self.last_dir
         _verified_manifest(directory, self.identity)

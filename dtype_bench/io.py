@@ -86,6 +86,16 @@ def claim_folder(path: str | Path, marker: str, key: str) -> Path:
     return real
 
 
+def own_folder(path: str | Path, marker: str, record: dict) -> Path:
+    """`claim_folder` for a folder written in place (an analysis): create it if need be and write `marker`
+    (`record`, whose first key is the one claim_folder looks for) so that the next run may write it again."""
+    path = claim_folder(path, marker, next(iter(record)))
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / marker).exists():
+        atomic_write_json(path / marker, record)
+    return path
+
+
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]*")
 
 
@@ -294,9 +304,9 @@ class CacheError(RuntimeError):
     """A prepared-data cache that is missing, stale or malformed; the message says what to do instead."""
 
 
-def read_cache_meta(data_dir: Path, format_version: int, *, verify_hashes: bool = False) -> dict:
-    """A prepared cache's meta.json, refused (CacheError) if it is missing, unreadable, of another format
-    version, or if a file it records differs in size (and, with `verify_hashes`, in SHA-256)."""
+def read_cache_meta(data_dir: Path, format_version: int) -> dict:
+    """A prepared cache's meta.json, refused (CacheError) if it is missing, unreadable or of another format
+    version."""
     meta_path = data_dir / "meta.json"
     if not meta_path.exists():
         raise CacheError(f"no prepared data in {data_dir} (meta.json missing)")
@@ -309,10 +319,15 @@ def read_cache_meta(data_dir: Path, format_version: int, *, verify_hashes: bool 
     if version != format_version:
         raise CacheError(f"cache {data_dir} has format_version {version}, expected {format_version}: "
                          "prepare it again")
-    damaged = damaged_file(data_dir, meta.get("files", {}), hashes=verify_hashes)
+    return meta
+
+
+def check_cache_files(data_dir: Path, meta: dict, *, hashes: bool = False) -> None:
+    """Refuse (CacheError) a cache whose files differ from the sizes (and, with `hashes`, the SHA-256)
+    recorded in its meta.json when it was written: a damaged cache is never used."""
+    damaged = damaged_file(data_dir, meta.get("files", {}), hashes=hashes)
     if damaged:
         raise CacheError(f"cache {data_dir} is damaged: {damaged}")
-    return meta
 
 
 CACHE_MARKER = "meta.json"  # a prepared cache's record; also what makes a cache folder ours (claim_folder)
@@ -334,8 +349,9 @@ def building_cache(output_dir: Path, cache_fingerprint: str, format_version: int
             print(done)
         if not force and (output_dir / CACHE_MARKER).exists():
             try:
-                reusable = read_cache_meta(output_dir, format_version, verify_hashes=True)["fingerprint"] \
-                    == cache_fingerprint
+                meta = read_cache_meta(output_dir, format_version)
+                check_cache_files(output_dir, meta, hashes=True)
+                reusable = meta["fingerprint"] == cache_fingerprint
             except (CacheError, KeyError) as e:
                 print(f"note: {e}: rebuilding it")
                 reusable = False

@@ -19,7 +19,7 @@ import torch
 
 from filelock import FileLock
 
-from dtype_bench.io import append_jsonl, atomic_write_json, claim_folder, json_dumps, read_jsonl
+from dtype_bench.io import append_jsonl, atomic_directory, atomic_write_json, claim_folder, json_dumps, read_jsonl
 
 STATUSES = ("completed", "diverged", "skipped", "failed")
 SETUP_FILE = "setup.json"  # also what makes an output dir ours (io.claim_folder)
@@ -47,8 +47,9 @@ def claim_output_dir(output_dir: str | Path, setup_fingerprint: str, setup: dict
     with FileLock(str(output_dir.parent / f".{output_dir.name}.setup.lock")):
         claim_folder(output_dir, SETUP_FILE, "fingerprint")
         marker = output_dir / SETUP_FILE
-        if not marker.exists():
-            atomic_write_json(marker, {"fingerprint": setup_fingerprint, "setup": setup})
+        if not marker.exists():  # absent or empty: it appears with its setup.json, never half-claimed
+            with atomic_directory(output_dir, SETUP_FILE, "fingerprint") as tmp:
+                atomic_write_json(tmp / SETUP_FILE, {"fingerprint": setup_fingerprint, "setup": setup})
             return
         existing = json.loads(marker.read_text())
     if existing.get("fingerprint") != setup_fingerprint:

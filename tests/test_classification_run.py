@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,72 @@ def test_output_dir_of_another_setup_is_refused(tiny_cache, tmp_path):
     assert (out / "results.jsonl").read_text() == before
 
 
+def cache_copy(tiny_cache: Path, where: Path, edit_meta=None) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_cache, where)
+    if edit_meta:
+        edit_meta(where / "meta.json")
+    return where
+
+
+def zero_labels(meta_path: Path) -> None:
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "num_labels": 0}))
+
+
+def garble(meta_path: Path) -> None:
+    meta_path.write_text(meta_path.read_text()[:40])
+
+
+@pytest.fixture(scope="module")
+def run_main():
+    """run.py's main, called in this process (no interpreter start-up per case)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("classification_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("case, flags, needle", [
+    ("nan", ["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    ("beta", ["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1)"),
+    ("seed", ["--seed", "-1"], "--seed >= 0"),
+    ("threads", ["--threads", "-1"], "--threads must be positive"),
+    ("device", ["--device", "tpu9"], "--device 'tpu9' is not a device"),
+    ("user_folder", [], "holds no setup.json of ours"),
+    ("file", [], "is a file, not a folder"),
+    ("zero_label_cache", [], "has no labels"),
+    ("garbled_cache_meta", [], "unreadable meta.json"),
+    ("world_size_3", [], "not divisible by the world size 3"),
+])
+def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
+        case, flags, needle, run_main, tiny_cache, tmp_path, monkeypatch, capsys):
+    """Issue 16 §1/§4: each used to write a `failed` row and setup.json (or a traceback), after which the
+    folder refused the corrected command."""
+    out, cache = tmp_path / "out", tiny_cache
+    if case == "user_folder":
+        out.mkdir()
+        (out / "thesis.txt").write_text("thesis")
+    elif case == "file":
+        out.write_text("thesis")
+    elif case in ("zero_label_cache", "garbled_cache_meta"):
+        cache = tmp_path / "cache"
+        shutil.copytree(tiny_cache, cache)
+        meta = json.loads((cache / "meta.json").read_text())
+        (cache / "meta.json").write_text(json.dumps({**meta, "num_labels": 0}) if case == "zero_label_cache"
+                                         else json.dumps(meta)[:40])
+    elif case == "world_size_3":
+        for name, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # as torchrun sets them
+            monkeypatch.setenv(name, value)
+    before = {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()}
+    code = run_main([*SMALL, "--config", "amp_bf16", "--data_dir", str(cache), "--output_dir", str(out), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()} == before
+
+
 def test_stale_cache_is_refused(tiny_cache, tmp_path):
     proc = run([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
                 "--output_dir", str(tmp_path / "out")])
@@ -130,8 +197,8 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
     """The cache fingerprint covers what determines the data, not the source bytes of the code that
     prepares it: after a comment edit of prepare_data.py, tokenization.py and synthetic.py (in a copy of
     the tree), both experiments' caches are reused, a killed run resumes from its checkpoint, and the
-    output directory takes another seed."""
-    import shutil
+    output directory takes another seed. The run is killed as if between the two renames of its checkpoint
+    swap: the resume puts the previous `last` back and says so."""
     import signal
     import time
 
@@ -165,6 +232,8 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=120)
     assert not (out / "results.jsonl").exists()
+    (last,) = out.glob("checkpoints/*/last")  # as if killed between the two renames of the checkpoint swap
+    last.rename(last.with_name(".last.old-1"))
 
     for module in ("experiments/classification/prepare_data.py", "experiments/lm/prepare_data.py",
                    "dtype_bench/tokenization.py", "dtype_bench/synthetic.py"):
@@ -175,6 +244,7 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
         assert again.returncode == 0 and "reusing cache" in again.stdout, again.stdout + again.stderr
     resumed = script(*train, "--seed", "0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "restored" in resumed.stdout and ".last.old-1" in resumed.stdout
     assert "resuming" in resumed.stdout and "from step 4" in resumed.stdout
     extended = script(*train, "--seed", "1")
     assert extended.returncode == 0, extended.stderr[-3000:]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from dtype_bench.io import sha256_file
+from dtype_bench.io import FolderRefused, sha256_file
 from dtype_bench.synthetic import write_jsonl_splits
 from dtype_bench.tokenization import (
     SPECIAL_TOKENS, TokenizerError, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer,
@@ -423,3 +423,83 @@ def test_url_download_interrupted_then_resumed(tmp_path, archive_server):
     # The completed download is kept: preparing again reuses it and the cache without another request.
     prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
     assert len(state["ranges"]) == 2
+
+
+# ------------------------------------------------------------------------------ folders that are not ours
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for folders); symlinks as their target."""
+    return {str(p.relative_to(root)): (str(p.readlink()) if p.is_symlink() else p.read_bytes() if p.is_file()
+                                       else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("occupant", ["user_folder", "file", "source_itself", "current_folder", "under_a_file"])
+def test_prepare_refuses_an_output_dir_that_is_not_ours_before_any_work(tmp_path, monkeypatch, capsys, occupant):
+    """Issue 16 §1: `prepare` used to swap whatever was at --output_dir away and delete it."""
+    source = small_archive(tmp_path / "src")
+    if occupant == "user_folder":
+        out = tmp_path / "precious"
+        (out / "sub").mkdir(parents=True)
+        (out / "thesis.txt").write_text("thesis")
+    elif occupant == "file":
+        out = tmp_path / "thesis.txt"
+        out.write_text("thesis")
+    elif occupant == "source_itself":
+        out = source
+    elif occupant == "current_folder":
+        monkeypatch.chdir(source)
+        out = Path(".")
+    else:
+        (tmp_path / "notes.txt").write_text("notes")
+        out = tmp_path / "notes.txt" / "cache"
+    before = snapshot(tmp_path)
+    code = prepare_data.main(["--source", str(source), "--output_dir", str(out), "--tokenizer", SMALL_BPE])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert snapshot(tmp_path) == before
+
+
+def test_symlinked_cache_folder_keeps_its_link_and_leaves_nothing_behind(tmp_path):
+    source = small_archive(tmp_path / "src")
+    target = tmp_path / "disk" / "cache"
+    target.mkdir(parents=True)
+    link = tmp_path / "cache"
+    link.symlink_to(target)
+    for force in (False, True):  # into the empty target, then replacing our own cache there
+        prepare(str(source), link, tokenizer=SMALL_BPE, max_length=64, force=force)
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert_consistent_cache(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "disk", "src"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [".cache.lock", "cache"]  # no .old-PID, no .tmp-
+
+
+def test_garbled_meta_json_is_refused_in_one_line(tmp_path):
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    (out / "meta.json").write_text('{"format_version": 2, "fingerp')
+    with pytest.raises(data.CacheError, match="unreadable meta.json"):
+        data.read_meta(out)
+    before = snapshot(out)
+    with pytest.raises(FolderRefused, match="meta.json is unreadable"):
+        prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert snapshot(out) == before
+
+
+def test_damaged_cache_is_refused_by_readers_and_rebuilt_by_prepare(tmp_path, capsys):
+    """Issue 16 §2: an emptied train.input_ids.npy used to be reused and fail later with EOFError."""
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    good = (out / "train.input_ids.npy").read_bytes()
+    (out / "train.input_ids.npy").write_bytes(b"")
+    with pytest.raises(data.CacheError, match=r"damaged: train\.input_ids\.npy \(0 bytes"):
+        data.read_meta(out)
+    capsys.readouterr()
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert "damaged" in capsys.readouterr().out and (out / "train.input_ids.npy").read_bytes() == good
+    # Same size, one byte changed: only the recorded SHA-256 tells, and prepare checks it before reuse.
+    flipped = bytearray(good)
+    flipped[-1] ^= 1
+    (out / "train.input_ids.npy").write_bytes(bytes(flipped))
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert "SHA-256 differs" in capsys.readouterr().out and (out / "train.input_ids.npy").read_bytes() == good

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtype_bench.io import CacheError, read_cache_meta
+from dtype_bench.io import CacheError, check_cache_files, read_cache_meta
 
 # Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
 # (prepare_data.py), so that no cache built by the old rules is reused.
@@ -53,6 +53,7 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         for suffix in ARRAYS:
             if not (data_dir / f"{split}.{suffix}.npy").exists():
                 raise CacheError(f"cache {data_dir} is incomplete: {split}.{suffix}.npy missing; prepare it again")
+    check_cache_files(data_dir, meta)
     if int(meta["num_labels"]) < 1:
         raise CacheError(f"cache {data_dir} has no labels (no training document has one): nothing to classify")
     tok = meta["tokenizer"]

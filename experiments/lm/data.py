@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from dtype_bench.io import CacheError, read_cache_meta
+from dtype_bench.io import CacheError, check_cache_files, read_cache_meta
 
 # Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
 # (prepare_data.py), so that no cache built by the old rules is reused.
@@ -49,6 +49,7 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         if not path.exists() or path.stat().st_size != expected:
             raise CacheError(f"cache {data_dir} is incomplete: {path.name} missing or not {expected} bytes; "
                              "prepare it again")
+    check_cache_files(data_dir, meta)
     return CacheMeta(path=data_dir, fingerprint=meta["fingerprint"], vocab_size=int(meta["tokenizer"]["vocab_size"]),
                      eos_token_id=int(meta["tokenizer"]["eos_token_id"]),
                      tokens={s: int(meta["tokens"][s]) for s in SPLITS}, raw=meta)
