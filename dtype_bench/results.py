@@ -19,7 +19,9 @@ import torch
 
 from filelock import FileLock
 
-from dtype_bench.io import append_jsonl, atomic_directory, atomic_write_json, claim_folder, json_dumps, read_jsonl
+from dtype_bench.io import (
+    append_jsonl, atomic_directory, atomic_write_json, claim_folder, fsync_dir, json_dumps, read_jsonl,
+)
 
 STATUSES = ("completed", "diverged", "skipped", "failed")
 SETUP_FILE = "setup.json"  # also what makes an output dir ours (io.claim_folder)
@@ -122,16 +124,20 @@ class StepLog:
                                  "checkpoint recorded; pass --fresh to start over")
             os.truncate(self.path, resume_at)
         self._file: IO[str] = open(self.path, "a" if append or resume_at is not None else "w", encoding="utf-8")
+        fsync_dir(self.path.parent)  # the log's directory entry, which fsyncing the file does not persist
 
     def write(self, record: dict) -> None:
         self._file.write(json_dumps(record) + "\n")
         self._file.flush()
 
     def offset(self) -> int:
-        """Bytes written so far (all lines are flushed): where a resumed run continues the log."""
+        """Bytes written so far, made durable first: a checkpoint records this offset, and after a power cut
+        the log must still hold them for the resume to continue it."""
+        os.fsync(self._file.fileno())
         return self._file.tell()
 
     def close(self) -> None:
+        os.fsync(self._file.fileno())
         self._file.close()
 
 

@@ -503,3 +503,75 @@ def test_damaged_cache_is_refused_by_readers_and_rebuilt_by_prepare(tmp_path, ca
     (out / "train.input_ids.npy").write_bytes(bytes(flipped))
     prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
     assert "SHA-256 differs" in capsys.readouterr().out and (out / "train.input_ids.npy").read_bytes() == good
+
+
+# -------------------------------------------------------------------------------------------- bounded inputs
+
+
+def zip_with_one_long_line(folder: Path, zip_path: Path, line_bytes: int) -> Path:
+    """The archive of `folder` with a train.jsonl whose first line is `line_bytes` long (it compresses to
+    almost nothing), written in chunks so that the test itself never holds it."""
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.glob("*.jsonl")):
+            if path.name != "train.jsonl":
+                archive.write(path, "dataset/" + path.name)
+        with archive.open("dataset/train.jsonl", "w") as member:
+            member.write(b'{"celex_id": "1", "title": "')
+            for _ in range(line_bytes >> 20):
+                member.write(b"a" * (1 << 20))
+            member.write(b'"}\n' + (folder / "train.jsonl").read_bytes())
+    return zip_path
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ([], r"decompresses \d[\d,]* times its compressed size, more than 100 \(--max_compression_ratio"),
+    (["--max_compression_ratio", "1e6", "--max_file_bytes", str(8 << 20)],
+     r"decompresses to \d[\d,]* bytes, more than 8,388,608 \(--max_file_bytes"),
+    (["--max_compression_ratio", "1e6", "--max_line_bytes", str(1 << 20)],
+     r"train\.jsonl:1: a line longer than 1,048,576 bytes \(--max_line_bytes"),
+])
+def test_zip_member_past_a_limit_is_one_line_with_bounded_memory(tmp_path, capsys, flags, needle):
+    """Issue 16 §2: a 1 GiB line in a 1.3 MB zip used to be read whole (2.36 GB peak). Here a 48 MiB line
+    (a 50 kB zip): each limit stops it with one line naming the member and the flag, and the memory Python
+    allocated stays a few MiB whatever the member's size."""
+    import tracemalloc
+
+    archive = zip_with_one_long_line(small_archive(tmp_path / "src"), tmp_path / "dataset.zip", 48 << 20)
+    assert archive.stat().st_size < 1 << 20
+    tracemalloc.start()
+    code = prepare_data.main(["--source", str(archive), "--output_dir", str(tmp_path / "cache"),
+                              "--tokenizer", SMALL_BPE, *flags])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(needle, err[0]) and "dataset/train.jsonl" in err[0], err
+    assert peak < 8 << 20, f"peak {peak:,} bytes"
+    assert_no_cache(tmp_path / "cache")
+
+
+def test_download_is_verified_stored_with_its_checksum_and_reused_only_while_it_matches(tmp_path, archive_server,
+                                                                                        capsys):
+    base_url, state = archive_server
+    zip_path = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip")
+    state["payload"] = zip_path.read_bytes()
+    digest = sha256_file(zip_path)
+    out, downloads = tmp_path / "out" / "cache", tmp_path / "downloads"
+    url = f"{base_url}/dataset.zip"
+
+    with pytest.raises(PrepareError, match=f"has SHA-256 {digest}, not the {'0' * 64} given with --sha256"):
+        prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads, sha256="0" * 64)
+    assert list(downloads.iterdir()) == []  # the wrong file is not kept
+    assert "plain http" in capsys.readouterr().err
+
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads, sha256=digest)
+    (stored,) = downloads.glob("*.zip")
+    assert (downloads / f"{stored.name}.sha256").read_text().strip() == digest
+    assert len(state["ranges"]) == 2
+    capsys.readouterr()
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert len(state["ranges"]) == 2 and "reusing download" in capsys.readouterr().out
+
+    stored.write_bytes(stored.read_bytes() + b"\0")  # damaged on disk: downloaded again
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert len(state["ranges"]) == 3 and "does not match its recorded SHA-256" in capsys.readouterr().out
+    assert sha256_file(stored) == digest
