@@ -330,6 +330,18 @@ def check_cache_files(data_dir: Path, meta: dict, *, hashes: bool = False) -> No
         raise CacheError(f"cache {data_dir} is damaged: {damaged}")
 
 
+def check_cache_unchanged(data_dir: Path, fingerprint: str) -> None:
+    """Refuse (CacheError) if the cache in `data_dir` no longer has `fingerprint`: called after a run has
+    opened (memory-mapped) its files, it makes sure they are the ones the run's fingerprint names; from
+    then on a rebuild (`prepare --force`) replaces the folder but not the files the run holds open."""
+    try:
+        current = json.loads((data_dir / CACHE_MARKER).read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        current = None
+    if current != fingerprint:
+        raise CacheError(f"cache {data_dir} was rebuilt while this run was opening it: run it again")
+
+
 CACHE_MARKER = "meta.json"  # a prepared cache's record; also what makes a cache folder ours (claim_folder)
 
 

@@ -575,3 +575,58 @@ def test_download_is_verified_stored_with_its_checksum_and_reused_only_while_it_
     prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
     assert len(state["ranges"]) == 3 and "does not match its recorded SHA-256" in capsys.readouterr().out
     assert sha256_file(stored) == digest
+
+
+# ------------------------------------------------------------------------------ corpora refused or warned about
+
+
+def no_labels(source: Path) -> None:
+    write_records(source / "train.jsonl", [{**r, "eurovoc_concepts": []} for r in read_records(source / "train.jsonl")])
+
+
+def empty_texts(source: Path) -> None:
+    write_records(source / "dev.jsonl", [{**r, "title": "", "header": "", "recitals": "", "main_body": []}
+                                         for r in read_records(source / "dev.jsonl")])
+
+
+@pytest.mark.parametrize("corrupt, flags, message", [
+    (no_labels, [], "no training document has a label"),
+    (empty_texts, [], "every document of the validation split has empty text"),
+    (None, ["--source", "synthetic", "--synthetic_labels", "0"], "synthetic_labels must be at least 1"),
+    (None, ["--max_line_bytes", "0"], "--max_line_bytes must be positive"),
+])
+def test_corpora_that_cannot_train_or_be_evaluated_are_refused_in_one_line(tmp_path, capsys, corrupt, flags, message):
+    source = small_archive(tmp_path / "src")
+    if corrupt:
+        corrupt(source)
+    code = prepare_data.main(["--source", str(source), "--output_dir", str(tmp_path / "out" / "cache"),
+                              "--tokenizer", SMALL_BPE, *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert_no_cache(tmp_path / "out" / "cache")
+
+
+def test_documents_shared_by_train_and_evaluation_splits_are_warned_about_and_recorded(tmp_path, capsys):
+    source = small_archive(tmp_path / "src")
+    train = read_records(source / "train.jsonl")
+    write_records(source / "test.jsonl", read_records(source / "test.jsonl") + train[:3])
+    capsys.readouterr()
+    meta = data.read_meta(prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64))
+    warning = "3 of 13 test documents are also in train"
+    assert warning in capsys.readouterr().out
+    assert any(warning in note for note in meta.raw["source"]["notes"])
+
+
+def test_a_run_keeps_the_splits_it_opened_when_the_cache_is_rebuilt(tmp_path):
+    """Issue 16 §5: a cache rebuilt with --force while a run used it changed the test split under that run,
+    whose row kept the old fingerprint. The run opens every split up front and checks the fingerprint after."""
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    meta = data.read_meta(out)
+    splits = data.open_splits(meta)
+    opened = {split: np.array(part.input_ids) for split, part in splits.items()}
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=32)  # another run rebuilds it differently
+    assert not np.array_equal(np.asarray(data.TokenizedSplit(out, "test").input_ids), opened["test"])
+    assert all(np.array_equal(np.asarray(part.input_ids), opened[split]) for split, part in splits.items())
+    with pytest.raises(data.CacheError, match="rebuilt while this run was opening it"):
+        data.open_splits(meta)

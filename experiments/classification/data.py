@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtype_bench.io import CacheError, check_cache_files, read_cache_meta
+from dtype_bench.io import CacheError, check_cache_files, check_cache_unchanged, read_cache_meta
 
 # Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
 # (prepare_data.py), so that no cache built by the old rules is reused.
@@ -104,6 +104,14 @@ class TokenizedSplit:
 
     def labels(self, i: int) -> np.ndarray:
         return self.label_ids[self.label_offsets[i] : self.label_offsets[i + 1]]
+
+
+def open_splits(meta: CacheMeta, max_length: int | None = None) -> dict[str, TokenizedSplit]:
+    """Every split of the cache `meta` was read from, memory-mapped now, so that a run reports on the data
+    its fingerprint names even if the cache is rebuilt while it trains (the open files stay as they were)."""
+    splits = {split: TokenizedSplit(meta.path, split, max_length) for split in SPLITS}
+    check_cache_unchanged(meta.path, meta.fingerprint)
+    return splits
 
 
 @dataclass

@@ -204,7 +204,8 @@ def parse_jsonl(lines: Iterable[bytes], name: str, zones: tuple[str, ...]) -> li
 
 
 def complete_splits(splits: Splits, location: str, notes: list[str]) -> Splits:
-    """Check every split has documents, deriving test from validation when the source has none."""
+    """Check every split has documents, deriving test from validation when the source has none; refuse a
+    corpus that cannot train a classifier and warn about one that cannot be evaluated honestly."""
     if "test" not in splits and "validation" in splits:
         validation = splits["validation"]
         order = np.random.default_rng(TEST_SPLIT_SEED).permutation(len(validation))
@@ -221,7 +222,27 @@ def complete_splits(splits: Splits, location: str, notes: list[str]) -> Splits:
             raise PrepareError(f"{location} has no {split} split")
         if not splits[split]:
             raise PrepareError(f"{location}: the {split} split has no documents")
+        empty = sum(not d.text.strip() for d in splits[split])
+        if empty == len(splits[split]):
+            raise PrepareError(f"{location}: every document of the {split} split has empty text in the chosen zones")
+        if empty:
+            warn(f"{location}: {empty} of {len(splits[split])} {split} documents have empty text", notes)
+    if not any(d.concepts for d in splits["train"]):
+        raise PrepareError(f"{location}: no training document has a label ({LABELS_FIELD} is empty in all "
+                           f"{len(splits['train'])}): nothing to learn")
+    train_ids, train_texts = {d.celex_id for d in splits["train"]}, {d.text for d in splits["train"]}
+    for split in ("validation", "test"):
+        shared = sum(d.celex_id in train_ids or d.text in train_texts for d in splits[split])
+        if shared:
+            warn(f"{location}: {shared} of {len(splits[split])} {split} documents are also in train (same "
+                 f"{ID_FIELD} or same text): their scores measure memory, not generalisation", notes)
     return {split: splits[split] for split in SPLITS}
+
+
+def warn(message: str, notes: list[str]) -> None:
+    """Print a warning about the corpus and record it (meta.json keeps the notes)."""
+    notes.append(message)
+    print(f"warning: {message}")
 
 
 # ------------------------------------------------------------------------------- archive (jsonl files)
@@ -499,6 +520,8 @@ def synthetic_split_sizes(n_docs: int) -> dict[str, int]:
 
 def synthetic_corpus(n_docs: int, num_labels: int, seed: int) -> Corpus:
     sizes = synthetic_split_sizes(n_docs)
+    if num_labels < 1:
+        raise PrepareError(f"synthetic_labels must be at least 1, got {num_labels}")
     options = {"docs": sizes, "num_labels": num_labels, "seed": seed}
 
     def read(zones: tuple[str, ...]) -> Splits:

@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from dtype_bench.io import CacheError, check_cache_files, read_cache_meta
+from dtype_bench.io import CacheError, check_cache_files, check_cache_unchanged, read_cache_meta
 
 # Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
 # (prepare_data.py), so that no cache built by the old rules is reused.
@@ -57,6 +57,14 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
 
 def load_tokens(meta: CacheMeta, split: str) -> np.memmap:
     return np.memmap(bin_path(meta.path, split), dtype=TOKEN_DTYPE, mode="r")
+
+
+def open_splits(meta: CacheMeta) -> dict[str, np.memmap]:
+    """Both token streams of the cache `meta` was read from, memory-mapped now, so that a run trains and
+    validates on the data its fingerprint names even if the cache is rebuilt meanwhile."""
+    streams = {split: load_tokens(meta, split) for split in SPLITS}
+    check_cache_unchanged(meta.path, meta.fingerprint)
+    return streams
 
 
 class Batch(NamedTuple):

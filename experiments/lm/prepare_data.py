@@ -118,6 +118,8 @@ def open_source(source: str, *, synthetic_docs: int, synthetic_seed: int, num_pr
 
 def split_documents(documents: "datasets.Dataset", val_fraction: float) -> dict:  # noqa: F821
     """train / val by document, with a fixed seed."""
+    if not any(text.strip() for text in documents["text"]):
+        raise PrepareError(f"all {len(documents)} documents are empty: nothing to model")
     n_val = max(1, round(val_fraction * len(documents)))
     if len(documents) - n_val < 1:
         raise PrepareError(f"{len(documents)} documents are too few to hold out a validation split")
