@@ -186,6 +186,29 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
     assert {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()} == before
 
 
+def test_corrupt_checkpoint_is_refused_in_one_line_without_a_row(run_main, tiny_cache, tmp_path, capsys):
+    """Issue 16 §4: it used to end as a `failed` row plus a traceback."""
+    import torch
+
+    import tiny_run
+    from dtype_bench import checkpoint, results, runner
+
+    out = tmp_path / "out"
+    argv = [*SMALL, "--config", "amp_bf16", "--data_dir", str(tiny_cache), "--output_dir", str(out)]
+    config_module = tiny_run.load_config_module("classification")
+    _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS, argv)
+    data_fingerprint = json.loads((tiny_cache / "meta.json").read_text())["fingerprint"]
+    setup_fp, setup = runner.setup_of(cfg.to_record(), data_fingerprint, torch.device("cpu"))
+    results.claim_output_dir(out, setup_fp, setup)  # as the run that wrote the checkpoint did
+    last = checkpoint.run_dir(out, results.run_id("classification", "amp_bf16", 0, setup_fp)) / "last"
+    last.mkdir(parents=True)
+    (last / checkpoint.MANIFEST).write_text("{torn")
+    code = run_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unreadable" in err[0] and "--fresh" in err[0], err
+    assert not (out / "results.jsonl").exists()
+
+
 def test_stale_cache_is_refused(tiny_cache, tmp_path):
     proc = run([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
                 "--output_dir", str(tmp_path / "out")])

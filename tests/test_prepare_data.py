@@ -630,3 +630,19 @@ def test_a_run_keeps_the_splits_it_opened_when_the_cache_is_rebuilt(tmp_path):
     assert all(np.array_equal(np.asarray(part.input_ids), opened[split]) for split, part in splits.items())
     with pytest.raises(data.CacheError, match="rebuilt while this run was opening it"):
         data.open_splits(meta)
+
+
+def test_leftovers_of_interrupted_cache_writes_are_cleaned_and_reported(tmp_path, capsys):
+    """Issue 16 §3: `.cache.tmp-*` (a build killed half-way) and `.cache.old-PID` (killed after the swap)
+    are removed by the next prepare of that cache, which says so; another cache's leftovers are left alone
+    (another process may be building it)."""
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    for leftover in (".cache.tmp-abc123", ".cache.old-4242", ".other.tmp-xyz"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "train.input_ids.npy").write_bytes(b"\0" * 2048)
+    capsys.readouterr()
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    printed = capsys.readouterr().out
+    assert "reusing cache" in printed and printed.count("left by an interrupted write") == 2 and "2,048 bytes" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", ".other.tmp-xyz", "cache", "src"]
