@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import tiny_run
 from dtype_bench import results, sweep
 from dtype_bench.distributed import SINGLE_PROCESS
+from dtype_bench.io import FolderRefused
 
 
 def test_needs_run_rules():
@@ -184,7 +186,6 @@ def test_non_utf8_results_line_is_reported_like_a_torn_one(tmp_path, capsys):
 def test_a_failed_row_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     """A full disk (ENOSPC) in the middle of the append used to leave a torn line mid-file."""
     import errno
-    import os
 
     row = {"experiment": "e", "run_id": "r1", "config": "fp32_baseline", "seed": 0, "status": "completed"}
     results.append_result(tmp_path, row)
@@ -199,3 +200,16 @@ def test_a_failed_row_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
         results.append_result(tmp_path, {**row, "run_id": "r2"})
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert (tmp_path / "results.jsonl").read_bytes() == before
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_output_dir_is_refused_in_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(FolderRefused, match="is not writable by this user"):
+            results.claim_output_dir(locked / "out", "s", {})
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == []
