@@ -323,10 +323,10 @@ def check_zip_sizes(zip_path: Path, member: zipfile.ZipInfo, limits: InputLimits
 def zip_corpus(zip_path: Path, description: dict, limits: InputLimits, digest: str | None = None) -> Corpus:
     try:
         with zipfile.ZipFile(zip_path) as archive:
+            names = archive.namelist()  # duplicates kept: an archive with two train.jsonl is refused below
             members = {info.filename: info for info in archive.infolist()}
     except zipfile.BadZipFile as e:
         raise PrepareError(f"{zip_path} is not a readable zip archive ({e})") from e
-    names = list(members)
     check_zip_names(zip_path, names)
     files = {}
     for split, filename in synthetic.ARCHIVE_SPLIT_FILES.items():
