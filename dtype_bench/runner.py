@@ -128,9 +128,10 @@ def _train_and_record(experiment: str, config_name: str, seed: int, cfg: Any, de
         except checkpoint.Interrupted as e:
             print(f"{rid}: {e}; checkpoint saved, run the same command again to resume", file=sys.stderr)
             return e.exit_code
-        except checkpoint.CheckpointError as e:  # the user decides (--fresh or delete it): no row, no traceback
+        except checkpoint.CheckpointError as e:  # one line with the remedy, no traceback; the row says why
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            row.update(status="failed", error=f"{type(e).__name__}: {e}")
+            exit_code = 1
         except Exception as e:  # one run's failure is a result, not a crash of the sweep
             traceback.print_exc()
             row.update(status="failed", error=f"{type(e).__name__}: {e}")

@@ -186,8 +186,9 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
     assert {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()} == before
 
 
-def test_corrupt_checkpoint_is_refused_in_one_line_without_a_row(run_main, tiny_cache, tmp_path, capsys):
-    """Issue 16 §4: it used to end as a `failed` row plus a traceback."""
+def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tiny_cache, tmp_path, capsys):
+    """Issue 16 §4: it used to end in a traceback. One line saying what to do; the `failed` row records why
+    (a sweep goes on, and `--retry-failed --fresh` starts the run over)."""
     import torch
 
     import tiny_run
@@ -205,8 +206,9 @@ def test_corrupt_checkpoint_is_refused_in_one_line_without_a_row(run_main, tiny_
     (last / checkpoint.MANIFEST).write_text("{torn")
     code = run_main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "unreadable" in err[0] and "--fresh" in err[0], err
-    assert not (out / "results.jsonl").exists()
+    assert code == 1 and len(err) == 1 and "unreadable" in err[0] and "--fresh" in err[0], err
+    (row,) = rows(out)
+    assert row["status"] == "failed" and row["error"].startswith("CheckpointError: checkpoint")
 
 
 def test_stale_cache_is_refused(tiny_cache, tmp_path):

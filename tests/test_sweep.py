@@ -101,6 +101,7 @@ def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, cache):
     """fp16_naive really diverges (fp16 AdamW states, no loss scaling); amp_bf16 really fails: its run finds
     a corrupt checkpoint (as a disk error would leave) and refuses it. The others complete, the sweep goes
     on and exits non-zero; re-running skips what is done and leaves the failure alone unless asked."""
+    results.claim_output_dir(tmp_path, *tiny_run.setup(cache, tmp_path, *FAST))  # as the run that wrote it did
     broken = tmp_path / "checkpoints" / tiny_run.run_id(cache, tmp_path, "amp_bf16", 0, *FAST) / "last"
     broken.mkdir(parents=True)
     (broken / "manifest.json").write_text("{ garbage")
