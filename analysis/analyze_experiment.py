@@ -25,9 +25,10 @@ from hypotheses import LEVEL, QUALITY_MARGIN
 from stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
 
 from dtype_bench.configs import HelpFormatter
-from dtype_bench.io import atomic_write_bytes, atomic_write_text
+from dtype_bench.io import FolderRefused, atomic_write_bytes, atomic_write_text, own_folder
 
 DEFAULT_QUALITY_MARGIN = QUALITY_MARGIN
+ANALYSIS_MARKER = "analysis.json"  # what makes an analysis folder ours to write again (io.claim_folder)
 
 
 @dataclass
@@ -257,9 +258,9 @@ def findings(analysis: Analysis) -> list[str]:
 
 def analyze(results_dir: str | Path, output_dir: str | Path | None = None, *,
             quality_margin: float = DEFAULT_QUALITY_MARGIN) -> Analysis:
+    output_dir = own_folder(output_dir or Path(results_dir) / "analysis", ANALYSIS_MARKER,
+                            {"written_by": "analysis/analyze_experiment.py", "results_dir": str(results_dir)})
     exp = load_experiment(results_dir)
-    output_dir = Path(output_dir) if output_dir else Path(results_dir) / "analysis"
-    output_dir.mkdir(parents=True, exist_ok=True)
     summaries = summarize(exp)
     quality, throughput, memory = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
     fronts = {}
@@ -477,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.results_dir} has no results.jsonl (run an experiment with --output_dir there first)",
               file=sys.stderr)
         return 2
-    analysis = analyze(args.results_dir, args.output_dir, quality_margin=args.quality_margin)
+    try:
+        analysis = analyze(args.results_dir, args.output_dir, quality_margin=args.quality_margin)
+    except FolderRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for problem in analysis.exp.problems:
         print(f"warning: {problem}", file=sys.stderr)
     print(analysis.output_dir / "report.md")

@@ -27,13 +27,13 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import plots  # noqa: E402
 import hypotheses  # noqa: E402
-from analyze_experiment import DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
+from analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
 from experiment_data import Metric, styles  # noqa: E402
 from report import caveats, fmt, fmt_difference, md_table  # noqa: E402
 from stats import by_seed, difference, pareto_front, ranks, spearman  # noqa: E402
 
 from dtype_bench.configs import HelpFormatter  # noqa: E402
-from dtype_bench.io import atomic_write_json, atomic_write_text  # noqa: E402
+from dtype_bench.io import FolderRefused, atomic_write_json, atomic_write_text, own_folder  # noqa: E402
 
 ROLES = ("quality", "throughput", "memory")
 
@@ -223,7 +223,7 @@ def render_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | N
 
 def compare(lm_results: str | Path, cls_results: str | Path, output_dir: str | Path, *,
             quality_margin: float = DEFAULT_QUALITY_MARGIN) -> dict:
-    output_dir = Path(output_dir)
+    output_dir = own_folder(output_dir, ANALYSIS_MARKER, {"written_by": "analysis/compare_experiments.py"})
     tasks = {"lm": analyze(lm_results, output_dir / "lm", quality_margin=quality_margin),
              "classification": analyze(cls_results, output_dir / "classification", quality_margin=quality_margin)}
     rank_table, correlations, flips = cross_task_tables(tasks)
@@ -257,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(path) / "results.jsonl").exists():
             print(f"error: {flag} {path} has no results.jsonl", file=sys.stderr)
             return 2
-    comparison = compare(args.lm_results, args.cls_results, args.output_dir, quality_margin=args.quality_margin)
+    try:
+        comparison = compare(args.lm_results, args.cls_results, args.output_dir, quality_margin=args.quality_margin)
+    except FolderRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, task in comparison["tasks"].items():
         for problem in task["problems"]:
             print(f"warning: {name}: {problem}", file=sys.stderr)

@@ -40,7 +40,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from dtype_bench.distributed import World, all_agree
-from dtype_bench.io import atomic_directory, fingerprint, json_dumps, sha256_file
+from dtype_bench.io import (
+    FolderRefused, atomic_directory, claim_folder, damaged_file, file_checksums, fingerprint, json_dumps,
+)
 
 FORMAT_VERSION = 2  # 2: RunState progress with the diagnostics' state
 MODEL_FILE, STATE_FILE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
@@ -95,13 +97,11 @@ def set_rng_state(state: dict) -> None:
 
 def _write(directory: Path, manifest: dict, files: dict[str, Any]) -> None:
     """Write `files` (name -> a function writing that path) and a manifest with their hashes, atomically."""
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, MANIFEST, "format_version") as tmp:
         for name, write in files.items():
             write(tmp / name)
-        manifest = {**manifest, "format_version": FORMAT_VERSION,
-                    "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                              for name in files}}
-        (tmp / MANIFEST).write_text(json_dumps(manifest, indent=2) + "\n")
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "files": file_checksums(tmp, files)}
+        (tmp / MANIFEST).write_text(json_dumps(manifest, indent=2) + "\n")  # fsynced with the folder
 
 
 def _verified_manifest(directory: Path, identity: dict) -> dict:
@@ -120,11 +120,10 @@ def _verified_manifest(directory: Path, identity: dict) -> dict:
     if differing:
         raise CheckpointError(f"checkpoint {directory} belongs to another run: differs in {'; '.join(differing)}; "
                               "pass --fresh to start over")
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its manifest "
-                                  "(size or SHA-256); delete it or pass --fresh to start over")
+    damaged = damaged_file(directory, files)
+    if damaged:
+        raise CheckpointError(f"checkpoint {directory} is corrupt: {damaged} does not match its manifest; "
+                              "delete it or pass --fresh to start over")
     return manifest
 
 
@@ -213,6 +212,11 @@ class RunCheckpoints:
         """Load `last` into the model, optimizer, scheduler, scaler and RNGs and return its `progress`; None if
         there is no checkpoint. Everything is read and checked before the first object is changed."""
         if not self.exists():
+            try:
+                claim_folder(self.last_dir, MANIFEST, "format_version")  # a `last` that is not a checkpoint stays
+            except FolderRefused as e:
+                raise CheckpointError(f"{e} (it is where this run's checkpoint goes: move it away, or pass --fresh "
+                                      "to discard this run's checkpoint folder)") from e
             return None
         directory = self.last_dir
         _verified_manifest(directory, self.identity)

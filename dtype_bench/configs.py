@@ -10,10 +10,13 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -62,6 +65,22 @@ class TrainingFields:
 
     def check_training_fields(self, *positive: str) -> None:
         """Raise ValueError naming the flag for the first invalid common field (and `positive` extras)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name} must be a finite number, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"--adam_eps must be positive, got {self.adam_eps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be positive (or none for torch's default), got {self.threads}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"--device {self.device!r} is not a device: pass auto, cpu, cuda or cuda:N") from e
         for name in (*positive, "batch_size", "gradient_accumulation_steps", "max_steps", "eval_steps",
                      "eval_batch_size", "log_every", "diverge_patience"):
             if getattr(self, name) <= 0:

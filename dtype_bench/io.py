@@ -1,19 +1,26 @@
-"""Crash-safe file primitives shared by caches, checkpoints and results.
+"""Crash-safe file primitives shared by caches, checkpoints, results and analyses.
 
 Every writer here leaves either the old content or the complete new content on disk, never a mix:
-files are written to a temporary sibling, fsynced, then renamed (rename is atomic on POSIX).
+files are written to a temporary sibling, fsynced, then renamed (rename is atomic on POSIX), and the
+directory is fsynced so that the rename survives a power cut.
+
+Nothing a user owns is ever replaced: every folder the project writes goes through `claim_folder`,
+which accepts only an absent path, an empty folder, or a folder holding the project's own marker file.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from filelock import FileLock
 
@@ -25,6 +32,95 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Persist every file and folder under `root` (before renaming it into place: a rename can reach the
+    disk before the data it names)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+class FolderRefused(RuntimeError):
+    """A folder the project was asked to write is not its own to write (one line: what is there, what to do)."""
+
+
+def claim_folder(path: str | Path, marker: str, key: str) -> Path:
+    """May the project write the folder `path`? Yes if it is absent, an empty folder, or a folder holding
+    `marker`: a JSON object with `key`, which only the project writes there (a cache's meta.json, a results
+    directory's setup.json, a checkpoint's manifest.json, an analysis' analysis.json). Anything else (a file,
+    a user's folder, the raw data, an unreadable marker, a path this user cannot write) raises FolderRefused,
+    before any work. Returns the path with symlinks resolved: a folder swapped into place replaces the
+    link's target and keeps the link."""
+    path = Path(path).expanduser()
+    real = path.resolve()
+    if real.exists() and not real.is_dir():
+        raise FolderRefused(f"{path} is a file, not a folder: pass a new or empty folder")
+    if real.is_dir():
+        entries = sorted(p.name for p in real.iterdir())
+        if entries:
+            try:
+                owned = key in json.loads((real / marker).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise FolderRefused(
+                    f"{path} is not empty and holds no {marker} of ours (it has {', '.join(entries[:3])}"
+                    f"{', ...' if len(entries) > 3 else ''}): refusing to write there; pass a new or empty folder"
+                ) from None
+            except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON, not an object
+                raise FolderRefused(f"{path}/{marker} is unreadable ({type(e).__name__}), so {path} may not be "
+                                    "ours: refusing to write there; delete it or pass another folder") from e
+            if not owned:
+                raise FolderRefused(f"{path}/{marker} was not written by dtype-bench (no {key!r}): refusing to "
+                                    "write there; pass a new or empty folder")
+    existing = next(p for p in (real, *real.parents) if p.exists())
+    if not existing.is_dir():
+        raise FolderRefused(f"cannot create {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FolderRefused(f"cannot write {path}: {existing} is not writable by this user")
+    return real
+
+
+def own_folder(path: str | Path, marker: str, record: dict) -> Path:
+    """`claim_folder` for a folder written in place (an analysis): create it if need be and write `marker`
+    (`record`, whose first key is the one claim_folder looks for) so that the next run may write it again."""
+    path = claim_folder(path, marker, next(iter(record)))
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / marker).exists():
+        atomic_write_json(path / marker, record)
+    return path
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]*")
+
+
+def recover_interrupted_writes(parent: str | Path, names: str) -> list[str]:
+    """Finish what a killed `atomic_directory` left in `parent` for folders whose names match the glob `names`,
+    and say what was done. A kill between the swap's two renames leaves the previous folder under its
+    `.old-` name and none under its own: it is put back. Temporary folders (`.tmp-`, possibly gigabytes) and
+    superseded `.old-` ones are removed. Call it only while no other process writes those folders."""
+    parent, done = Path(parent), []
+    if not parent.is_dir():
+        return done
+    leftovers = sorted((p for p in parent.iterdir() if (m := _LEFTOVER.fullmatch(p.name))
+                        and fnmatch.fnmatchcase(m["name"], names)), key=lambda p: p.stat().st_mtime)
+    for path in reversed(leftovers):  # the newest previous folder is the one to put back
+        match = _LEFTOVER.fullmatch(path.name)
+        final = parent / match["name"]
+        if match["kind"] == "old" and not final.exists():
+            os.replace(path, final)
+            fsync_dir(parent)
+            done.append(f"restored {final} from {path.name} (a write was killed between its two renames)")
+        else:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path} ({size:,} bytes) left by an interrupted write")
+    return done
 
 
 def _umask() -> int:
@@ -60,29 +156,32 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `final` only if the block finishes without error.
+def atomic_directory(final: str | Path, marker: str, key: str) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `final` only if the block finishes without error, and only
+    if `final` is the project's to replace (`claim_folder` with `marker` and `key`).
 
     An exception (or a kill) leaves no directory at `final` that looks complete: the temporary one is
-    removed on error, and a leftover from a kill has a `.tmp-` name that readers never open.
+    removed on error, and a leftover from a kill has a `.tmp-` name that readers never open (and that
+    `recover_interrupted_writes` removes). The new folder is durable before the previous one is removed.
     """
-    final = Path(final)
+    final = claim_folder(final, marker, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
-        if final.exists():
+        fsync_tree(tmp)
+        old = None
+        if final.exists() and any(final.iterdir()):  # rename replaces an empty folder by itself
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(obj: Any) -> Any:
@@ -99,22 +198,31 @@ def json_dumps(obj: Any, **kwargs: Any) -> str:
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one JSON line under a file lock, fsynced: concurrent writers never interleave and a kill
-    at any moment leaves at most one incomplete *last* line, which `read_jsonl` reports."""
+    """Append one JSON line under a file lock, fsynced: concurrent writers never interleave, a kill at any
+    moment leaves at most one incomplete *last* line, which `read_jsonl` reports, and a failed write (a
+    full disk) is undone, leaving the file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json_dumps(row) + "\n"
     with FileLock(str(path) + ".lock"):
+        created = not path.exists()
         with open(path, "a+b") as f:  # writes go to the end (O_APPEND) wherever we read
-            if f.tell() > 0:
+            size = f.seek(0, os.SEEK_END)
+            if size > 0:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     # A writer killed mid-line left a torn last line: end it, so it stays one reported
                     # malformed line instead of swallowing this row.
                     line = "\n" + line
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                os.ftruncate(f.fileno(), size)
+                raise
+        if created:
+            fsync_dir(path.parent)
 
 
 class MalformedLine(ValueError):
@@ -129,16 +237,17 @@ def read_jsonl(path: str | Path, *, strict: bool = False) -> tuple[list[dict], l
     problems: list[str] = []
     if not path.exists():
         return rows, problems
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8")  # a non-UTF-8 byte is one bad line, not an unreadable file
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("not a JSON object")
-            except ValueError as e:
-                msg = f"{path}:{lineno}: malformed line ({e}): {line[:80]!r}"
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
+                msg = f"{path}:{lineno}: malformed line ({e}): {raw[:80]!r}"
                 if strict:
                     raise MalformedLine(msg) from e
                 problems.append(msg)
@@ -153,6 +262,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_checksums(directory: Path, names: Iterable[str] | None = None) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of the files `names` in `directory` (default: every file under it, by
+    relative path), recorded when they are written so that a reader can tell a damaged file."""
+    if names is None:
+        names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+            for name in names}
+
+
+def damaged_file(directory: Path, checksums: dict[str, dict], *, hashes: bool = True) -> str | None:
+    """The first file of `checksums` that is missing or differs from its record (`hashes=False`: compare
+    sizes only, which is instant), as "name (why)"; None if all match."""
+    for name, expected in checksums.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} (missing)"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} ({path.stat().st_size:,} bytes, {expected['bytes']:,} recorded)"
+        if hashes and sha256_file(path) != expected["sha256"]:
+            return f"{name} (SHA-256 differs from the recorded one)"
+    return None
 
 
 def fingerprint(*parts: Any) -> str:
@@ -173,12 +305,75 @@ class CacheError(RuntimeError):
 
 
 def read_cache_meta(data_dir: Path, format_version: int) -> dict:
-    """A prepared cache's meta.json, refused (CacheError) if it is missing or of another format version."""
+    """A prepared cache's meta.json, refused (CacheError) if it is missing, unreadable or of another format
+    version."""
     meta_path = data_dir / "meta.json"
     if not meta_path.exists():
         raise CacheError(f"no prepared data in {data_dir} (meta.json missing)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != format_version:
-        raise CacheError(f"cache {data_dir} has format_version {meta.get('format_version')}, expected "
-                         f"{format_version}: prepare it again")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        version = meta.get("format_version")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CacheError(f"cache {data_dir} has an unreadable meta.json ({type(e).__name__}): delete the folder "
+                         "and prepare it again") from e
+    if version != format_version:
+        raise CacheError(f"cache {data_dir} has format_version {version}, expected {format_version}: "
+                         "prepare it again")
     return meta
+
+
+def check_cache_files(data_dir: Path, meta: dict, *, hashes: bool = False) -> None:
+    """Refuse (CacheError) a cache whose files differ from the sizes (and, with `hashes`, the SHA-256)
+    recorded in its meta.json when it was written: a damaged cache is never used."""
+    damaged = damaged_file(data_dir, meta.get("files", {}), hashes=hashes)
+    if damaged:
+        raise CacheError(f"cache {data_dir} is damaged: {damaged}")
+
+
+def check_cache_unchanged(data_dir: Path, fingerprint: str) -> None:
+    """Refuse (CacheError) if the cache in `data_dir` no longer has `fingerprint`: called after a run has
+    opened (memory-mapped) its files, it makes sure they are the ones the run's fingerprint names; from
+    then on a rebuild (`prepare --force`) replaces the folder but not the files the run holds open."""
+    try:
+        current = json.loads((data_dir / CACHE_MARKER).read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        current = None
+    if current != fingerprint:
+        raise CacheError(f"cache {data_dir} was rebuilt while this run was opening it: run it again")
+
+
+CACHE_MARKER = "meta.json"  # a prepared cache's record; also what makes a cache folder ours (claim_folder)
+
+
+@contextlib.contextmanager
+def building_cache(output_dir: Path, cache_fingerprint: str, format_version: int, *,
+                   force: bool) -> Iterator[Path | None]:
+    """What each experiment's prepare_data.py does around building its cache, under the cache's lock
+    (concurrent runs wanting the same cache build it once, the others then reuse it): finish interrupted
+    builds, then yield None if the cache in `output_dir` has this fingerprint and every file matches its
+    recorded size and SHA-256 (unless `force`), else a temporary folder to build into, which replaces
+    `output_dir` (if ours) when the block ends without error. The block writes meta.json there; the
+    checksums of the other files are added to it here."""
+    output_dir = claim_folder(output_dir, CACHE_MARKER, "fingerprint")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
+        for done in recover_interrupted_writes(output_dir.parent, glob.escape(output_dir.name)):
+            print(done)
+        if not force and (output_dir / CACHE_MARKER).exists():
+            try:
+                meta = read_cache_meta(output_dir, format_version)
+                check_cache_files(output_dir, meta, hashes=True)
+                reusable = meta["fingerprint"] == cache_fingerprint
+            except (CacheError, KeyError) as e:
+                print(f"note: {e}: rebuilding it")
+                reusable = False
+            if reusable:
+                print(f"reusing cache {output_dir} (fingerprint {cache_fingerprint})")
+                yield None
+                return
+        with atomic_directory(output_dir, CACHE_MARKER, "fingerprint") as tmp:
+            yield tmp
+            meta = json.loads((tmp / CACHE_MARKER).read_text(encoding="utf-8"))
+            checksums = file_checksums(tmp)
+            del checksums[CACHE_MARKER]
+            atomic_write_json(tmp / CACHE_MARKER, {**meta, "files": checksums})

@@ -7,6 +7,7 @@ Layout of an output directory:
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -16,11 +17,16 @@ from typing import IO, Iterable
 
 import torch
 
-from dtype_bench.io import append_jsonl, atomic_write_json, json_dumps, read_jsonl
+from filelock import FileLock
+
+from dtype_bench.io import (
+    append_jsonl, atomic_directory, atomic_write_json, claim_folder, fsync_dir, json_dumps, read_jsonl,
+)
 
 STATUSES = ("completed", "diverged", "skipped", "failed")
 STEP_LOG_TIMING = ("samples_per_second",)
 """Wall-clock fields of step-log lines: the only ones that differ between two runs of the same command."""
+SETUP_FILE = "setup.json"  # also what makes an output dir ours (io.claim_folder)
 SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
                 "precision_at_1", "precision_at_3", "precision_at_5")
 
@@ -36,22 +42,27 @@ def run_id(experiment: str, config: str, seed: int, setup_fingerprint: str) -> s
 
 def claim_output_dir(output_dir: str | Path, setup_fingerprint: str, setup: dict) -> None:
     """An output dir belongs to one setup (everything but config and seed): mixing setups in one
-    results.jsonl would average incomparable runs. Refuse with one line instead."""
+    results.jsonl would average incomparable runs. Refuse with one line instead, and refuse a folder that
+    is not ours at all (`claim_folder`). Checked and claimed under one lock, so that two setups started
+    at the same moment cannot both claim it."""
     output_dir = Path(output_dir)
-    marker = output_dir / "setup.json"
-    if marker.exists():
-        import json
-
+    claim_folder(output_dir, SETUP_FILE, "fingerprint")  # before creating the lock's folder
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output_dir.parent / f".{output_dir.name}.setup.lock")):
+        claim_folder(output_dir, SETUP_FILE, "fingerprint")
+        marker = output_dir / SETUP_FILE
+        if not marker.exists():  # absent or empty: it appears with its setup.json, never half-claimed
+            with atomic_directory(output_dir, SETUP_FILE, "fingerprint") as tmp:
+                atomic_write_json(tmp / SETUP_FILE, {"fingerprint": setup_fingerprint, "setup": setup})
+            return
         existing = json.loads(marker.read_text())
-        if existing.get("fingerprint") != setup_fingerprint:
-            differing = sorted(k for k in set(setup) | set(existing.get("setup", {}))
-                               if setup.get(k) != existing.get("setup", {}).get(k))
-            raise SetupMismatch(
-                f"{output_dir} holds results of a different setup (differs in: {', '.join(differing) or '?'}); "
-                "pass another --output_dir"
-            )
-        return
-    atomic_write_json(marker, {"fingerprint": setup_fingerprint, "setup": setup})
+    if existing.get("fingerprint") != setup_fingerprint:
+        differing = sorted(k for k in set(setup) | set(existing.get("setup", {}))
+                           if setup.get(k) != existing.get("setup", {}).get(k))
+        raise SetupMismatch(
+            f"{output_dir} holds results of a different setup (differs in: {', '.join(differing) or '?'}); "
+            "pass another --output_dir"
+        )
 
 
 def cpu_name() -> str:
@@ -124,6 +135,7 @@ class StepLog:
             first_step = 1 + max((r["step"] for r in kept if isinstance(r.get("step"), int)), default=0)
         for view in self.views:
             view.open(first_step)  # a resumed view drops what it holds from first_step on, as the log did
+        fsync_dir(self.path.parent)  # the log's directory entry, which fsyncing the file does not persist
 
     def write(self, record: dict) -> None:
         self._file.write(json_dumps(record) + "\n")
@@ -132,10 +144,13 @@ class StepLog:
             view.write(record)
 
     def offset(self) -> int:
-        """Bytes written so far (all lines are flushed): where a resumed run continues the log."""
+        """Bytes written so far, made durable first: a checkpoint records this offset, and after a power cut
+        the log must still hold them for the resume to continue it."""
+        os.fsync(self._file.fileno())
         return self._file.tell()
 
     def close(self) -> None:
+        os.fsync(self._file.fileno())
         self._file.close()
         for view in self.views:
             view.close()

@@ -13,6 +13,7 @@ the fields `output_dir`, `device` and `threads`, and a `to_record()` method.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -26,7 +27,7 @@ import torch
 
 from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, sweep
 from dtype_bench.configs import HelpFormatter, add_flags, resolve
-from dtype_bench.io import fingerprint
+from dtype_bench.io import FolderRefused, claim_folder, fingerprint, recover_interrupted_writes
 
 TrainFn = Callable[[Any, precision.PrecisionConfig, int, Any, torch.device, str], dict]
 
@@ -72,8 +73,8 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
         args.config_names = precision.resolve_names(args.config)
     except (ValueError, precision.UnknownConfig) as e:
         raise UserError(str(e)) from e
-    if args.seeds <= 0:
-        raise UserError(f"--seeds must be positive, got {args.seeds}")
+    if args.seeds <= 0 or args.seed < 0:
+        raise UserError(f"--seeds must be positive and --seed >= 0, got {args.seeds} and {args.seed}")
     return args, cfg
 
 
@@ -98,6 +99,9 @@ def run_single(experiment: str, config_name: str, seed: int, cfg: Any, device: t
                         world=world) as exit_code:
         if exit_code is not None:
             return exit_code
+        if world.is_main:  # the run's lock is held: nobody else writes its checkpoints
+            for done in recover_interrupted_writes(checkpoint.run_dir(cfg.output_dir, rid), "*"):
+                print(f"{rid}: {done}")
         if fresh and world.is_main and checkpoint.run_dir(cfg.output_dir, rid).exists():
             print(f"{rid}: --fresh, discarding its checkpoints")
             shutil.rmtree(checkpoint.run_dir(cfg.output_dir, rid))
@@ -129,6 +133,10 @@ def _train_and_record(experiment: str, config_name: str, seed: int, cfg: Any, de
         except checkpoint.Interrupted as e:
             print(f"{rid}: {e}; checkpoint saved, run the same command again to resume", file=sys.stderr)
             return e.exit_code
+        except checkpoint.CheckpointError as e:  # one line with the remedy, no traceback; the row says why
+            print(f"error: {e}", file=sys.stderr)
+            row.update(status="failed", error=f"{type(e).__name__}: {e}")
+            exit_code = 1
         except Exception as e:  # one run's failure is a result, not a crash of the sweep
             traceback.print_exc()
             row.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -153,6 +161,12 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         if args.list_runs:
             print(sweep.list_runs(runs))
             return 0
+        claim_folder(cfg.output_dir, results.SETUP_FILE, "fingerprint")  # a file, a user's folder: before any work
+        try:  # before joining the process group: a torchrun world size that does not divide the accumulation
+            distributed.World(world_size=int(os.environ.get("WORLD_SIZE", "1"))).local_accumulation(
+                cfg.gradient_accumulation_steps)
+        except ValueError as e:
+            raise UserError(str(e)) from e
         world, device = distributed.init_from_env(pick_device(cfg.device))
         if world.distributed and len(runs) > 1:
             raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
@@ -166,7 +180,7 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
             data = load_data(cfg)
         setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
         results.claim_output_dir(cfg.output_dir, setup_fp, setup)
-    except (UserError, results.SetupMismatch) as e:
+    except (UserError, results.SetupMismatch, FolderRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(runs) == 1 and args.launcher == "local":

@@ -29,6 +29,11 @@ import numpy as np
 
 from dtype_bench.io import atomic_write_text
 
+# Part of every cache fingerprint taken over a synthetic corpus, instead of this file's bytes (a comment edit
+# must not orphan results). Bump it with any change of what generate_documents returns for given arguments;
+# tests/test_synthetic.py pins a digest of the output, so a change that forgets the bump fails there.
+GENERATOR_VERSION = 1
+
 ARCHIVE_FIELDS = (
     "celex_id", "uri", "document_type", "title", "header", "recitals", "main_body", "attachments", "eurovoc_concepts",
 )

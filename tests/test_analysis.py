@@ -315,3 +315,23 @@ def test_legends_name_all_18_configs_inside_the_figure_and_clear_of_the_panels(t
         assert figure["inside"] and figure["clear"], (name, figure)
         for tall, short in zip(figure["panel_heights"], two[name]["panel_heights"]):
             assert tall == pytest.approx(short, rel=0.05), (name, figure["panel_heights"], two[name]["panel_heights"])
+
+
+def test_analysis_and_comparison_never_write_into_a_folder_that_is_not_ours(tmp_path):
+    """Issue 16 §1: refused before anything is read or written; a folder an analysis wrote is its again."""
+    from dtype_bench.io import FolderRefused, own_folder
+
+    analyze_experiment, compare_experiments, _ = analysis_modules()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("thesis")
+    for call in (lambda: analyze_experiment.analyze(tmp_path / "no-results", mine),
+                 lambda: compare_experiments.compare(tmp_path / "a", tmp_path / "b", mine)):
+        with pytest.raises(FolderRefused, match="holds no analysis.json of ours"):
+            call()
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    ours = tmp_path / "ours"
+    record = {"written_by": "test"}
+    assert own_folder(ours, analyze_experiment.ANALYSIS_MARKER, record) == ours.resolve()
+    (ours / "report.md").write_text("an earlier report")
+    assert own_folder(ours, analyze_experiment.ANALYSIS_MARKER, record) == ours.resolve()

@@ -17,7 +17,7 @@ from torch import nn
 
 import tiny_run
 from dtype_bench import checkpoint, precision
-from dtype_bench.io import sha256_file
+from dtype_bench.io import FolderRefused, recover_interrupted_writes, sha256_file
 
 CPU = torch.device("cpu")
 IDENTITY = {"run_id": "r", "config": "fp32_baseline", "seed": 0, "data_fingerprint": "d"}
@@ -240,3 +240,37 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, cache, config, ki
             for out in (killed_dir, tmp_path / "reference")]
     assert logs[0] == logs[1], where
     assert _final_metrics(row) == _final_metrics(expected), where
+
+
+def test_a_last_folder_that_is_not_a_checkpoint_is_refused_not_replaced(tmp_path):
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "notes.txt").write_text("mine")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        Trainable("fp32_baseline").restore(tmp_path)
+    assert "no manifest.json of ours" in _one_line(error) and "--fresh" in str(error.value)
+    t = Trainable("fp32_baseline")
+    with pytest.raises(FolderRefused):
+        t.save(tmp_path)
+    assert [p.name for p in (tmp_path / "last").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary folder left either
+
+
+def test_kill_between_the_two_renames_of_the_swap_keeps_last(tmp_path, capsys):
+    """Issue 16 §3: the swap renames `last` aside, then the new folder into place; killed in between, the
+    next start used to find no `last` and silently restart from step 0. Now the previous one is put back,
+    and what interrupted writes left is removed and reported."""
+    t = Trainable("fp32_baseline")
+    t.step()
+    t.save(tmp_path)
+    expected = t.params()
+    os.rename(tmp_path / "last", tmp_path / f".last.old-{os.getpid() + 1}")  # the state between the renames
+    (tmp_path / ".last.tmp-killed").mkdir()  # the complete new folder, not yet renamed
+    (tmp_path / ".last.tmp-killed" / checkpoint.MODEL_FILE).write_bytes(b"\0" * 1000)
+    (tmp_path / ".best-step4.tmp-x").mkdir()  # a best folder killed while written
+    done = recover_interrupted_writes(tmp_path, "*")
+    assert len(done) == 3 and any(line.startswith("restored") for line in done)
+    assert any("1,000 bytes" in line for line in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    other = Trainable("fp32_baseline")
+    assert other.restore(tmp_path) == {"step": 3}
+    assert all(torch.equal(a, b) for a, b in zip(expected, other.params()))

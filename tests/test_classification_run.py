@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,159 @@ def test_output_dir_of_another_setup_is_refused(tiny_cache, tmp_path):
     assert (out / "results.jsonl").read_text() == before
 
 
+def cache_copy(tiny_cache: Path, where: Path, edit_meta=None) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_cache, where)
+    if edit_meta:
+        edit_meta(where / "meta.json")
+    return where
+
+
+def zero_labels(meta_path: Path) -> None:
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "num_labels": 0}))
+
+
+def garble(meta_path: Path) -> None:
+    meta_path.write_text(meta_path.read_text()[:40])
+
+
+@pytest.fixture(scope="module")
+def run_main():
+    """run.py's main, called in this process (no interpreter start-up per case)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("classification_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("case, flags, needle", [
+    ("nan", ["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    ("beta", ["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1)"),
+    ("seed", ["--seed", "-1"], "--seed >= 0"),
+    ("threads", ["--threads", "-1"], "--threads must be positive"),
+    ("device", ["--device", "tpu9"], "--device 'tpu9' is not a device"),
+    ("user_folder", [], "holds no setup.json of ours"),
+    ("file", [], "is a file, not a folder"),
+    ("zero_label_cache", [], "has no labels"),
+    ("garbled_cache_meta", [], "unreadable meta.json"),
+    ("world_size_3", [], "not divisible by the world size 3"),
+])
+def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
+        case, flags, needle, run_main, tiny_cache, tmp_path, monkeypatch, capsys):
+    """Issue 16 §1/§4: each used to write a `failed` row and setup.json (or a traceback), after which the
+    folder refused the corrected command."""
+    out, cache = tmp_path / "out", tiny_cache
+    if case == "user_folder":
+        out.mkdir()
+        (out / "thesis.txt").write_text("thesis")
+    elif case == "file":
+        out.write_text("thesis")
+    elif case in ("zero_label_cache", "garbled_cache_meta"):
+        cache = tmp_path / "cache"
+        shutil.copytree(tiny_cache, cache)
+        meta = json.loads((cache / "meta.json").read_text())
+        (cache / "meta.json").write_text(json.dumps({**meta, "num_labels": 0}) if case == "zero_label_cache"
+                                         else json.dumps(meta)[:40])
+    elif case == "world_size_3":
+        for name, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # as torchrun sets them
+            monkeypatch.setenv(name, value)
+    before = {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()}
+    code = run_main([*SMALL, "--config", "amp_bf16", "--data_dir", str(cache), "--output_dir", str(out), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()} == before
+
+
+def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tiny_cache, tmp_path, capsys):
+    """Issue 16 §4: it used to end in a traceback. One line saying what to do; the `failed` row records why
+    (a sweep goes on, and `--retry-failed --fresh` starts the run over)."""
+    import torch
+
+    import tiny_run
+    from dtype_bench import checkpoint, results, runner
+
+    out = tmp_path / "out"
+    argv = [*SMALL, "--config", "amp_bf16", "--data_dir", str(tiny_cache), "--output_dir", str(out)]
+    config_module = tiny_run.load_config_module("classification")
+    _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS, argv)
+    data_fingerprint = json.loads((tiny_cache / "meta.json").read_text())["fingerprint"]
+    setup_fp, setup = runner.setup_of(cfg.to_record(), data_fingerprint, torch.device("cpu"))
+    results.claim_output_dir(out, setup_fp, setup)  # as the run that wrote the checkpoint did
+    last = checkpoint.run_dir(out, results.run_id("classification", "amp_bf16", 0, setup_fp)) / "last"
+    last.mkdir(parents=True)
+    (last / checkpoint.MANIFEST).write_text("{torn")
+    code = run_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "unreadable" in err[0] and "--fresh" in err[0], err
+    (row,) = rows(out)
+    assert row["status"] == "failed" and row["error"].startswith("CheckpointError: checkpoint")
+
+
 def test_stale_cache_is_refused(tiny_cache, tmp_path):
     proc = run([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
                 "--output_dir", str(tmp_path / "out")])
     assert proc.returncode == 2 and "exceeds the cache" in proc.stderr
+
+
+@pytest.mark.slow
+def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path):
+    """The cache fingerprint covers what determines the data, not the source bytes of the code that
+    prepares it: after a comment edit of prepare_data.py, tokenization.py and synthetic.py (in a copy of
+    the tree), both experiments' caches are reused, a killed run resumes from its checkpoint, and the
+    output directory takes another seed. The run is killed as if between the two renames of its checkpoint
+    swap: the resume puts the previous `last` back and says so."""
+    import signal
+    import time
+
+    tree = tmp_path / "tree"
+    for part in ("dtype_bench", "experiments"):
+        shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(tree)}
+
+    def script(*args: str, wait: bool = True):
+        command = [sys.executable, *args]
+        if not wait:
+            return subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+
+    cls_cache, lm_cache, out = tmp_path / "cls_cache", tmp_path / "lm_cache", tmp_path / "out"
+    prepare_cls = ("experiments/classification/prepare_data.py", "--source", "synthetic", "--synthetic_docs", "600",
+                   "--synthetic_labels", "300", "--tokenizer", "bpe:1000", "--max_length", "64",
+                   "--output_dir", str(cls_cache))
+    prepare_lm = ("experiments/lm/prepare_data.py", "--source", "synthetic", "--synthetic_docs", "100",
+                  "--tokenizer", "bpe:400", "--val_fraction", "0.1", "--output_dir", str(lm_cache))
+    for command in (prepare_cls, prepare_lm):
+        assert script(*command).returncode == 0
+    train = ("experiments/classification/run.py", "--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64",
+             "--max_length", "64", "--max_eval_docs", "32", "--batch_size", "4", "--gradient_accumulation_steps",
+             "2", "--threads", "1", "--max_steps", "12", "--eval_steps", "4", "--log_every", "1",
+             "--config", "fp32_baseline", "--data_dir", str(cls_cache), "--output_dir", str(out))
+    process = script(*train, "--seed", "0", wait=False)
+    while not list(out.glob("checkpoints/*/last/manifest.json")) and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=120)
+    assert not (out / "results.jsonl").exists()
+    (last,) = out.glob("checkpoints/*/last")  # as if killed between the two renames of the checkpoint swap
+    last.rename(last.with_name(".last.old-1"))
+
+    for module in ("experiments/classification/prepare_data.py", "experiments/lm/prepare_data.py",
+                   "dtype_bench/tokenization.py", "dtype_bench/synthetic.py"):
+        with open(tree / module, "a") as f:
+            f.write("# a comment edit\n")
+    for command in (prepare_cls, prepare_lm):
+        again = script(*command)
+        assert again.returncode == 0 and "reusing cache" in again.stdout, again.stdout + again.stderr
+    resumed = script(*train, "--seed", "0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "restored" in resumed.stdout and ".last.old-1" in resumed.stdout
+    assert "resuming" in resumed.stdout and "from step 4" in resumed.stdout
+    extended = script(*train, "--seed", "1")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    (first, second) = rows(out)
+    assert first["status"] == second["status"] == "completed" and first["resumed_from_steps"] == [4]
+    assert first["setup_fingerprint"] == second["setup_fingerprint"] and second["seed"] == 1

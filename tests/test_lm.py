@@ -320,3 +320,20 @@ def test_seed_command_without_prepared_data_says_what_to_run(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert "prepare_data.py" in line and "openwebtext" in line and "--preset tiny" in line
     assert not (tmp_path / "results").exists()
+
+
+def test_prepare_never_replaces_a_folder_that_is_not_ours(tmp_path):
+    """Issue 16 §1, the LM cache: a user's folder, or the source folder itself, is refused before any work."""
+    from dtype_bench.io import FolderRefused
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "doc.txt").write_text("A document.\n")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("thesis")
+    for out in (precious, texts):
+        with pytest.raises(FolderRefused, match="holds no meta.json of ours"):
+            prepare_data.prepare(str(texts), out, tokenizer="bpe:300", val_fraction=0.25)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "precious", "precious/thesis.txt", "texts", "texts/doc.txt"]

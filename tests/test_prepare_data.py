@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from dtype_bench.io import sha256_file
+from dtype_bench.io import FolderRefused, sha256_file
 from dtype_bench.synthetic import write_jsonl_splits
 from dtype_bench.tokenization import (
     SPECIAL_TOKENS, TokenizerError, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer,
@@ -423,3 +423,226 @@ def test_url_download_interrupted_then_resumed(tmp_path, archive_server):
     # The completed download is kept: preparing again reuses it and the cache without another request.
     prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
     assert len(state["ranges"]) == 2
+
+
+# ------------------------------------------------------------------------------ folders that are not ours
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for folders); symlinks as their target."""
+    return {str(p.relative_to(root)): (str(p.readlink()) if p.is_symlink() else p.read_bytes() if p.is_file()
+                                       else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("occupant", ["user_folder", "file", "source_itself", "current_folder", "under_a_file"])
+def test_prepare_refuses_an_output_dir_that_is_not_ours_before_any_work(tmp_path, monkeypatch, capsys, occupant):
+    """Issue 16 §1: `prepare` used to swap whatever was at --output_dir away and delete it."""
+    source = small_archive(tmp_path / "src")
+    if occupant == "user_folder":
+        out = tmp_path / "precious"
+        (out / "sub").mkdir(parents=True)
+        (out / "thesis.txt").write_text("thesis")
+    elif occupant == "file":
+        out = tmp_path / "thesis.txt"
+        out.write_text("thesis")
+    elif occupant == "source_itself":
+        out = source
+    elif occupant == "current_folder":
+        monkeypatch.chdir(source)
+        out = Path(".")
+    else:
+        (tmp_path / "notes.txt").write_text("notes")
+        out = tmp_path / "notes.txt" / "cache"
+    before = snapshot(tmp_path)
+    code = prepare_data.main(["--source", str(source), "--output_dir", str(out), "--tokenizer", SMALL_BPE])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert snapshot(tmp_path) == before
+
+
+def test_symlinked_cache_folder_keeps_its_link_and_leaves_nothing_behind(tmp_path):
+    source = small_archive(tmp_path / "src")
+    target = tmp_path / "disk" / "cache"
+    target.mkdir(parents=True)
+    link = tmp_path / "cache"
+    link.symlink_to(target)
+    for force in (False, True):  # into the empty target, then replacing our own cache there
+        prepare(str(source), link, tokenizer=SMALL_BPE, max_length=64, force=force)
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert_consistent_cache(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "disk", "src"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [".cache.lock", "cache"]  # no .old-PID, no .tmp-
+
+
+def test_garbled_meta_json_is_refused_in_one_line(tmp_path):
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    (out / "meta.json").write_text('{"format_version": 2, "fingerp')
+    with pytest.raises(data.CacheError, match="unreadable meta.json"):
+        data.read_meta(out)
+    before = snapshot(out)
+    with pytest.raises(FolderRefused, match="meta.json is unreadable"):
+        prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert snapshot(out) == before
+
+
+def test_damaged_cache_is_refused_by_readers_and_rebuilt_by_prepare(tmp_path, capsys):
+    """Issue 16 §2: an emptied train.input_ids.npy used to be reused and fail later with EOFError."""
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    good = (out / "train.input_ids.npy").read_bytes()
+    (out / "train.input_ids.npy").write_bytes(b"")
+    with pytest.raises(data.CacheError, match=r"damaged: train\.input_ids\.npy \(0 bytes"):
+        data.read_meta(out)
+    capsys.readouterr()
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert "damaged" in capsys.readouterr().out and (out / "train.input_ids.npy").read_bytes() == good
+    # Same size, one byte changed: only the recorded SHA-256 tells, and prepare checks it before reuse.
+    flipped = bytearray(good)
+    flipped[-1] ^= 1
+    (out / "train.input_ids.npy").write_bytes(bytes(flipped))
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    assert "SHA-256 differs" in capsys.readouterr().out and (out / "train.input_ids.npy").read_bytes() == good
+
+
+# -------------------------------------------------------------------------------------------- bounded inputs
+
+
+def zip_with_one_long_line(folder: Path, zip_path: Path, line_bytes: int) -> Path:
+    """The archive of `folder` with a train.jsonl whose first line is `line_bytes` long (it compresses to
+    almost nothing), written in chunks so that the test itself never holds it."""
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.glob("*.jsonl")):
+            if path.name != "train.jsonl":
+                archive.write(path, "dataset/" + path.name)
+        with archive.open("dataset/train.jsonl", "w") as member:
+            member.write(b'{"celex_id": "1", "title": "')
+            for _ in range(line_bytes >> 20):
+                member.write(b"a" * (1 << 20))
+            member.write(b'"}\n' + (folder / "train.jsonl").read_bytes())
+    return zip_path
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ([], r"decompresses \d[\d,]* times its compressed size, more than 100 \(--max_compression_ratio"),
+    (["--max_compression_ratio", "1e6", "--max_file_bytes", str(8 << 20)],
+     r"decompresses to \d[\d,]* bytes, more than 8,388,608 \(--max_file_bytes"),
+    (["--max_compression_ratio", "1e6", "--max_line_bytes", str(1 << 20)],
+     r"train\.jsonl:1: a line longer than 1,048,576 bytes \(--max_line_bytes"),
+])
+def test_zip_member_past_a_limit_is_one_line_with_bounded_memory(tmp_path, capsys, flags, needle):
+    """Issue 16 §2: a 1 GiB line in a 1.3 MB zip used to be read whole (2.36 GB peak). Here a 48 MiB line
+    (a 50 kB zip): each limit stops it with one line naming the member and the flag, and the memory Python
+    allocated stays a few MiB whatever the member's size."""
+    import tracemalloc
+
+    archive = zip_with_one_long_line(small_archive(tmp_path / "src"), tmp_path / "dataset.zip", 48 << 20)
+    assert archive.stat().st_size < 1 << 20
+    tracemalloc.start()
+    code = prepare_data.main(["--source", str(archive), "--output_dir", str(tmp_path / "cache"),
+                              "--tokenizer", SMALL_BPE, *flags])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(needle, err[0]) and "dataset/train.jsonl" in err[0], err
+    assert peak < 8 << 20, f"peak {peak:,} bytes"
+    assert_no_cache(tmp_path / "cache")
+
+
+def test_download_is_verified_stored_with_its_checksum_and_reused_only_while_it_matches(tmp_path, archive_server,
+                                                                                        capsys):
+    base_url, state = archive_server
+    zip_path = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip")
+    state["payload"] = zip_path.read_bytes()
+    digest = sha256_file(zip_path)
+    out, downloads = tmp_path / "out" / "cache", tmp_path / "downloads"
+    url = f"{base_url}/dataset.zip"
+
+    with pytest.raises(PrepareError, match=f"has SHA-256 {digest}, not the {'0' * 64} given with --sha256"):
+        prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads, sha256="0" * 64)
+    assert list(downloads.iterdir()) == []  # the wrong file is not kept
+    assert "plain http" in capsys.readouterr().err
+
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads, sha256=digest)
+    (stored,) = downloads.glob("*.zip")
+    assert (downloads / f"{stored.name}.sha256").read_text().strip() == digest
+    assert len(state["ranges"]) == 2
+    capsys.readouterr()
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert len(state["ranges"]) == 2 and "reusing download" in capsys.readouterr().out
+
+    stored.write_bytes(stored.read_bytes() + b"\0")  # damaged on disk: downloaded again
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert len(state["ranges"]) == 3 and "does not match its recorded SHA-256" in capsys.readouterr().out
+    assert sha256_file(stored) == digest
+
+
+# ------------------------------------------------------------------------------ corpora refused or warned about
+
+
+def no_labels(source: Path) -> None:
+    write_records(source / "train.jsonl", [{**r, "eurovoc_concepts": []} for r in read_records(source / "train.jsonl")])
+
+
+def empty_texts(source: Path) -> None:
+    write_records(source / "dev.jsonl", [{**r, "title": "", "header": "", "recitals": "", "main_body": []}
+                                         for r in read_records(source / "dev.jsonl")])
+
+
+@pytest.mark.parametrize("corrupt, flags, message", [
+    (no_labels, [], "no training document has a label"),
+    (empty_texts, [], "every document of the validation split has empty text"),
+    (None, ["--source", "synthetic", "--synthetic_labels", "0"], "synthetic_labels must be at least 1"),
+    (None, ["--max_line_bytes", "0"], "--max_line_bytes must be positive"),
+])
+def test_corpora_that_cannot_train_or_be_evaluated_are_refused_in_one_line(tmp_path, capsys, corrupt, flags, message):
+    source = small_archive(tmp_path / "src")
+    if corrupt:
+        corrupt(source)
+    code = prepare_data.main(["--source", str(source), "--output_dir", str(tmp_path / "out" / "cache"),
+                              "--tokenizer", SMALL_BPE, *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert_no_cache(tmp_path / "out" / "cache")
+
+
+def test_documents_shared_by_train_and_evaluation_splits_are_warned_about_and_recorded(tmp_path, capsys):
+    source = small_archive(tmp_path / "src")
+    train = read_records(source / "train.jsonl")
+    write_records(source / "test.jsonl", read_records(source / "test.jsonl") + train[:3])
+    capsys.readouterr()
+    meta = data.read_meta(prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64))
+    warning = "3 of 13 test documents are also in train"
+    assert warning in capsys.readouterr().out
+    assert any(warning in note for note in meta.raw["source"]["notes"])
+
+
+def test_a_run_keeps_the_splits_it_opened_when_the_cache_is_rebuilt(tmp_path):
+    """Issue 16 §5: a cache rebuilt with --force while a run used it changed the test split under that run,
+    whose row kept the old fingerprint. The run opens every split up front and checks the fingerprint after."""
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    meta = data.read_meta(out)
+    splits = data.open_splits(meta)
+    opened = {split: np.array(part.input_ids) for split, part in splits.items()}
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=32)  # another run rebuilds it differently
+    assert not np.array_equal(np.asarray(data.TokenizedSplit(out, "test").input_ids), opened["test"])
+    assert all(np.array_equal(np.asarray(part.input_ids), opened[split]) for split, part in splits.items())
+    with pytest.raises(data.CacheError, match="rebuilt while this run was opening it"):
+        data.open_splits(meta)
+
+
+def test_leftovers_of_interrupted_cache_writes_are_cleaned_and_reported(tmp_path, capsys):
+    """Issue 16 §3: `.cache.tmp-*` (a build killed half-way) and `.cache.old-PID` (killed after the swap)
+    are removed by the next prepare of that cache, which says so; another cache's leftovers are left alone
+    (another process may be building it)."""
+    source = small_archive(tmp_path / "src")
+    out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
+    for leftover in (".cache.tmp-abc123", ".cache.old-4242", ".other.tmp-xyz"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "train.input_ids.npy").write_bytes(b"\0" * 2048)
+    capsys.readouterr()
+    prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
+    printed = capsys.readouterr().out
+    assert "reusing cache" in printed and printed.count("left by an interrupted write") == 2 and "2,048 bytes" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", ".other.tmp-xyz", "cache", "src"]

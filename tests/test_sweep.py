@@ -1,6 +1,8 @@
 """Sweeps: which runs run again, failure isolation, torn results lines, run locks and concurrent sweeps."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 import tiny_run
 from dtype_bench import results, sweep
 from dtype_bench.distributed import SINGLE_PROCESS
+from dtype_bench.io import FolderRefused
 
 
 def test_needs_run_rules():
@@ -98,6 +101,7 @@ def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, cache):
     """fp16_naive really diverges (fp16 AdamW states, no loss scaling); amp_bf16 really fails: its run finds
     a corrupt checkpoint (as a disk error would leave) and refuses it. The others complete, the sweep goes
     on and exits non-zero; re-running skips what is done and leaves the failure alone unless asked."""
+    results.claim_output_dir(tmp_path, *tiny_run.setup(cache, tmp_path, *FAST))  # as the run that wrote it did
     broken = tmp_path / "checkpoints" / tiny_run.run_id(cache, tmp_path, "amp_bf16", 0, *FAST) / "last"
     broken.mkdir(parents=True)
     (broken / "manifest.json").write_text("{ garbage")
@@ -138,3 +142,75 @@ def test_two_concurrent_sweeps_share_one_output_dir(tmp_path, cache):
     assert problems == []
     assert sorted((r["config"], r["status"]) for r in rows) == [("amp_bf16", "completed"), ("fp32_baseline", "completed")]
     assert not any("resuming" in out for out in outputs)  # nobody picked up a run the other was training
+
+
+def _claim_after(barrier, output_dir: str, fingerprint: str, outcomes) -> None:
+    barrier.wait()
+    try:
+        results.claim_output_dir(output_dir, fingerprint, {"setup": fingerprint})
+        outcomes.put(("claimed", fingerprint))
+    except results.SetupMismatch:
+        outcomes.put(("refused", fingerprint))
+
+
+def test_setups_started_at_the_same_moment_cannot_both_claim_a_folder(tmp_path):
+    """Issue 16 §4: claim_output_dir checked setup.json and wrote it without a lock, so two setups started
+    together could both pass the check. Eight processes released at once: exactly one setup owns it."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, outcomes = context.Barrier(8), context.Queue()
+    processes = [context.Process(target=_claim_after, args=(barrier, str(tmp_path / "out"), f"setup{i}", outcomes))
+                 for i in range(8)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    got = [outcomes.get(timeout=5) for _ in processes]
+    winners = [fingerprint for outcome, fingerprint in got if outcome == "claimed"]
+    assert len(winners) == 1, got
+    assert json.loads((tmp_path / "out" / "setup.json").read_text())["fingerprint"] == winners[0]
+
+
+def test_non_utf8_results_line_is_reported_like_a_torn_one(tmp_path, capsys):
+    row = {"experiment": "e", "run_id": "r1", "config": "fp32_baseline", "seed": 0, "status": "completed",
+           "setup_fingerprint": "s"}
+    results.append_result(tmp_path, row)
+    with open(tmp_path / "results.jsonl", "ab") as f:
+        f.write(b'{"run_id": "r\xff2"}\n')
+    results.append_result(tmp_path, {**row, "run_id": "r3"})
+    rows, problems = results.read_results(tmp_path)
+    assert [r["run_id"] for r in rows] == ["r1", "r3"]
+    assert len(problems) == 1 and "results.jsonl:2: malformed line" in problems[0] and "utf-8" in problems[0]
+
+
+def test_a_failed_row_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """A full disk (ENOSPC) in the middle of the append used to leave a torn line mid-file."""
+    import errno
+
+    row = {"experiment": "e", "run_id": "r1", "config": "fp32_baseline", "seed": 0, "status": "completed"}
+    results.append_result(tmp_path, row)
+    before = (tmp_path / "results.jsonl").read_bytes()
+    real_fsync = os.fsync
+
+    def disk_full(fd):  # the bytes were written, reaching the disk fails
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        results.append_result(tmp_path, {**row, "run_id": "r2"})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (tmp_path / "results.jsonl").read_bytes() == before
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_output_dir_is_refused_in_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(FolderRefused, match="is not writable by this user"):
+            results.claim_output_dir(locked / "out", "s", {})
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == []

@@ -3,13 +3,14 @@ learned from the start of a document (what survives truncation to 128 tokens).""
 from __future__ import annotations
 
 import json
+import hashlib
 import re
 import time
 from collections import Counter, defaultdict
 
 import pytest
 
-from dtype_bench.synthetic import ARCHIVE_FIELDS, generate_documents, write_jsonl_splits
+from dtype_bench.synthetic import ARCHIVE_FIELDS, GENERATOR_VERSION, generate_documents, write_jsonl_splits
 
 N_DOCS = 5000
 
@@ -98,3 +99,15 @@ def test_write_jsonl_splits_uses_archive_names_and_one_stream(tmp_path, document
 def test_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="n_docs"):
         generate_documents(-1)
+
+
+# Digest of generate_documents(50, num_labels=30, seed=7) at GENERATOR_VERSION 1.
+GENERATOR_OUTPUT_SHA256 = {1: "60dbc57da2b1793e245534d5c83671ccf0626010c9b2b113bcc286b63820b121"}
+
+
+def test_generator_output_changes_only_with_its_version():
+    """Caches of the synthetic corpus are fingerprinted by GENERATOR_VERSION, not by synthetic.py's bytes: a
+    change of the output without a version bump would reuse stale caches. Bump it and record the new digest."""
+    digest = hashlib.sha256(json.dumps(generate_documents(50, num_labels=30, seed=7), sort_keys=True).encode())
+    assert GENERATOR_OUTPUT_SHA256.get(GENERATOR_VERSION) == digest.hexdigest(), (
+        "generate_documents' output changed: bump synthetic.GENERATOR_VERSION and add its digest here")

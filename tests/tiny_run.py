@@ -64,19 +64,24 @@ def logged_steps(output_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def run_id(cache: Path, output_dir: Path, config: str, seed: int, *flags: str) -> str:
-    """The run id run.py gives (config, seed) under these flags, computed the way run.py does."""
+def setup(cache: Path, output_dir: Path, *flags: str) -> tuple[str, dict]:
+    """The setup fingerprint and record run.py computes under these flags (config and seed excluded)."""
     import torch
 
-    from dtype_bench import results, runner
+    from dtype_bench import runner
 
     config_module = load_config_module("classification")
-    argv = [*SMALL, "--data_dir", str(cache), "--output_dir", str(output_dir), "--config", config, "--seed",
-            str(seed), *flags]
+    argv = [*SMALL, "--data_dir", str(cache), "--output_dir", str(output_dir), "--config", "fp32_baseline", *flags]
     _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS, argv)
     data_fingerprint = json.loads((cache / "meta.json").read_text())["fingerprint"]
-    setup_fp, _ = runner.setup_of(cfg.to_record(), data_fingerprint, torch.device("cpu"))
-    return results.run_id("classification", config, seed, setup_fp)
+    return runner.setup_of(cfg.to_record(), data_fingerprint, torch.device("cpu"))
+
+
+def run_id(cache: Path, output_dir: Path, config: str, seed: int, *flags: str) -> str:
+    """The run id run.py gives (config, seed) under these flags, computed the way run.py does."""
+    from dtype_bench import results
+
+    return results.run_id("classification", config, seed, setup(cache, output_dir, *flags)[0])
 
 
 def load_config_module(experiment: str):

@@ -1,9 +1,10 @@
 """Read the prepared EUR-Lex cache and serve batches.
 
-Cache format (written by prepare_data.py, version 1) — one directory:
+Cache format (written by prepare_data.py, version 2) — one directory:
     meta.json                 format_version, fingerprint (of source + tokenizer + options), source, tokenizer
                               (name, fingerprint, vocab_size, pad/cls/sep ids), options (max_length, zones, ...),
                               splits {name: n_docs}, num_labels, labels_not_in_train {split: count}
+                              files {path: {bytes, sha256}} of every other file (checked on reuse)
     labels.json               the label vocabulary: list of concept ids; position = label index
     tokenizer/                the tokenizer used (HF fast-tokenizer files), so nothing is re-fetched
     {split}.input_ids.npy     int32, all documents' token ids concatenated (already truncated, with <s> ... </s>)
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtype_bench.io import CacheError, read_cache_meta
+from dtype_bench.io import CacheError, check_cache_files, check_cache_unchanged, read_cache_meta
 
-CACHE_FORMAT_VERSION = 1
+# Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
+# (prepare_data.py), so that no cache built by the old rules is reused.
+CACHE_FORMAT_VERSION = 2  # 2: meta.json records each file's size and SHA-256 (`files`)
 SPLITS = ("train", "validation", "test")
 ARRAYS = ("input_ids", "doc_offsets", "label_ids", "label_offsets", "n_unseen_labels")
 
@@ -50,6 +53,9 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         for suffix in ARRAYS:
             if not (data_dir / f"{split}.{suffix}.npy").exists():
                 raise CacheError(f"cache {data_dir} is incomplete: {split}.{suffix}.npy missing; prepare it again")
+    check_cache_files(data_dir, meta)
+    if int(meta["num_labels"]) < 1:
+        raise CacheError(f"cache {data_dir} has no labels (no training document has one): nothing to classify")
     tok = meta["tokenizer"]
     return CacheMeta(
         path=data_dir,
@@ -98,6 +104,14 @@ class TokenizedSplit:
 
     def labels(self, i: int) -> np.ndarray:
         return self.label_ids[self.label_offsets[i] : self.label_offsets[i + 1]]
+
+
+def open_splits(meta: CacheMeta, max_length: int | None = None) -> dict[str, TokenizedSplit]:
+    """Every split of the cache `meta` was read from, memory-mapped now, so that a run reports on the data
+    its fingerprint names even if the cache is rebuilt while it trains (the open files stay as they were)."""
+    splits = {split: TokenizedSplit(meta.path, split, max_length) for split in SPLITS}
+    check_cache_unchanged(meta.path, meta.fingerprint)
+    return splits
 
 
 @dataclass

@@ -45,15 +45,19 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
 import numpy as np
-from filelock import FileLock
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from data import ARRAYS, CACHE_FORMAT_VERSION, SPLITS, CacheError, read_meta
-from dtype_bench import synthetic, tokenization
-from dtype_bench.io import atomic_directory, atomic_write_json, atomic_write_text, fingerprint, sha256_file
+from data import ARRAYS, CACHE_FORMAT_VERSION, SPLITS
+from dtype_bench import synthetic
+from dtype_bench.configs import field_docs
+from dtype_bench.io import (
+    CACHE_MARKER, FolderRefused, atomic_write_json, atomic_write_text, building_cache, claim_folder, fingerprint,
+    sha256_file,
+)
 from dtype_bench.tokenization import (
-    TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, tokenizer_fingerprint, train_bpe_tokenizer,
+    TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, parse_words_spec, tokenizer_fingerprint,
+    train_bpe_tokenizer,
 )
 
 ZONES = ("title", "header", "recitals", "main_body", "attachments")
@@ -84,6 +88,29 @@ HUB_SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "v
 
 class PrepareError(RuntimeError):
     """The source cannot be turned into a cache; the message (one line) says where and why."""
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on what a source can make this process read, so that a zip bomb or a file without line ends
+    stops with one line instead of exhausting memory. The defaults are far above EURLEX57K's (about 0.3 GB
+    of jsonl; the shared sample's longest record is 22 kB and its text compresses about 4x); the flags of
+    the same names raise them."""
+
+    max_file_bytes: int = 16 << 30
+    """Decompressed bytes of one file or zip member, and bytes of one download."""
+    max_line_bytes: int = 64 << 20
+    """Bytes of one jsonl line (one record); a longer line is never held in memory whole."""
+    max_compression_ratio: float = 100.0
+    """Decompressed / compressed bytes of one zip member (text compresses 3-10x; a bomb 1,000x)."""
+
+    def __post_init__(self) -> None:
+        for name in field_docs(InputLimits):
+            if not getattr(self, name) > 0:
+                raise PrepareError(f"--{name} must be positive, got {getattr(self, name)}")
+
+
+READ_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -135,6 +162,36 @@ def document_from_record(record: object, where: str, zones: tuple[str, ...]) -> 
     return Document(str(record[ID_FIELD]), "\n".join(parts), tuple(dict.fromkeys(str(c) for c in concepts)))
 
 
+def bounded_lines(stream: IO[bytes], name: str, limits: InputLimits, compressed_bytes: int | None = None
+                  ) -> Iterator[bytes]:
+    """The lines of `stream`, read in chunks so that memory stays within one line, refused (PrepareError
+    naming the file and the limit) past `limits`; `compressed_bytes` (a zip member's) bounds the ratio."""
+    total, lineno, pending = 0, 0, b""
+    while chunk := stream.read(READ_CHUNK_BYTES):
+        total += len(chunk)
+        if total > limits.max_file_bytes:
+            raise PrepareError(f"{name} decompresses to more than {limits.max_file_bytes:,} bytes "
+                               "(--max_file_bytes raises the limit)")
+        if compressed_bytes is not None and total > limits.max_compression_ratio * max(compressed_bytes, 1) \
+                and total > READ_CHUNK_BYTES:
+            raise PrepareError(f"{name} decompresses more than {limits.max_compression_ratio:g} times its "
+                               f"{compressed_bytes:,} compressed bytes (--max_compression_ratio raises the limit)")
+        *complete, pending = (pending + chunk).split(b"\n")
+        for line in complete:
+            lineno += 1
+            check_line_length(line, f"{name}:{lineno}", limits)
+            yield line
+        check_line_length(pending, f"{name}:{lineno + 1}", limits)
+    if pending:
+        yield pending
+
+
+def check_line_length(line: bytes, where: str, limits: InputLimits) -> None:
+    if len(line) > limits.max_line_bytes:
+        raise PrepareError(f"{where}: a line longer than {limits.max_line_bytes:,} bytes "
+                           "(--max_line_bytes raises the limit)")
+
+
 def parse_jsonl(lines: Iterable[bytes], name: str, zones: tuple[str, ...]) -> list[Document]:
     """Documents of one jsonl stream (a file or a zip member, hence not io.read_jsonl, which opens paths)."""
     documents = []
@@ -152,7 +209,8 @@ def parse_jsonl(lines: Iterable[bytes], name: str, zones: tuple[str, ...]) -> li
 
 
 def complete_splits(splits: Splits, location: str, notes: list[str]) -> Splits:
-    """Check every split has documents, deriving test from validation when the source has none."""
+    """Check every split has documents, deriving test from validation when the source has none; refuse a
+    corpus that cannot train a classifier and warn about one that cannot be evaluated honestly."""
     if "test" not in splits and "validation" in splits:
         validation = splits["validation"]
         order = np.random.default_rng(TEST_SPLIT_SEED).permutation(len(validation))
@@ -169,7 +227,27 @@ def complete_splits(splits: Splits, location: str, notes: list[str]) -> Splits:
             raise PrepareError(f"{location} has no {split} split")
         if not splits[split]:
             raise PrepareError(f"{location}: the {split} split has no documents")
+        empty = sum(not d.text.strip() for d in splits[split])
+        if empty == len(splits[split]):
+            raise PrepareError(f"{location}: every document of the {split} split has empty text in the chosen zones")
+        if empty:
+            warn(f"{location}: {empty} of {len(splits[split])} {split} documents have empty text", notes)
+    if not any(d.concepts for d in splits["train"]):
+        raise PrepareError(f"{location}: no training document has a label ({LABELS_FIELD} is empty in all "
+                           f"{len(splits['train'])}): nothing to learn")
+    train_ids, train_texts = {d.celex_id for d in splits["train"]}, {d.text for d in splits["train"]}
+    for split in ("validation", "test"):
+        shared = sum(d.celex_id in train_ids or d.text in train_texts for d in splits[split])
+        if shared:
+            warn(f"{location}: {shared} of {len(splits[split])} {split} documents are also in train (same "
+                 f"{ID_FIELD} or same text): their scores measure memory, not generalisation", notes)
     return {split: splits[split] for split in SPLITS}
+
+
+def warn(message: str, notes: list[str]) -> None:
+    """Print a warning about the corpus and record it (meta.json keeps the notes)."""
+    notes.append(message)
+    print(f"warning: {message}")
 
 
 # ------------------------------------------------------------------------------- archive (jsonl files)
@@ -179,17 +257,19 @@ def complete_splits(splits: Splits, location: str, notes: list[str]) -> Splits:
 class SplitFile:
     name: str  # shown in errors: a path, or zip!member
     open: Callable[[], contextlib.AbstractContextManager[IO[bytes]]]
+    compressed_bytes: int | None = None  # a zip member's, for the compression-ratio limit
 
 
 def read_split_files(
-    files: dict[str, SplitFile], location: str, notes: list[str]
+    files: dict[str, SplitFile], location: str, notes: list[str], limits: InputLimits
 ) -> Callable[[tuple[str, ...]], Splits]:
     def read(zones: tuple[str, ...]) -> Splits:
         splits = {}
         for split, split_file in files.items():
             try:
                 with split_file.open() as stream:
-                    splits[split] = parse_jsonl(stream, split_file.name, zones)
+                    lines = bounded_lines(stream, split_file.name, limits, split_file.compressed_bytes)
+                    splits[split] = parse_jsonl(lines, split_file.name, zones)
             except (zipfile.BadZipFile, OSError) as e:
                 raise PrepareError(f"cannot read {split_file.name}: {e}") from e
         return complete_splits(splits, location, notes)
@@ -197,7 +277,7 @@ def read_split_files(
     return read
 
 
-def folder_corpus(folder: Path) -> Corpus:
+def folder_corpus(folder: Path, limits: InputLimits) -> Corpus:
     candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
     roots = [d for d in candidates if (d / synthetic.ARCHIVE_SPLIT_FILES["train"]).is_file()]
     if not roots:
@@ -211,7 +291,7 @@ def folder_corpus(folder: Path) -> Corpus:
     return Corpus(
         identity={"kind": "archive_files", "sha256": {p.name: sha256_file(p) for p in paths.values()}},
         description={"kind": "folder", "location": str(root.resolve())},
-        read=read_split_files(files, str(root.resolve()), notes),
+        read=read_split_files(files, str(root.resolve()), notes, limits),
         notes=notes,
     )
 
@@ -231,10 +311,25 @@ def open_zip_member(zip_path: Path, member: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def zip_corpus(zip_path: Path, description: dict) -> Corpus:
+def check_zip_sizes(zip_path: Path, member: zipfile.ZipInfo, limits: InputLimits) -> None:
+    """The sizes a member declares, before reading it (zipfile never yields more than the declared size;
+    bounded_lines counts what is read as well)."""
+    where = f"{zip_path}!{member.filename}"
+    if member.file_size > limits.max_file_bytes:
+        raise PrepareError(f"{where} decompresses to {member.file_size:,} bytes, more than {limits.max_file_bytes:,} "
+                           "(--max_file_bytes raises the limit)")
+    if member.file_size > READ_CHUNK_BYTES and member.file_size > limits.max_compression_ratio * max(
+            member.compress_size, 1):
+        raise PrepareError(f"{where} decompresses {member.file_size / max(member.compress_size, 1):,.0f} times its "
+                           f"compressed size, more than {limits.max_compression_ratio:g} "
+                           "(--max_compression_ratio raises the limit)")
+
+
+def zip_corpus(zip_path: Path, description: dict, limits: InputLimits, digest: str | None = None) -> Corpus:
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            names = archive.namelist()
+            names = archive.namelist()  # duplicates kept: an archive with two train.jsonl is refused below
+            members = {info.filename: info for info in archive.infolist()}
     except zipfile.BadZipFile as e:
         raise PrepareError(f"{zip_path} is not a readable zip archive ({e})") from e
     check_zip_names(zip_path, names)
@@ -245,36 +340,42 @@ def zip_corpus(zip_path: Path, description: dict) -> Corpus:
         if len(matches) > 1:
             raise PrepareError(f"{zip_path} holds several {filename}: {matches}")
         if matches:
-            files[split] = SplitFile(f"{zip_path}!{matches[0]}", lambda m=matches[0]: open_zip_member(zip_path, m))
+            check_zip_sizes(zip_path, members[matches[0]], limits)
+            files[split] = SplitFile(f"{zip_path}!{matches[0]}", lambda m=matches[0]: open_zip_member(zip_path, m),
+                                     members[matches[0]].compress_size)
     if "train" not in files:
         raise PrepareError(f"{zip_path} holds no train.jsonl; expected the EURLEX57K dataset.zip")
     notes: list[str] = []
-    digest = sha256_file(zip_path)
+    digest = digest or sha256_file(zip_path)
     return Corpus(
         identity={"kind": "archive_zip", "sha256": digest},
         description={**description, "sha256": digest},
-        read=read_split_files(files, str(zip_path), notes),
+        read=read_split_files(files, str(zip_path), notes, limits),
         notes=notes,
     )
 
 
-def local_corpus(path: Path) -> Corpus:
+def local_corpus(path: Path, limits: InputLimits, sha256: str | None) -> Corpus:
     if path.is_dir():
-        return folder_corpus(path)
+        if sha256:
+            raise PrepareError("--sha256 checks a zip archive or a download, not a folder")
+        return folder_corpus(path, limits)
     if not zipfile.is_zipfile(path):
         raise PrepareError(f"{path} is neither a folder nor a zip archive: pass the EURLEX57K dataset.zip "
                            "or its folder")
-    return zip_corpus(path, {"kind": "zip", "location": str(path.resolve())})
+    digest = sha256_file(path)
+    if sha256 and digest != sha256:
+        raise PrepareError(f"{path} has SHA-256 {digest}, not the {sha256} given with --sha256")
+    return zip_corpus(path, {"kind": "zip", "location": str(path.resolve())}, limits, digest)
 
 
 # ------------------------------------------------------------------------------------------ download
 
 
-def download(url: str, dest: Path) -> Path:
+def download(url: str, dest: Path, max_bytes: int) -> Path:
     """Fetch `url` to `dest` through `dest.part`, resuming a previous partial download with an HTTP Range
-    request. An interrupted transfer raises PrepareError and keeps the .part for the next attempt."""
-    if dest.exists():
-        return dest
+    request. An interrupted transfer raises PrepareError and keeps the .part for the next attempt; a
+    download past `max_bytes` is stopped and deleted."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
@@ -291,31 +392,61 @@ def download(url: str, dest: Path) -> Path:
                 while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
                     out.write(chunk)
                     progress.update(len(chunk))
+                    if out.tell() > max_bytes:
+                        break
+                out.flush()
+                os.fsync(out.fileno())
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # the .part is already as long as the file (or longer): start over
             part.unlink()
-            return download(url, dest)
+            return download(url, dest, max_bytes)
         raise PrepareError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
         raise PrepareError(f"cannot download {url}: {e.reason}") from e
     except (OSError, http.client.HTTPException) as e:  # connection reset, timeout, short read
         raise PrepareError(f"download of {url} failed ({type(e).__name__}); {stopped}") from e
     size = part.stat().st_size
+    if size > max_bytes:
+        part.unlink()
+        raise PrepareError(f"download of {url} is larger than {max_bytes:,} bytes; stopped and deleted "
+                           "(--max_file_bytes raises the limit)")
     if total is not None and size != total:
         raise PrepareError(f"download of {url} stopped at {size} of {total} bytes; {stopped}")
     os.replace(part, dest)
     return dest
 
 
-def url_corpus(url: str, download_dir: Path) -> Corpus:
+def url_corpus(url: str, download_dir: Path, limits: InputLimits, sha256: str | None) -> Corpus:
+    """A downloaded archive, stored with its SHA-256 beside it (`<file>.sha256`) and reused only while the
+    file still has it (and the one given with --sha256, if any)."""
+    if url.startswith("http://"):
+        print(f"warning: {url} is plain http, which anyone on the way can alter: prefer https"
+              + ("" if sha256 else ", or pass --sha256 to verify the download"), file=sys.stderr)
     basename = PurePosixPath(urllib.parse.urlparse(url).path).name or "download"
     # The url's hash in the name keeps two sources with the same basename apart.
     dest = download_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{basename}"
-    path = download(url, dest)
-    if not zipfile.is_zipfile(path):
-        raise PrepareError(f"{url} did not return a zip archive (saved as {path}, delete it to download again); "
+    recorded = dest.with_name(dest.name + ".sha256")
+    if dest.exists():
+        digest = sha256_file(dest)
+        expected = recorded.read_text().strip() if recorded.exists() else None
+        if digest == expected and sha256 in (None, digest):
+            print(f"reusing download {dest} (SHA-256 {digest})")
+        else:
+            print(f"note: the earlier download {dest} does not match its recorded SHA-256"
+                  + (" or --sha256" if sha256 else "") + ": downloading again")
+            dest.unlink()
+    if not dest.exists():
+        download(url, dest, limits.max_file_bytes)
+        digest = sha256_file(dest)
+        if sha256 and digest != sha256:
+            dest.unlink()
+            raise PrepareError(f"download of {url} has SHA-256 {digest}, not the {sha256} given with --sha256; "
+                               "deleted it")
+        atomic_write_text(recorded, digest + "\n")
+    if not zipfile.is_zipfile(dest):
+        raise PrepareError(f"{url} did not return a zip archive (saved as {dest}, delete it to download again); "
                            "expected the EURLEX57K dataset.zip")
-    return zip_corpus(path, {"kind": "url", "url": url, "location": str(path.resolve())})
+    return zip_corpus(dest, {"kind": "url", "url": url, "location": str(dest.resolve())}, limits, digest)
 
 
 # ----------------------------------------------------------------------------------------------- hub
@@ -394,17 +525,18 @@ def synthetic_split_sizes(n_docs: int) -> dict[str, int]:
 
 def synthetic_corpus(n_docs: int, num_labels: int, seed: int) -> Corpus:
     sizes = synthetic_split_sizes(n_docs)
+    if num_labels < 1:
+        raise PrepareError(f"synthetic_labels must be at least 1, got {num_labels}")
     options = {"docs": sizes, "num_labels": num_labels, "seed": seed}
 
     def read(zones: tuple[str, ...]) -> Splits:
         # Through the archive code path, so the synthetic corpus exercises exactly what real data does.
         with tempfile.TemporaryDirectory(prefix="synthetic-eurlex-") as folder:
             synthetic.write_jsonl_splits(folder, sizes["train"], sizes["validation"], sizes["test"], seed, num_labels)
-            return folder_corpus(Path(folder)).read(zones)
+            return folder_corpus(Path(folder), InputLimits()).read(zones)
 
     return Corpus(
-        # The generator's source is part of the identity: editing it must not reuse a stale cache.
-        identity={"kind": "synthetic", **options, "generator_sha256": sha256_file(synthetic.__file__)},
+        identity={"kind": "synthetic", **options, "generator_version": synthetic.GENERATOR_VERSION},
         description={"kind": "synthetic", **options},
         read=read,
     )
@@ -415,7 +547,7 @@ TOKEN_ID_SOURCES = {"synthetic-ids": "filling", "synthetic-ids-eurlex-lengths": 
 
 
 def token_id_corpus(source: str, tokenizer: str, n_docs: int, num_labels: int, seed: int) -> Corpus:
-    vocab_size = tokenization.parse_words_spec(tokenizer)
+    vocab_size = parse_words_spec(tokenizer)
     if vocab_size is None:
         raise PrepareError(f"source {source} is written for a words:SIZE tokenizer, got --tokenizer {tokenizer}")
     sizes = synthetic_split_sizes(n_docs)
@@ -432,21 +564,23 @@ def token_id_corpus(source: str, tokenizer: str, n_docs: int, num_labels: int, s
         bounds = np.cumsum([0, *sizes.values()])
         return {split: documents[start:stop] for split, start, stop in zip(sizes, bounds, bounds[1:])}
 
-    return Corpus(identity={"kind": source, **options, "generator_sha256": sha256_file(synthetic.__file__)},
+    return Corpus(identity={"kind": source, **options, "generator_version": synthetic.GENERATOR_VERSION},
                   description={"kind": source, **options}, read=read)
 
 
 def open_source(source: str, download_dir: Path, synthetic_docs: int, synthetic_labels: int,
-                synthetic_seed: int, tokenizer: str) -> Corpus:
+                synthetic_seed: int, tokenizer: str, limits: InputLimits, sha256: str | None) -> Corpus:
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise PrepareError(f"--sha256 must be 64 lowercase hex digits, got {sha256!r}")
     if source == "synthetic":
         return synthetic_corpus(synthetic_docs, synthetic_labels, synthetic_seed)
     if source in TOKEN_ID_SOURCES:
         return token_id_corpus(source, tokenizer, synthetic_docs, synthetic_labels, synthetic_seed)
     if re.match(r"https?://", source):
-        return url_corpus(source, download_dir)
+        return url_corpus(source, download_dir, limits, sha256)
     path = Path(source).expanduser()
     if path.exists():
-        return local_corpus(path)
+        return local_corpus(path, limits, sha256)
     if HUB_ID.fullmatch(source) and not source.startswith("."):
         return hub_corpus(source)
     raise PrepareError(f"source {source!r} is not an existing path, an http(s) URL, a hub id or 'synthetic'")
@@ -573,13 +707,6 @@ def stats_markdown(stats: dict) -> str:
 # ------------------------------------------------------------------------------------------- prepare
 
 
-def cached_fingerprint(output_dir: Path) -> str | None:
-    try:
-        return read_meta(output_dir).fingerprint
-    except (CacheError, ValueError, KeyError):  # missing, incomplete, old format or unreadable: rebuild
-        return None
-
-
 def prepare(
     source: str,
     output_dir: str | Path,
@@ -592,11 +719,13 @@ def prepare(
     synthetic_docs: int = 5000,
     synthetic_labels: int = synthetic.EURLEX_NUM_LABELS,
     synthetic_seed: int = 0,
+    limits: InputLimits = InputLimits(),
+    sha256: str | None = None,
 ) -> Path:
     """Build (or reuse) the cache for `source` in `output_dir` and return its path. `download_dir` holds
     downloads of URL sources (default: a `downloads` folder beside output_dir); the synthetic_* options
-    apply to the `synthetic` source only."""
-    output_dir = Path(output_dir)
+    apply to the `synthetic` source only; `sha256` is the expected SHA-256 of a zip or URL source."""
+    output_dir = claim_folder(output_dir, CACHE_MARKER, "fingerprint")  # never replace what is not ours
     zones = tuple(zones)
     unknown = [z for z in zones if z not in ZONES]
     if not zones or unknown or len(set(zones)) != len(zones):
@@ -607,61 +736,57 @@ def prepare(
     # so a bad tokenizer spec fails before a long download.
     loaded_tokenizer = None if bpe_size is not None else load_tokenizer(tokenizer)
     corpus = open_source(source, Path(download_dir) if download_dir else output_dir.parent / "downloads",
-                         synthetic_docs, synthetic_labels, synthetic_seed, tokenizer)
+                         synthetic_docs, synthetic_labels, synthetic_seed, tokenizer, limits, sha256)
     options = {"max_length": max_length, "zones": list(zones)}
     token_identity = bpe_identity(bpe_size) if loaded_tokenizer is None else tokenizer_fingerprint(loaded_tokenizer)
-    # The code that writes the cache is part of its identity: a changed rule (say, the test split of a
-    # source without one) must not reuse a cache built by the old rule.
-    code = {Path(f).name: sha256_file(f) for f in (__file__, tokenization.__file__)}
-    cache_fingerprint = fingerprint(CACHE_FORMAT_VERSION, corpus.identity, token_identity, options, code)
+    # What determines the data, and nothing else: not this code's bytes, so that a comment edit does not
+    # orphan the results made from a cache. A changed rule (say, the test split of a source without one)
+    # bumps CACHE_FORMAT_VERSION.
+    cache_fingerprint = fingerprint(CACHE_FORMAT_VERSION, corpus.identity, token_identity, options)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent runs wanting the same cache build it once; the others then reuse it.
-    with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
-        if not force and cached_fingerprint(output_dir) == cache_fingerprint:
-            print(f"reusing cache {output_dir} (fingerprint {cache_fingerprint})")
+    with building_cache(output_dir, cache_fingerprint, CACHE_FORMAT_VERSION, force=force) as tmp:
+        if tmp is None:
             return output_dir
         started = time.perf_counter()
         splits = corpus.read(zones)
         labels = sorted({c for d in splits["train"] for c in d.concepts})
         label_index = {c: i for i, c in enumerate(labels)}
-        with atomic_directory(output_dir) as tmp:
-            if loaded_tokenizer is None:
-                print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
-                active_tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), bpe_size, tmp / "tokenizer")
-            else:
-                active_tokenizer = loaded_tokenizer
-                active_tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            encoded = {split: encode_split(active_tokenizer, docs, label_index, max_length, split)
-                       for split, docs in splits.items()}
-            for split, arrays in encoded.items():
-                for name in ARRAYS:
-                    np.save(tmp / f"{split}.{name}.npy", getattr(arrays, name))
-            atomic_write_json(tmp / "labels.json", labels)
-            stats = compute_stats(splits, encoded, len(labels), max_length)
-            report = stats_markdown(stats)
-            atomic_write_json(tmp / "stats.json", stats)
-            atomic_write_text(tmp / "stats.md", report)
-            seconds = time.perf_counter() - started
-            n_docs = sum(len(d) for d in splits.values())
-            atomic_write_json(tmp / "meta.json", {
-                "format_version": CACHE_FORMAT_VERSION,
-                "fingerprint": cache_fingerprint,
-                "source": {**corpus.description, "notes": corpus.notes},
-                "tokenizer": {
-                    "name": tokenizer,
-                    "fingerprint": tokenizer_fingerprint(active_tokenizer),
-                    "vocab_size": len(active_tokenizer),
-                    "pad_token_id": active_tokenizer.pad_token_id,
-                    "cls_token_id": active_tokenizer.cls_token_id,
-                    "sep_token_id": active_tokenizer.sep_token_id,
-                },
-                "options": options,
-                "splits": {split: len(docs) for split, docs in splits.items()},
-                "num_labels": len(labels),
-                "labels_not_in_train": {split: int(e.n_unseen_labels.sum()) for split, e in encoded.items()},
-                "build_seconds": round(seconds, 2),
-            })
+        if loaded_tokenizer is None:
+            print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
+            active_tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), bpe_size, tmp / "tokenizer")
+        else:
+            active_tokenizer = loaded_tokenizer
+            active_tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        encoded = {split: encode_split(active_tokenizer, docs, label_index, max_length, split)
+                   for split, docs in splits.items()}
+        for split, arrays in encoded.items():
+            for name in ARRAYS:
+                np.save(tmp / f"{split}.{name}.npy", getattr(arrays, name))
+        atomic_write_json(tmp / "labels.json", labels)
+        stats = compute_stats(splits, encoded, len(labels), max_length)
+        report = stats_markdown(stats)
+        atomic_write_json(tmp / "stats.json", stats)
+        atomic_write_text(tmp / "stats.md", report)
+        seconds = time.perf_counter() - started
+        n_docs = sum(len(d) for d in splits.values())
+        atomic_write_json(tmp / "meta.json", {
+            "format_version": CACHE_FORMAT_VERSION,
+            "fingerprint": cache_fingerprint,
+            "source": {**corpus.description, "notes": corpus.notes},
+            "tokenizer": {
+                "name": tokenizer,
+                "fingerprint": tokenizer_fingerprint(active_tokenizer),
+                "vocab_size": len(active_tokenizer),
+                "pad_token_id": active_tokenizer.pad_token_id,
+                "cls_token_id": active_tokenizer.cls_token_id,
+                "sep_token_id": active_tokenizer.sep_token_id,
+            },
+            "options": options,
+            "splits": {split: len(docs) for split, docs in splits.items()},
+            "num_labels": len(labels),
+            "labels_not_in_train": {split: int(e.n_unseen_labels.sum()) for split, e in encoded.items()},
+            "build_seconds": round(seconds, 2),
+        })
     print(report)
     sizes = " / ".join(f"{split} {len(docs)}" for split, docs in splits.items())
     print(f"prepared {output_dir}: {sizes} documents, {len(labels)} labels, tokenizer {tokenizer}, "
@@ -709,6 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic_labels", type=int, default=synthetic.EURLEX_NUM_LABELS,
                         help="synthetic source: number of concepts")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="synthetic source: generator seed")
+    parser.add_argument("--sha256", help="expected SHA-256 of the zip archive or download (refused if different)")
+    for name, doc in field_docs(InputLimits).items():
+        parser.add_argument(f"--{name}", type=type(getattr(InputLimits, name)), default=getattr(InputLimits, name),
+                            help=doc)
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
     args = parser.parse_args(argv)
     # Batch encoding and BPE training run on all cores; this process never forks after using them.
@@ -717,8 +846,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.source, args.output_dir, tokenizer=args.tokenizer, max_length=args.max_length,
                 zones=[z.strip() for z in args.zones.split(",") if z.strip()], force=args.force,
                 download_dir=args.download_dir, synthetic_docs=args.synthetic_docs,
-                synthetic_labels=args.synthetic_labels, synthetic_seed=args.synthetic_seed)
-    except (PrepareError, TokenizerError) as e:
+                synthetic_labels=args.synthetic_labels, synthetic_seed=args.synthetic_seed, sha256=args.sha256,
+                limits=InputLimits(**{name: getattr(args, name) for name in field_docs(InputLimits)}))
+    except (PrepareError, TokenizerError, FolderRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

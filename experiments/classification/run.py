@@ -87,7 +87,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
                                       max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
                                       tiny_hidden=cfg.tiny_hidden)
-    train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
+    splits = data_lib.open_splits(meta, cfg.max_length)  # pinned: a cache rebuilt meanwhile does not change them
+    train_split = splits["train"]
     label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None
     model = model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type, label_prior)
     precision.cast_model(model.encoder, model.head, pc)
@@ -104,7 +105,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     scaler = precision.grad_scaler(pc, device)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    val_split = data_lib.TokenizedSplit(meta.path, "validation", cfg.max_length)
+    val_split = splits["validation"]
     batches = data_lib.TrainBatches(train_split, cfg.batch_size, seed, meta.num_labels, meta.pad_token_id,
                                     rank=world.rank, world_size=world.world_size,
                                     length_grouped=cfg.length_grouped_batches)
@@ -204,7 +205,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         return out
     ckpt.load_best(state.best_dir)
     with memory.evaluating():
-        test = evaluate(model, data_lib.TokenizedSplit(meta.path, "test", cfg.max_length), cfg, pc, meta, device)
+        test = evaluate(model, splits["test"], cfg, pc, meta, device)
     out.update(best_val_step=state.best["step"], **{f"val_{k}": v for k, v in state.best["metrics"].items()},
                **test, **memory.summary())
     return out

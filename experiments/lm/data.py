@@ -1,8 +1,9 @@
 """Read the prepared token streams and serve language-modelling batches.
 
-Cache format (written by prepare_data.py, version 1), nanoGPT's layout — one directory:
+Cache format (written by prepare_data.py, version 2), nanoGPT's layout — one directory:
     meta.json      format_version, fingerprint (of source + tokenizer + options), source, tokenizer
-                   (name, fingerprint, vocab_size, eos_token_id), tokens {split: count}, options
+                   (name, fingerprint, vocab_size, eos_token_id), tokens {split: count}, options,
+                   files {path: {bytes, sha256}} of every other file (checked on reuse)
     tokenizer/     the tokenizer used (HF fast-tokenizer files), so nothing is re-fetched
     train.bin      uint16 token ids of every training document concatenated, each followed by the
     val.bin        end-of-text token; raw bytes, read with np.memmap (no header)
@@ -17,9 +18,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from dtype_bench.io import CacheError, read_cache_meta
+from dtype_bench.io import CacheError, check_cache_files, check_cache_unchanged, read_cache_meta
 
-CACHE_FORMAT_VERSION = 1
+# Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
+# (prepare_data.py), so that no cache built by the old rules is reused.
+CACHE_FORMAT_VERSION = 2  # 2: meta.json records each file's size and SHA-256 (`files`)
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit; prepare_data refuses larger vocabularies
 
@@ -46,6 +49,7 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         if not path.exists() or path.stat().st_size != expected:
             raise CacheError(f"cache {data_dir} is incomplete: {path.name} missing or not {expected} bytes; "
                              "prepare it again")
+    check_cache_files(data_dir, meta)
     return CacheMeta(path=data_dir, fingerprint=meta["fingerprint"], vocab_size=int(meta["tokenizer"]["vocab_size"]),
                      eos_token_id=int(meta["tokenizer"]["eos_token_id"]),
                      tokens={s: int(meta["tokens"][s]) for s in SPLITS}, raw=meta)
@@ -53,6 +57,14 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
 
 def load_tokens(meta: CacheMeta, split: str) -> np.memmap:
     return np.memmap(bin_path(meta.path, split), dtype=TOKEN_DTYPE, mode="r")
+
+
+def open_splits(meta: CacheMeta) -> dict[str, np.memmap]:
+    """Both token streams of the cache `meta` was read from, memory-mapped now, so that a run trains and
+    validates on the data its fingerprint names even if the cache is rebuilt meanwhile."""
+    streams = {split: load_tokens(meta, split) for split in SPLITS}
+    check_cache_unchanged(meta.path, meta.fingerprint)
+    return streams
 
 
 class Batch(NamedTuple):

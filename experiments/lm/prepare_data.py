@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from filelock import FileLock
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, CacheError, bin_path, read_meta
+from data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, bin_path
 from dtype_bench import synthetic
-from dtype_bench.io import atomic_directory, atomic_write_json, fingerprint, sha256_file
+from dtype_bench.io import (
+    CACHE_MARKER, FolderRefused, atomic_write_json, building_cache, claim_folder, fingerprint, sha256_file,
+)
 from dtype_bench.tokenization import (
     TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, parse_words_spec, tokenizer_fingerprint,
 )
@@ -74,9 +75,8 @@ def synthetic_corpus(n_docs: int, seed: int) -> Corpus:
 
         return Dataset.from_dict({"text": [synthetic_text(r) for r in synthetic.generate_documents(n_docs, seed=seed)]})
 
-    # The generator's source is part of the identity: editing it must not reuse a stale cache.
     return Corpus({"kind": "synthetic", "docs": n_docs, "seed": seed,
-                   "generator_sha256": sha256_file(synthetic.__file__)}, read)
+                   "generator_version": synthetic.GENERATOR_VERSION}, read)
 
 
 def token_id_corpus(tokenizer: str, n_docs: int, seed: int) -> Corpus:
@@ -137,6 +137,8 @@ def open_source(source: str, *, synthetic_docs: int, synthetic_seed: int, num_pr
 
 def split_documents(documents: "datasets.Dataset", val_fraction: float) -> dict:  # noqa: F821
     """train / val by document, with a fixed seed."""
+    if not any(text.strip() for text in documents["text"]):
+        raise PrepareError(f"all {len(documents)} documents are empty: nothing to model")
     n_val = max(1, round(val_fraction * len(documents)))
     if len(documents) - n_val < 1:
         raise PrepareError(f"{len(documents)} documents are too few to hold out a validation split")
@@ -179,7 +181,7 @@ def prepare(source: str, output_dir: str | Path, *, tokenizer: str = "gpt2", val
             num_proc: int = 1, synthetic_docs: int = 3000, synthetic_seed: int = 0, force: bool = False) -> Path:
     """Build (or reuse) the cache for `source` in `output_dir` and return its path. A `bpe:SIZE` tokenizer
     is trained on the train split; the synthetic_* options apply to the `synthetic` source only."""
-    output_dir = Path(output_dir)
+    output_dir = claim_folder(output_dir, CACHE_MARKER, "fingerprint")  # never replace what is not ours
     if not 0 < val_fraction < 1:
         raise PrepareError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if num_proc < 1 or synthetic_docs < 2:
@@ -194,41 +196,34 @@ def prepare(source: str, output_dir: str | Path, *, tokenizer: str = "gpt2", val
     options = {"val_fraction": val_fraction, "split_seed": SPLIT_SEED, "separator": "eos_after_each_document"}
     cache_fingerprint = fingerprint(CACHE_FORMAT_VERSION, corpus.identity, token_identity, options)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent runs wanting the same cache build it once; the others then reuse it.
-    with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
-        try:
-            if not force and read_meta(output_dir).fingerprint == cache_fingerprint:
-                print(f"reusing cache {output_dir} (fingerprint {cache_fingerprint})")
-                return output_dir
-        except (CacheError, ValueError, KeyError):  # missing, incomplete, old format or unreadable: rebuild
-            pass
+    with building_cache(output_dir, cache_fingerprint, CACHE_FORMAT_VERSION, force=force) as tmp:
+        if tmp is None:
+            return output_dir
         started = time.perf_counter()
         splits = split_documents(corpus.read(), val_fraction)
-        with atomic_directory(output_dir) as tmp:
-            if loaded_tokenizer is None:
-                print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
-            active = load_tokenizer(tokenizer, train_texts=(row["text"] for row in splits["train"]),
-                                    out_dir=tmp / "tokenizer")
-            if active.eos_token_id is None:
-                raise PrepareError(f"tokenizer {tokenizer!r} has no end-of-text (eos) token to separate documents")
-            if len(active) > np.iinfo(TOKEN_DTYPE).max + 1:
-                raise PrepareError(f"tokenizer {tokenizer!r} has {len(active)} tokens; {TOKEN_DTYPE.__name__} "
-                                   "token files hold at most 65,536")
-            counts = {split: write_tokens(tokenize(splits[split], active, num_proc, split), bin_path(tmp, split), split)
-                      for split in SPLITS}
-            seconds = time.perf_counter() - started
-            atomic_write_json(tmp / "meta.json", {
-                "format_version": CACHE_FORMAT_VERSION,
-                "fingerprint": cache_fingerprint,
-                "source": {"name": source, **corpus.identity},
-                "tokenizer": {"name": tokenizer, "fingerprint": tokenizer_fingerprint(active),
-                              "vocab_size": len(active), "eos_token_id": active.eos_token_id},
-                "tokens": counts,
-                "documents": {split: len(docs) for split, docs in splits.items()},
-                "options": options,
-                "build_seconds": round(seconds, 2),
-            })
+        if loaded_tokenizer is None:
+            print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
+        active = load_tokenizer(tokenizer, train_texts=(row["text"] for row in splits["train"]),
+                                out_dir=tmp / "tokenizer")
+        if active.eos_token_id is None:
+            raise PrepareError(f"tokenizer {tokenizer!r} has no end-of-text (eos) token to separate documents")
+        if len(active) > np.iinfo(TOKEN_DTYPE).max + 1:
+            raise PrepareError(f"tokenizer {tokenizer!r} has {len(active)} tokens; {TOKEN_DTYPE.__name__} "
+                               "token files hold at most 65,536")
+        counts = {split: write_tokens(tokenize(splits[split], active, num_proc, split), bin_path(tmp, split), split)
+                  for split in SPLITS}
+        seconds = time.perf_counter() - started
+        atomic_write_json(tmp / "meta.json", {
+            "format_version": CACHE_FORMAT_VERSION,
+            "fingerprint": cache_fingerprint,
+            "source": {"name": source, **corpus.identity},
+            "tokenizer": {"name": tokenizer, "fingerprint": tokenizer_fingerprint(active),
+                          "vocab_size": len(active), "eos_token_id": active.eos_token_id},
+            "tokens": counts,
+            "documents": {split: len(docs) for split, docs in splits.items()},
+            "options": options,
+            "build_seconds": round(seconds, 2),
+        })
     print(f"prepared {output_dir}: " + " / ".join(f"{s} {counts[s]:,} tokens ({len(splits[s]):,} documents)"
                                                   for s in SPLITS)
           + f", tokenizer {tokenizer} ({len(active)} tokens), in {seconds:.1f} s")
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.source, args.output_dir, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                 num_proc=args.num_proc, synthetic_docs=args.synthetic_docs, synthetic_seed=args.synthetic_seed,
                 force=args.force)
-    except (PrepareError, TokenizerError) as e:
+    except (PrepareError, TokenizerError, FolderRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -86,9 +86,10 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     scaler = precision.grad_scaler(pc, device)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    batches = data_lib.TrainBatches(data_lib.load_tokens(meta, "train"), cfg.block_size, cfg.batch_size, seed,
+    tokens = data_lib.open_splits(meta)  # pinned: a rebuild of the cache meanwhile does not change them
+    batches = data_lib.TrainBatches(tokens["train"], cfg.block_size, cfg.batch_size, seed,
                                     rank=world.rank, world_size=world.world_size)
-    val_tokens = data_lib.load_tokens(meta, "val")
+    val_tokens = tokens["val"]
     timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     # FLOPs of one sequence: the LM head (tied embedding) runs at every position
     sample_flops = timing.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
