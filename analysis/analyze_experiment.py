@@ -16,13 +16,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: experiment_data, stats, plots, report
 
-import plots
-from experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
-from report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, precision_table, setup_section
-from hypotheses import LEVEL, QUALITY_MARGIN
-from stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
+from dtype_bench.analysis import plots
+from dtype_bench.analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
+from dtype_bench.analysis.report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, precision_table, setup_section
+from dtype_bench.analysis.hypotheses import LEVEL, QUALITY_MARGIN
+from dtype_bench.analysis.stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
 
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import FolderRefused, atomic_write_bytes, atomic_write_text, own_folder
@@ -216,7 +215,7 @@ def quality_verdict(analysis: Analysis, config: str) -> tuple[str, str]:
 
 def findings(analysis: Analysis) -> list[str]:
     """Per-task recommendations, each citing the numbers it rests on."""
-    exp, q, t = analysis.exp, analysis.exp.quality_metric, analysis.exp.throughput_metric
+    q, t = analysis.exp.quality_metric, analysis.exp.throughput_metric
     mem = METRIC_BY_KEY["peak_memory_gb"]
     if q is None or t is None or analysis.summary(BASELINE) is None:
         return ["No recommendation: needs completed fp32_baseline runs and a quality and a throughput metric."]

@@ -17,7 +17,6 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: analyze_experiment, stats, ...
 
 import matplotlib
 
@@ -25,12 +24,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-import plots  # noqa: E402
-import hypotheses  # noqa: E402
-from analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
-from experiment_data import Metric, styles  # noqa: E402
-from report import caveats, fmt, fmt_difference, md_table  # noqa: E402
-from stats import by_seed, difference, pareto_front, ranks, spearman  # noqa: E402
+from dtype_bench.analysis import plots  # noqa: E402
+from dtype_bench.analysis import hypotheses  # noqa: E402
+from dtype_bench.analysis.analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
+from dtype_bench.analysis.experiment_data import Metric, styles  # noqa: E402
+from dtype_bench.analysis.report import caveats, fmt, fmt_difference, md_table  # noqa: E402
+from dtype_bench.analysis.stats import by_seed, difference, ranks, spearman  # noqa: E402
 
 from dtype_bench.configs import HelpFormatter  # noqa: E402
 from dtype_bench.io import FolderRefused, atomic_write_json, atomic_write_text, own_folder  # noqa: E402

@@ -23,10 +23,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, as the other analysis scripts do
 
-from experiment_data import METRIC_BY_KEY, PRIMARY_QUALITY, PRIMARY_THROUGHPUT, Experiment, is_number  # noqa: E402
-from stats import MIN_SEEDS, Comparison, by_seed, compare  # noqa: E402
+from dtype_bench.analysis.experiment_data import METRIC_BY_KEY, PRIMARY_QUALITY, PRIMARY_THROUGHPUT, Experiment, is_number  # noqa: E402
+from dtype_bench.analysis.stats import MIN_SEEDS, Comparison, by_seed, compare  # noqa: E402
 
 PLAN = Path(__file__).resolve().parents[1] / "experiments" / "classification" / "PLAN.md"
 LEVEL = "0.05"

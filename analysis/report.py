@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from experiment_data import Experiment, is_cpu_rss, memory_kind_text
-from stats import Difference, Estimate
+from dtype_bench.analysis.experiment_data import Experiment, is_cpu_rss, memory_kind_text
+from dtype_bench.analysis.stats import Difference, Estimate
 
 NOT_SETUP = ("output_dir",)  # where the rows went says nothing about how they were made
 ENV_FIELDS = ("device", "device_name", "cuda", "torch", "cpu_count", "torch_threads", "python", "platform",

@@ -61,16 +61,14 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments" / "classification"))  # config, data, model, as vs_hf_trainer does
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
 
-import config as cls_config
-import data as cls_data
-import loader
-import model as cls_model
-import vs_hf_trainer
+from dtype_bench.experiments.classification import config as cls_config
+from dtype_bench.experiments.classification import data as cls_data
+from dtype_bench.benchmarks import loader
+from dtype_bench.experiments.classification import model as cls_model
+from dtype_bench.benchmarks import vs_hf_trainer
 from dtype_bench import precision, results, runner, synthetic
 from dtype_bench.io import atomic_write_json, atomic_write_text, read_jsonl
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "classification"))
 
 import torch
 
-import data as data_lib
+from dtype_bench.experiments.classification import data as data_lib
 from dtype_bench.configs import HelpFormatter
 
 TARGET_HEADROOM = 50.0
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache_dir = args.data_dir or f"data/classification/{'tiny' if args.preset == 'tiny' else 'eurlex57k'}"
     if args.preset == "tiny" and args.data_dir is None:
-        from prepare_data import prepare_tiny
+        from dtype_bench.experiments.classification.prepare_data import prepare_tiny
 
         prepare_tiny(cache_dir)
     max_length = args.max_length or data_lib.read_meta(cache_dir).max_length

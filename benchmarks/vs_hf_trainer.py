@@ -49,16 +49,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments" / "classification"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np
 import torch
 
-import data as data_lib
-import loader
-import model as model_lib
-from config import PRESETS, TrainConfig
+from dtype_bench.experiments.classification import data as data_lib
+from dtype_bench.benchmarks import loader
+from dtype_bench.experiments.classification import model as model_lib
+from dtype_bench.experiments.classification.config import PRESETS, TrainConfig
 from dtype_bench import cpu, precision, runner, timing
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import read_jsonl
@@ -197,7 +195,7 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
 
 def run_ours(run_flags: list[str], config: str, seed: int) -> dict:
     """run.py's own main in this process; its results row carries the same StepTimer summary."""
-    import run as classification_run
+    from dtype_bench.experiments.classification import run as classification_run
 
     with tempfile.TemporaryDirectory() as output_dir:
         code = classification_run.main([*run_flags, "--config", config, "--seed", str(seed),
@@ -297,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = [side for side in SIDES if args.compare_length_grouping or side != "ours, length-grouped"]
     device = runner.pick_device(cfg.device)
     if args.preset != "full" and args.data_dir is None:
-        from prepare_data import prepare_preset
+        from dtype_bench.experiments.classification.prepare_data import prepare_preset
 
         prepare_preset(args.preset, cfg.cache_dir)
 

@@ -8,7 +8,8 @@
     dtype-bench bench [trainer|loader] --preset tiny
 
 The experiment defaults to classification. Every subcommand but `configs` calls the `main(argv)` of the script
-the seed's commands run (experiments/<experiment>/run.py, analysis/analyze_experiment.py, ...) with the flags as
+the seed's commands run (experiments/<experiment>/run.py, analysis/analyze_experiment.py, ...; installed as
+the packages dtype_bench.experiments, dtype_bench.analysis and dtype_bench.benchmarks) with the flags as
 given, so `dtype-bench run --config amp_bf16 --seed 0` and `python experiments/classification/run.py --config
 amp_bf16 --seed 0` are the same code and write the same rows. `dtype-bench <subcommand> --help` lists the flags.
 """
@@ -16,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib
 import sys
-from pathlib import Path
-from types import ModuleType
 
-# subcommand -> (target -> script path relative to the repository root); the first target is the default
+# subcommand -> (target -> module of the script the seed's commands run); the first target is the default
 SCRIPTS: dict[str, dict[str, str]] = {
-    "prepare": {"classification": "experiments/classification/prepare_data.py", "lm": "experiments/lm/prepare_data.py"},
-    "run": {"classification": "experiments/classification/run.py", "lm": "experiments/lm/run.py"},
-    "analyze": {"": "analysis/analyze_experiment.py"},
-    "compare": {"": "analysis/compare_experiments.py"},
-    "bench": {"trainer": "benchmarks/vs_hf_trainer.py", "loader": "benchmarks/loader.py"},
+    "prepare": {"classification": "dtype_bench.experiments.classification.prepare_data",
+                "lm": "dtype_bench.experiments.lm.prepare_data"},
+    "run": {"classification": "dtype_bench.experiments.classification.run", "lm": "dtype_bench.experiments.lm.run"},
+    "analyze": {"": "dtype_bench.analysis.analyze_experiment"},
+    "compare": {"": "dtype_bench.analysis.compare_experiments"},
+    "bench": {"trainer": "dtype_bench.benchmarks.vs_hf_trainer", "loader": "dtype_bench.benchmarks.loader"},
 }
 SUMMARIES = {
     "configs": "print the precision registry: dtypes, loss scaling, optimizer, what each config needs",
@@ -37,32 +37,6 @@ SUMMARIES = {
     "compare": "cross-task comparison of the classification and LM results",
     "bench": "benchmarks: our loop vs the Hugging Face Trainer (trainer), data-loader throughput (loader)",
 }
-
-
-def script_path(relative: str) -> Path:
-    """A script in a clone (next to the package) or in an installed wheel (inside it, same layout)."""
-    package = Path(__file__).resolve().parent
-    for base in (package, package.parent):
-        if (base / relative).is_file():
-            return base / relative
-    raise FileNotFoundError(f"{relative} is neither in {package} nor in {package.parent}")
-
-
-def load_script(path: Path) -> ModuleType:
-    """Import a script as `python script.py` would (its directory first on sys.path), without running its
-    `__main__` block. Its sibling modules are imported by bare name (`import data`); another experiment's
-    modules of the same name, imported earlier in this process, are dropped so that the script gets its own."""
-    sys.path[:] = [str(path.parent)] + [p for p in sys.path if p != str(path.parent)]
-    for sibling in path.parent.glob("*.py"):
-        loaded = sys.modules.get(sibling.stem)
-        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != path.parent:
-            del sys.modules[sibling.stem]
-    name = "dtype_bench_script_" + "_".join(path.with_suffix("").parts[-2:])
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- `dtype-bench configs`
@@ -163,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     target = rest[0] if rest and rest[0] in targets else next(iter(targets))
     if rest and rest[0] == target:
         rest = rest[1:]
-    script = script_path(targets[target])
     sys.argv = [f"dtype-bench {command}" + (f" {target}" if target else ""), *rest]  # argparse's prog
-    return load_script(script).main(rest)
+    return importlib.import_module(targets[target]).main(rest)
 
 
 if __name__ == "__main__":

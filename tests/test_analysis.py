@@ -7,7 +7,6 @@ statistic the analysis writes is then checked against an independent numpy/scipy
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 import re
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from dtype_bench.analysis import analyze_experiment, compare_experiments, experiment_data
 from tiny_run import ENV, ROOT, small_cache, start
 
 ANALYSIS = ROOT / "analysis"
@@ -34,11 +34,8 @@ SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1", 
 
 
 def analysis_modules():
-    """analysis/ is a folder of scripts importing their siblings by name, as `python analysis/x.py` does."""
-    if str(ANALYSIS) not in sys.path:
-        sys.path.insert(0, str(ANALYSIS))
-    return (importlib.import_module("analyze_experiment"), importlib.import_module("compare_experiments"),
-            importlib.import_module("experiment_data"))
+    """analysis/ is the package dtype_bench.analysis."""
+    return (analyze_experiment, compare_experiments, experiment_data)
 
 
 def raw_rows(results_dir: Path) -> list[dict]:
@@ -155,7 +152,7 @@ def test_partial_results_are_explained_and_nan_is_kept(results, analysis):
     assert f"| fp16_naive | diverged @ {diverged['diverged_at_step']} | not run |" in report
     assert "fp32_tf32_matmul** seed 0: skipped — TF32 matmuls need a CUDA GPU" in report
     assert "fp16_naive: seeds 1 not run" in report and "configs of the registry with no run:" in report
-    plots = importlib.import_module("plots")
+    from dtype_bench.analysis import plots
     _, loss, _, _ = plots.series(analysis.exp, "fp16_naive", "loss")
     logged = [json.loads(line)["loss"] for line in
               (results["classification"] / "logs" / f"{diverged['run_id']}.jsonl").read_text().splitlines()
@@ -262,7 +259,7 @@ def draw_every_plot(exp, output_dir: Path, monkeypatch) -> dict[str, dict]:
     the figure and clear of every panel, and the panels' heights in inches."""
     output_dir.mkdir()
     _, _, experiment_data = analysis_modules()
-    plots, stats = importlib.import_module("plots"), importlib.import_module("stats")
+    from dtype_bench.analysis import plots, stats
     measured, save = {}, plots._save
 
     def measure_then_save(fig, path):

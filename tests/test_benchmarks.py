@@ -11,13 +11,11 @@ import torch
 
 import tiny_run
 
-sys.path.insert(0, str(tiny_run.ROOT / "benchmarks"))
-sys.path.insert(0, str(tiny_run.RUN.parent))
 
-import data as data_lib  # noqa: E402
-import vs_hf_trainer  # noqa: E402
-from config import TrainConfig  # noqa: E402
-from dtype_bench import precision  # noqa: E402
+from dtype_bench.experiments.classification import data as data_lib
+from dtype_bench.benchmarks import vs_hf_trainer
+from dtype_bench.experiments.classification.config import TrainConfig
+from dtype_bench import precision
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,12 @@
 """Training order and batches of the classification experiment: shuffled, optionally length-grouped, resumable."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 
-import tiny_run
 
-sys.path.insert(0, str(tiny_run.RUN.parent))
-import data  # noqa: E402
+from dtype_bench.experiments.classification import data
 
 # EUR-Lex-like spread: many short documents, a long tail cut at max_length.
 LENGTHS = np.random.default_rng(0).lognormal(mean=6.0, sigma=0.9, size=1003).astype(np.int64) + 3

@@ -29,8 +29,7 @@ def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(RUN.parent))
-    from prepare_data import prepare_tiny
+    from dtype_bench.experiments.classification.prepare_data import prepare_tiny
 
     return prepare_tiny(tmp_path_factory.mktemp("cache") / "tiny")
 
@@ -140,12 +139,9 @@ def garble(meta_path: Path) -> None:
 @pytest.fixture(scope="module")
 def run_main():
     """run.py's main, called in this process (no interpreter start-up per case)."""
-    import importlib.util
+    from dtype_bench.experiments.classification.run import main
 
-    spec = importlib.util.spec_from_file_location("classification_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return main
 
 
 @pytest.mark.parametrize("case, flags, needle", [

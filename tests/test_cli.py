@@ -6,7 +6,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -34,21 +33,6 @@ def test_configs_prints_every_config_and_every_precision_field(capsys):
 class Parsed(Exception):
     def __init__(self, parser: argparse.ArgumentParser):
         self.parser = parser
-
-
-@pytest.fixture(autouse=True)
-def isolated_imports(monkeypatch):
-    """Loading a script puts its directory first on sys.path and imports its siblings by bare name (`data`,
-    `config`): undo both so that later tests import their own."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = dict(sys.modules)
-    yield
-    scripts = [tiny_run.ROOT / d for d in ("experiments", "analysis", "benchmarks")]
-    for name, module in list(sys.modules.items()):
-        path = Path(getattr(module, "__file__", None) or "/")
-        if before.get(name) is not module and any(path.is_relative_to(d) for d in scripts):
-            del sys.modules[name]
-    sys.modules.update({n: m for n, m in before.items() if n not in sys.modules})
 
 
 def parser_of(monkeypatch, argv: list[str]) -> argparse.ArgumentParser:

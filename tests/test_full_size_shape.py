@@ -3,9 +3,7 @@ the synthetic_full presets build roberta-base's and GPT-2 124M's exact shapes (c
 parameter counts, not against our own code), and the caches say what they are."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -15,17 +13,14 @@ import tiny_run
 from dtype_bench import synthetic
 from dtype_bench.tokenization import TokenizerError, load_tokenizer
 
-sys.path.insert(0, str(tiny_run.RUN.parent))
 
-import data as data_lib  # noqa: E402
-import model as cls_model  # noqa: E402
-import prepare_data  # noqa: E402
+from dtype_bench.experiments.classification import data as data_lib
+from dtype_bench.experiments.classification import model as cls_model
+from dtype_bench.experiments.classification import prepare_data
+from dtype_bench.experiments.lm import model as lm_model
 
 CLASSIFICATION = tiny_run.load_config_module("classification")
 LM = tiny_run.load_config_module("lm")
-_spec = importlib.util.spec_from_file_location("lm_model", tiny_run.ROOT / "experiments" / "lm" / "model.py")
-lm_model = importlib.util.module_from_spec(_spec)  # under its own name: the classification one is `model`
-_spec.loader.exec_module(lm_model)
 
 ROBERTA_BASE_PARAMETERS = 124_645_632
 """roberta-base's published parameter count, pooler included (the hub model card / `num_parameters()`)."""

@@ -12,12 +12,11 @@ import torch
 
 import tiny_run
 
-sys.path.insert(0, str(tiny_run.ROOT / "benchmarks"))
 
-import gpu_check  # noqa: E402
-from dtype_bench import precision, timing  # noqa: E402
-from dtype_bench.diagnostics import _stored_tensors  # noqa: E402
-from transformers import RobertaConfig, RobertaModel  # noqa: E402
+from dtype_bench.benchmarks import gpu_check
+from dtype_bench import precision, timing
+from dtype_bench.diagnostics import _stored_tensors
+from transformers import RobertaConfig, RobertaModel
 
 
 def test_dry_run_trains_skips_and_reports(tmp_path):

@@ -2,22 +2,14 @@
 synthetic results built for each case (clear effect, clear equivalence, noise, one seed, all diverged)."""
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from tiny_run import ROOT
 
-if str(ROOT / "analysis") not in sys.path:  # analysis/ is a folder of scripts importing their siblings by name
-    sys.path.insert(0, str(ROOT / "analysis"))
-hypotheses = importlib.import_module("hypotheses")
-stats = importlib.import_module("stats")
-experiment_data = importlib.import_module("experiment_data")
-analyze_experiment = importlib.import_module("analyze_experiment")
+from dtype_bench.analysis import analyze_experiment, experiment_data, hypotheses, stats
 
 H = {h.key: h for h in hypotheses.HYPOTHESES}
 ALPHA = 0.05

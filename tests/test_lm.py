@@ -22,7 +22,6 @@ from tiny_run import assert_mfu_is_per_device
 ROOT = Path(__file__).resolve().parents[1]
 LM_DIR = ROOT / "experiments" / "lm"
 RUN = LM_DIR / "run.py"
-SIBLINGS = ("config", "data", "model", "prepare_data")
 # Seconds per run on 2 cores, yet every code path: accumulation, several log lines, two evaluations.
 SMALL = ["--preset", "tiny", "--n_layer", "1", "--n_head", "1", "--n_embd", "64", "--block_size", "32",
          "--batch_size", "4", "--gradient_accumulation_steps", "2", "--max_steps", "6", "--eval_steps", "3",
@@ -31,18 +30,8 @@ SMALL = ["--preset", "tiny", "--n_layer", "1", "--n_head", "1", "--n_embd", "64"
 
 
 def import_lm(*names: str) -> list:
-    """experiments/lm modules. They share names with the classification experiment's modules (data, model,
-    ...), which other test modules import, so they are imported together on a clean slate and the
-    classification ones are put back afterwards."""
-    saved = {n: sys.modules.pop(n) for n in SIBLINGS if n in sys.modules}
-    sys.path.insert(0, str(LM_DIR))
-    try:
-        return [importlib.import_module(n) for n in names]
-    finally:
-        sys.path.remove(str(LM_DIR))
-        for n in SIBLINGS:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
+    """experiments/lm modules (the package dtype_bench.experiments.lm)."""
+    return [importlib.import_module(f"dtype_bench.experiments.lm.{n}") for n in names]
 
 
 data_lib, model_lib, prepare_data = import_lm("data", "model", "prepare_data")

@@ -3,17 +3,14 @@ tiny cases (unseen gold, ties, bf16/fp16 logits, NaN/inf logits, documents witho
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score, ndcg_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "classification"))
-from metrics import multilabel_metrics, topk_indices  # noqa: E402
+from dtype_bench.experiments.classification.metrics import multilabel_metrics, topk_indices
 
 D = [1.0 / math.log2(k + 1) for k in range(1, 6)]  # DCG discounts for ranks 1..5
 KEYS = {

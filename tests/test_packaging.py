@@ -31,12 +31,8 @@ def declared(*extras: str) -> set[str]:
 
 
 def local_modules() -> set[str]:
-    """Names the scripts import from the repository itself (sibling modules put on sys.path, our package)."""
-    names = {"dtype_bench"}
-    for directory in SOURCE_DIRS:
-        for path in (ROOT / directory).rglob("*.py"):
-            names.add(path.stem)
-    return names
+    """The repository's own top-level package (experiments/, analysis/ and benchmarks/ are installed under it)."""
+    return {"dtype_bench"}
 
 
 def third_party_imports(path: Path, *, top_level_only: bool = False) -> set[str]:

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "classification"))
 
-import model as model_lib  # noqa: E402
-from dtype_bench import precision  # noqa: E402
+from dtype_bench.experiments.classification import model as model_lib
+from dtype_bench import precision
 
 CPU = torch.device("cpu")
 NUM_LABELS = 40

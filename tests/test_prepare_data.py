@@ -23,10 +23,9 @@ from dtype_bench.tokenization import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments" / "classification"))
-import data  # noqa: E402
-import prepare_data  # noqa: E402
-from prepare_data import PrepareError, prepare  # noqa: E402
+from dtype_bench.experiments.classification import data
+from dtype_bench.experiments.classification import prepare_data
+from dtype_bench.experiments.classification.prepare_data import PrepareError, prepare
 
 SMALL_BPE = "bpe:2000"
 

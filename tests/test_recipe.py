@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 
 import pytest
 import torch
@@ -49,8 +48,7 @@ def test_seed_recipe_values_and_the_head_prior_is_a_tiny_only_departure():
 
 
 def test_head_without_prior_is_nn_linear_default_init_and_prior_sets_the_bias():
-    sys.path.insert(0, str(tiny_run.RUN.parent))
-    import model as model_lib  # noqa: E402  (experiments/classification/model.py)
+    from dtype_bench.experiments.classification import model as model_lib
     from dtype_bench import precision
 
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,

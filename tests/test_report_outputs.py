@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
 from dtype_bench import precision
+from dtype_bench.analysis import analyze_experiment
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 SAMPLES_PER_SECOND = {"fp32_baseline": (100.0, 110.0), "amp_bf16": (150.0, 160.0), "fp16_naive": (120.0, 125.0)}
@@ -35,9 +34,7 @@ def analysis(tmp_path_factory):
     rows.append({**skipped, "config": "fp32_tf32_matmul", "run_id": "classification-fp32_tf32_matmul-seed0-abcdef12",
                  "status": "skipped", "reason": "no GPU", "precision": precision.get("fp32_tf32_matmul").to_record()})
     (results_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if str(ANALYSIS) not in sys.path:
-        sys.path.insert(0, str(ANALYSIS))
-    return importlib.import_module("analyze_experiment").analyze(results_dir, results_dir / "analysis")
+    return analyze_experiment.analyze(results_dir, results_dir / "analysis")
 
 
 def test_runs_parquet_has_one_row_per_run_readable_by_pandas_and_datasets(analysis):

@@ -6,7 +6,6 @@ that time spent in evaluation is not inside any timing window.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from transformers import AutoModel, RobertaConfig
 
 from dtype_bench import timing
-from tiny_run import RUN, SMALL, small_cache
+from tiny_run import SMALL, small_cache
 
 CPU = torch.device("cpu")
 
@@ -188,8 +187,7 @@ def test_cpu_training_and_evaluation_peaks_are_separate():
 
 
 def test_slow_evaluation_in_run_py_is_outside_every_timing_window(tmp_path, monkeypatch):
-    sys.path.insert(0, str(RUN.parent))
-    import run as classification_run
+    from dtype_bench.experiments.classification import run as classification_run
 
     sleep_s, evaluations = 1.5, []
     real_evaluate = classification_run.evaluate

@@ -5,6 +5,7 @@ documents), so a whole run is a few seconds of training plus the interpreter sta
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -19,8 +20,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def small_cache(directory: Path) -> Path:
-    sys.path.insert(0, str(RUN.parent))
-    from prepare_data import prepare
+    from dtype_bench.experiments.classification.prepare_data import prepare
 
     return prepare("synthetic", directory, tokenizer="bpe:1000", max_length=64, synthetic_docs=600,
                    synthetic_labels=300)
@@ -85,15 +85,8 @@ def run_id(cache: Path, output_dir: Path, config: str, seed: int, *flags: str) -
 
 
 def load_config_module(experiment: str):
-    """experiments/<experiment>/config.py under its own module name (both experiments have a config.py)."""
-    import importlib.util
-
-    name = f"{experiment}_config"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / experiment / "config.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """experiments/<experiment>/config.py (the package dtype_bench.experiments.<experiment>)."""
+    return importlib.import_module(f"dtype_bench.experiments.{experiment}.config")
 
 
 def assert_mfu_is_per_device(one: dict, two: dict) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from data import ARRAYS, CACHE_FORMAT_VERSION, SPLITS
+from dtype_bench.experiments.classification.data import ARRAYS, CACHE_FORMAT_VERSION, SPLITS
 from dtype_bench import synthetic
 from dtype_bench.configs import field_docs
 from dtype_bench.io import (

@@ -12,17 +12,15 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: config, data, model, metrics
-
 import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-import data as data_lib
-import metrics as metrics_lib
-import model as model_lib
-from config import PRESETS, TrainConfig
+from dtype_bench.experiments.classification import data as data_lib
+from dtype_bench.experiments.classification import metrics as metrics_lib
+from dtype_bench.experiments.classification import model as model_lib
+from dtype_bench.experiments.classification.config import PRESETS, TrainConfig
 from dtype_bench import checkpoint, distributed, precision, reporting, results, runner, timing
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.monitor import TrainingMonitor
@@ -30,11 +28,10 @@ from dtype_bench.runner import UserError
 
 EXPERIMENT = "classification"
 
-
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
     """The prepared cache; the offline presets build their synthetic one on first use (seconds)."""
     if cfg.preset != "full" and cfg.data_dir is None:
-        from prepare_data import prepare_preset
+        from dtype_bench.experiments.classification.prepare_data import prepare_preset
 
         prepare_preset(cfg.preset, cfg.cache_dir)
     try:
@@ -47,7 +44,6 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
     if cfg.max_length > meta.max_length:
         raise UserError(f"--max_length {cfg.max_length} exceeds the cache's {meta.max_length}: prepare it again")
     return meta
-
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: data_lib.TokenizedSplit, cfg: TrainConfig,
@@ -71,13 +67,11 @@ def evaluate(model: torch.nn.Module, split: data_lib.TokenizedSplit, cfg: TrainC
     scores["loss"] = float(torch.stack(losses).sum() / n)
     return scores
 
-
 def _targets(split: data_lib.TokenizedSplit, n: int, num_labels: int) -> torch.Tensor:
     targets = torch.zeros((n, num_labels))
     for i in range(n):
         targets[i, torch.from_numpy(split.labels(i).astype(np.int64))] = 1.0
     return targets
-
 
 def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: data_lib.CacheMeta,
               device: torch.device, rid: str) -> dict:
@@ -210,11 +204,9 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
                **test, **memory.summary())
     return out
 
-
 def main(argv: list[str] | None = None) -> int:
     return runner.main(__file__, EXPERIMENT, TrainConfig, PRESETS, load_data=load_cache, train=train_one,
                        metrics=results.SEED_METRICS, description=__doc__, argv=argv)
-
 
 if __name__ == "__main__":
     sys.exit(main())

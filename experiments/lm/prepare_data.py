@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, bin_path
+from dtype_bench.experiments.lm.data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, bin_path
 from dtype_bench import synthetic
 from dtype_bench.io import (
     CACHE_MARKER, FolderRefused, atomic_write_json, building_cache, claim_folder, fingerprint, sha256_file,
@@ -91,7 +91,7 @@ def token_id_corpus(tokenizer: str, n_docs: int, seed: int) -> Corpus:
         return Dataset.from_dict({"text": [text for text, _ in texts]})
 
     return Corpus({"kind": "synthetic-ids", "docs": n_docs, "seed": seed, "vocab_size": vocab_size,
-                   "generator_sha256": sha256_file(synthetic.__file__)}, read)
+                   "generator_version": synthetic.GENERATOR_VERSION}, read)
 
 
 def local_corpus(path: Path) -> Corpus:

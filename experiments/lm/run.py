@@ -13,15 +13,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: config, data, model
 
 import torch
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-import data as data_lib
-import model as model_lib
-from config import PRESETS, TrainConfig
+from dtype_bench.experiments.lm import data as data_lib
+from dtype_bench.experiments.lm import model as model_lib
+from dtype_bench.experiments.lm.config import PRESETS, TrainConfig
 from dtype_bench import checkpoint, distributed, precision, reporting, results, runner, timing
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.monitor import TrainingMonitor
@@ -34,7 +33,7 @@ METRICS = ("tokens_per_second", "samples_per_second", "peak_memory_gb", "val_los
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
     """The prepared token streams; the offline presets build their synthetic ones on first use (seconds)."""
     if cfg.preset != "full" and cfg.data_dir is None:
-        from prepare_data import prepare_preset
+        from dtype_bench.experiments.lm.prepare_data import prepare_preset
 
         prepare_preset(cfg.preset, cfg.cache_dir)
     try:
