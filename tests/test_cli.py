@@ -23,7 +23,7 @@ def test_configs_prints_every_config_and_every_precision_field(capsys):
             ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:2 + len(precision.REGISTRY)])}
     assert list(rows) == list(precision.REGISTRY)
     assert rows["amp_fp16"]["autocast_dtype"] == "float16" and rows["amp_fp16"]["loss_scaling"] == "dynamic"
-    assert rows["bf16_pure"]["compute_dtype"] == "bfloat16" and rows["bf16_pure"]["needs"] == "torchao"
+    assert rows["bf16_sr_bf16_moments"]["compute_dtype"] == "bfloat16" and rows["bf16_sr_bf16_moments"]["needs"] == "torchao"
     assert rows["amp_bf16_8bit_adam"]["needs"] == "bitsandbytes"
     assert rows["fp32_tf32_matmul"]["runs on cpu"].startswith("no: TF32")
     assert rows["fp32_baseline"]["runs on cpu"] == "yes"
