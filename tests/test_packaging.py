@@ -78,7 +78,7 @@ def test_the_package_imports_only_core_dependencies_at_module_level():
 def test_the_import_check_can_fail(tmp_path):
     """The checks above see an undeclared import (and skip stdlib, local and relative ones)."""
     script = tmp_path / "x.py"
-    script.write_text("import os\nimport json\nfrom . import y\nimport data\nimport sklearn.metrics\n"
+    script.write_text("import os\nimport json\nfrom . import y\nimport dtype_bench.precision\nimport sklearn.metrics\n"
                       "def f():\n    import some_undeclared_pkg\n")
     assert third_party_imports(script) == {"sklearn", "some_undeclared_pkg"}
     assert third_party_imports(script, top_level_only=True) == {"sklearn"}
