@@ -202,7 +202,8 @@ def test_group_roots_are_the_outermost_single_group_modules():
 
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
                                       tiny_hidden=64)
-    model = model_lib.MultiLabelClassifier(encoder, 5, 0.0, precision.get("fp32_baseline"), "cpu")
+    model = model_lib.MultiLabelClassifier(encoder, 5, 0.0, precision.head_autocast(precision.get("fp32_baseline"),
+                                                                                   torch.device("cpu")))
     roots = group_roots(model, model_lib.parameter_group_of)
     assert [(g, type(m).__name__) for g, m in roots] == [
         ("embeddings", "RobertaEmbeddings"), ("encoder", "RobertaEncoder"), ("head", "Linear")]
@@ -246,7 +247,7 @@ def test_fp8_converts_encoder_linears_only():
     pc = precision.get("amp_bf16_fp8")
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
                                       tiny_hidden=64)
-    model = model_lib.MultiLabelClassifier(encoder, 4271, 0.0, pc, "cpu")
+    model = model_lib.MultiLabelClassifier(encoder, 4271, 0.0, precision.head_autocast(pc, torch.device("cpu")))
     precision.cast_model(model.encoder, model.head, pc)
     kinds = {type(m).__name__ for m in model.encoder.modules()}
     assert "Float8Linear" in kinds and "Linear" not in kinds

@@ -21,13 +21,14 @@ def tiny_classifier(pc: precision.PrecisionConfig) -> model_lib.MultiLabelClassi
     torch.manual_seed(0)
     encoder = model_lib.build_encoder("tiny", vocab_size=300, pad_token_id=1, max_length=32, tiny_layers=1,
                                       tiny_hidden=64)
-    model = model_lib.MultiLabelClassifier(encoder, NUM_LABELS, 0.0, pc, "cpu")
+    model = model_lib.MultiLabelClassifier(encoder, NUM_LABELS, 0.0, precision.head_autocast(pc, CPU))
     precision.cast_model(model.encoder, model.head, pc)
     return model
 
 
 def one_step(pc: precision.PrecisionConfig):
     """Build, run one optimizer step through the same calls run.py makes; return what was allocated."""
+    precision.apply_matmul_precision(pc)
     model = tiny_classifier(pc)
     optimizer = precision.build_optimizer(pc, model_lib.param_groups(model, 0.01), lr=1e-3, betas=(0.9, 0.999),
                                           eps=1e-8, weight_decay=0.01, device=CPU)
@@ -36,7 +37,7 @@ def one_step(pc: precision.PrecisionConfig):
     targets = (torch.rand(4, NUM_LABELS) < 0.1).float()
     with precision.autocast(pc, CPU):
         logits = model(ids, torch.ones_like(ids))
-    loss = model_lib.bce_loss_fp32(logits, targets)
+    loss = model_lib.bce_loss(logits, targets, pc.loss_dtype)
     scaler.scale(loss).backward()
     grads = {n: p.grad.dtype for n, p in model.named_parameters()}
     scaler.step(optimizer)
