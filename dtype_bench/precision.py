@@ -299,11 +299,7 @@ def apply_matmul_precision(pc: PrecisionConfig) -> None:
     """Set TF32 explicitly on every run (never inherit a process-global default)."""
     torch.backends.cuda.matmul.allow_tf32 = pc.tf32
     torch.backends.cudnn.allow_tf32 = pc.tf32
-    torch.set_float32_matmul_precision(_float32_matmul_precision(pc))
-
-
-def _float32_matmul_precision(pc: PrecisionConfig) -> str:
-    return "high" if pc.tf32 else "highest"
+    torch.set_float32_matmul_precision("high" if pc.tf32 else "highest")  # cuBLAS and oneDNN (CPU) matmuls
 
 
 def autocast(pc: PrecisionConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -537,18 +533,18 @@ def _moment_problems(pc: PrecisionConfig, state_dtypes: dict[str, list[str]]) ->
     return problems
 
 
-def tf32_flags() -> dict[str, bool | str]:
-    """The TF32 settings in force, read back from torch: cuBLAS fp32 matmuls and cuDNN convolutions (each
-    sub-backend's `fp32_precision`, 'none' inheriting its parent's, as torch resolves it; read through the new
-    API because a library that sets it, like the HF Trainer, makes the legacy `allow_tf32` getters raise) and
-    `torch.get_float32_matmul_precision()`."""
+def tf32_flags() -> dict[str, bool]:
+    """Whether TF32 is allowed, as torch has it set, for the fp32 work `apply_matmul_precision` decides: cuBLAS
+    matmuls, cuDNN convolutions and oneDNN (CPU) matmuls. Read per backend from `fp32_precision` ('none' inherits
+    the parent's, as torch resolves it): once the new API has been used (the HF Trainer sets it) the legacy
+    getters (`allow_tf32`, `get_float32_matmul_precision`) raise instead of answering."""
     def tf32(*backends) -> bool:
         setting = next((b.fp32_precision for b in backends if b.fp32_precision != "none"), "ieee")
         return setting == "tf32"
 
     b = torch.backends
     return {"cuda_matmul": tf32(b.cuda.matmul, b), "cudnn_conv": tf32(b.cudnn.conv, b.cudnn, b),
-            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+            "mkldnn_matmul": tf32(b.mkldnn.matmul, b.mkldnn, b)}
 
 
 def _loss_scaling(pc: PrecisionConfig, scaler: torch.amp.GradScaler) -> tuple[dict, list[str]]:
@@ -609,10 +605,7 @@ def check_dtypes(
         got["loss_scaling"], scaling_problems = _loss_scaling(pc, scaler)
         problems += scaling_problems
     got["tf32"] = tf32_flags()
-    wanted_tf32 = {"cuda_matmul": pc.tf32, "cudnn_conv": pc.tf32,
-                   "float32_matmul_precision": _float32_matmul_precision(pc)}
-    problems += [f"TF32 {k} is {got['tf32'][k]!r}, config says {v!r}" for k, v in wanted_tf32.items()
-                 if got["tf32"][k] != v]
+    problems += [f"TF32 {k} is {on}, config says {pc.tf32}" for k, on in got["tf32"].items() if on != pc.tf32]
     if problems:
         raise PrecisionMismatch(f"{pc.name}: " + "; ".join(problems))
     return got
