@@ -339,6 +339,17 @@ def test_fp32_optimizer_arithmetic_over_fp16_weights_tells_the_mechanisms_apart(
     assert row["dtypes"]["body_params"] == ["float16"] and row["dtypes"]["optimizer_state"]["exp_avg"] == ["float32"]
 
 
+def test_rows_record_the_checked_loss_scaling_loss_dtype_tf32_and_eval_dtypes(runs):
+    scaled, unscaled, naive = (runs[c][0] for c in ("amp_fp16", "amp_fp16_no_loss_scaling", "bf16_naive"))
+    assert scaled["dtypes"]["loss_scaling"] == {"enabled": True, "scaled": True}
+    assert unscaled["dtypes"]["loss_scaling"] == {"enabled": False, "scaled": False}
+    assert {r["dtypes"]["loss"] for r in (scaled, unscaled, naive)} == {"float32"}
+    assert naive["dtypes"]["tf32"] == {"cuda_matmul": False, "cudnn_conv": False, "mkldnn_matmul": False}
+    # evaluation under the config's precision, checked on its first batch
+    assert scaled["eval_dtypes"]["logits"] == "float16" and scaled["eval_dtypes"]["loss"] == "float32"
+    assert naive["eval_dtypes"]["body_params"] == ["bfloat16"] and naive["eval_dtypes"]["logits"] == "bfloat16"
+
+
 def test_row_records_eval_precision_memory_and_drift(runs):
     row, log = runs["fp32_baseline"]
     assert row["eval_precision"] == "config" and row["diagnostics_measured_steps"] == 2
