@@ -536,8 +536,9 @@ def _moment_problems(pc: PrecisionConfig, state_dtypes: dict[str, list[str]]) ->
 def tf32_flags() -> dict[str, bool]:
     """Whether TF32 is allowed, as torch has it set, for the fp32 work `apply_matmul_precision` decides: cuBLAS
     matmuls, cuDNN convolutions and oneDNN (CPU) matmuls. Read per backend from `fp32_precision` ('none' inherits
-    the parent's, as torch resolves it): once the new API has been used (the HF Trainer sets it) the legacy
-    getters (`allow_tf32`, `get_float32_matmul_precision`) raise instead of answering."""
+    the parent's, as torch resolves it), because once a library has mixed the new API with the legacy one (the HF
+    Trainer's `tf32` sets `torch.backends.fp32_precision`) the legacy getters (`allow_tf32`,
+    `get_float32_matmul_precision`) raise instead of answering."""
     def tf32(*backends) -> bool:
         setting = next((b.fp32_precision for b in backends if b.fp32_precision != "none"), "ieee")
         return setting == "tf32"
