@@ -11,13 +11,14 @@ Same work on both sides: the same model (built by experiments/classification/mod
 same micro-batches in the same order (the Trainer gets the documents in our order, epoch after epoch, with
 `train_sampling_strategy="sequential"`; tests/test_benchmarks.py checks batch for batch), batch size, gradient
 accumulation, AdamW hyperparameters, weight decay groups (both exempt biases and LayerNorm), linear
-warm-up/decay schedule, gradient clipping, loss (BCE-with-logits in fp32) and precision (`bf16`/`fp16` flags
-for autocast, GradScaler with fp16, `adamw_bnb_8bit` for the 8-bit optimizer configs). The Trainer is set up
+warm-up/decay schedule, gradient clipping, loss (BCE-with-logits in the config's loss dtype, fp32) and precision
+(the config's TF32 flags set as run.py sets them, `bf16`/`fp16` flags for autocast, GradScaler with fp16,
+`adamw_bnb_8bit` for the 8-bit optimizer configs). The Trainer is set up
 as a competent user would: dynamic padding (`DataCollatorWithPadding`), its default optimizer implementation,
 no evaluation, no logging, no checkpoints. Configs the Trainer cannot express (low-precision master weights,
 stochastic rounding, an fp32 head outside autocast, fp8) are listed as such, not approximated. After each
 Trainer run the precision it really ran is checked (`precision_mismatch`: run.py's `check_dtypes` on its
-model, last logits and optimizer, and whether it scaled the loss); a run that differs is measured but not
+model, last logits and loss, optimizer, GradScaler and the TF32 flags); a run that differs is measured but not
 compared. This is how amp_fp16 on CPU shows up: there accelerate turns the `fp16` flag into neither autocast
 nor loss scaling, so the Trainer trains in fp32.
 
@@ -90,30 +91,30 @@ def trainer_precision_args(pc: precision.PrecisionConfig, device: torch.device) 
 class TrainerModel(torch.nn.Module):
     """Our classifier behind the Trainer's calling convention: keyword inputs and labels -> {loss, logits}."""
 
-    def __init__(self, classifier: model_lib.MultiLabelClassifier):
+    def __init__(self, classifier: model_lib.MultiLabelClassifier, loss_dtype: torch.dtype):
         super().__init__()
-        self.classifier = classifier
+        self.classifier, self.loss_dtype = classifier, loss_dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
         logits = self.classifier(input_ids, attention_mask)
-        self.last_logits = logits.detach()  # its dtype shows the precision the Trainer really ran
-        return {"loss": model_lib.bce_loss_fp32(logits, labels), "logits": logits}
+        loss = model_lib.bce_loss(logits, labels, self.loss_dtype)
+        # their dtypes show the precision the Trainer really ran
+        self.last_logits, self.last_loss = logits.detach(), loss.detach()
+        return {"loss": loss, "logits": logits}
 
 
 def precision_mismatch(trainer, pc: precision.PrecisionConfig, device: torch.device) -> str | None:
-    """How the precision the Trainer actually ran differs from the config (None: identical): the dtypes it
-    allocated and computed in (the same `check_dtypes` as run.py), and whether it scaled the loss."""
-    model = trainer.model.classifier
-    problems = []
+    """How the precision the Trainer actually ran differs from the config (None: identical), by the same
+    `check_dtypes` as run.py: the dtypes it allocated and computed in, its loss scaling and the TF32 flags."""
+    model = trainer.model
+    scaler = trainer.accelerator.scaler or torch.amp.GradScaler(device.type, enabled=False)  # None: not scaled
     try:
-        precision.check_dtypes(pc, model.encoder, model.head, trainer.model.last_logits,
-                               getattr(trainer.optimizer, "optimizer", trainer.optimizer))
+        precision.check_dtypes(pc, model.classifier.encoder, model.classifier.head, model.last_logits,
+                               getattr(trainer.optimizer, "optimizer", trainer.optimizer), loss=model.last_loss,
+                               scaler=scaler)
     except precision.PrecisionMismatch as e:
-        problems.append(str(e).removeprefix(f"{pc.name}: "))
-    scaled = trainer.accelerator.scaler is not None
-    if scaled != precision.grad_scaler(pc, device).is_enabled():
-        problems.append("GradScaler " + ("used" if scaled else "not used"))
-    return "; ".join(problems) or None
+        return str(e).removeprefix(f"{pc.name}: ")
+    return None
 
 
 class TrainingOrderDataset(torch.utils.data.Dataset):
@@ -142,21 +143,24 @@ def build_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, de
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
     meta = data_lib.read_meta(cfg.cache_dir)
+    # as run.py does, per backend; the Trainer's `tf32` argument sets only torch's global default beneath these
+    precision.apply_matmul_precision(pc)
     runner.seed_everything(seed)
     encoder = model_lib.build_encoder(cfg.model_name, vocab_size=meta.vocab_size, pad_token_id=meta.pad_token_id,
                                       max_length=cfg.max_length, tiny_layers=cfg.tiny_layers,
                                       tiny_hidden=cfg.tiny_hidden)
     train_split = data_lib.TokenizedSplit(meta.path, "train", cfg.max_length)
     label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None  # as run.py
-    model = TrainerModel(model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type,
-                                                        label_prior))
+    model = TrainerModel(model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout,
+                                                        precision.head_autocast(pc, device), label_prior),
+                         pc.loss_dtype)
     dataset = TrainingOrderDataset(train_split, cfg, seed, meta.num_labels, cfg.max_steps * cfg.effective_batch_size)
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="linear", max_grad_norm=cfg.grad_clip, adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2, adam_epsilon=pc.adam_eps or cfg.adam_eps,
+        adam_beta2=cfg.adam_beta2, adam_epsilon=precision.adam_eps_of(pc, cfg.adam_eps),
         train_sampling_strategy="sequential", logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, seed=seed, use_cpu=device.type == "cpu",
         **trainer_precision_args(pc, device))

@@ -1,18 +1,21 @@
 """The precision registry and how a config is applied: the one place where dtype decisions live.
 
 A `PrecisionConfig` is data (frozen). Everything dtype-dependent in a training script is derived from it
-here: the matmul precision flags, the model's parameter dtypes, the autocast context, the GradScaler, the
-optimizer (and its state dtype), whether to compile, whether this hardware can run it at all, and the
-dtype check that runs after the model is built. Experiments call these functions; they never branch on a
+here: the matmul precision flags, the model's parameter dtypes, the autocast context (and the output layer's),
+the loss dtype, the GradScaler, the optimizer (its eps and state dtypes), the precision evaluation runs under,
+whether to compile, whether this hardware can run it at all, and the check of all of it that runs after the
+first optimizer step and at evaluation. Experiments call these functions; they never branch on a
 config name.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -20,6 +23,7 @@ OptimizerKind = Literal["adamw", "adamw_8bit", "adamw_stochastic_rounding", "ada
 LossScaling = Literal["none", "dynamic"]
 WeightUpdateRounding = Literal["nearest", "stochastic", "kahan"]
 MomentRounding = Literal["nearest"]
+EvalPrecision = Literal["config", "fp32"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504: logits above this overflow in fp16
 EIGHT_BIT = torch.uint8  # moment dtype of block-wise 8-bit optimizer states (codes + per-block scales)
@@ -47,6 +51,9 @@ class PrecisionConfig:
     """dtype of the output layer's parameters; None = same as weight_dtype."""
     head_compute_fp32: bool = False
     """Run the output layer outside autocast in fp32 (inputs upcast): fp32 logits and fp32 head gradients."""
+    loss_dtype: torch.dtype = torch.float32
+    """dtype the loss is computed in (logits and targets are cast to it first). fp32 everywhere: the seed's
+    numerical-stability rule (a softmax over 50k logits or a mean of 4,271 BCE terms loses digits in 16 bits)."""
     weight_update_rounding: WeightUpdateRounding = "nearest"
     """How the new weight is written into a low-precision (fp16/bf16) weight: 'nearest' (round to nearest
     even: an update below half an ulp of the weight is lost), 'stochastic' (rounded up or down with
@@ -86,6 +93,10 @@ class PrecisionConfig:
         floats = (torch.float32, torch.float16, torch.bfloat16)
         if self.weight_dtype not in floats or (self.head_weight_dtype not in (None, *floats)):
             raise ValueError(f"{self.name}: weight dtypes must be float32, float16 or bfloat16")
+        if self.loss_dtype not in floats:
+            raise ValueError(f"{self.name}: loss_dtype must be float32, float16 or bfloat16")
+        if self.adam_eps is not None and not self.adam_eps > 0:
+            raise ValueError(f"{self.name}: adam_eps must be positive (or None for the run's), got {self.adam_eps}")
         if self.autocast_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"{self.name}: autocast_dtype must be None, float16 or bfloat16")
         if self.loss_scaling == "dynamic" and self.weight_dtype != torch.float32:
@@ -288,7 +299,7 @@ def apply_matmul_precision(pc: PrecisionConfig) -> None:
     """Set TF32 explicitly on every run (never inherit a process-global default)."""
     torch.backends.cuda.matmul.allow_tf32 = pc.tf32
     torch.backends.cudnn.allow_tf32 = pc.tf32
-    torch.set_float32_matmul_precision("high" if pc.tf32 else "highest")
+    torch.set_float32_matmul_precision("high" if pc.tf32 else "highest")  # cuBLAS and oneDNN (CPU) matmuls
 
 
 def autocast(pc: PrecisionConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -297,11 +308,36 @@ def autocast(pc: PrecisionConfig, device: torch.device) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=pc.autocast_dtype)
 
 
-def head_autocast_off(pc: PrecisionConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Context for the output layer: autocast disabled when the head computes in fp32."""
+def head_autocast(pc: PrecisionConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """What the model enters around its output layer, as a factory the model calls in its forward (so that
+    torch.compile traces the switch): autocast disabled when the head computes in fp32, else nothing. The
+    model receives only this, never the config."""
     if pc.head_compute_fp32 and pc.autocast_dtype is not None:
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+        return functools.partial(torch.autocast, device.type, enabled=False)
+    return contextlib.nullcontext
+
+
+def eval_precision(pc: PrecisionConfig, mode: EvalPrecision) -> PrecisionConfig:
+    """The precision evaluation runs under. 'config': the training config itself. 'fp32': the trained weights
+    upcast to fp32, no autocast, fp32 loss. What a switch per evaluation cannot change stays as trained, and
+    the returned config says so: the TF32 flags (process-wide, set once per run by `apply_matmul_precision`)
+    and fp8 (the conversion to float8 Linear layers is structural: they still run float8 matmuls)."""
+    if mode == "config":
+        return pc
+    if mode == "fp32":
+        return PrecisionConfig(f"{pc.name}@fp32", f"{pc.name}'s weights evaluated in fp32", tf32=pc.tf32,
+                               fp8=pc.fp8)
+    raise ValueError(f"evaluation precision must be 'config' or 'fp32', got {mode!r}")
+
+
+def model_for_eval(model: torch.nn.Module, trained: PrecisionConfig, evaluated: PrecisionConfig) -> torch.nn.Module:
+    """The model to evaluate under `evaluated`: the model itself when its parameters already have the evaluation's
+    dtypes, else an upcast copy (the trained low-precision weights stay as they are for the next step)."""
+    if (evaluated.weight_dtype, evaluated.head_dtype) == (trained.weight_dtype, trained.head_dtype):
+        return model
+    if evaluated.head_dtype != evaluated.weight_dtype:
+        raise ValueError(f"{evaluated.name}: an evaluation precision has one weight dtype")
+    return copy.deepcopy(model).to(evaluated.weight_dtype)
 
 
 def grad_scaler(pc: PrecisionConfig, device: torch.device) -> torch.amp.GradScaler:
@@ -414,13 +450,17 @@ def compiles_optimizer_step(pc: PrecisionConfig, device: torch.device) -> bool:
     return pc.optimizer == "adamw_stochastic_rounding" and should_compile(pc, device)
 
 
+def adam_eps_of(pc: PrecisionConfig, run_eps: float) -> float:
+    """The AdamW epsilon a run uses: the config's override if it has one, else the run's."""
+    return run_eps if pc.adam_eps is None else pc.adam_eps
+
+
 def build_optimizer(
     pc: PrecisionConfig, param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
     weight_decay: float, device: torch.device,
 ) -> torch.optim.Optimizer:
     """AdamW in the flavour the config names. Param groups may carry their own weight_decay."""
-    eps = pc.adam_eps if pc.adam_eps is not None else eps
-    kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    kwargs = dict(lr=lr, betas=betas, eps=adam_eps_of(pc, eps), weight_decay=weight_decay)
     if pc.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
@@ -493,20 +533,50 @@ def _moment_problems(pc: PrecisionConfig, state_dtypes: dict[str, list[str]]) ->
     return problems
 
 
+def tf32_flags() -> dict[str, bool]:
+    """Whether TF32 is allowed, as torch has it set, for the fp32 work `apply_matmul_precision` decides: cuBLAS
+    matmuls, cuDNN convolutions and oneDNN (CPU) matmuls. Read per backend from `fp32_precision` ('none' inherits
+    the parent's, as torch resolves it), because once a library has mixed the new API with the legacy one (the HF
+    Trainer's `tf32` sets `torch.backends.fp32_precision`) the legacy getters (`allow_tf32`,
+    `get_float32_matmul_precision`) raise instead of answering."""
+    def tf32(*backends) -> bool:
+        setting = next((b.fp32_precision for b in backends if b.fp32_precision != "none"), "ieee")
+        return setting == "tf32"
+
+    b = torch.backends
+    return {"cuda_matmul": tf32(b.cuda.matmul, b), "cudnn_conv": tf32(b.cudnn.conv, b.cudnn, b),
+            "mkldnn_matmul": tf32(b.mkldnn.matmul, b.mkldnn, b)}
+
+
+def _loss_scaling(pc: PrecisionConfig, scaler: torch.amp.GradScaler) -> tuple[dict, list[str]]:
+    """Whether the training step's GradScaler is on, and scaled a loss, against the config's loss scaling."""
+    # `_scale` is created by the first scale() of an enabled scaler: an enabled one that never scaled leaves it None
+    got = {"enabled": scaler.is_enabled(), "scaled": scaler.is_enabled() and scaler._scale is not None}
+    wanted = pc.loss_scaling == "dynamic"
+    if got["enabled"] != wanted:
+        return got, ["GradScaler " + ("used" if got["enabled"] else "not used")]
+    if wanted and not got["scaled"]:
+        return got, ["GradScaler enabled but it scaled no loss"]
+    return got, []
+
+
 def check_dtypes(
     pc: PrecisionConfig, body: torch.nn.Module, head: torch.nn.Module, logits: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None = None, *, loss: torch.Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """Compare the dtypes actually allocated with what the config says; raise on any difference.
+    """Compare what was actually allocated, computed and set with what the config says; raise on any difference.
 
-    Call after the first optimizer step (optimizer state is allocated lazily). Returns the record stored in
-    the results row.
+    Always: parameter and logit dtypes and the TF32 flags (`tf32_flags`). Given the optimizer: its moment dtypes
+    and weight-update rounding (call after the first optimizer step: state is allocated lazily). Given the loss:
+    its dtype. Given the GradScaler the step used (a disabled one when none was): whether it is on and scaled
+    the loss. Training checks everything after its first step; evaluation checks its first batch against
+    `eval_precision(...)` (no optimizer, no scaler). Returns the record stored in the results row.
     """
     got = {
         "body_params": _dtypes(body.parameters()),
         "head_params": _dtypes(head.parameters()),
         "logits": dtype_name(logits.dtype),
-        "optimizer_state": optimizer_state_dtypes(optimizer),
     }
     expected_logits = (
         torch.float32 if pc.head_compute_fp32 else pc.autocast_dtype or pc.head_dtype
@@ -518,14 +588,25 @@ def check_dtypes(
         problems.append(f"head params {got['head_params']} != {dtype_name(pc.head_dtype)}")
     if logits.dtype != expected_logits:
         problems.append(f"logits {got['logits']} != {dtype_name(expected_logits)}")
-    problems += _moment_problems(pc, got["optimizer_state"])
-    rounding = weight_update_rounding_of(optimizer)
-    got["weight_update_rounding"] = rounding
-    if rounding != pc.weight_update_rounding:
-        problems.append(f"optimizer rounds weight updates {rounding!r}, config says {pc.weight_update_rounding!r}")
-    if rounding == "kahan" and got["optimizer_state"].get("kahan_comp") != [dtype_name(pc.weight_dtype)]:
-        problems.append(f"Kahan compensation buffers {got['optimizer_state'].get('kahan_comp')} are not "
-                        f"{dtype_name(pc.weight_dtype)}")
+    if loss is not None:
+        got["loss"] = dtype_name(loss.dtype)
+        if loss.dtype != pc.loss_dtype:
+            problems.append(f"loss {got['loss']} != {dtype_name(pc.loss_dtype)}")
+    if optimizer is not None:
+        got["optimizer_state"] = optimizer_state_dtypes(optimizer)
+        problems += _moment_problems(pc, got["optimizer_state"])
+        rounding = weight_update_rounding_of(optimizer)
+        got["weight_update_rounding"] = rounding
+        if rounding != pc.weight_update_rounding:
+            problems.append(f"optimizer rounds weight updates {rounding!r}, config says {pc.weight_update_rounding!r}")
+        if rounding == "kahan" and got["optimizer_state"].get("kahan_comp") != [dtype_name(pc.weight_dtype)]:
+            problems.append(f"Kahan compensation buffers {got['optimizer_state'].get('kahan_comp')} are not "
+                            f"{dtype_name(pc.weight_dtype)}")
+    if scaler is not None:
+        got["loss_scaling"], scaling_problems = _loss_scaling(pc, scaler)
+        problems += scaling_problems
+    got["tf32"] = tf32_flags()
+    problems += [f"TF32 {k} is {on}, config says {pc.tf32}" for k, on in got["tf32"].items() if on != pc.tf32]
     if problems:
         raise PrecisionMismatch(f"{pc.name}: " + "; ".join(problems))
     return got

@@ -74,6 +74,18 @@ def test_sweep_runs_each_config_and_seed_and_prints_the_table(tiny_cache, tmp_pa
     assert first[("fp32_baseline", 0)]["loss"] != first[("fp32_baseline", 1)]["loss"]
 
 
+def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(tiny_cache, tmp_path):
+    out = tmp_path / "fp32_eval"
+    proc = run([*SMALL, "--config", "bf16_naive", "--eval_precision", "fp32", "--data_dir", str(tiny_cache),
+                "--output_dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = rows(out)
+    assert row["status"] == "completed" and row["eval_precision"] == "fp32"
+    assert row["dtypes"]["body_params"] == ["bfloat16"] and row["dtypes"]["logits"] == "bfloat16"
+    assert row["eval_dtypes"]["body_params"] == row["eval_dtypes"]["head_params"] == ["float32"]
+    assert row["eval_dtypes"]["logits"] == "float32" and math.isfinite(row["loss"])
+
+
 def test_hardware_the_config_needs_is_recorded_as_skipped(tiny_cache, tmp_path):
     out = tmp_path / "skip"
     proc = run([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache), "--output_dir", str(out)])

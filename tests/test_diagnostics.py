@@ -199,7 +199,8 @@ def test_group_roots_are_the_outermost_single_group_modules():
 
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
                                       tiny_hidden=64)
-    model = model_lib.MultiLabelClassifier(encoder, 5, 0.0, precision.get("fp32_baseline"), "cpu")
+    model = model_lib.MultiLabelClassifier(encoder, 5, 0.0, precision.head_autocast(precision.get("fp32_baseline"),
+                                                                                   torch.device("cpu")))
     roots = group_roots(model, model_lib.parameter_group_of)
     assert [(g, type(m).__name__) for g, m in roots] == [
         ("embeddings", "RobertaEmbeddings"), ("encoder", "RobertaEncoder"), ("head", "Linear")]
@@ -243,7 +244,7 @@ def test_fp8_converts_encoder_linears_only():
     pc = precision.get("amp_bf16_fp8")
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
                                       tiny_hidden=64)
-    model = model_lib.MultiLabelClassifier(encoder, 4271, 0.0, pc, "cpu")
+    model = model_lib.MultiLabelClassifier(encoder, 4271, 0.0, precision.head_autocast(pc, torch.device("cpu")))
     precision.cast_model(model.encoder, model.head, pc)
     kinds = {type(m).__name__ for m in model.encoder.modules()}
     assert "Float8Linear" in kinds and "Linear" not in kinds
@@ -333,6 +334,17 @@ def test_fp32_optimizer_arithmetic_over_fp16_weights_tells_the_mechanisms_apart(
     for group in ("encoder", "head"):
         assert own_second[group] <= grads[group] < naive_second[group], (group, grads, own_second, naive_second)
     assert row["dtypes"]["body_params"] == ["float16"] and row["dtypes"]["optimizer_state"]["exp_avg"] == ["float32"]
+
+
+def test_rows_record_the_checked_loss_scaling_loss_dtype_tf32_and_eval_dtypes(runs):
+    scaled, unscaled, naive = (runs[c][0] for c in ("amp_fp16", "amp_fp16_no_loss_scaling", "bf16_naive"))
+    assert scaled["dtypes"]["loss_scaling"] == {"enabled": True, "scaled": True}
+    assert unscaled["dtypes"]["loss_scaling"] == {"enabled": False, "scaled": False}
+    assert {r["dtypes"]["loss"] for r in (scaled, unscaled, naive)} == {"float32"}
+    assert naive["dtypes"]["tf32"] == {"cuda_matmul": False, "cudnn_conv": False, "mkldnn_matmul": False}
+    # evaluation under the config's precision, checked on its first batch
+    assert scaled["eval_dtypes"]["logits"] == "float16" and scaled["eval_dtypes"]["loss"] == "float32"
+    assert naive["eval_dtypes"]["body_params"] == ["bfloat16"] and naive["eval_dtypes"]["logits"] == "bfloat16"
 
 
 def test_row_records_eval_precision_memory_and_drift(runs):

@@ -141,11 +141,11 @@ def test_loss_is_the_hand_computed_cross_entropy_in_fp32():
     targets = torch.tensor([[0, 2]])
     # -log softmax: log(1 + e^-1 + e^-2) for the first position, log(3) for the uniform second one
     expected = (math.log(1 + math.exp(-1) + math.exp(-2)) + math.log(3)) / 2
-    loss = model_lib.cross_entropy_fp32(logits, targets)
+    loss = model_lib.cross_entropy(logits, targets, torch.float32)
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected, rel=1e-6)
     # fp16 logits near fp16's max: the loss must come from fp32 math, where nothing overflows
     big = torch.tensor([[[60000.0, 0.0]]], dtype=torch.float16)
-    assert model_lib.cross_entropy_fp32(big, torch.tensor([[1]])).item() == 60000.0
+    assert model_lib.cross_entropy(big, torch.tensor([[1]]), torch.float32).item() == 60000.0
 
 
 def test_vocabulary_is_padded_like_nanogpt():
@@ -161,7 +161,8 @@ def test_configs_get_the_dtypes_they_name_with_the_tied_head(name):
     pc = precision.REGISTRY[name]
     torch.manual_seed(0)
     gpt2 = model_lib.build_gpt2(300, n_layer=1, n_head=1, n_embd=64, block_size=16, dropout=0.0, eos_token_id=2)
-    model = model_lib.CausalLM(gpt2, pc, "cpu")
+    precision.apply_matmul_precision(pc)  # as run.py does: check_dtypes checks the TF32 flags too
+    model = model_lib.CausalLM(gpt2, precision.head_autocast(pc, torch.device("cpu")))
     precision.cast_model(model.body(), model.head, pc)
     assert model.head.weight is gpt2.transformer.wte.weight  # still tied after casting
     assert {id(p) for p in model.parameters()} == {id(p) for p in (*model.body().parameters(), model.head.weight)}
@@ -171,7 +172,7 @@ def test_configs_get_the_dtypes_they_name_with_the_tied_head(name):
     inputs = torch.randint(0, 300, (2, 16))
     with precision.autocast(pc, torch.device("cpu")):
         logits = model(inputs)
-    scaler.scale(model_lib.cross_entropy_fp32(logits, inputs)).backward()
+    scaler.scale(model_lib.cross_entropy(logits, inputs, pc.loss_dtype)).backward()
     scaler.step(optimizer)
     got = precision.check_dtypes(pc, model.body(), model.head, logits, optimizer)  # raises on any mismatch
     assert logits.shape == (2, 16, 320)  # 300 tokens padded to a multiple of 64

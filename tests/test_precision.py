@@ -1,6 +1,7 @@
 """Precision semantics of every registry config: what each one allocates, computes and skips."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -18,13 +19,14 @@ def tiny_classifier(pc: precision.PrecisionConfig) -> model_lib.MultiLabelClassi
     torch.manual_seed(0)
     encoder = model_lib.build_encoder("tiny", vocab_size=300, pad_token_id=1, max_length=32, tiny_layers=1,
                                       tiny_hidden=64)
-    model = model_lib.MultiLabelClassifier(encoder, NUM_LABELS, 0.0, pc, "cpu")
+    model = model_lib.MultiLabelClassifier(encoder, NUM_LABELS, 0.0, precision.head_autocast(pc, CPU))
     precision.cast_model(model.encoder, model.head, pc)
     return model
 
 
 def one_step(pc: precision.PrecisionConfig):
     """Build, run one optimizer step through the same calls run.py makes; return what was allocated."""
+    precision.apply_matmul_precision(pc)
     model = tiny_classifier(pc)
     optimizer = precision.build_optimizer(pc, model_lib.param_groups(model, 0.01), lr=1e-3, betas=(0.9, 0.999),
                                           eps=1e-8, weight_decay=0.01, device=CPU)
@@ -33,7 +35,7 @@ def one_step(pc: precision.PrecisionConfig):
     targets = (torch.rand(4, NUM_LABELS) < 0.1).float()
     with precision.autocast(pc, CPU):
         logits = model(ids, torch.ones_like(ids))
-    loss = model_lib.bce_loss_fp32(logits, targets)
+    loss = model_lib.bce_loss(logits, targets, pc.loss_dtype)
     scaler.scale(loss).backward()
     grads = {n: p.grad.dtype for n, p in model.named_parameters()}
     scaler.step(optimizer)
@@ -234,3 +236,98 @@ def test_check_dtypes_fails_on_moments_or_rounding_other_than_the_config_says():
     with pytest.raises(precision.PrecisionMismatch, match="rounds weight updates 'nearest'"):
         precision.check_dtypes(precision.REGISTRY["bf16_sr_bf16_moments"], model.encoder, model.head, logits,
                                optimizer)
+
+
+# ---------------------------------------------------------------- loss scaling, TF32, loss dtype, evaluation
+
+
+def test_check_dtypes_checks_the_grad_scaler_the_step_used():
+    pc = precision.REGISTRY["amp_fp16"]
+    model, optimizer, scaler, logits, loss, _ = one_step(pc)
+    record = precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer, loss=loss, scaler=scaler)
+    assert record["loss_scaling"] == {"enabled": True, "scaled": True}
+    off = torch.amp.GradScaler("cpu", enabled=False)  # what a loop without loss scaling passes
+    with pytest.raises(precision.PrecisionMismatch, match="GradScaler not used"):
+        precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer, loss=loss, scaler=off)
+    with pytest.raises(precision.PrecisionMismatch, match="GradScaler enabled but it scaled no loss"):
+        precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer, loss=loss,
+                               scaler=precision.grad_scaler(pc, CPU))  # built, never used in a backward
+    bf16 = precision.REGISTRY["amp_bf16"]
+    model, optimizer, _, logits, loss, _ = one_step(bf16)
+    with pytest.raises(precision.PrecisionMismatch, match="GradScaler used"):
+        precision.check_dtypes(bf16, model.encoder, model.head, logits, optimizer, loss=loss, scaler=scaler)
+
+
+def test_check_dtypes_reads_the_tf32_flags_torch_has_set():
+    pc = precision.REGISTRY["fp32_baseline"]
+    model, optimizer, _, logits, *_ = one_step(pc)  # sets fp32_baseline's flags
+    assert precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)["tf32"] == {
+        "cuda_matmul": False, "cudnn_conv": False, "mkldnn_matmul": False}
+    try:
+        precision.apply_matmul_precision(precision.REGISTRY["fp32_tf32_matmul"])
+        with pytest.raises(precision.PrecisionMismatch, match="TF32 cuda_matmul is True, config says False"):
+            precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
+        precision.apply_matmul_precision(pc)
+        torch.backends.cudnn.allow_tf32 = True  # torch's default: a run that never set its flags
+        with pytest.raises(precision.PrecisionMismatch, match="TF32 cudnn_conv is True"):
+            precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
+        precision.apply_matmul_precision(pc)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new API (what the HF Trainer sets), read back too
+        with pytest.raises(precision.PrecisionMismatch, match="TF32 cuda_matmul is True"):
+            precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
+    finally:
+        precision.apply_matmul_precision(pc)
+    precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
+
+
+def test_loss_dtype_comes_from_the_config_and_is_checked():
+    pc = precision.REGISTRY["amp_bf16"]
+    assert all(c.loss_dtype == torch.float32 for c in precision.REGISTRY.values())  # the seed's rule, kept
+    model, optimizer, _, logits, loss, _ = one_step(pc)
+    assert precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer, loss=loss)["loss"] == "float32"
+    bf16_loss = dataclasses.replace(pc, loss_dtype=torch.bfloat16)
+    with pytest.raises(precision.PrecisionMismatch, match="loss float32 != bfloat16"):
+        precision.check_dtypes(bf16_loss, model.encoder, model.head, logits, optimizer, loss=loss)
+    model, optimizer, _, logits, loss, _ = one_step(bf16_loss)  # a config that says otherwise gets it
+    assert loss.dtype == torch.bfloat16
+    precision.check_dtypes(bf16_loss, model.encoder, model.head, logits, optimizer, loss=loss)
+
+
+@pytest.mark.parametrize("name", ["amp_bf16", "bf16_naive", "bf16_body_fp32_head", "fp16_naive"])
+def test_fp32_evaluation_matches_an_fp32_copy_and_leaves_the_trained_weights_alone(name):
+    """--eval_precision fp32 against its reference, the former path (a deep copy cast with .float(), no
+    autocast); the trained model keeps its dtypes, and the evaluation passes check_dtypes as fp32."""
+    pc = precision.REGISTRY[name]
+    model = tiny_classifier(pc)
+    precision.apply_matmul_precision(pc)
+    model.eval()
+    ids = torch.randint(3, 300, (4, 16))
+    eval_pc = precision.eval_precision(pc, "fp32")
+    assert precision.eval_precision(pc, "config") is pc
+    evaluated = precision.model_for_eval(model, pc, eval_pc)
+    assert (evaluated is model) == (pc.weight_dtype == pc.head_dtype == torch.float32)  # no copy when already fp32
+    with torch.no_grad(), precision.autocast(eval_pc, CPU):
+        logits = evaluated(ids, torch.ones_like(ids))
+    with torch.no_grad():
+        reference = copy.deepcopy(model).float()(ids, torch.ones_like(ids))
+    assert torch.equal(logits, reference)
+    loss = model_lib.bce_loss(logits, torch.zeros_like(logits), eval_pc.loss_dtype)
+    record = precision.check_dtypes(eval_pc, evaluated.encoder, evaluated.head, logits, loss=loss)
+    assert record["body_params"] == record["head_params"] == ["float32"] and record["logits"] == "float32"
+    assert _dtypes_of(model) == {pc.weight_dtype, pc.head_dtype}
+    if pc.autocast_dtype or pc.weight_dtype != torch.float32:  # the training config's check refuses fp32 logits
+        with pytest.raises(precision.PrecisionMismatch):
+            precision.check_dtypes(pc, evaluated.encoder, evaluated.head, logits, loss=loss)
+
+
+def _dtypes_of(model: torch.nn.Module) -> set[torch.dtype]:
+    return {p.dtype for p in model.parameters()}
+
+
+def test_adam_eps_override_is_one_function_and_never_zero():
+    safe, naive = precision.REGISTRY["fp16_naive_safe_eps"], precision.REGISTRY["fp16_naive"]
+    assert precision.adam_eps_of(safe, 1e-8) == 1e-4 and precision.adam_eps_of(naive, 1e-8) == 1e-8
+    _, optimizer, *_ = one_step(safe)
+    assert optimizer.defaults["eps"] == 1e-4
+    with pytest.raises(ValueError, match="adam_eps must be positive"):  # `pc.adam_eps or run_eps` hid a 0
+        dataclasses.replace(naive, adam_eps=0.0)

@@ -53,11 +53,11 @@ def test_head_without_prior_is_nn_linear_default_init_and_prior_sets_the_bias():
 
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
                                       tiny_hidden=64)
-    pc = precision.get("fp32_baseline")
+    pc, cpu = precision.get("fp32_baseline"), torch.device("cpu")
     torch.manual_seed(123)
-    plain = model_lib.MultiLabelClassifier(encoder, 50, 0.1, pc, "cpu", label_prior=None)
+    plain = model_lib.MultiLabelClassifier(encoder, 50, 0.1, precision.head_autocast(pc, cpu), label_prior=None)
     torch.manual_seed(123)
     reference = nn.Linear(64, 50)  # the same RNG draws, so the same default (Kaiming-uniform) initialisation
     assert torch.equal(plain.head.weight, reference.weight) and torch.equal(plain.head.bias, reference.bias)
-    with_prior = model_lib.MultiLabelClassifier(encoder, 50, 0.1, pc, "cpu", label_prior=0.01)
+    with_prior = model_lib.MultiLabelClassifier(encoder, 50, 0.1, precision.head_autocast(pc, cpu), label_prior=0.01)
     assert torch.allclose(with_prior.head.bias, torch.full((50,), math.log(0.01 / 0.99)))

@@ -63,7 +63,8 @@ class TrainConfig(TrainingFields):
     max_eval_docs: Optional[int] = None
     """Evaluate on at most this many validation/test documents (None = all)."""
     eval_precision: Literal["config", "fp32"] = "config"
-    """Evaluate under the config's own precision, or upcast to fp32 for evaluation."""
+    """Evaluate under the config's own precision, or with the weights upcast to fp32 and no autocast
+    (`precision.eval_precision`; TF32 flags and float8 layers stay as trained)."""
     diagnostics_every: int = 10
     """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
     many optimizer steps; 0 = never. A measured step costs one extra fp32 AdamW step plus host copies of the

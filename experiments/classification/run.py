@@ -8,7 +8,6 @@ Reads top to bottom: parse -> data -> model under the precision config -> train 
 """
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -47,25 +46,28 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: data_lib.TokenizedSplit, cfg: TrainConfig,
-             pc: precision.PrecisionConfig, meta: data_lib.CacheMeta, device: torch.device) -> dict:
-    """Metrics on a split under the config's precision (or fp32 with --eval_precision fp32)."""
-    if cfg.eval_precision == "fp32":
-        model, pc = copy.deepcopy(model).float(), precision.get("fp32_baseline")
+             pc: precision.PrecisionConfig, meta: data_lib.CacheMeta, device: torch.device) -> tuple[dict, dict]:
+    """Metrics on a split under the config's precision (or fp32 with --eval_precision fp32), and the dtypes
+    checked on its first batch."""
+    eval_pc = precision.eval_precision(pc, cfg.eval_precision)
+    model = precision.model_for_eval(model, pc, eval_pc)
     model.eval()
-    logits, losses = [], []
+    logits, losses, dtypes = [], [], None
     for batch in data_lib.eval_batches(split, cfg.eval_batch_size, meta.num_labels, meta.pad_token_id,
                                        cfg.max_eval_docs):
         batch = batch.to(device)
-        with precision.autocast(pc, device):
+        with precision.autocast(eval_pc, device):
             out = model(batch.input_ids, batch.attention_mask)
-        losses.append(model_lib.bce_loss_fp32(out, batch.targets) * len(batch))
+        loss = model_lib.bce_loss(out, batch.targets, eval_pc.loss_dtype)
+        dtypes = dtypes or precision.check_dtypes(eval_pc, model.encoder, model.head, out, loss=loss)
+        losses.append(loss * len(batch))
         logits.append(out.float().cpu())
     model.train()
     n = sum(len(x) for x in logits)
     scores = metrics_lib.multilabel_metrics(
         torch.cat(logits), _targets(split, n, meta.num_labels), n_unseen_gold=split.n_unseen_labels[:n])
     scores["loss"] = float(torch.stack(losses).sum() / n)
-    return scores
+    return scores, dtypes
 
 def _targets(split: data_lib.TokenizedSplit, n: int, num_labels: int) -> torch.Tensor:
     targets = torch.zeros((n, num_labels))
@@ -84,7 +86,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     splits = data_lib.open_splits(meta, cfg.max_length)  # pinned: a cache rebuilt meanwhile does not change them
     train_split = splits["train"]
     label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None
-    model = model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout, pc, device.type, label_prior)
+    model = model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout,
+                                           precision.head_autocast(pc, device), label_prior)
     precision.cast_model(model.encoder, model.head, pc)
     model.to(device).train()
     compiled = precision.should_compile(pc, device)  # the model; torchao's optimizer step follows the same flag
@@ -122,7 +125,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
     if resumed and world.is_main:
         print(f"resuming {rid} from step {state.step}", flush=True)
-    dtypes, status = None, "completed"
+    dtypes, eval_dtypes, status = None, None, "completed"
     checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
                     disable=None if world.is_main else True)
@@ -138,7 +141,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             with distributed.gradient_sync(forward, sync=micro == local_accumulation - 1):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids, batch.attention_mask)
-                loss = model_lib.bce_loss_fp32(logits, batch.targets) / local_accumulation  # DDP averages ranks
+                loss = model_lib.bce_loss(logits, batch.targets, pc.loss_dtype) / local_accumulation  # DDP averages
                 scaler.scale(loss).backward()
             monitor.micro_batch(loss, logits)
             state.micro_batches += world.world_size
@@ -152,7 +155,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         lr = scheduler.get_last_lr()[0]
         scheduler.step()  # advances on skipped steps too, identically for every config
         if dtypes is None:
-            dtypes = precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer)
+            dtypes = precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer, loss=loss, scaler=scaler)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         step = state.step  # the step just done
@@ -169,7 +172,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
         if evaluating and world.is_main:
             with memory.evaluating():
-                val = evaluate(model, val_split, cfg, pc, meta, device)
+                val, eval_dtypes = evaluate(model, val_split, cfg, pc, meta, device)
             log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
             if state.best is None or val["micro_f1"] > state.best["metrics"]["micro_f1"]:
                 state.best = {"step": step, "metrics": val, "dir": ckpt.save_best(step, val)}  # weights on disk
@@ -189,7 +192,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,
            "compiled": compiled, "optimizer_step_compiled": precision.compiles_optimizer_step(pc, device),
-           "dtypes": dtypes,
+           "dtypes": dtypes, "eval_dtypes": eval_dtypes,
            "data": meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
            "train_wall_seconds": state.train_seconds, "eval_precision": cfg.eval_precision,
            **speed, **diag.summary()}
@@ -199,7 +202,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         return out
     ckpt.load_best(state.best_dir)
     with memory.evaluating():
-        test = evaluate(model, splits["test"], cfg, pc, meta, device)
+        test, _ = evaluate(model, splits["test"], cfg, pc, meta, device)
     out.update(best_val_step=state.best["step"], **{f"val_{k}": v for k, v in state.best["metrics"].items()},
                **test, **memory.summary())
     return out

@@ -8,14 +8,12 @@ AdamW state), and the embedding lookup's output is cast to the body's dtype befo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dtype_bench import precision
-from dtype_bench.precision import PrecisionConfig
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -48,15 +46,15 @@ def build_gpt2(vocab_size: int, *, n_layer: int, n_head: int, n_embd: int, block
 class CausalLM(nn.Module):
     """token ids -> GPT-2 body -> output layer (tied embedding) -> logits over the padded vocabulary.
 
-    The output layer's input is cast to its weight dtype, and with `head_compute_fp32` it runs outside
-    autocast, so the 50k-wide logits and the head's gradients are fp32.
+    The output layer's input is cast to its weight dtype, and it runs inside `head_autocast()`
+    (`precision.head_autocast`: autocast off for the configs that compute the head in fp32, so the 50k-wide
+    logits and the head's gradients are fp32).
     """
 
-    def __init__(self, gpt2: GPT2LMHeadModel, pc: PrecisionConfig, device_type: str):
+    def __init__(self, gpt2: GPT2LMHeadModel, head_autocast: Callable[[], AbstractContextManager]):
         super().__init__()
         self.gpt2 = gpt2
-        self.pc = pc
-        self.device_type = device_type
+        self.head_autocast = head_autocast
 
     @property
     def head(self) -> nn.Module:
@@ -72,13 +70,14 @@ class CausalLM(nn.Module):
         body_dtype = self.gpt2.transformer.wpe.weight.dtype
         embeds = self.gpt2.transformer.wte(input_ids).to(body_dtype)  # fp32 tied embedding, bf16 body
         hidden = self.gpt2.transformer(inputs_embeds=embeds).last_hidden_state
-        with precision.head_autocast_off(self.pc, torch.device(self.device_type)):
+        with self.head_autocast():
             return self.head(hidden.to(self.head.weight.dtype))
 
 
-def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the vocabulary, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mean next-token cross-entropy over the vocabulary, computed in `dtype` whatever the logits' dtype
+    (`PrecisionConfig.loss_dtype`)."""
+    return F.cross_entropy(logits.to(dtype).flatten(0, 1), targets.flatten())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -47,19 +47,22 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, pc: precision.PrecisionConfig,
-             device: torch.device) -> dict:
-    """Mean next-token loss over the fixed validation windows, under the config's precision."""
+             device: torch.device) -> tuple[dict, dict]:
+    """Mean next-token loss over the fixed validation windows, under the config's precision, and the dtypes
+    checked on the first batch."""
     model.eval()
-    total, n = torch.zeros((), device=device), 0
+    total, n, dtypes = torch.zeros((), device=device), 0, None
     for batch in data_lib.eval_batches(tokens, cfg.block_size, cfg.eval_batch_size, cfg.eval_sequences):
         batch = batch.to(device)
         with precision.autocast(pc, device):
             logits = model(batch.input_ids)
-        total += model_lib.cross_entropy_fp32(logits, batch.targets) * len(batch)
+        loss = model_lib.cross_entropy(logits, batch.targets, pc.loss_dtype)
+        dtypes = dtypes or precision.check_dtypes(pc, model.body(), model.head, logits, loss=loss)
+        total += loss * len(batch)
         n += len(batch)
     model.train()
     loss = total / n
-    return {"loss": float(loss), "perplexity": float(torch.exp(loss))}  # NaN/Inf stay as they are
+    return {"loss": float(loss), "perplexity": float(torch.exp(loss))}, dtypes  # NaN/Inf stay as they are
 
 
 def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: data_lib.CacheMeta,
@@ -69,7 +72,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     runner.seed_everything(seed)
     gpt2 = model_lib.build_gpt2(meta.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                 block_size=cfg.block_size, dropout=cfg.dropout, eos_token_id=meta.eos_token_id)
-    model = model_lib.CausalLM(gpt2, pc, device.type)
+    model = model_lib.CausalLM(gpt2, precision.head_autocast(pc, device))
     precision.cast_model(model.body(), model.head, pc)  # the head is the tied embedding matrix
     model.to(device).train()
     compiled = precision.should_compile(pc, device)  # the model; torchao's optimizer step follows the same flag
@@ -110,7 +113,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
     if resumed and world.is_main:
         print(f"resuming {rid} from step {state.step}", flush=True)
-    dtypes, status = None, "completed"
+    dtypes, eval_dtypes, status = None, None, "completed"
     checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
                     disable=None if world.is_main else True)
@@ -123,7 +126,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             with distributed.gradient_sync(forward, sync=micro == local_accumulation - 1):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids)
-                loss = model_lib.cross_entropy_fp32(logits, batch.targets) / local_accumulation  # DDP averages
+                loss = model_lib.cross_entropy(logits, batch.targets, pc.loss_dtype) / local_accumulation  # DDP avg
                 scaler.scale(loss).backward()
             monitor.micro_batch(loss, logits)
             state.micro_batches += world.world_size
@@ -137,7 +140,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         lr = scheduler.get_last_lr()[0]
         scheduler.step()  # advances on skipped steps too, identically for every config
         if dtypes is None:
-            dtypes = precision.check_dtypes(pc, model.body(), model.head, logits, optimizer)
+            dtypes = precision.check_dtypes(pc, model.body(), model.head, logits, optimizer, loss=loss, scaler=scaler)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         step = state.step  # the step just done
@@ -154,7 +157,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
         if evaluating and world.is_main:
             with memory.evaluating():
-                val = evaluate(model, val_tokens, cfg, pc, device)
+                val, eval_dtypes = evaluate(model, val_tokens, cfg, pc, device)
             log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
             state.evals.append({"step": step, **val})  # the LM reports its last evaluation, keeps no best weights
         stop = checkpoint.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
@@ -176,6 +179,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
            "tokens_seen": state.micro_batches * cfg.batch_size * cfg.block_size,
            "n_params": model_lib.count_parameters(model), "compiled": compiled,
            "optimizer_step_compiled": precision.compiles_optimizer_step(pc, device), "dtypes": dtypes,
+           "eval_dtypes": eval_dtypes,
            "data": meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
            "train_wall_seconds": state.train_seconds, **speed, **diag.summary(),
            **memory.summary(),
