@@ -23,7 +23,7 @@ import data as data_lib
 import metrics as metrics_lib
 import model as model_lib
 from config import PRESETS, TrainConfig
-from dtype_bench import checkpoint, distributed, precision, reporting, results, runner, timing
+from dtype_bench import checkpoint, distributed, precision, reporting, results, run_state, runner, signals, timing
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.monitor import TrainingMonitor
 from dtype_bench.runner import UserError
@@ -125,11 +125,11 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None,
                           views=reporting.views(cfg, pc, seed, rid, EXPERIMENT)) if world.is_main else None
     monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
-    state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
+    state = run_state.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
     if resumed and world.is_main:
         print(f"resuming {rid} from step {state.step}", flush=True)
     dtypes, status = None, "completed"
-    checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
+    signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
                     disable=None if world.is_main else True)
     while state.step < cfg.max_steps:
@@ -179,13 +179,13 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
             if state.best is None or val["micro_f1"] > state.best["metrics"]["micro_f1"]:
                 state.best = {"step": step, "metrics": val, "dir": ckpt.save_best(step, val)}  # weights on disk
-        stop = checkpoint.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
+        stop = signals.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
         if stop:
             monitor.flush()  # a single process may stop between log steps: write its pending lines first
         if (evaluating or stop) and world.is_main:
             ckpt.save(optimizer, scheduler, scaler, progress=state.state_dict(), best_dir=state.best_dir)
         if stop:
-            raise checkpoint.Interrupted(stop, step)
+            raise signals.Interrupted(stop, step)
     progress.close()
     if not world.is_main:  # rank 0 evaluates and reports
         return {"status": status, "steps": state.step}
