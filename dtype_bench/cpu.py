@@ -51,7 +51,7 @@ def matmul_slowdown(dtype: torch.dtype) -> float:
     thread: about 1 where the CPU computes the dtype natively (or faster, e.g. AMX), 10-200 where it is emulated.
     One thread, because on busy cores a multi-threaded fp32 matmul can lose more to waiting threads than
     emulation costs (measured on a loaded 2-core EPYC: fp16 1.7x with 2 threads, 180x with 1)."""
-    from dtype_bench.timing import measure_matmul_peak
+    from dtype_bench.flops import measure_matmul_peak
 
     cpu, threads = torch.device("cpu"), torch.get_num_threads()
     torch.set_num_threads(1)

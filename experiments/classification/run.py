@@ -23,8 +23,9 @@ import data as data_lib
 import metrics as metrics_lib
 import model as model_lib
 from config import PRESETS, TrainConfig
-from dtype_bench import checkpoint, distributed, precision, reporting, results, run_state, runner, signals, timing
+from dtype_bench import checkpoint, distributed, flops, precision, reporting, results, run_state, runner, signals, throughput
 from dtype_bench.diagnostics import PrecisionDiagnostics
+from dtype_bench.memory import PeakMemory
 from dtype_bench.monitor import TrainingMonitor
 from dtype_bench.runner import UserError
 
@@ -109,10 +110,10 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     batches = data_lib.TrainBatches(train_split, cfg.batch_size, seed, meta.num_labels, meta.pad_token_id,
                                     rank=world.rank, world_size=world.world_size,
                                     length_grouped=cfg.length_grouped_batches)
-    timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
-    flops_of = timing.flops_counter(model.encoder, model.head, head_per_token=False)  # FLOPs/sample at a width
-    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
-    memory = timing.PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
+    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+    flops_of = flops.flops_counter(model.encoder, model.head, head_per_token=False)  # FLOPs/sample at a width
+    peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
+    memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
 
     diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
     # Resume point: written at every evaluation and on SIGTERM/SIGINT (after diag, which keeps the initial weights)
@@ -190,7 +191,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     if not world.is_main:  # rank 0 evaluates and reports
         return {"status": status, "steps": state.step}
     log.close()
-    speed = timing.throughput_record(timer.summary(), peaks, world.world_size)
+    speed = throughput.throughput_record(timer.summary(), peaks, world.world_size)
     out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,

@@ -22,8 +22,9 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 import data as data_lib
 import model as model_lib
 from config import PRESETS, TrainConfig
-from dtype_bench import checkpoint, distributed, precision, reporting, results, run_state, runner, signals, timing
+from dtype_bench import checkpoint, distributed, flops, precision, reporting, results, run_state, runner, signals, throughput
 from dtype_bench.diagnostics import PrecisionDiagnostics
+from dtype_bench.memory import PeakMemory
 from dtype_bench.monitor import TrainingMonitor
 from dtype_bench.runner import UserError
 
@@ -90,12 +91,12 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     batches = data_lib.TrainBatches(tokens["train"], cfg.block_size, cfg.batch_size, seed,
                                     rank=world.rank, world_size=world.world_size)
     val_tokens = tokens["val"]
-    timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     # FLOPs of one sequence: the LM head (tied embedding) runs at every position
-    sample_flops = timing.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
-    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
+    sample_flops = flops.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
+    peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
     local_samples = cfg.batch_size * local_accumulation  # per step, this rank's: throughput and MFU are per device
-    memory = timing.PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
+    memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
 
     diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
     # Resume point: written at every evaluation and on SIGTERM/SIGINT (after diag, which keeps the initial weights)
@@ -169,7 +170,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     if not world.is_main:  # rank 0 evaluates and reports
         return {"status": status, "steps": state.step}
     log.close()
-    speed = timing.throughput_record(timer.summary(), peaks, world.world_size)
+    speed = throughput.throughput_record(timer.summary(), peaks, world.world_size)
     samples_per_second = speed["samples_per_second"]
     out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
