@@ -5,7 +5,7 @@
 
 Any other flag is a run.py flag and applies to both sides (e.g. --tiny_layers, --threads). On a CPU shared
 with other work pass --threads 1: with more torch threads than free cores, OpenMP's waiting threads make step
-times swing 20x from run to run (measured on the 2-core machine this was written on).
+times swing by an order of magnitude from run to run (benchmarks/RESULTS.md, "CPU notes").
 
 Same work on both sides: the same model (built by experiments/classification/model.py from the same seed), the
 same micro-batches in the same order (the Trainer gets the documents in our order, epoch after epoch, with

@@ -30,11 +30,14 @@ timing) add:
   on step 1.
 - `update_weight_ratio_median`: median |intended update| / |weight| over non-zero weights (a strided sample of
   at most `MEDIAN_SAMPLE` elements per group).
-- underflow (`underflow.py`): `grad_*` over parameter gradients as the optimizer sees them (under autocast the
-  fp32 master gradients, where fp16 underflow cannot show), `act_grad_*` and `act_grad_dtypes` over the gradients
-  of the activations entering every matmul layer (nn.Linear, HF Conv1D), in their own dtype with the loss scale
-  applied (what the hardware computed: under fp16 autocast, where loss scaling matters), and
-  `second_moment_underflow_frac` over the optimizer's floating-point second moments.
+- underflow (`underflow.underflow_fields`: `<prefix>_zero_frac`, `_subnormal_frac`, `_underflow_frac` (their
+  sum) and `_structural_zero_frac`): prefix `grad` over parameter gradients as the optimizer sees them, rows
+  along dim 0 (under autocast the fp32 master gradients, where fp16 underflow cannot show); prefix `act_grad`,
+  with `act_grad_dtypes`, over the gradients of the activations entering every matmul layer (nn.Linear, HF
+  Conv1D), rows along the feature dimension, in their own dtype with the loss scale applied (what the hardware
+  computed: under fp16 autocast, where loss scaling matters; a row that flushed to zero entirely counts as
+  structural, so this is a lower bound); and `second_moment_underflow_frac` over the optimizer's
+  floating-point second moments.
 A step the GradScaler skipped records the gradient fields and `optimizer_step_skipped`. Non-finite values are
 kept: an update that wrote NaN has NaN fidelity.
 
