@@ -339,6 +339,7 @@ NOT_DRAWN = {
 
 
 VERDICT_TEXT = {"ok": "no quality loss", "worse": "avoid: quality loss", "unstable": "avoid: unstable",
+                "inconclusive": "undecided: more seeds would settle it",
                 "unknown": "no verdict", "skipped": "not run here (skipped: see Stability)"}
 
 

@@ -160,7 +160,8 @@ def rank_plot(tasks: dict[str, Analysis], rank_table: dict, correlations: dict, 
     return path
 
 
-def render_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | None, output_dir: Path) -> str:
+def render_comparison_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | None,
+                             output_dir: Path) -> str:
     lines = ["# dtype-bench: language modelling vs classification", "",
              "The same precision configs trained in both experiments; each experiment's own report (setup, "
              "summary table, stability, plots):", ""]
@@ -238,7 +239,7 @@ def compare(lm_results: str | Path, cls_results: str | Path, output_dir: str | P
     }
     atomic_write_json(output_dir / "comparison.json", comparison)
     figure = rank_plot(tasks, rank_table, correlations, output_dir / "ranks.png")
-    atomic_write_text(output_dir / "report.md", render_report(tasks, comparison, figure, output_dir))
+    atomic_write_text(output_dir / "report.md", render_comparison_report(tasks, comparison, figure, output_dir))
     return comparison
 
 

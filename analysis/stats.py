@@ -13,6 +13,8 @@ from scipy import stats as scipy_stats
 
 from dtype_bench.analysis.experiment_data import BASELINE, Experiment, Metric, is_number
 
+from dtype_bench.results import mean_std
+
 CONFIDENCE = 0.95
 
 
@@ -28,16 +30,11 @@ class Estimate:
 
 
 def estimate(values: list[float]) -> Estimate:
-    xs = np.asarray(values, dtype=float)
-    n = len(xs)
-    if n == 0:
-        return Estimate(None, None, None, None, 0)
-    mean = float(xs.mean())
-    if n == 1:
-        return Estimate(mean, None, None, None, 1, tuple(xs))
-    std = float(xs.std(ddof=1))
+    mean, std, n = mean_std(values)
+    if n < 2:
+        return Estimate(mean, None, None, None, n, tuple(values))
     half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
-    return Estimate(mean, std, mean - half, mean + half, n, tuple(xs))
+    return Estimate(mean, std, mean - half, mean + half, n, tuple(values))
 
 
 @dataclass(frozen=True)
@@ -248,7 +245,7 @@ def summarize(exp: Experiment) -> list[ConfigSummary]:
     return summaries
 
 
-def oriented(value: float, metric: Metric) -> float:
+def oriented_value(value: float, metric: Metric) -> float:
     """Higher is better after orientation (losses and memory are negated)."""
     return value if metric.higher_is_better else -value
 
@@ -256,7 +253,7 @@ def oriented(value: float, metric: Metric) -> float:
 def pareto_front(points: dict[str, tuple[float, float]], x: Metric, y: Metric) -> tuple[list[str], dict[str, str]]:
     """Non-dominated configs among finite (x, y) means, and for each dominated config one config dominating it
     (at least as good on both axes, better on one)."""
-    finite = {c: (oriented(px, x), oriented(py, y)) for c, (px, py) in points.items()
+    finite = {c: (oriented_value(px, x), oriented_value(py, y)) for c, (px, py) in points.items()
               if math.isfinite(px) and math.isfinite(py)}
     dominated_by = {}
     for c, (cx, cy) in finite.items():
@@ -271,7 +268,7 @@ def pareto_front(points: dict[str, tuple[float, float]], x: Metric, y: Metric) -
 def ranks(values: dict[str, float], metric: Metric) -> dict[str, float]:
     """1 = best; ties share the average rank; NaN ranks last."""
     configs = list(values)
-    score = np.array([oriented(values[c], metric) if math.isfinite(values[c]) else -np.inf for c in configs])
+    score = np.array([oriented_value(values[c], metric) if math.isfinite(values[c]) else -np.inf for c in configs])
     r = scipy_stats.rankdata(-score, method="average")
     return {c: float(x) for c, x in zip(configs, r)}
 

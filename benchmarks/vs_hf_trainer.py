@@ -5,7 +5,7 @@
 
 Any other flag is a run.py flag and applies to both sides (e.g. --tiny_layers, --threads). On a CPU shared
 with other work pass --threads 1: with more torch threads than free cores, OpenMP's waiting threads make step
-times swing 20x from run to run (measured on the 2-core machine this was written on).
+times swing by an order of magnitude from run to run (benchmarks/RESULTS.md, "CPU notes").
 
 Same work on both sides: the same model (built by experiments/classification/model.py from the same seed), the
 same micro-batches in the same order (the Trainer gets the documents in our order, epoch after epoch, with
@@ -29,14 +29,14 @@ padded tokens computed, so not identical work and not part of the ratio); each s
 share of computed token positions that were padding.
 
 Same measurement on both sides: each run is its own process (no shared allocator or thread state), and
-both are timed by the same `dtype_bench.timing.StepTimer` at the same boundaries (start of an optimizer
+both are timed by the same `dtype_bench.throughput.StepTimer` at the same boundaries (start of an optimizer
 step .. end of it, contiguous windows, the same warm-up steps excluded, median over windows): ours inside
 run.py, the Trainer's through a callback (`on_step_begin` / `on_step_end`). Whole-process time (imports,
 model build, evaluation) is excluded on both sides. Runs alternate (ours, Trainer, then Trainer, ours in
 the next round) so drift in machine load hits every side; the table shows the median over rounds.
 
 MFU uses model FLOPs per sample from our run (identical batches, so identical FLOPs) over the matmul peak
-calibrated in our run's process (`dtype_bench.timing`). The Trainer lives here only, never in the training
+calibrated in our run's process (`dtype_bench.flops`). The Trainer lives here only, never in the training
 path.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ from dtype_bench.experiments.classification import data as data_lib
 from dtype_bench.benchmarks import loader
 from dtype_bench.experiments.classification import model as model_lib
 from dtype_bench.experiments.classification.config import PRESETS, TrainConfig
-from dtype_bench import cpu, precision, runner, timing
+from dtype_bench import cpu, precision, runner, throughput
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import read_jsonl
 
@@ -172,7 +172,7 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
     from transformers import TrainerCallback
 
     class TimingCallback(TrainerCallback):
-        def __init__(self, timer: timing.StepTimer):
+        def __init__(self, timer: throughput.StepTimer):
             self.timer = timer
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -183,7 +183,7 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
 
     if cfg.threads:  # as run.py does with --threads
         torch.set_num_threads(cfg.threads)
-    timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(cfg, pc, seed, device, output_dir, [TimingCallback(timer)])
         trainer.train()

@@ -4,7 +4,7 @@ Layout, per run (`run_dir(output_dir, run_id)` = `<output_dir>/checkpoints/<run_
     last/                the newest resume point (replaced at every evaluation and on SIGTERM/SIGINT)
         model.safetensors    the model's parameters and buffers
         state.pt             optimizer (8-bit states too), LR scheduler, GradScaler, every RNG (Python, NumPy,
-                             torch CPU and CUDA) and the loop's `RunState` (step counters, data position,
+                             torch CPU and CUDA) and the loop's `run_state.RunState` (step counters, data position,
                              validation results and the best so far, step-log offset, monitor state)
         manifest.json        format version, identity (run, config, setup, data, model signature), step, and
                              the SHA-256 and size of each file above
@@ -23,23 +23,19 @@ likewise that of the last process.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
 import re
 import shutil
-import signal
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
-from dtype_bench.distributed import World, all_agree
 from dtype_bench.io import (
     FolderRefused, atomic_directory, claim_folder, damaged_file, file_checksums, fingerprint, json_dumps,
 )
@@ -247,103 +243,3 @@ class RunCheckpoints:
         for path in self.directory.glob("best-step*"):
             if re.fullmatch(r"best-step\d+", path.name) and path.name != keep:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- a training loop's state
-
-
-class RunState:
-    """A training loop's counters and its stateful helpers, saved and restored as one unit (the checkpoint's
-    `progress`), the same way by every experiment.
-
-    The loop advances `step` (optimizer steps) and `micro_batches` (summed over ranks); `evals` holds the
-    validation results an experiment reports as a curve (the LM's), `best` the best validation so far with its
-    weights' directory (an experiment that keeps best weights: classification). `state_dict()` adds what the
-    helpers need to continue exactly: the data position (`batches.position`, restored by `batches.seek`), the
-    monitor's state, the diagnostics' state (its history: a resumed run's diagnostics summary covers the whole
-    run), the step-log offset, the steps at which the run was resumed and the training wall time across
-    processes. `RunState(..., resumed=<that dict>)` puts everything back; `resumed=None` starts at 0.
-    """
-
-    def __init__(self, *, batches: Any, monitor: Any, diagnostics: Any, log: Any, resumed: dict | None):
-        self.batches, self.monitor, self.diagnostics, self.log = batches, monitor, diagnostics, log
-        self.step, self.micro_batches, self.evals, self.best = 0, 0, [], None
-        self.resumed_from_steps: list[int] = []
-        self._earlier_train_seconds = 0.0
-        if resumed:
-            self.step, self.micro_batches = resumed["step"], resumed["micro_batches"]
-            self.evals, self.best = resumed["evals"], resumed["best"]
-            self.resumed_from_steps = resumed["resumed_from_steps"] + [self.step]
-            self._earlier_train_seconds = resumed["train_wall_seconds"]
-            batches.seek(resumed["data_position"])
-            monitor.load_state_dict(resumed["monitor"])
-            diagnostics.load_state_dict(resumed["diagnostics"])  # same measured steps, history and first origin
-        self._started = time.perf_counter()
-
-    @property
-    def train_seconds(self) -> float:
-        """Wall time of the training loop, all processes of this run together."""
-        return self._earlier_train_seconds + time.perf_counter() - self._started
-
-    @property
-    def best_dir(self) -> str | None:
-        return self.best["dir"] if self.best else None
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "micro_batches": self.micro_batches, "evals": self.evals, "best": self.best,
-                "data_position": self.batches.position, "monitor": self.monitor.state_dict(),
-                # after the monitor's flush, which sets the diagnostics' first non-finite origin
-                "diagnostics": self.diagnostics.state_dict(),
-                "log_offset": self.log.offset(), "resumed_from_steps": self.resumed_from_steps,
-                "train_wall_seconds": self.train_seconds}
-
-
-# ---------------------------------------------------------------- SIGTERM / SIGINT
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT: the run checkpointed at `step` and stops without a results row; running the same
-    command again resumes it. A BaseException (like KeyboardInterrupt) so that no `except Exception` records
-    it as a failure."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
-        self.signum, self.step = signum, step
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-_received: list[int] = []
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def defer_stop_signals() -> None:
-    """Called by a training loop that polls `stop_signal`: from now on SIGTERM and SIGINT do not kill the
-    process but are noted, and the loop checkpoints and raises `Interrupted` at its next step boundary.
-    (SIGKILL cannot be caught: a run killed that way resumes from its last evaluation's checkpoint.)"""
-    _received.clear()
-    for s in _STOP_SIGNALS:
-        signal.signal(s, lambda signum, frame: _received.append(signum))
-
-
-@contextlib.contextmanager
-def signal_handlers_restored() -> Iterator[None]:
-    """Whatever a run does to the SIGTERM/SIGINT handlers (`defer_stop_signals`) ends with the block."""
-    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def stop_signal(world: World, sync_point: bool) -> int | None:
-    """The signal to stop on, or None. Under DDP ranks must stop at the same step, so they agree (one
-    all-reduce) only at `sync_point` steps, which every rank must pass together."""
-    if not world.distributed:
-        return _received[0] if _received else None
-    if not sync_point or not all_agree(bool(_received)):
-        return None
-    return _received[0] if _received else signal.SIGTERM  # another rank received it

@@ -1,7 +1,7 @@
 """Training on a CPU someone else is using, or one without native fp16/bf16 matmuls.
 
-- Threads: with more torch threads than free cores, OpenMP's waiting threads make step times swing up to 20x
-  (measured on a shared 2-core machine: 20 instead of ~560 samples/s). Without `--threads`, a run on a busy
+- Threads: with more torch threads than free cores, OpenMP's waiting threads make step times swing by an order
+  of magnitude (experiments/classification/PLAN.md has a measurement). Without `--threads`, a run on a busy
   CPU uses as many threads as there are free cores (cores minus those busy over half a second before it
   starts, at least 1) and says so; a sweep decides once and passes `--threads` to every run, so that its
   configs are timed alike; the row's `env.torch_threads` records what each ran with.
@@ -50,8 +50,8 @@ def matmul_slowdown(dtype: torch.dtype) -> float:
     """Time of a CPU matmul in `dtype` over the same matmul in fp32 (best of repeated runs, ~0.2 s each), on one
     thread: about 1 where the CPU computes the dtype natively (or faster, e.g. AMX), 10-200 where it is emulated.
     One thread, because on busy cores a multi-threaded fp32 matmul can lose more to waiting threads than
-    emulation costs (measured on a loaded 2-core EPYC: fp16 1.7x with 2 threads, 180x with 1)."""
-    from dtype_bench.timing import measure_matmul_peak
+    emulation costs, which would hide the emulation (benchmarks/RESULTS.md, "CPU notes")."""
+    from dtype_bench.flops import measure_matmul_peak
 
     cpu, threads = torch.device("cpu"), torch.get_num_threads()
     torch.set_num_threads(1)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 from pathlib import Path
 from typing import IO, Iterable
 
+import numpy as np
 import torch
 
 from filelock import FileLock
@@ -157,39 +157,9 @@ class StepLog:
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
-    xs = [v for v in values if v is not None]
-    if not xs:
+    """Mean, sample standard deviation (None below two values) and count of the values that are not None: the
+    one mean/std over seeds (the sweep's table, analysis' estimates). NaN and Inf are kept and propagate."""
+    xs = np.asarray([v for v in values if v is not None], dtype=float)
+    if not len(xs):
         return None, None, 0
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
-
-
-def _why(row: dict) -> str:
-    if row["status"] == "diverged":
-        origin = row.get("nonfinite_origin")
-        return (f"non-finite loss from step {row.get('diverged_at_step')}"
-                + (f", first non-finite value in {origin} at step {row.get('nonfinite_origin_step')}" if origin else ""))
-    return row.get("reason") or row.get("error") or ""
-
-
-def format_table(rows: list[dict], metrics: tuple[str, ...] = SEED_METRICS) -> str:
-    """Per config: status counts and mean ± std over seeds of each metric (runs that completed)."""
-    by_config: dict[str, list[dict]] = {}
-    for row in rows:
-        by_config.setdefault(row["config"], []).append(row)
-    header = ["config", "runs"] + list(metrics)
-    lines = [header]
-    for config, runs in by_config.items():
-        statuses = {}
-        for r in runs:
-            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-        done = [r for r in runs if r["status"] == "completed"]
-        cells = [config, " ".join(f"{n} {s}" for s, n in statuses.items())]
-        for m in metrics:
-            mean, std, n = mean_std(r.get(m) for r in done)
-            cells.append("-" if mean is None else f"{mean:.4g} ± {std:.2g}")
-        lines.append(cells)
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    notes = [f"{r['config']} seed {r['seed']}: {r['status']} — {_why(r)}" for r in rows if r["status"] != "completed"]
-    return "\n".join(out + ([""] + notes if notes else []))
+    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else None, len(xs)

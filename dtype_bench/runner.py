@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, sweep
+from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, signals, sweep
 from dtype_bench.configs import HelpFormatter, add_flags, resolve
 from dtype_bench.io import FolderRefused, claim_folder, fingerprint, recover_interrupted_writes
 
@@ -106,7 +106,7 @@ def run_single(experiment: str, config_name: str, seed: int, cfg: Any, device: t
             print(f"{rid}: --fresh, discarding its checkpoints")
             shutil.rmtree(checkpoint.run_dir(cfg.output_dir, rid))
         distributed.barrier()  # no rank looks for a checkpoint before it is gone
-        with checkpoint.signal_handlers_restored():
+        with signals.signal_handlers_restored():
             return _train_and_record(experiment, config_name, seed, cfg, device, setup_fp, train, metrics, world)
 
 
@@ -130,7 +130,7 @@ def _train_and_record(experiment: str, config_name: str, seed: int, cfg: Any, de
     else:
         try:
             row.update(train(pc, rid))
-        except checkpoint.Interrupted as e:
+        except signals.Interrupted as e:
             print(f"{rid}: {e}; checkpoint saved, run the same command again to resume", file=sys.stderr)
             return e.exit_code
         except checkpoint.CheckpointError as e:  # one line with the remedy, no traceback; the row says why

@@ -30,7 +30,7 @@ from typing import Iterator
 from filelock import FileLock, Timeout
 
 from dtype_bench.distributed import World, broadcast_from_main
-from dtype_bench.results import SEED_METRICS, append_result, format_table, latest_per_run, read_results, run_id
+from dtype_bench.results import SEED_METRICS, append_result, latest_per_run, mean_std, read_results, run_id
 
 EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the run's lock; nothing was done
 DONE_STATUSES = ("completed", "diverged", "skipped")
@@ -208,13 +208,48 @@ def record_silent_exit(output_dir: str | Path, setup_fingerprint: str, experimen
         })
 
 
+def _why_not_completed(row: dict) -> str:
+    if row["status"] == "diverged":
+        origin = row.get("nonfinite_origin")
+        return (f"non-finite loss from step {row.get('diverged_at_step')}"
+                + (f", first non-finite value in {origin} at step {row.get('nonfinite_origin_step')}" if origin else ""))
+    return row.get("reason") or row.get("error") or ""
+
+
+def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
+    """The sweep's end-of-run table. Per config: status counts and mean ± std over seeds of each metric (runs
+    that completed; "-" where there is no value or, for the std, a single one); then why each other run did not
+    complete."""
+    by_config: dict[str, list[dict]] = {}
+    for row in rows:
+        by_config.setdefault(row["config"], []).append(row)
+    header = ["config", "runs"] + list(metrics)
+    lines = [header]
+    for config, runs in by_config.items():
+        statuses = {}
+        for r in runs:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        done = [r for r in runs if r["status"] == "completed"]
+        cells = [config, " ".join(f"{n} {s}" for s, n in statuses.items())]
+        for m in metrics:
+            mean, std, _ = mean_std(r.get(m) for r in done)
+            cells.append("-" if mean is None else f"{mean:.4g} ± " + ("-" if std is None else f"{std:.2g}"))
+        lines.append(cells)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"{r['config']} seed {r['seed']}: {r['status']} — {_why_not_completed(r)}"
+             for r in rows if r["status"] != "completed"]
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
 def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str, runs: list[RunSpec],
                 busy: list[str], metrics: tuple[str, ...]) -> int:
     """Print the grid's newest rows as a table; the sweep's exit code (1 if any run of the grid failed)."""
     newest = latest_per_run(setup_rows(output_dir, setup_fingerprint))
     grid_rows = [newest[r] for r in (run_id(experiment, s.config, s.seed, setup_fingerprint) for s in runs)
                  if r in newest]
-    print("\n" + format_table(grid_rows, metrics))
+    print("\n" + seed_summary_table(grid_rows, metrics))
     if busy:
         print(f"\n{len(busy)} run(s) were running in another process: {', '.join(busy)}")
     failed = [r["run_id"] for r in grid_rows if r["status"] == "failed"]

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from dtype_bench import checkpoint, precision
-from dtype_bench.diagnostics import PrecisionDiagnostics, count_nonfinite, extremes, group_roots, tiny_or_zero
+from dtype_bench.diagnostics import PrecisionDiagnostics
+from dtype_bench.nonfinite import count_nonfinite, extremes, group_roots
+from dtype_bench.underflow import tiny_or_zero
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

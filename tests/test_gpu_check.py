@@ -14,8 +14,8 @@ import tiny_run
 
 
 from dtype_bench.benchmarks import gpu_check
-from dtype_bench import precision, timing
-from dtype_bench.diagnostics import _stored_tensors
+from dtype_bench import precision, throughput
+from dtype_bench.memory import stored_tensors
 from transformers import RobertaConfig, RobertaModel
 
 
@@ -50,7 +50,7 @@ def _allocated_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (a shared tensor counts once)."""
     storages = {}
     for t in tensors:
-        for inner in _stored_tensors(t):
+        for inner in stored_tensors(t):
             storages[inner.untyped_storage().data_ptr()] = inner.untyped_storage().nbytes()
     return sum(storages.values())
 
@@ -93,7 +93,7 @@ def test_peak_order_names_the_pairs_that_contradict_the_prediction():
 
 
 def test_full_plan_fits_the_device_call_and_times_three_windows():
-    window = timing.StepTimer(torch.device("cpu"), warmup_steps=0).window_steps
+    window = throughput.StepTimer(torch.device("cpu"), warmup_steps=0).window_steps
     assert sum(gpu_check.FULL.budgets.values()) <= 8 * 60 - 30  # the issue's 8 minutes, with margin
     assert gpu_check.FULL.steps - gpu_check.FULL.warmup_steps >= 3 * window
     assert set(gpu_check.FULL.budgets) == set(gpu_check.PARTS) == set(gpu_check.DRY_RUN.budgets)

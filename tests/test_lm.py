@@ -236,7 +236,7 @@ def test_sweep_runs_every_config_on_identical_batches_and_prints_the_table(synth
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted(synthetic_cache, tmp_path):
     """SIGTERM checkpoints at the next step boundary; running the command again resumes there (the shared
-    checkpoint.RunState) and ends with the same step log, validation curve and diagnostics as one run."""
+    run_state.RunState) and ends with the same step log, validation curve and diagnostics as one run."""
     flags = [*SMALL, "--config", "amp_bf16", "--max_steps", "40", "--eval_steps", "10",
              "--data_dir", str(synthetic_cache)]
     reference = run([*flags, "--output_dir", str(tmp_path / "reference")])

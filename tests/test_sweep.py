@@ -32,6 +32,19 @@ def test_list_runs_prints_one_command_line_per_run():
         "--config fp32_baseline --seed 4", "--config amp_bf16 --seed 4"]
 
 
+def test_seed_table_keeps_nan_and_shows_no_spread_for_one_seed():
+    """A completed run whose metric is NaN makes its config's mean NaN (not a crash, not filtered out); one seed has
+    a mean and no standard deviation; the diverged run is explained under the table."""
+    rows = [{"config": "a", "seed": 0, "status": "completed", "micro_f1": 0.5},
+            {"config": "a", "seed": 1, "status": "completed", "micro_f1": float("nan")},
+            {"config": "b", "seed": 0, "status": "completed", "micro_f1": 0.25},
+            {"config": "b", "seed": 1, "status": "diverged", "diverged_at_step": 7, "nonfinite_origin": "loss",
+             "nonfinite_origin_step": 6}]
+    table = sweep.seed_summary_table(rows, ("micro_f1",)).splitlines()
+    assert table[2].split()[-3:] == ["nan", "±", "nan"] and table[3].split()[-3:] == ["0.25", "±", "-"]
+    assert table[-1] == "b seed 1: diverged — non-finite loss from step 7, first non-finite value in loss at step 6"
+
+
 def test_newest_row_of_a_run_counts():
     rows = [{"run_id": "a", "status": "failed"}, {"run_id": "b", "status": "completed"},
             {"run_id": "a", "status": "completed"}]

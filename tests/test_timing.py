@@ -1,4 +1,4 @@
-"""dtype_bench.timing: what the throughput, memory and MFU numbers include and exclude.
+"""dtype_bench.throughput, .flops and .memory: what the throughput, memory and MFU numbers include and exclude.
 
 No test asserts anything about real speed: a fake clock drives StepTimer, and the end-to-end test checks only
 that time spent in evaluation is not inside any timing window.
@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModel, RobertaConfig
 
-from dtype_bench import timing
+from dtype_bench import flops, throughput
+from dtype_bench.memory import PeakMemory, reset_peak_memory
 from tiny_run import SMALL, small_cache
 
 CPU = torch.device("cpu")
@@ -30,12 +31,12 @@ class FakeClock:
         self.now += seconds
 
 
-def fake_timer(warmup_steps: int = 0, window_steps: int = 10) -> tuple[timing.StepTimer, FakeClock]:
+def fake_timer(warmup_steps: int = 0, window_steps: int = 10) -> tuple[throughput.StepTimer, FakeClock]:
     clock = FakeClock()
-    return timing.StepTimer(CPU, warmup_steps=warmup_steps, window_steps=window_steps, clock=clock), clock
+    return throughput.StepTimer(CPU, warmup_steps=warmup_steps, window_steps=window_steps, clock=clock), clock
 
 
-def train_steps(timer: timing.StepTimer, clock: FakeClock, n: int, seconds: float, samples: int = 32,
+def train_steps(timer: throughput.StepTimer, clock: FakeClock, n: int, seconds: float, samples: int = 32,
                 flops: float = 0.0) -> None:
     for _ in range(n):
         timer.start()
@@ -121,7 +122,7 @@ def test_flops_counter_agrees_with_torchs_flop_counter_on_a_real_training_step(h
         hidden = encoder(input_ids=torch.randint(3, 100, (batch, T))).last_hidden_state
         head(hidden if head_per_token else hidden[:, 0]).sum().backward()
     counted = counter.get_total_flops() / batch
-    formula = timing.flops_counter(encoder, head, head_per_token=head_per_token)(T)
+    formula = flops.flops_counter(encoder, head, head_per_token=head_per_token)(T)
     assert counted <= formula <= 1.02 * counted, (formula, counted)
 
 
@@ -131,32 +132,32 @@ def test_throughput_is_per_device_and_mfu_uses_one_devices_peak():
     speed = {"samples_per_second": 100.0, "samples_per_second_min": 90.0, "samples_per_second_max": 110.0,
              "model_flops_per_sample": 1e9}
     peaks = {"peak_flops_measured": 4e11, "peak_flops_datasheet": 1e12}
-    single, two = timing.throughput_record(speed, peaks, 1), timing.throughput_record(speed, peaks, 2)
+    single, two = throughput.throughput_record(speed, peaks, 1), throughput.throughput_record(speed, peaks, 2)
     assert single["model_flops_per_second"] == two["model_flops_per_second"] == 1e11
     assert single["mfu"] == two["mfu"] == 0.25 and single["mfu_datasheet"] == two["mfu_datasheet"] == 0.1
     assert two["samples_per_second"] == 200.0 and two["samples_per_second_per_device"] == 100.0
     assert (two["samples_per_second_min"], two["samples_per_second_max"]) == (180.0, 220.0)
-    unknown = timing.throughput_record({"samples_per_second": None}, {"peak_flops_measured": 4e11,
+    unknown = throughput.throughput_record({"samples_per_second": None}, {"peak_flops_measured": 4e11,
                                                                       "peak_flops_datasheet": None})
     assert unknown["mfu"] is None and unknown["mfu_datasheet"] is None
 
 
 def test_matmul_calibration_reports_the_best_rate_of_2n3_flops():
     times = iter([0.0, 0.0, 0.3, 0.3, 0.3, 0.4, 0.4, 0.4, 0.6, 0.6])  # matmuls of 0.3 s, 0.1 s, 0.2 s; then past 0.5 s
-    peak = timing.measure_matmul_peak(CPU, torch.float32, size=64, seconds=0.5, clock=lambda: next(times))
+    peak = flops.measure_matmul_peak(CPU, torch.float32, size=64, seconds=0.5, clock=lambda: next(times))
     assert peak == pytest.approx(2 * 64**3 / 0.1)
 
 
 def test_calibrate_peaks_labels_the_dtype_and_a_float8_mfu_as_bf16_equivalent(monkeypatch):
     calls = []
-    monkeypatch.setattr(timing, "measure_matmul_peak", lambda device, dtype: calls.append(dtype) or 7e9)
-    peaks = timing.calibrate_peaks(CPU, torch.bfloat16, tf32=False)
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda device, dtype: calls.append(dtype) or 7e9)
+    peaks = flops.calibrate_peaks(CPU, torch.bfloat16, tf32=False)
     assert calls == [torch.bfloat16] and peaks["peak_flops_measured"] == 7e9
     assert peaks["peak_flops_datasheet"] is None, "no datasheet for a CPU"
     assert peaks["peak_flops_dtype"] == "bfloat16" and peaks["mfu_basis"] == "compute dtype peak"
-    fp8 = timing.calibrate_peaks(CPU, torch.bfloat16, tf32=False, fp8=True)
+    fp8 = flops.calibrate_peaks(CPU, torch.bfloat16, tf32=False, fp8=True)
     assert fp8["peak_flops_dtype"] == "bfloat16" and fp8["mfu_basis"].startswith("bfloat16-equivalent")
-    assert timing.calibrate_peaks(CPU, torch.float32, tf32=True)["peak_flops_dtype"] == "float32+tf32"
+    assert flops.calibrate_peaks(CPU, torch.float32, tf32=True)["peak_flops_dtype"] == "float32+tf32"
 
 
 @pytest.mark.parametrize("name, dtype, tf32, tflops", [
@@ -169,14 +170,14 @@ def test_calibrate_peaks_labels_the_dtype_and_a_float8_mfu_as_bf16_equivalent(mo
     ("Some Future GPU", torch.bfloat16, False, None),
 ])
 def test_datasheet_peaks(name, dtype, tf32, tflops):
-    peak = timing.datasheet_peak_flops(name, dtype, tf32)
+    peak = flops.datasheet_peak_flops(name, dtype, tf32)
     assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
 
 
 def test_cpu_training_and_evaluation_peaks_are_separate():
-    if not timing.reset_peak_memory(CPU):
+    if not reset_peak_memory(CPU):
         pytest.skip("the RSS high-water mark cannot be reset on this system")
-    memory = timing.PeakMemory(CPU)
+    memory = PeakMemory(CPU)
     with memory.evaluating():
         big = np.ones(40_000_000)  # 320 MB touched only during "evaluation"
         del big

@@ -102,10 +102,9 @@ CACHE_DIRS = {"full": "data/classification/eurlex57k", "tiny": "data/classificat
 
 PRESETS: dict[str, dict] = {
     "full": {},
-    # Measured on 2 CPU cores: fp32 ~560 samples/s, ~40 s per config, micro-F1 0.24 / P@1 0.67 against the
-    # label-prior baseline's 0 / 0.19. A randomly initialised encoder needs a far larger learning rate than
-    # fine-tuning does, and the plateau before it learns takes ~250 steps; with a zero head bias it never leaves
-    # the label-prior baseline within the budget, hence head_bias_prior.
+    # A randomly initialised encoder needs a far larger learning rate than fine-tuning does, and a plateau before
+    # it learns; with a zero head bias it never leaves the label-prior baseline within the budget, hence
+    # head_bias_prior (measurements: PLAN.md, "Offline tiny preset").
     "tiny": dict(
         model_name="tiny", tiny_layers=2, tiny_hidden=128, max_length=64, max_steps=500, eval_steps=100,
         learning_rate=1e-3, warmup_ratio=0.1, head_bias_prior=True,

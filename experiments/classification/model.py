@@ -40,7 +40,7 @@ class MultiLabelClassifier(nn.Module):
     log-odds, so every sigmoid starts at the base rate instead of 0.5. With a zero bias, AdamW moves each of the
     thousands of biases by about lr per step; the network instead collapses its representation to push all
     logits down at once, and a from-scratch encoder then sits at the label-frequency baseline for hundreds of
-    steps (measured on the tiny preset: P@1 stuck at 0.19 after 400 steps, against 0.56 with the prior).
+    steps (PLAN.md, "Offline tiny preset", has the measurement).
     """
 
     def __init__(self, encoder: nn.Module, num_labels: int, dropout: float,

@@ -20,8 +20,11 @@ from dtype_bench.experiments.classification import data as data_lib
 from dtype_bench.experiments.classification import metrics as metrics_lib
 from dtype_bench.experiments.classification import model as model_lib
 from dtype_bench.experiments.classification.config import PRESETS, TrainConfig
-from dtype_bench import checkpoint, distributed, precision, reporting, results, runner, timing
+from dtype_bench import (
+    checkpoint, distributed, flops, precision, reporting, results, run_state, runner, signals, throughput,
+)
 from dtype_bench.diagnostics import PrecisionDiagnostics
+from dtype_bench.memory import PeakMemory
 from dtype_bench.monitor import TrainingMonitor
 from dtype_bench.runner import UserError
 
@@ -106,10 +109,10 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     batches = data_lib.TrainBatches(train_split, cfg.batch_size, seed, meta.num_labels, meta.pad_token_id,
                                     rank=world.rank, world_size=world.world_size,
                                     length_grouped=cfg.length_grouped_batches)
-    timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
-    flops_of = timing.flops_counter(model.encoder, model.head, head_per_token=False)  # FLOPs/sample at a width
-    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
-    memory = timing.PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
+    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+    flops_of = flops.flops_counter(model.encoder, model.head, head_per_token=False)  # FLOPs/sample at a width
+    peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
+    memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
 
     diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
     # Resume point: written at every evaluation and on SIGTERM/SIGINT (after diag, which keeps the initial weights)
@@ -122,11 +125,11 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None,
                           views=reporting.views(cfg, pc, seed, rid, EXPERIMENT)) if world.is_main else None
     monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
-    state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
+    state = run_state.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
     if resumed and world.is_main:
         print(f"resuming {rid} from step {state.step}", flush=True)
     dtypes, eval_dtypes, status = None, None, "completed"
-    checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
+    signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
                     disable=None if world.is_main else True)
     while state.step < cfg.max_steps:
@@ -176,18 +179,18 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
             if state.best is None or val["micro_f1"] > state.best["metrics"]["micro_f1"]:
                 state.best = {"step": step, "metrics": val, "dir": ckpt.save_best(step, val)}  # weights on disk
-        stop = checkpoint.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
+        stop = signals.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
         if stop:
             monitor.flush()  # a single process may stop between log steps: write its pending lines first
         if (evaluating or stop) and world.is_main:
             ckpt.save(optimizer, scheduler, scaler, progress=state.state_dict(), best_dir=state.best_dir)
         if stop:
-            raise checkpoint.Interrupted(stop, step)
+            raise signals.Interrupted(stop, step)
     progress.close()
     if not world.is_main:  # rank 0 evaluates and reports
         return {"status": status, "steps": state.step}
     log.close()
-    speed = timing.throughput_record(timer.summary(), peaks, world.world_size)
+    speed = throughput.throughput_record(timer.summary(), peaks, world.world_size)
     out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
            "samples_seen": state.micro_batches * cfg.batch_size, "padding_fraction": batches.padding_fraction,

@@ -37,7 +37,8 @@ class TrainConfig(TrainingFields):
     batch_size: int = 12
     """Micro-batch size (sequences per forward/backward)."""
     gradient_accumulation_steps: int = 5
-    """Micro-batches per optimizer step: effective batch = batch_size x this (x world size)."""
+    """Micro-batches per optimizer step: effective batch = batch_size x this, whatever the world size (under
+    torchrun each of N ranks computes this / N of them; N must divide it)."""
     max_steps: int = 10_000
     """Optimizer steps (iterations) to train."""
     eval_steps: int = 500

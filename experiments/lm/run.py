@@ -21,8 +21,11 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from dtype_bench.experiments.lm import data as data_lib
 from dtype_bench.experiments.lm import model as model_lib
 from dtype_bench.experiments.lm.config import PRESETS, TrainConfig
-from dtype_bench import checkpoint, distributed, precision, reporting, results, runner, timing
+from dtype_bench import (
+    checkpoint, distributed, flops, precision, reporting, results, run_state, runner, signals, throughput,
+)
 from dtype_bench.diagnostics import PrecisionDiagnostics
+from dtype_bench.memory import PeakMemory
 from dtype_bench.monitor import TrainingMonitor
 from dtype_bench.runner import UserError
 
@@ -92,12 +95,12 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     batches = data_lib.TrainBatches(tokens["train"], cfg.block_size, cfg.batch_size, seed,
                                     rank=world.rank, world_size=world.world_size)
     val_tokens = tokens["val"]
-    timer = timing.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     # FLOPs of one sequence: the LM head (tied embedding) runs at every position
-    sample_flops = timing.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
-    peaks = timing.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
+    sample_flops = flops.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
+    peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
     local_samples = cfg.batch_size * local_accumulation  # per step, this rank's: throughput and MFU are per device
-    memory = timing.PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
+    memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
 
     diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
     # Resume point: written at every evaluation and on SIGTERM/SIGINT (after diag, which keeps the initial weights)
@@ -110,11 +113,11 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None,
                           views=reporting.views(cfg, pc, seed, rid, EXPERIMENT)) if world.is_main else None
     monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
-    state = checkpoint.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
+    state = run_state.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
     if resumed and world.is_main:
         print(f"resuming {rid} from step {state.step}", flush=True)
     dtypes, eval_dtypes, status = None, None, "completed"
-    checkpoint.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
+    signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
                     disable=None if world.is_main else True)
     while state.step < cfg.max_steps:
@@ -160,18 +163,18 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
                 val, eval_dtypes = evaluate(model, val_tokens, cfg, pc, device)
             log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
             state.evals.append({"step": step, **val})  # the LM reports its last evaluation, keeps no best weights
-        stop = checkpoint.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
+        stop = signals.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
         if stop:
             monitor.flush()  # a single process may stop between log steps: write its pending lines first
         if (evaluating or stop) and world.is_main:
             ckpt.save(optimizer, scheduler, scaler, progress=state.state_dict(), best_dir=None)
         if stop:
-            raise checkpoint.Interrupted(stop, step)
+            raise signals.Interrupted(stop, step)
     progress.close()
     if not world.is_main:  # rank 0 evaluates and reports
         return {"status": status, "steps": state.step}
     log.close()
-    speed = timing.throughput_record(timer.summary(), peaks, world.world_size)
+    speed = throughput.throughput_record(timer.summary(), peaks, world.world_size)
     samples_per_second = speed["samples_per_second"]
     out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
            "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
