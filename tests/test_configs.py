@@ -13,12 +13,7 @@ from dtype_bench import configs
 CLASSIFICATION, LM = tiny_run.load_config_module("classification"), tiny_run.load_config_module("lm")
 
 
-def parse(module, argv: list[str]):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="full")
-    configs.add_flags(parser, module.TrainConfig, skip=("preset",))
-    args = parser.parse_args(argv)
-    return configs.resolve(module.TrainConfig, module.PRESETS, args.preset, args)
+parse = tiny_run.parse_config
 
 
 @pytest.mark.parametrize("module", [CLASSIFICATION, LM], ids=["classification", "lm"])

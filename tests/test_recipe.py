@@ -1,7 +1,6 @@
 """The full presets are the reference recipes and nothing else; presets and flags that depart are recorded."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 
@@ -10,17 +9,11 @@ import torch
 from torch import nn
 
 import tiny_run
-from dtype_bench import configs
 
 CLASSIFICATION, LM = tiny_run.load_config_module("classification"), tiny_run.load_config_module("lm")
 
 
-def resolve(module, argv: list[str]):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="full")
-    configs.add_flags(parser, module.TrainConfig, skip=("preset",))
-    args = parser.parse_args(argv)
-    return configs.resolve(module.TrainConfig, module.PRESETS, args.preset, args)
+resolve = tiny_run.parse_config
 
 
 @pytest.mark.parametrize("module", [CLASSIFICATION, LM], ids=["classification", "lm"])

@@ -5,12 +5,15 @@ documents), so a whole run is a few seconds of training plus the interpreter sta
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from dtype_bench import configs
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "experiments" / "classification" / "run.py"
@@ -82,6 +85,15 @@ def run_id(cache: Path, output_dir: Path, config: str, seed: int, *flags: str) -
     from dtype_bench import results
 
     return results.run_id("classification", config, seed, setup(cache, output_dir, *flags)[0])
+
+
+def parse_config(module, argv: list[str]):
+    """An experiment's TrainConfig from command-line flags (and --preset), as run.py resolves it."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="full")
+    configs.add_flags(parser, module.TrainConfig, skip=("preset",))
+    args = parser.parse_args(argv)
+    return configs.resolve(module.TrainConfig, module.PRESETS, args.preset, args)
 
 
 def load_config_module(experiment: str):
