@@ -369,9 +369,10 @@ def which_config(analysis: Analysis) -> list[str]:
     return ["## Which config should I use", "",
             "Best first: configs without a quality loss, fastest first. " + (findings(analysis)[0] if q and t else ""),
             "", md_table(header, rows), "",
-            f"Verdict: every run completed, mean {q.label if q else 'quality'} within {analysis.quality_margin:.0%} of "
-            "fp32's and the 95% interval of the seed-paired difference not entirely on the worse side (details: "
-            "Summary, Stability). Plots: " + (plots_line or "none drawn") + ".", ""]
+            f"Verdict: \"no quality loss\" only when every run completed and an equivalence test (TOST at {LEVEL}, "
+            f"at least {MIN_SEEDS} seeds) puts {q.label if q else 'quality'} within ±{analysis.quality_margin:.0%} of "
+            "fp32's mean; \"quality loss\" only when a one-sided test at the same level says worse; otherwise "
+            "inconclusive (details: Summary, Stability). Plots: " + (plots_line or "none drawn") + ".", ""]
 
 
 def main_table(analysis: Analysis) -> str:

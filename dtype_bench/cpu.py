@@ -73,7 +73,7 @@ def too_slow_reason(pc, device: torch.device, max_slowdown: float | None) -> str
     name = str(pc.compute_dtype).removeprefix("torch.")
     return (f"{name} matmuls measured {slowdown:.1f}x slower than float32 on this CPU (emulated, not native; "
             f"{CALIBRATION_SIZE}x{CALIBRATION_SIZE} calibration), above --max_cpu_slowdown {max_slowdown:g}; "
-            "pass --max_cpu_slowdown none to measure it anyway (expect several times fp32's time)")
+            "pass --max_cpu_slowdown none to measure it anyway (the run's matmuls then take up to that factor longer)")
 
 
 def main(argv: list[str] | None = None) -> int:
