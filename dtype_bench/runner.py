@@ -7,8 +7,9 @@ hardware cannot run a `skipped` row; neither stops a sweep.
 
 A run.py hands in its training-config dataclass and presets, `load_data(cfg)` (returning an object with a
 `.fingerprint` of the prepared data) and `train(cfg, pc, seed, data, device, run_id) -> dict` (the result
-fields). The training loop itself stays in run.py, where it can be read. The config dataclass must have
-the fields `output_dir`, `device` and `threads`, and a `to_record()` method.
+fields). The training loop itself stays in run.py, where it can be read; its per-step bookkeeping is
+`loop.TrainingRun`'s. The config dataclass must have the fields `output_dir`, `device` and `threads`, and a
+`to_record()` method.
 """
 from __future__ import annotations
 

@@ -11,22 +11,14 @@ analysis compares the two directly.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 
 import torch
-from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from dtype_bench.experiments.lm import data as data_lib
 from dtype_bench.experiments.lm import model as model_lib
 from dtype_bench.experiments.lm.config import PRESETS, TrainConfig
-from dtype_bench import (
-    checkpoint, distributed, flops, precision, reporting, results, run_state, runner, signals, throughput,
-)
-from dtype_bench.diagnostics import PrecisionDiagnostics
-from dtype_bench.memory import PeakMemory
-from dtype_bench.monitor import TrainingMonitor
+from dtype_bench import distributed, flops, loop, precision, runner
 from dtype_bench.runner import UserError
 
 EXPERIMENT = "lm"
@@ -82,7 +74,6 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
-    local_accumulation = world.local_accumulation(cfg.gradient_accumulation_steps)
     optimizer = precision.build_optimizer(
         pc, model_lib.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, device=device)
@@ -94,105 +85,54 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     tokens = data_lib.open_splits(meta)  # pinned: a rebuild of the cache meanwhile does not change them
     batches = data_lib.TrainBatches(tokens["train"], cfg.block_size, cfg.batch_size, seed,
                                     rank=world.rank, world_size=world.world_size)
-    val_tokens = tokens["val"]
-    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
     # FLOPs of one sequence: the LM head (tied embedding) runs at every position
     sample_flops = flops.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
-    peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # one device's MFU denominators
-    local_samples = cfg.batch_size * local_accumulation  # per step, this rank's: throughput and MFU are per device
-    memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
+    run = loop.TrainingRun(model, optimizer, scheduler, scaler, cfg=cfg, pc=pc, seed=seed, run_id=rid,
+                           experiment=EXPERIMENT, device=device, world=world, batches=batches,
+                           data_fingerprint=meta.fingerprint, group_of=model_lib.parameter_group_of)
 
-    diag = PrecisionDiagnostics(model, optimizer, model_lib.parameter_group_of, every=cfg.diagnostics_every)
-    # Resume point: written at every evaluation and on SIGTERM/SIGINT (after diag, which keeps the initial weights)
-    ckpt = checkpoint.RunCheckpoints(
-        checkpoint.run_dir(cfg.output_dir, rid), model,
-        identity={"run_id": rid, "config": pc.name, "seed": seed, "data_fingerprint": meta.fingerprint},
-        record={"train_config": cfg.to_record(), "precision": pc.to_record()})
-    resumed = ckpt.restore(optimizer, scheduler, scaler)  # None: no checkpoint, start at step 0
-    log_path = Path(cfg.output_dir) / "logs" / f"{rid}.jsonl"
-    log = results.StepLog(log_path, resume_at=resumed["log_offset"] if resumed else None,
-                          views=reporting.views(cfg, pc, seed, rid, EXPERIMENT)) if world.is_main else None
-    monitor = TrainingMonitor(log, device, scaler, cfg.diverge_patience, diag)
-    state = run_state.RunState(batches=batches, monitor=monitor, diagnostics=diag, log=log, resumed=resumed)
-    if resumed and world.is_main:
-        print(f"resuming {rid} from step {state.step}", flush=True)
-    dtypes, eval_dtypes, status = None, None, "completed"
-    signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
-    progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"{pc.name} seed {seed}", unit="step",
-                    disable=None if world.is_main else True)
-    while state.step < cfg.max_steps:
-        timer.start(timed=not diag.measures(state.step + 1))  # a diagnostics step does extra, untrained work
-        for micro in range(local_accumulation):  # this rank's share of the step's micro-batches
+    def validate() -> tuple[dict, dict]:
+        return evaluate(model, tokens["val"], cfg, pc, device)
+
+    dtypes = None
+    while run.next_step():
+        for micro in range(run.local_accumulation):  # this rank's share of the step's micro-batches
             batch = next(batches).to(device)
-            # dropout masks depend on (seed, micro-batch) only: equal for any world size and after a resume
-            distributed.reseed(seed, 0, world.micro_batch_index(state.step, micro, cfg.gradient_accumulation_steps))
-            with distributed.gradient_sync(forward, sync=micro == local_accumulation - 1):
+            run.seed_micro_batch(micro)
+            with distributed.gradient_sync(forward, sync=micro == run.local_accumulation - 1):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids)
-                loss = model_lib.cross_entropy(logits, batch.targets, pc.loss_dtype) / local_accumulation  # DDP avg
+                loss = model_lib.cross_entropy(logits, batch.targets, pc.loss_dtype) / run.local_accumulation
                 scaler.scale(loss).backward()
-            monitor.micro_batch(loss, logits)
-            state.micro_batches += world.world_size
+            run.micro_batch(loss, logits, samples=len(batch), flops=len(batch) * sample_flops)
         scaler.unscale_(optimizer)  # no-op unless loss scaling is on; clipping sees true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-        diag.before_step()  # every diagnostics_every steps: fp32 shadow AdamW of the update about to happen
-        distributed.reseed(seed, 1, state.step)  # stochastic rounding: the same noise on every rank and after a resume
-        scaler.step(optimizer)  # skips the update if the scaled gradients overflowed
-        diag.after_step()
+        with run.optimizer_step():
+            scaler.step(optimizer)  # skips the update if the scaled gradients overflowed
         scaler.update()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()  # advances on skipped steps too, identically for every config
-        if dtypes is None:
-            dtypes = precision.check_dtypes(pc, model.body(), model.head, logits, optimizer, loss=loss, scaler=scaler)
+        dtypes = dtypes or precision.check_dtypes(pc, model.body(), model.head, logits, optimizer, loss=loss,
+                                                  scaler=scaler)
         optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        step = state.step  # the step just done
-        timer.stop(local_samples, local_samples * sample_flops)
-        monitor.step(step, grad_norm, lr)
-        progress.update()
-        if step % cfg.log_every == 0 or step % cfg.eval_steps == 0 or step == cfg.max_steps:
-            timer.pause()  # the flush below is the loop's only host sync
-            record = monitor.flush({"samples_per_second": timer.recent_samples_per_second()})
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
-            if monitor.diverged:
-                status = "diverged"
-                break
-        evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
-        if evaluating and world.is_main:
-            with memory.evaluating():
-                val, eval_dtypes = evaluate(model, val_tokens, cfg, pc, device)
-            log.write({"step": step, "eval": "validation", **val, "weight_drift": diag.weight_drift()})
-            state.evals.append({"step": step, **val})  # the LM reports its last evaluation, keeps no best weights
-        stop = signals.stop_signal(world, sync_point=step % cfg.log_every == 0)  # SIGTERM/SIGINT received
-        if stop:
-            monitor.flush()  # a single process may stop between log steps: write its pending lines first
-        if (evaluating or stop) and world.is_main:
-            ckpt.save(optimizer, scheduler, scaler, progress=state.state_dict(), best_dir=None)
-        if stop:
-            raise signals.Interrupted(stop, step)
-    progress.close()
+        run.end_step(grad_norm, lr, validate)
+    out = run.finish()
     if not world.is_main:  # rank 0 evaluates and reports
-        return {"status": status, "steps": state.step}
-    log.close()
-    speed = throughput.throughput_record(timer.summary(), peaks, world.world_size)
-    samples_per_second = speed["samples_per_second"]
-    out = {"status": status, "steps": state.step, "resumed_from_steps": state.resumed_from_steps,
-           "skipped_steps": monitor.skipped_steps, "micro_batches": state.micro_batches,
-           "samples_seen": state.micro_batches * cfg.batch_size,
-           "tokens_seen": state.micro_batches * cfg.batch_size * cfg.block_size,
-           "n_params": model_lib.count_parameters(model), "compiled": compiled,
-           "optimizer_step_compiled": precision.compiles_optimizer_step(pc, device), "dtypes": dtypes,
-           "eval_dtypes": eval_dtypes,
-           "data": meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
-           "train_wall_seconds": state.train_seconds, **speed, **diag.summary(),
-           **memory.summary(),
-           # every training sequence is exactly block_size tokens long
-           "tokens_per_second": None if samples_per_second is None else samples_per_second * cfg.block_size}
-    if status == "diverged":
-        out.update(diverged_at_step=monitor.diverged_at, first_nonfinite_step=monitor.first_nonfinite_step)
         return out
-    out.update(val_loss=state.evals[-1]["loss"], perplexity=state.evals[-1]["perplexity"],
-               val_loss_curve=[[e["step"], e["loss"]] for e in state.evals])
+    samples_per_second = out["samples_per_second"]
+    out.update(samples_seen=out["micro_batches"] * cfg.batch_size,
+               tokens_seen=out["micro_batches"] * cfg.batch_size * cfg.block_size,
+               n_params=model_lib.count_parameters(model), compiled=compiled,
+               optimizer_step_compiled=precision.compiles_optimizer_step(pc, device), dtypes=dtypes,
+               eval_dtypes=run.eval_dtypes,
+               data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
+               # every training sequence is exactly block_size tokens long
+               tokens_per_second=None if samples_per_second is None else samples_per_second * cfg.block_size,
+               **run.memory_fields())
+    if out["status"] == "completed":  # the LM reports its last evaluation and keeps no best weights
+        evals = run.state.evals
+        out.update(val_loss=evals[-1]["loss"], perplexity=evals[-1]["perplexity"],
+                   val_loss_curve=[[e["step"], e["loss"]] for e in evals])
     return out
 
 

@@ -1,0 +1,207 @@
+"""The bookkeeping around an experiment's training step, owned in one place so that its order is code.
+
+An experiment's run.py keeps what a reader comes for (batch -> autocast forward -> loss -> scaled backward ->
+unscale/clip -> optimizer step) and hands everything else to a `TrainingRun`:
+
+    run = TrainingRun(model, optimizer, scheduler, scaler, ...)    # builds and restores the helpers, in order
+    while run.next_step():                                         # opens the step's timer window
+        for micro in range(run.local_accumulation):
+            run.seed_micro_batch(micro)                            # dropout masks: (seed, micro-batch) only
+            ... forward, loss, scaler.scale(loss).backward() ...
+            run.micro_batch(loss, logits, samples=..., flops=...)
+        ... scaler.unscale_(optimizer); grad_norm = clip_grad_norm_(...) ...
+        with run.optimizer_step():                                 # diagnostics around it, SR noise seeded
+            scaler.step(optimizer)
+        ... scaler.update(); scheduler.step(); optimizer.zero_grad() ...
+        run.end_step(grad_norm, lr, validate)                      # count, time, log, evaluate, checkpoint
+    fields = run.finish()
+
+The ordering rules it enforces (each was a comment in two run.py files before):
+- peak calibration after the TF32 flags (set before the model is built) and before the memory reset, so that
+  neither the calibration's buffers nor the build count as training memory;
+- diagnostics built before the checkpoint restore (they keep the initial weights and take restored history);
+- the step log flushed before the run state is saved (its offset and the monitor's counters must be final);
+- the evaluation condition decided once per step, evaluation before the checkpoint that records its result;
+- SIGTERM/SIGINT acted on at a step boundary every rank reaches, after the pending log lines are written;
+- the methods called in the order above: a call out of order raises instead of corrupting the counters.
+Under DDP every rank runs all of it; rank 0 alone writes logs, evaluates and saves.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from dtype_bench import checkpoint, distributed, flops, precision, reporting, results, signals, throughput
+from dtype_bench.diagnostics import PrecisionDiagnostics
+from dtype_bench.memory import PeakMemory
+from dtype_bench.monitor import TrainingMonitor
+from dtype_bench.run_state import RunState
+
+Validate = Callable[[], "tuple[dict, dict | None]"]  # () -> (validation metrics, dtypes checked on it)
+
+
+class TrainingRun:
+    """One run's step bookkeeping: step timer, monitor and step log, diagnostics sampling, evaluation and
+    checkpoint cadence, stop signals, progress bar, and the counters of `RunState`.
+
+    `cfg` is the experiment's training config (fields max_steps, log_every, eval_steps, diverge_patience,
+    diagnostics_every, timing_warmup_steps, gradient_accumulation_steps, output_dir, and `to_record()`).
+    `best_metric`: keep the weights of the best validation by this metric (higher is better) and reload them
+    with `load_best()`; None keeps no weights (every evaluation is still in `evals`)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 scaler: torch.amp.GradScaler, *, cfg: Any, pc: precision.PrecisionConfig, seed: int, run_id: str,
+                 experiment: str, device: torch.device, world: distributed.World, batches: Any,
+                 data_fingerprint: str, group_of: Callable[[str], str], best_metric: str | None = None):
+        self.cfg, self.seed, self.world, self.best_metric = cfg, seed, world, best_metric
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.local_accumulation = world.local_accumulation(cfg.gradient_accumulation_steps)
+        self.peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # MFU denominators
+        self.memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
+        self.timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+        self.diagnostics = PrecisionDiagnostics(model, optimizer, group_of, every=cfg.diagnostics_every)
+        self.checkpoints = checkpoint.RunCheckpoints(
+            checkpoint.run_dir(cfg.output_dir, run_id), model,
+            identity={"run_id": run_id, "config": pc.name, "seed": seed, "data_fingerprint": data_fingerprint},
+            record={"train_config": cfg.to_record(), "precision": pc.to_record()})
+        resumed = self.checkpoints.restore(optimizer, scheduler, scaler)  # None: no checkpoint, start at step 0
+        self.log = results.StepLog(
+            Path(cfg.output_dir) / "logs" / f"{run_id}.jsonl", resume_at=resumed["log_offset"] if resumed else None,
+            views=reporting.views(cfg, pc, seed, run_id, experiment)) if world.is_main else None
+        self.monitor = TrainingMonitor(self.log, device, scaler, cfg.diverge_patience, self.diagnostics)
+        self.state = RunState(batches=batches, monitor=self.monitor, diagnostics=self.diagnostics, log=self.log,
+                              resumed=resumed)
+        if resumed and world.is_main:
+            print(f"resuming {run_id} from step {self.state.step}", flush=True)
+        self.eval_dtypes: dict | None = None
+        self._in_step = False
+        self._step_samples, self._step_flops = 0, 0.0
+        signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
+        self._progress = tqdm(total=cfg.max_steps, initial=self.state.step, desc=f"{pc.name} seed {seed}",
+                              unit="step", disable=None if world.is_main else True)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (during a step: its 0-based index)."""
+        return self.state.step
+
+    @property
+    def status(self) -> str:
+        return "diverged" if self.monitor.diverged else "completed"
+
+    def next_step(self) -> bool:
+        """False once max_steps are done or the run diverged; otherwise opens the next step's timer window
+        (untimed on a diagnostics step, which does extra, untrained work)."""
+        if self._in_step:
+            raise RuntimeError("next_step() called before end_step() closed the previous step")
+        if self.state.step >= self.cfg.max_steps or self.monitor.diverged:
+            return False
+        self._in_step = True
+        self._step_samples, self._step_flops = 0, 0.0  # this rank's: throughput and MFU are per device
+        self.timer.start(timed=not self.diagnostics.measures(self.state.step + 1))
+        return True
+
+    def seed_micro_batch(self, micro: int) -> None:
+        """Dropout masks depend on (seed, global micro-batch index) only: equal for any world size and after
+        a resume."""
+        index = self.world.micro_batch_index(self.state.step, micro, self.cfg.gradient_accumulation_steps)
+        distributed.reseed(self.seed, 0, index)
+
+    def micro_batch(self, loss: torch.Tensor, logits: torch.Tensor, *, samples: int, flops: float) -> None:
+        """After a micro-batch's backward: its (accumulation-divided) loss and logits, and the samples and
+        FLOPs this rank computed for it."""
+        self._require_step("micro_batch")
+        self.monitor.micro_batch(loss, logits)
+        self.state.micro_batches += self.world.world_size
+        self._step_samples += samples
+        self._step_flops += flops
+
+    @contextlib.contextmanager
+    def optimizer_step(self) -> Iterator[None]:
+        """Around `scaler.step(optimizer)`: gradients are final (unscaled, clipped). On diagnostics steps an fp32
+        shadow AdamW of the update is measured; stochastic rounding draws the same noise on every rank and
+        after a resume."""
+        self._require_step("optimizer_step")
+        self.diagnostics.before_step()
+        distributed.reseed(self.seed, 1, self.state.step)
+        yield
+        self.diagnostics.after_step()
+
+    def end_step(self, grad_norm: torch.Tensor, lr: float, validate: Validate) -> None:
+        """After the optimizer step and `zero_grad`: count the step, close its timer window, queue its signals;
+        on a log step write them (the loop's only host sync) and decide divergence; on an evaluation step
+        (rank 0) run `validate` and log it; checkpoint after an evaluation, and on SIGTERM/SIGINT checkpoint
+        and raise `signals.Interrupted`."""
+        self._require_step("end_step")
+        self._in_step = False
+        self.state.step += 1
+        step, cfg = self.state.step, self.cfg
+        self.timer.stop(self._step_samples, self._step_flops)
+        self.monitor.step(step, grad_norm, lr)
+        self._progress.update()
+        evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 or evaluating:
+            self.timer.pause()  # the flush is a host sync, not training time
+            record = self.monitor.flush({"samples_per_second": self.timer.recent_samples_per_second()})
+            self._progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if self.monitor.diverged:
+                return  # no evaluation, no checkpoint: next_step() ends the loop
+        if evaluating and self.world.is_main:
+            self._evaluate(step, validate)
+        stop = signals.stop_signal(self.world, sync_point=step % cfg.log_every == 0)
+        if stop:
+            self.monitor.flush()  # a single process may stop between log steps: write its pending lines first
+        if (evaluating or stop) and self.world.is_main:
+            self.checkpoints.save(self.optimizer, self.scheduler, self.scaler, progress=self.state.state_dict(),
+                                  best_dir=self.state.best_dir)
+        if stop:
+            raise signals.Interrupted(stop, step)
+
+    def _evaluate(self, step: int, validate: Validate) -> None:
+        with self.memory.evaluating():
+            metrics, self.eval_dtypes = validate()
+        self.log.write({"step": step, "eval": "validation", **metrics,
+                        "weight_drift": self.diagnostics.weight_drift()})
+        self.state.evals.append({"step": step, **metrics})
+        if self.best_metric and (self.state.best is None
+                                 or metrics[self.best_metric] > self.state.best["metrics"][self.best_metric]):
+            self.state.best = {"step": step, "metrics": metrics,
+                               "dir": self.checkpoints.save_best(step, metrics)}  # weights on disk
+
+    def _require_step(self, what: str) -> None:
+        if not self._in_step:
+            raise RuntimeError(f"{what}() outside a step: call next_step() first")
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """Around an evaluation after training (e.g. on the test split): its peak memory is kept apart."""
+        return self.memory.evaluating()
+
+    def load_best(self) -> dict:
+        """Reload the best validation's weights; returns that evaluation ({"step", "metrics", "dir"})."""
+        self.checkpoints.load_best(self.state.best_dir)
+        return self.state.best
+
+    def finish(self) -> dict:
+        """Close the progress bar and the step log; the result fields every experiment reports (rank 0 gets
+        the full set, other ranks status and steps). Memory fields come from `memory_fields()`, after any
+        evaluation that follows."""
+        self._progress.close()
+        out = {"status": self.status, "steps": self.state.step}
+        if not self.world.is_main:
+            return out
+        self.log.close()
+        out.update(resumed_from_steps=self.state.resumed_from_steps, skipped_steps=self.monitor.skipped_steps,
+                   micro_batches=self.state.micro_batches, train_wall_seconds=self.state.train_seconds,
+                   **throughput.throughput_record(self.timer.summary(), self.peaks, self.world.world_size),
+                   **self.diagnostics.summary())
+        if self.monitor.diverged:
+            out.update(diverged_at_step=self.monitor.diverged_at,
+                       first_nonfinite_step=self.monitor.first_nonfinite_step)
+        return out
+
+    def memory_fields(self) -> dict:
+        return self.memory.summary()
