@@ -324,8 +324,11 @@ FIGURE_TEXT = {
         "each matmul layer during backward, in their own dtype with the loss scale applied, below the dtype's "
         "smallest normal (subnormal or flushed to zero), and the part flushed to zero; under fp16 autocast this is "
         "the underflow loss scaling exists for: compare amp_fp16 with amp_fp16_no_loss_scaling. A row (feature "
-        "vector, or a parameter row) that is zero throughout counts as structural, so a row that flushed entirely "
-        "is not counted: these fractions are lower bounds.")),
+        "vector, or a parameter row) that is zero throughout counts as structural in the run's own fractions, so "
+        "a row that flushed entirely is not counted there: they are lower bounds. The panel *whole rows included* "
+        "corrects that against the fp32 baseline of the same seed at the same step (same batches; fp32 flushes "
+        "nothing at these magnitudes): zeros inside live rows plus the rows zero here but not in fp32, over fp32's "
+        "non-structural elements.")),
 }
 NOT_DRAWN = {
     "loss_curves": "no step log holds a training loss",

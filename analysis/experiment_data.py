@@ -194,7 +194,41 @@ def load_experiment(results_dir: str | Path) -> Experiment:
         records, log_problems = read_jsonl(path)
         step_logs[rid] = records
         problems.extend(log_problems)
-    return Experiment(experiments[0] if experiments else "?", results_dir, rows, problems, step_logs)
+    exp = Experiment(experiments[0] if experiments else "?", results_dir, rows, problems, step_logs)
+    add_activation_flush_vs_baseline(exp)
+    return exp
+
+
+ACT_GRAD_FLUSHED = "act_grad_flushed_frac_vs_fp32"
+
+
+def add_activation_flush_vs_baseline(exp: Experiment) -> None:
+    """Adds `ACT_GRAD_FLUSHED` {group: fraction} to each training record that the fp32 baseline's run of the same
+    seed measured at the same step: of the activation-gradient elements in rows that are not structurally zero in
+    fp32, the fraction that are zero in this config, whether inside a row with non-zeros (`act_grad_zero_frac`)
+    or in a row that flushed to zero entirely (which the run itself cannot tell from a structural row, so
+    `act_grad_structural_zero_frac` counts it there). The same seed trains on the same batches in every config, and
+    fp32 flushes nothing at these magnitudes, so its structural rows are the reference; late in training the
+    configs' weights differ, which leaves the position-determined structure (padding, positions the loss does not
+    reach) unchanged."""
+    baseline = {r.get("seed"): r.get("run_id") for r in exp.runs(BASELINE, "completed")}
+    for row in exp.rows:
+        reference_id = baseline.get(row.get("seed"))
+        if reference_id is None or row.get("run_id") not in exp.step_logs:
+            continue
+        reference = {rec["step"]: rec.get("act_grad_structural_zero_frac") or {}
+                     for rec in exp.training_records(reference_id) if "step" in rec}
+        for rec in exp.training_records(row["run_id"]):
+            structural, zeros = rec.get("act_grad_structural_zero_frac"), rec.get("act_grad_zero_frac")
+            base = reference.get(rec.get("step"))
+            if not (isinstance(structural, dict) and isinstance(zeros, dict) and base):
+                continue
+            flushed = {}
+            for group, s in structural.items():
+                s0, z = base.get(group), zeros.get(group)
+                if is_number(s) and is_number(s0) and is_number(z) and s0 < 1:
+                    flushed[group] = (z * (1 - s) + max(s - s0, 0.0)) / (1 - s0)
+            rec[ACT_GRAD_FLUSHED] = flushed
 
 
 # ---------------------------------------------------------------- plot styles: one colour family per precision

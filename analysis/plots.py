@@ -22,7 +22,7 @@ from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from dtype_bench.analysis.experiment_data import BASELINE, Experiment, Metric, Style  # noqa: E402
+from dtype_bench.analysis.experiment_data import ACT_GRAD_FLUSHED, BASELINE, Experiment, Metric, Style  # noqa: E402
 from dtype_bench.analysis.stats import ConfigSummary  # noqa: E402
 
 DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each holds {group: value}
@@ -32,7 +32,8 @@ DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each 
     ("moment_update_lost_frac/exp_avg", "first-moment updates lost"),
     ("grad_underflow_frac", "parameter gradients zero or subnormal (structural zeros excluded)"),
     ("act_grad_underflow_frac", "activation gradients below the smallest normal (loss scale applied)"),
-    ("act_grad_zero_frac", "activation gradients flushed to zero (loss scale applied)"),
+    ("act_grad_zero_frac", "activation gradients flushed to zero inside live rows (loss scale applied)"),
+    (ACT_GRAD_FLUSHED, "activation gradients flushed to zero, whole rows included (vs fp32's structural rows)"),
 )
 GROUP_MARKERS = "os^v<>"
 LEGEND_FONTSIZE = 7

@@ -332,3 +332,29 @@ def test_analysis_and_comparison_never_write_into_a_folder_that_is_not_ours(tmp_
     assert own_folder(ours, analyze_experiment.ANALYSIS_MARKER, record) == ours.resolve()
     (ours / "report.md").write_text("an earlier report")
     assert own_folder(ours, analyze_experiment.ANALYSIS_MARKER, record) == ours.resolve()
+
+
+def test_rows_flushed_entirely_are_counted_against_the_fp32_baseline_of_the_same_seed_and_step():
+    """A row of activation gradients that flushed to zero entirely is structural to the run that logged it; the
+    analysis counts it against fp32's structural rows. From element counts: 1,000 elements, 400 structural in
+    fp32; in the fp16 run 900 are in zero rows and 20 of the other 100 are zero: (500 + 20) / 600 flushed."""
+    _, _, experiment_data = analysis_modules()
+    rows, logs = [], {}
+    for config, structural, zeros in (("fp32_baseline", 400 / 1000, 0.0),
+                                      ("amp_fp16_no_loss_scaling", 900 / 1000, 20 / 100),
+                                      ("amp_fp16", 400 / 1000, 1 / 600)):
+        for seed in (0, 1):
+            rid = f"{config}-{seed}"
+            rows.append({"config": config, "seed": seed, "status": "completed", "run_id": rid})
+            logs[rid] = [{"step": 1, "act_grad_structural_zero_frac": {"encoder": structural},
+                          "act_grad_zero_frac": {"encoder": zeros}}, {"step": 2, "loss": 1.0}]
+    rows.append({"config": "amp_bf16", "seed": 5, "status": "completed", "run_id": "amp_bf16-5"})  # no fp32 seed 5
+    logs["amp_bf16-5"] = [{"step": 1, "act_grad_structural_zero_frac": {"encoder": 0.5},
+                           "act_grad_zero_frac": {"encoder": 0.0}}]
+    exp = experiment_data.Experiment("classification", Path("synthetic"), rows, [], logs)
+    experiment_data.add_activation_flush_vs_baseline(exp)
+    flushed = {rid: [r.get(experiment_data.ACT_GRAD_FLUSHED) for r in records] for rid, records in logs.items()}
+    assert flushed["amp_fp16_no_loss_scaling-1"][0]["encoder"] == pytest.approx(520 / 600)
+    assert flushed["amp_fp16-0"][0]["encoder"] == pytest.approx(1 / 600)
+    assert flushed["fp32_baseline-0"][0]["encoder"] == 0.0
+    assert flushed["amp_fp16-0"][1] is None and flushed["amp_bf16-5"] == [None]  # nothing to compare with
