@@ -22,11 +22,13 @@ from tiny_run import assert_mfu_is_per_device
 ROOT = Path(__file__).resolve().parents[1]
 LM_DIR = ROOT / "experiments" / "lm"
 RUN = LM_DIR / "run.py"
-# Seconds per run on 2 cores, yet every code path: accumulation, several log lines, two evaluations.
+# Seconds per run on 2 cores, yet every code path: accumulation, several log lines, two evaluations. One thread:
+# runs compared value for value must sum in the same order, and on a busy machine each run would otherwise pick
+# its own thread count from the cores free when it starts.
 SMALL = ["--preset", "tiny", "--n_layer", "1", "--n_head", "1", "--n_embd", "64", "--block_size", "32",
          "--batch_size", "4", "--gradient_accumulation_steps", "2", "--max_steps", "6", "--eval_steps", "3",
          "--eval_sequences", "16", "--log_every", "1", "--timing_warmup_steps", "1", "--diagnostics_every", "3",
-         "--learning_rate", "3e-3"]
+         "--learning_rate", "3e-3", "--threads", "1"]
 
 
 def import_lm(*names: str) -> list:
