@@ -80,6 +80,8 @@ def trainer_precision_args(pc: precision.PrecisionConfig, device: torch.device) 
         return "Trainer has no flag for an output layer outside autocast"
     if pc.fp8:
         return "fp8 training is not a Trainer flag"
+    if pc.autocast_dtype == torch.float16 and pc.loss_scaling == "none":
+        return "Trainer's fp16 flag always scales the loss: no flag for fp16 autocast without loss scaling"
     optimizers = {"adamw": {}, "adamw_8bit": {"optim": "adamw_bnb_8bit"}}
     if pc.optimizer not in optimizers:
         return f"Trainer has no {pc.optimizer} optimizer"
@@ -331,12 +333,13 @@ def main(argv: list[str] | None = None) -> int:
           f"median over {args.rounds} alternating rounds; samples/s = median over timing windows after "
           f"{args.timing_warmup_steps} warm-up steps; padding = share of computed token positions that are padding")
     grouped_header = f" {'grouped samples/s':>18s} {'grouped padding':>16s}" if args.compare_length_grouping else ""
-    header = (f"{'config':22s} {'ours samples/s':>15s} {'Trainer samples/s':>18s} {'ratio':>6s} {'ours MFU':>9s} "
+    width = max([len("config"), *map(len, results)])  # the config column fits the longest name
+    header = (f"{'config':{width}s} {'ours samples/s':>15s} {'Trainer samples/s':>18s} {'ratio':>6s} {'ours MFU':>9s} "
               f"{'Trainer MFU':>12s} {'padding':>8s}" + grouped_header)
     print(header + "\n" + "-" * len(header))
     for name, runs in results.items():
         if isinstance(runs, str):
-            print(f"{name:22s} not expressible: {runs}")
+            print(f"{name:{width}s} not expressible: {runs}")
             continue
         rate = {side: median_of([r for r in side_runs if r.get("status") == "completed"], "samples_per_second")
                 for side, side_runs in runs.items()}
@@ -347,12 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         grouped = (f" {fmt(rate['ours, length-grouped'], '18.2f')} "
                    f"{fmt(median_of(runs['ours, length-grouped'], 'padding_fraction'), '16.1%')}"
                    if args.compare_length_grouping else "")
-        print(f"{name:22s} {fmt(rate['ours'], '15.2f')} {fmt(rate['Trainer'], '18.2f')} {fmt(ratio, '6.2f')} "
+        print(f"{name:{width}s} {fmt(rate['ours'], '15.2f')} {fmt(rate['Trainer'], '18.2f')} {fmt(ratio, '6.2f')} "
               f"{fmt(mfu(rate['ours']), '9.2%')} {fmt(mfu(rate['Trainer']), '12.2%')} "
               f"{fmt(median_of(runs['ours'], 'padding_fraction'), '8.1%')}" + grouped)
         for reason in sorted(not_identical):
             trainer_rate = median_of(runs["Trainer"], "samples_per_second")
-            print(f"{'':22s} ^ Trainer not compared ({fmt(trainer_rate, '.2f')} samples/s measured): {reason}")
+            print(f"{'':{width}s} ^ Trainer not compared ({fmt(trainer_rate, '.2f')} samples/s measured): {reason}")
 
     fastest = max((r for runs in results.values() if not isinstance(runs, str)
                    for r in [median_of(runs["ours"], "samples_per_second")] if r), default=None)

@@ -61,7 +61,7 @@ def test_the_precision_the_trainer_really_ran_is_checked(cache, tmp_path, config
 def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
     proc = subprocess.run(
         [sys.executable, str(tiny_run.ROOT / "benchmarks" / "vs_hf_trainer.py"), "--configs",
-         "fp32_baseline,bf16_sr_fp32_moments", "--rounds", "1", "--max_steps", "3", "--timing_warmup_steps", "1",
+         "fp32_baseline,bf16_sr_fp32_moments,amp_fp16_no_loss_scaling", "--rounds", "1", "--max_steps", "3", "--timing_warmup_steps", "1",
          "--compare_length_grouping", "--data_dir", str(cache), "--tiny_layers", "1", "--tiny_hidden", "64",
          "--max_length", "64", "--threads", "1"],
         env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=600)
@@ -81,4 +81,10 @@ def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
     assert ours_mfu / trainer_mfu == pytest.approx(float(rounds["ours"]) / float(rounds["Trainer"]), rel=0.02)
     assert any(line.startswith("bf16_sr_fp32_moments") and "not expressible: Trainer has no flag for low-precision"
                in line for line in lines[header:])
+    # a name longer than the others widens the name column instead of pushing its row out of line
+    no_scaling = next(line for line in lines[header:] if line.startswith("amp_fp16_no_loss_scaling"))
+    assert "not expressible: Trainer's fp16 flag always scales the loss" in no_scaling
+    name_width = len("amp_fp16_no_loss_scaling") + 1
+    assert lines[header][name_width:].startswith("ours samples/s".rjust(15))
+    assert no_scaling[name_width:].startswith("not expressible")
     assert "threads: 1" in proc.stdout and "x target)" in proc.stdout
