@@ -18,12 +18,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 venv: $(VENV)/.installed
 
 # The core configs (fp32_baseline, amp_fp16, amp_bf16, bf16_sr_fp32_moments) on the offline tiny preset, then the report.
-# First it prints what this CPU will run: a config whose fp16/bf16 matmuls measure more than DEMO_MAX_SLOWDOWN
-# times slower than fp32 here (emulated, e.g. fp16 on most AMD/older Intel CPUs) is recorded as `skipped` with
-# the measured factor instead of taking half an hour; `make demo DEMO_MAX_SLOWDOWN=none` runs everything.
+# First it prints what it will run on this machine and roughly how long (--plan: each config that trains is
+# calibrated with a few steps): a config whose fp16/bf16 matmuls measure more than DEMO_MAX_SLOWDOWN times slower
+# than fp32 here (emulated, e.g. fp16 on most AMD/older Intel CPUs) is recorded as `skipped` with the measured
+# factor instead of taking half an hour; `make demo DEMO_MAX_SLOWDOWN=none` runs everything.
 DEMO_MAX_SLOWDOWN ?= 4
 demo: venv
-	$(PY) -m dtype_bench.cpu --config core --max_cpu_slowdown $(DEMO_MAX_SLOWDOWN)
+	$(PY) $(CLS) --config core --max_cpu_slowdown $(DEMO_MAX_SLOWDOWN) --output_dir $(DEMO_DIR)/classification --plan
 	$(PY) $(CLS) --config core --max_cpu_slowdown $(DEMO_MAX_SLOWDOWN) --output_dir $(DEMO_DIR)/classification
 	$(PY) analysis/analyze_experiment.py --results_dir $(DEMO_DIR)/classification
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, signals, sweep
+from dtype_bench import checkpoint, cpu, distributed, launchers, plan, precision, results, signals, sweep
 from dtype_bench.configs import HelpFormatter, add_flags, resolve
 from dtype_bench.io import FolderRefused, claim_folder, fingerprint, recover_interrupted_writes
 
@@ -162,7 +162,8 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         if args.list_runs:
             print(sweep.list_runs(runs))
             return 0
-        claim_folder(cfg.output_dir, results.SETUP_FILE, "fingerprint")  # a file, a user's folder: before any work
+        if not args.plan:  # a plan writes nothing there
+            claim_folder(cfg.output_dir, results.SETUP_FILE, "fingerprint")  # a file, a user's folder: before any work
         try:  # before joining the process group: a torchrun world size that does not divide the accumulation
             distributed.World(world_size=int(os.environ.get("WORLD_SIZE", "1"))).local_accumulation(
                 cfg.gradient_accumulation_steps)
@@ -179,6 +180,9 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
             torch.set_num_threads(threads)
         with distributed.main_process_first(world):  # rank 0 prepares a missing cache alone
             data = load_data(cfg)
+        if args.plan:
+            return plan.print_plan(args.config_names, args.seeds, cfg, device,
+                                   lambda short, pc, rid: train(short, pc, args.seed, data, device, rid))
         setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
         results.claim_output_dir(cfg.output_dir, setup_fp, setup)
     except (UserError, results.SetupMismatch, FolderRefused) as e:

@@ -53,6 +53,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help="run again the runs whose newest row is `failed` (resuming from their checkpoint)")
     group.add_argument("--list-runs", action="store_true",
                        help="print the grid, one `--config X --seed Y` per line, and exit")
+    group.add_argument("--plan", action="store_true",
+                       help="print what would run and roughly how long each run takes here (each config that trains "
+                            "is calibrated with a few steps in a temporary directory), and exit")
 
 
 def strip_flags(argv: list[str], flags: tuple[str, ...], switches: tuple[str, ...] = ()) -> list[str]:

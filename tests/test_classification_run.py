@@ -284,3 +284,30 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
     (first, second) = rows(out)
     assert first["status"] == second["status"] == "completed" and first["resumed_from_steps"] == [4]
     assert first["setup_fingerprint"] == second["setup_fingerprint"] and second["seed"] == 1
+
+
+def test_plan_says_what_would_run_and_how_long_from_a_calibration_and_writes_nothing(tiny_cache, tmp_path):
+    import re
+
+    out = tmp_path / "never_written"
+    proc = run([*SMALL, "--config", "fp32_baseline,fp32_tf32_matmul,amp_bf16", "--seeds", "2", "--max_steps", "40",
+                "--eval_steps", "20", "--threads", "1", "--max_cpu_slowdown", "none", "--plan",
+                "--data_dir", str(tiny_cache), "--output_dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not out.exists()  # calibration runs live in a temporary directory
+    lines = proc.stdout.splitlines()
+    assert "2 seed(s), 40 steps each" in next(line for line in lines if line.startswith("plan:"))
+    skipped = next(line for line in lines if line.startswith("  fp32_tf32_matmul:"))
+    assert "skipped" in skipped and "CUDA" in skipped
+    per_run = {}
+    for name in ("fp32_baseline", "amp_bf16"):
+        line = next(line for line in lines if line.startswith(f"  {name}: trains"))
+        step, evaluation, fixed = map(float, re.search(
+            r"\(([\d.e+-]+) s/step, ([\d.e+-]+) s/evaluation, ([\d.e+-]+) s outside the loop", line).groups())
+        shown = re.search(r"~([\d.]+) (min|s) per run", line)
+        per_run[name] = float(shown[1]) * (60 if shown[2] == "min" else 1)
+        # 40 steps, an evaluation every 20 steps (2), and the fixed cost, from the printed (3-digit) parts
+        assert per_run[name] == pytest.approx(40 * step + 2 * evaluation + fixed, rel=0.05, abs=1)
+    total = re.search(r"estimated total: ~([\d.]+) (min|s) for 4 run\(s\)", proc.stdout)
+    assert total and float(total[1]) * (60 if total[2] == "min" else 1) == pytest.approx(
+        2 * sum(per_run.values()), rel=0.05, abs=2)
