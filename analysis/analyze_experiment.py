@@ -19,7 +19,11 @@ from pathlib import Path
 
 from dtype_bench.analysis import plots
 from dtype_bench.analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
-from dtype_bench.analysis.report import caveats, fmt, fmt_difference, fmt_estimate, md_table, memory_kind, precision_table, setup_section
+from dtype_bench.analysis.report import (
+    caveats, fmt, fmt_difference, fmt_estimate, hypotheses_section, md_table, memory_kind, precision_table,
+    setup_section,
+)
+from dtype_bench.analysis import hypotheses
 from dtype_bench.analysis.hypotheses import LEVEL, QUALITY_MARGIN
 from dtype_bench.analysis.stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
 
@@ -461,7 +465,12 @@ def render_report(analysis: Analysis) -> str:
                      + (", ".join(f"{c} (by {o})" for c, o in dominated_by.items()) or "none"))
     if not analysis.fronts:
         lines.append("No frontier: no config has a finite quality and throughput/memory mean.")
-    lines += ["", "## What to use", ""] + [f"- {f}" for f in findings(analysis)] + ["", "## Plots", ""]
+    lines += ["", "## What to use", ""] + [f"- {f}" for f in findings(analysis)] + [""]
+    lines += hypotheses_section(hypotheses.evaluate_all({exp.name: exp}),
+                                f"this {exp.name} experiment alone (a hypothesis that another experiment decides "
+                                "too reads inconclusive here; `analysis/compare_experiments.py` decides it on both)",
+                                shown_tasks=(exp.name,))
+    lines += ["## Plots", ""]
     for key, path in analysis.plots.items():
         title, text = FIGURE_TEXT[key]
         lines.append(f"### {title}")

@@ -28,7 +28,7 @@ from dtype_bench.analysis import plots  # noqa: E402
 from dtype_bench.analysis import hypotheses  # noqa: E402
 from dtype_bench.analysis.analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
 from dtype_bench.analysis.experiment_data import Metric, styles  # noqa: E402
-from dtype_bench.analysis.report import caveats, fmt, fmt_difference, md_table  # noqa: E402
+from dtype_bench.analysis.report import caveats, fmt, fmt_difference, hypotheses_section, md_table  # noqa: E402
 from dtype_bench.analysis.stats import by_seed, difference, ranks, spearman  # noqa: E402
 
 from dtype_bench.configs import HelpFormatter  # noqa: E402
@@ -174,18 +174,8 @@ def render_comparison_report(tasks: dict[str, Analysis], comparison: dict, figur
     if problems or any(only.values()):
         lines += ["", "## What is missing or malformed", ""] + [f"- {p}" for p in problems]
         lines += [f"- configs run only in {name}: {', '.join(c)}" for name, c in only.items() if c]
-    lines += ["", "## Hypotheses", "", "Stated and decided as in `experiments/classification/PLAN.md` (generated from "
-              "`analysis/hypotheses.py`): a hypothesis is supported when every claim is, refuted when any claim is; "
-              "a claim only when its test at the stated level says so, with at least "
-              f"{hypotheses.MIN_SEEDS} runs per config. Numbers in `comparison.json`.", ""]
-    for key, v in comparison["verdicts"].items():
-        lines += [f"### {key}: **{v['verdict']}**", "", v["statement"], ""]
-        for task, result in v["tasks"].items():
-            role = "" if result["decides"] else " (reported beside the verdict, not deciding it)"
-            lines.append(f"- {task}{role}: **{result['verdict']}**")
-            lines += [f"  - {c['outcome']}: {c['claim']} — {c['reason']}"
-                      + (f". Would settle it: {c['settle']}" if c["settle"] else "") for c in result["claims"]]
-        lines.append("")
+    lines += [""] + hypotheses_section(comparison["verdicts"], "both experiments' results (numbers in "
+                                        "`comparison.json`)")
     lines += ["", "## Recommendations", "", "Universal (both tasks):", ""]
     lines += [f"- {r}" for r in comparison["recommendations"]["universal"] + comparison["recommendations"]["avoid_everywhere"]]
     for name, items in comparison["recommendations"]["per_task"].items():

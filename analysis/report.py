@@ -1,9 +1,11 @@
-"""Markdown pieces shared by the per-experiment and cross-task reports: number formatting, tables, setup, caveats."""
+"""Markdown pieces shared by the per-experiment and cross-task reports: number formatting, tables, setup, caveats,
+hypothesis verdicts."""
 from __future__ import annotations
 
 import math
 from collections import Counter
 
+from dtype_bench.analysis import hypotheses
 from dtype_bench.analysis.experiment_data import Experiment, is_cpu_rss, memory_kind_text
 from dtype_bench.analysis.stats import Difference, Estimate
 
@@ -149,3 +151,25 @@ def caveats(exp: Experiment) -> list[str]:
     out.append("Statistics use completed runs only; diverged, failed and skipped runs are counted in the status "
                "columns and explained in the stability matrix. Pareto fronts compare means and ignore their intervals.")
     return out
+
+
+def hypotheses_section(verdicts: dict[str, dict], scope: str, shown_tasks: tuple[str, ...] | None = None) -> list[str]:
+    """The hypotheses in PLAN.md's words, each with its verdict, and per task every claim with its test, outcome,
+    reason and what would settle it (`hypotheses.evaluate_all`'s output). `scope` says which results they were
+    evaluated on; `shown_tasks` limits the claim lines to those tasks (the others are named, not detailed)."""
+    lines = ["## Hypotheses", "", f"Stated and decided as in `experiments/classification/PLAN.md` (generated from "
+             f"`analysis/hypotheses.py`), on {scope}: a hypothesis is supported when every claim is, refuted when "
+             "any claim is; a claim only when its test at the stated level says so, with at least "
+             f"{hypotheses.MIN_SEEDS} runs per config; anything else is inconclusive.", ""]
+    for key, v in verdicts.items():
+        lines += [f"### {key}: **{v['verdict']}**", "", v["statement"], ""]
+        for task, result in v["tasks"].items():
+            role = "" if result["decides"] else " (reported beside the verdict, not deciding it)"
+            if shown_tasks is not None and task not in shown_tasks:
+                lines.append(f"- {task}{role}: no {task} results in this report")
+                continue
+            lines.append(f"- {task}{role}: **{result['verdict']}**")
+            lines += [f"  - {c['outcome']}: {c['claim']} — {c['reason']}"
+                      + (f". Would settle it: {c['settle']}" if c["settle"] else "") for c in result["claims"]]
+        lines.append("")
+    return lines

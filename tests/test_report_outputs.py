@@ -89,3 +89,21 @@ def test_the_first_screen_says_which_config_to_use_with_its_evidence(analysis):
     assert cells["fp16_naive"][0] == "avoid: quality loss"
     assert cells["fp32_tf32_matmul"][0].startswith("not run here") and cells["fp32_tf32_matmul"][-1] == "0/1 completed, 1 skipped"
     assert "(relative_to_fp32.png)" in report[first:report.index("## Summary")]
+
+
+def test_the_report_states_each_hypothesis_in_plan_words_with_its_verdict_and_tests(analysis):
+    """Issue 12: the per-experiment report carries H1-H4 as PLAN.md states them, each with a verdict and its
+    claims' tests; the other experiment's claims are named, not evaluated on no data."""
+    report = (analysis.output_dir / "report.md").read_text()
+    section = report[report.index("## Hypotheses"):report.index("\n## ", report.index("## Hypotheses") + 1)]
+    plan = " ".join((ANALYSIS.parent / "experiments" / "classification" / "PLAN.md").read_text().split())
+    headers = re.findall(r"^### (H\d) [^:]+: \*\*(\w+)\*\*$", section, flags=re.M)
+    assert [h for h, _ in headers] == ["H1", "H2", "H3", "H4"]
+    assert all(verdict in ("supported", "refuted", "inconclusive") for _, verdict in headers)
+    for block in re.split(r"^### ", section, flags=re.M)[1:]:
+        statement = block.split("\n\n")[1]
+        assert " ".join(statement.split()) in plan  # PLAN.md's words, wrapped differently there
+        assert "- classification: **" in block and re.search(r"test|Fisher|TOST", block)
+    assert "- lm (reported beside the verdict, not deciding it): no lm results in this report" in section
+    # fp16_naive (3 runs, all completed here) vs amp_bf16: nothing diverged, so H2 cannot be supported
+    assert dict(headers)["H2"] != "supported"
