@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Literal
 
 
-from dtype_bench.analysis.experiment_data import METRIC_BY_KEY, PRIMARY_QUALITY, PRIMARY_THROUGHPUT, Experiment, is_number  # noqa: E402
+from dtype_bench.analysis.experiment_data import (  # noqa: E402
+    METRIC_BY_KEY, PRIMARY_QUALITY, PRIMARY_THROUGHPUT, Experiment, is_cpu_rss, is_number,
+)
 from dtype_bench.analysis.stats import MIN_SEEDS, Comparison, by_seed, compare  # noqa: E402
 
 PLAN = Path(__file__).resolve().parents[1] / "experiments" / "classification" / "PLAN.md"
@@ -270,8 +272,13 @@ def _memory_claim(exp: Experiment, h: Hypothesis, claim: Claim) -> dict:
     c, why = _compare(exp, h, claim, "peak_memory_gb", False, h.margin)
     if c is None:
         return _result("inconclusive", why, {}, f"at least {MIN_SEEDS} completed seeds of both configs")
-    stat = {"metric": "peak_memory_gb", "memory_kind": sorted({str(r.get("peak_memory_kind")) for r in exp.rows}),
-            **_comparison_stat(c)}
+    kinds = sorted({str(r.get("peak_memory_kind")) for config in (claim.config, claim.reference)
+                    for r in exp.runs(config, "completed")})
+    stat = {"metric": "peak_memory_gb", "memory_kind": kinds, **_comparison_stat(c)}
+    if any(is_cpu_rss(k) for k in kinds):  # like throughput, the claim is about the tensors a GPU holds
+        return _result("inconclusive", "peak memory measured as a CPU process's resident set, which also holds "
+                                       f"compiled code and the allocator's own caches, not only tensors: {c.text()}",
+                       stat, "runs on a CUDA GPU (the allocator's peak)")
     if c.n < MIN_SEEDS:
         return _result("inconclusive", f"n={c.n} < {MIN_SEEDS} seeds: {c.text()}", stat, _settle(c, "difference"))
     if c.better:
@@ -283,6 +290,8 @@ def _memory_claim(exp: Experiment, h: Hypothesis, claim: Claim) -> dict:
 
 def _state_bytes(row: dict) -> float | None:
     state = (row.get("static_memory_bytes") or {}).get("optimizer_state")
+    if isinstance(state, dict) and is_number(state.get("total")):
+        return float(state["total"])  # the per-group entries sum to it
     if isinstance(state, dict) and state and all(is_number(v) for v in state.values()):
         return float(sum(state.values()))
     return float(state) if is_number(state) else None

@@ -345,3 +345,35 @@ def test_quality_verdict_says_ok_only_for_shown_equivalence():
     unstable = task_rows("classification", "amp_bf16", 1, "diverged")
     unstable[0]["seed"] = 9
     assert quality_verdict([0.001, -0.001, 0.0005, -0.0005], extra=unstable)[0] == "unstable"
+
+
+def test_h4_memory_claim_is_not_decided_on_cpu_resident_set_size():
+    """A CPU run's peak memory is the process's RSS (compiled code, allocator caches): even a clear difference
+    there does not decide a claim about the tensors a GPU holds."""
+    def cpu_rss(task):
+        rows = h4_rows(task, device="cpu")
+        for row in rows:
+            row["peak_memory_kind"] = "cpu_peak_rss_per_phase"
+        return rows
+
+    memory = claims(hypotheses.evaluate(H["H4"], both(cpu_rss)), "classification")[3]
+    assert memory["outcome"] == "inconclusive" and "resident set" in memory["reason"]
+    assert "CUDA" in memory["settle"]
+
+
+def test_state_bytes_read_the_recorded_total_once():
+    """Rows record optimizer-state bytes per group plus their total: the claim reports the totals (250 and 1,000
+    bytes), not the groups and the total summed (500 and 2,000)."""
+    def rows_with_totals(task):
+        rows = (task_rows(task, "amp_bf16", quality=[0.5, 0.51, 0.52])
+                + task_rows(task, "amp_bf16_8bit_adam", quality=[0.5, 0.51, 0.52]))
+        for row in rows:
+            per_group = {"encoder": 800.0, "head": 200.0} if row["config"] == "amp_bf16" else {"encoder": 200.0,
+                                                                                                  "head": 50.0}
+            row["static_memory_bytes"] = {"optimizer_state": {**per_group, "total": sum(per_group.values())}}
+        return rows
+
+    result = hypotheses.evaluate(H["H3"], both(rows_with_totals))
+    state = next(c for c in claims(result, "classification") if "optimizer-state bytes of `amp_bf16`" in c["claim"])
+    assert state["outcome"] == "supported" and state["statistic"]["bytes"] == {"config": [250.0],
+                                                                               "reference": [1000.0]}
