@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from dtype_bench import precision
+
 CALIBRATION_SIZE = 256  # the tiny preset's matmul widths are 128-256; emulated fp16 at 1024 would take seconds
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -76,11 +78,16 @@ def too_slow_reason(pc, device: torch.device, max_slowdown: float | None) -> str
             "pass --max_cpu_slowdown none to measure it anyway (the run's matmuls then take up to that factor longer)")
 
 
+def skip_reason(pc: precision.PrecisionConfig, device: torch.device, max_slowdown: float | None) -> str | None:
+    """Why a config does not train here (the reason of its `skipped` row), or None: the hardware or a missing
+    optional package (`precision.unsupported_reason`), or `--max_cpu_slowdown`."""
+    return precision.unsupported_reason(pc, device) or too_slow_reason(pc, device, max_slowdown)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print this CPU's thread choice and dtype slowdowns, and which configs a run would train or skip."""
     import argparse
 
-    from dtype_bench import precision
     from dtype_bench.configs import HelpFormatter
     from dtype_bench.results import cpu_name
 
@@ -97,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{str(dtype).removeprefix('torch.')} matmul time / float32's: {matmul_slowdown(dtype):.2f}")
     for name in precision.resolve_names(args.config):
         pc = precision.get(name)
-        reason = precision.unsupported_reason(pc, torch.device("cpu")) or too_slow_reason(
-            pc, torch.device("cpu"), args.max_cpu_slowdown)
+        reason = skip_reason(pc, torch.device("cpu"), args.max_cpu_slowdown)
         print(f"  {name}: {'skipped: ' + reason if reason else 'runs'}")
     return 0
 

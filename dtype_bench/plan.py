@@ -68,7 +68,7 @@ def print_plan(config_names: list[str], seeds: int, cfg: Any, device: torch.devi
     total, runs = 0.0, 0
     for name in config_names:
         pc = precision.get(name)
-        reason = precision.unsupported_reason(pc, device) or cpu.too_slow_reason(pc, device, cfg.max_cpu_slowdown)
+        reason = cpu.skip_reason(pc, device, cfg.max_cpu_slowdown)
         if reason:
             print(f"  {name}: skipped: {reason}", flush=True)
             continue
