@@ -50,6 +50,14 @@ def stored_moments(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def stored_moments_fp32(state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stored moments by role as fp32 values in the optimizer's own convention (torch-optimi's stay
+    bias-corrected): floating-point states as they are, bitsandbytes' 8-bit codes dequantized (`like`: the
+    parameter, for their shape)."""
+    return {role: _dequantize(state, 1 if role == "exp_avg" else 2, like) if "state1" in state else value.float()
+            for role, value in stored_moments(state).items()}
+
+
 def moments_fp32(state: dict, param: torch.Tensor, hyper: dict) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(first moment, second moment, steps taken) of an AdamW state in fp32, in torch.optim.AdamW's convention
     (no bias correction in the stored values); zeros before the first step; None for a state layout this module
@@ -58,28 +66,28 @@ def moments_fp32(state: dict, param: torch.Tensor, hyper: dict) -> tuple[torch.T
     if not state:
         zeros = torch.zeros_like(param, dtype=torch.float32)
         return zeros, zeros, 0.0
-    if "exp_avg" in state:  # torch.optim.AdamW, torchao, torch-optimi (quantized states dequantize on .float())
-        first, second = state["exp_avg"].float(), state["exp_avg_sq"].float()
-        if _debiased(state, hyper):
-            beta1, beta2 = betas(hyper)
-            first, second = first * (1 - beta1**steps), second * (1 - beta2**steps)
-        return first, second, steps
-    if "state1" in state:  # bitsandbytes
-        return _dequantize(state, 1, param), _dequantize(state, 2, param), steps
-    return None
+    if "exp_avg" not in state and "state1" not in state:
+        return None
+    # torch.optim.AdamW, torchao, torch-optimi (quantized states dequantize on .float()), bitsandbytes
+    moments = stored_moments_fp32(state, param)
+    first, second = moments["exp_avg"], moments["exp_avg_sq"]
+    if _debiased(state, hyper):
+        beta1, beta2 = betas(hyper)
+        first, second = first * (1 - beta1**steps), second * (1 - beta2**steps)
+    return first, second, steps
 
 
 def next_moments_fp32(state: dict, grad: torch.Tensor, hyper: dict) -> dict[str, torch.Tensor]:
     """The values the stored moments would take after this step if the recurrence ran in fp32 from the stored
-    values (in the optimizer's own convention), for the floating-point moments only (8-bit codes are left out)."""
+    values (in the optimizer's own convention; 8-bit codes dequantized)."""
     beta1, beta2 = betas(hyper)
     if _debiased(state, hyper):  # torch-optimi's bias-corrected betas for the step about to be taken
         t = steps_taken(state, hyper) + 1
         beta1, beta2 = ((b**t - b) / (b**t - 1) for b in (beta1, beta2))
     grad = grad.float()
     targets = {"exp_avg": (grad, beta1), "exp_avg_sq": (grad.square(), beta2)}
-    return {role: value.float().lerp(targets[role][0], 1 - targets[role][1])
-            for role, value in stored_moments(state).items() if value.is_floating_point()}
+    return {role: value.lerp(targets[role][0], 1 - targets[role][1])
+            for role, value in stored_moments_fp32(state, grad).items()}
 
 
 def second_moment(state: dict) -> torch.Tensor | None:

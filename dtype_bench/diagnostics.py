@@ -24,10 +24,11 @@ timing) add:
   rounded part of it away (stochastic rounding is unbiased: ~1). `lost_update_frac`: of the elements with a
   non-zero intended update, the fraction left exactly unchanged.
 - `moment_update_lost_frac` {"exp_avg"|"exp_avg_sq": {group: f}}: of the moment elements the fp32 recurrence from
-  the stored value would change by more than `RESOLVED_CHANGE` of their magnitude, the fraction stored
-  bit-identical after the step, which `update_fidelity` cannot see: a bf16 second moment with beta2 = 0.999 moves
-  at most 0.1% per step, below bf16's half-ulp (0.2%), so it stops decaying. Floating-point moments only; absent
-  on step 1.
+  the stored value would change by more than `RESOLVED_CHANGE` of their magnitude, the fraction whose stored
+  value did not move at least half-way there, which `update_fidelity` cannot see: a bf16 second moment with
+  beta2 = 0.999 moves at most 0.1% per step, below bf16's half-ulp (0.2%), so it stops decaying (stored
+  bit-identical). 8-bit block-wise codes are read dequantized: their block scale lets a block decay together,
+  but an element whose change is below the code spacing keeps its code. Absent on step 1.
 - `update_weight_ratio_median`: median |intended update| / |weight| over non-zero weights (a strided sample of
   at most `MEDIAN_SAMPLE` elements per group).
 - underflow (`underflow.underflow_fields`: `<prefix>_zero_frac`, `_subnormal_frac`, `_underflow_frac` (their
@@ -43,9 +44,9 @@ kept: an update that wrote NaN has NaN fidelity.
 
 Cost of a measured step: one fp32 AdamW step, computed a parameter at a time on its device (transient: about
 four fp32 copies of the largest parameter), ~10 elementwise passes and a few host syncs per parameter, and per
-parameter in host memory until the update: the weights before it, the fp32 intended update and per
-floating-point moment its stored value and a boolean mask (N x (weight bytes + 4 + 2 x (moment bytes + 1))
-bytes for N parameters). Keep `every` >= 10 where throughput matters (measured costs: benchmarks/RESULTS.md).
+parameter in host memory until the update: the weights before it, the fp32 intended update and per moment
+its stored value and its fp32 recurrence's value, both in fp32 (N x (weight bytes + 4 + 16) bytes for N
+parameters). Keep `every` >= 10 where throughput matters (measured costs: benchmarks/RESULTS.md).
 Weight drift keeps one host copy of the initial weights (N x weight bytes), which checkpoints do not store (see
 `state_dict`). Nothing extra stays on an accelerator; on CPU these host copies are part of the peak RSS.
 `summary()` adds the static memory (`memory.tensor_bytes`) of weights, gradients and optimizer state.
@@ -61,7 +62,7 @@ import weakref
 import torch
 from torch import nn
 
-from dtype_bench.adamw_state import betas, moments_fp32, next_moments_fp32, second_moment, stored_moments
+from dtype_bench.adamw_state import betas, moments_fp32, next_moments_fp32, second_moment, stored_moments_fp32
 from dtype_bench.memory import is_8bit, tensor_bytes
 from dtype_bench.nonfinite import GroupOf, count_nonfinite, extremes, group_roots, output_tensors
 from dtype_bench.precision import adamw_fp32_step, dtype_name
@@ -206,18 +207,13 @@ class PrecisionDiagnostics:
 
     @staticmethod
     def _moment_snapshot(state: dict, grad: torch.Tensor, hyper: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per floating-point moment: (its stored value before the step, on the host; which elements the fp32
-        recurrence from that stored value would change by more than `RESOLVED_CHANGE` of their magnitude, far
-        below bf16's half-ulp 2^-9 and far above fp32's rounding). Empty before the first step (no state yet)."""
+        """Per moment, on the host in fp32: (its stored value before the step (8-bit codes dequantized), the value
+        the fp32 recurrence from that stored value gives). Empty before the first step (no state yet)."""
         if not state:
             return {}
-        stored = stored_moments(state)
-        out = {}
-        for role, target in next_moments_fp32(state, grad, hyper).items():
-            value = stored[role].detach()
-            changes = (target - value.float()).abs() > RESOLVED_CHANGE * value.float().abs()
-            out[role] = (value.to("cpu", copy=True), changes.cpu())
-        return out
+        stored = stored_moments_fp32(state, grad)
+        return {role: (stored[role].to("cpu", copy=True), target.to("cpu", copy=True))
+                for role, target in next_moments_fp32(state, grad, hyper).items()}
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -260,16 +256,22 @@ class PrecisionDiagnostics:
         self._fields["second_moment_underflow_frac"] = {g: small[g] / total[g] for g in self.groups if total[g]}
 
     def _moment_update_lost(self, snapshots: dict) -> dict[str, dict[str, float]]:
-        """Per moment and group: of the elements the fp32 recurrence would have changed, the fraction whose
-        stored value is bit-identical after the step (the write rounded the change away)."""
+        """Per moment and group: of the elements the fp32 recurrence would change by more than `RESOLVED_CHANGE`
+        of their magnitude (far below bf16's half-ulp 2^-9, far above fp32's rounding), the fraction whose stored
+        value did not move at least half-way to the fp32 value. For floating-point moments rounded to nearest
+        that is exactly "stored bit-identical" (a change of more than half an ulp moves the value by at least
+        half the change); 8-bit block-wise codes, whose block scale moves every element of a block together,
+        lose an element's update when its code stays put while its block's scale moves the other way or less."""
         lost, changing = {}, {}
         for p, roles in snapshots.items():
-            stored, group = stored_moments(self.optimizer.state.get(p, {})), self.group_of_param[p]
-            for role, (before, changes) in roles.items():
-                unchanged = stored[role].detach().cpu() == before
+            stored, group = stored_moments_fp32(self.optimizer.state.get(p, {}), p), self.group_of_param[p]
+            for role, (before, target) in roles.items():
+                intended, moved = target - before, stored[role].cpu() - before
+                changes = intended.abs() > RESOLVED_CHANGE * before.abs()
+                short = moved * intended.sign() < 0.5 * intended.abs()
                 lost.setdefault(role, {}).setdefault(group, 0)
                 changing.setdefault(role, {}).setdefault(group, 0)
-                lost[role][group] += int((changes & unchanged).sum())
+                lost[role][group] += int((changes & short).sum())
                 changing[role][group] += int(changes.sum())
         fractions = {role: {g: lost[role][g] / n for g, n in groups.items() if n} for role, groups in changing.items()}
         return {role: groups for role, groups in fractions.items() if groups}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dtype_bench import checkpoint, precision
+from dtype_bench.adamw_state import stored_moments_fp32
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.nonfinite import count_nonfinite, extremes, group_roots
 from dtype_bench.underflow import tiny_or_zero
@@ -405,6 +406,47 @@ def test_second_moment_decays_under_zero_gradients_unless_it_is_bf16_rounded_to_
         assert ratio.median().item() == pytest.approx(0.999**300, rel=1e-3) and max(lost) == 0
     else:
         assert torch.equal(ratio, torch.ones_like(ratio)) and min(lost) == 1.0
+
+
+@pytest.mark.parametrize("name, eight_bit", [("amp_bf16_8bit_adam", True), ("amp_bf16", False)])
+def test_8bit_second_moments_decay_by_block_and_lose_changes_below_their_code_spacing(name, eight_bit):
+    """bitsandbytes' 8-bit codes, read dequantized: under zero gradients a block's scale decays with it, so nothing
+    is lost (unlike bf16 rounded to nearest); when the largest element of each block decays while the others
+    should grow by 0.3%, an element keeps its code and follows its block's scale down. The reference is the
+    dequantized state itself: an element that moved down when the fp32 recurrence moves it up is certainly lost."""
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 256, bias=False)  # 32,768 elements >= 4,096: bitsandbytes keeps its state in 8 bits
+    optimizer = precision.build_optimizer(precision.get(name), [{"params": [layer.weight]}], lr=1e-3,
+                                          betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, device=CPU)
+    for _ in range(10):
+        layer.weight.grad = torch.randn_like(layer.weight)
+        optimizer.step()
+    assert (optimizer.state[layer.weight]["state2" if eight_bit else "exp_avg_sq"].dtype
+            == (torch.uint8 if eight_bit else torch.float32))
+    second = lambda: stored_moments_fp32(optimizer.state[layer.weight], layer.weight)["exp_avg_sq"].flatten()  # noqa: E731
+    diag = PrecisionDiagnostics(layer, optimizer, lambda name: "encoder", every=1)
+
+    def step(grad: torch.Tensor) -> float:
+        layer.weight.grad = grad
+        diag.before_step()
+        optimizer.step()
+        diag.after_step()
+        return diag.step_fields()["moment_update_lost_frac"]["exp_avg_sq"]["encoder"]
+
+    start = second().clone()
+    lost = [step(torch.zeros_like(layer.weight)) for _ in range(50)]
+    assert (second() / start).median().item() == pytest.approx(0.999**50, rel=1e-4) and max(lost) == 0
+
+    blocks = second().view(-1, 256).clone()  # bitsandbytes' blocks: 256 consecutive elements
+    grad_sq = 4 * blocks  # fp32: v -> 0.999 v + 0.001 * 4 v = 1.003 v
+    grad_sq[torch.arange(len(blocks)), blocks.argmax(1)] = 0  # each block's largest element decays by 0.1%
+    before = second().clone()
+    lost_frac = step(grad_sq.sqrt().view_as(layer.weight))
+    moved_down = ((second() < before) & (grad_sq.flatten() > 0)).float().mean().item()
+    if eight_bit:
+        assert moved_down > 0.5 and lost_frac >= moved_down
+    else:
+        assert moved_down == 0 and lost_frac == 0
 
 
 def test_structural_zero_gradients_are_not_underflow_and_fp32_has_none(runs):
