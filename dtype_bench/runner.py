@@ -174,12 +174,12 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
             raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
                             "`run.py --config all --seeds 3 --list-runs | xargs -L1 torchrun ... run.py <flags>`")
         threads, note = cpu.pick_threads(cfg.threads) if device.type == "cpu" else (cfg.threads, None)
-        if note and world.is_main:
-            print(note)
         if threads:
             torch.set_num_threads(threads)
         with distributed.main_process_first(world):  # rank 0 prepares a missing cache alone
             data = load_data(cfg)
+        if note and world.is_main:  # after the data: a command without prepared data ends on its one error line
+            print(note)
         if args.plan:
             return plan.print_plan(args.config_names, args.seeds, cfg, device,
                                    lambda short, pc, rid: train(short, pc, args.seed, data, device, rid))
