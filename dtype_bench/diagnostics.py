@@ -38,7 +38,8 @@ timing) add:
   Conv1D), rows along the feature dimension, in their own dtype with the loss scale applied (what the hardware
   computed: under fp16 autocast, where loss scaling matters; a row that flushed to zero entirely counts as
   structural, so this is a lower bound); and `second_moment_underflow_frac` over the optimizer's
-  floating-point second moments.
+  floating-point second moments (none for a group holding 8-bit codes: a fraction of its fp32 leftovers would speak for
+  codes that have no subnormals; what 8-bit codes do to small values shows in `moment_update_lost_frac`).
 A step the GradScaler skipped records the gradient fields and `optimizer_step_skipped`. Non-finite values are
 kept: an update that wrote NaN has NaN fidelity.
 
@@ -62,7 +63,8 @@ import weakref
 import torch
 from torch import nn
 
-from dtype_bench.adamw_state import betas, moments_fp32, next_moments_fp32, second_moment, stored_moments_fp32
+from dtype_bench.adamw_state import (betas, moments_fp32, next_moments_fp32, second_moment, stored_moments,
+                                       stored_moments_fp32)
 from dtype_bench.memory import is_8bit, tensor_bytes
 from dtype_bench.nonfinite import GroupOf, count_nonfinite, extremes, group_roots, output_tensors
 from dtype_bench.precision import adamw_fp32_step, dtype_name
@@ -247,13 +249,17 @@ class PrecisionDiagnostics:
         moments_lost = self._moment_update_lost(snapshot["moments"])
         if moments_lost:  # none before the first step allocated moments
             self._fields["moment_update_lost_frac"] = moments_lost
-        small, total = {g: 0 for g in self.groups}, {g: 0 for g in self.groups}
+        small, total, coded = {g: 0 for g in self.groups}, {g: 0 for g in self.groups}, set()
         for _, p in self.named:
-            second = second_moment(self.optimizer.state.get(p, {}))
+            state, group = self.optimizer.state.get(p, {}), self.group_of_param[p]
+            second = second_moment(state)
             if second is not None:
-                small[self.group_of_param[p]] += int(tiny_or_zero(second).sum())
-                total[self.group_of_param[p]] += second.numel()
-        self._fields["second_moment_underflow_frac"] = {g: small[g] / total[g] for g in self.groups if total[g]}
+                small[group] += int(tiny_or_zero(second).sum())
+                total[group] += second.numel()
+            elif "exp_avg_sq" in stored_moments(state):
+                coded.add(group)  # 8-bit codes
+        self._fields["second_moment_underflow_frac"] = {
+            g: small[g] / total[g] for g in self.groups if total[g] and g not in coded}
 
     def _moment_update_lost(self, snapshots: dict) -> dict[str, dict[str, float]]:
         """Per moment and group: of the elements the fp32 recurrence would change by more than `RESOLVED_CHANGE`

@@ -227,6 +227,8 @@ def test_static_memory_counts_real_8bit_state_and_which_params_got_it():
     diag.before_step()
     optimizer.step()
     diag.after_step()
+    # the encoder's fp32 leftovers (biases, LayerNorm, the small Linear) would speak for its 8-bit matrix
+    assert list(diag.step_fields()["second_moment_underflow_frac"]) == ["embeddings", "head"]
     summary = diag.summary()
     assert summary["optimizer_8bit_params"]["encoder"] == ["body.3.weight"]
     assert summary["optimizer_8bit_params"]["head"] == []
