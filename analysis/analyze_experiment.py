@@ -17,15 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from dtype_bench.analysis import plots
-from dtype_bench.analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
-from dtype_bench.analysis.report import (
+if not __package__:  # run as a file (python analysis/analyze_experiment.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
+from analysis import plots
+from analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
+from analysis.report import (
     caveats, fmt, fmt_difference, fmt_estimate, hypotheses_section, md_table, memory_kind, precision_table,
     setup_section,
 )
-from dtype_bench.analysis import hypotheses
-from dtype_bench.analysis.hypotheses import LEVEL, QUALITY_MARGIN
-from dtype_bench.analysis.stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
+from analysis import hypotheses
+from analysis.hypotheses import LEVEL, QUALITY_MARGIN
+from analysis.stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
 
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import FolderRefused, atomic_write_bytes, atomic_write_text, own_folder

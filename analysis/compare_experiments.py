@@ -18,18 +18,22 @@ import sys
 from pathlib import Path
 
 
+if not __package__:  # run as a file (python analysis/compare_experiments.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dtype_bench.analysis import plots  # noqa: E402
-from dtype_bench.analysis import hypotheses  # noqa: E402
-from dtype_bench.analysis.analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
-from dtype_bench.analysis.experiment_data import Metric, styles  # noqa: E402
-from dtype_bench.analysis.report import caveats, fmt, fmt_difference, hypotheses_section, md_table  # noqa: E402
-from dtype_bench.analysis.stats import by_seed, difference, ranks, spearman  # noqa: E402
+from analysis import plots  # noqa: E402
+from analysis import hypotheses  # noqa: E402
+from analysis.analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
+from analysis.experiment_data import Metric, styles  # noqa: E402
+from analysis.report import caveats, fmt, fmt_difference, hypotheses_section, md_table  # noqa: E402
+from analysis.stats import by_seed, difference, ranks, spearman  # noqa: E402
 
 from dtype_bench.configs import HelpFormatter  # noqa: E402
 from dtype_bench.io import FolderRefused, atomic_write_json, atomic_write_text, own_folder  # noqa: E402

@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 
-from dtype_bench.analysis.experiment_data import (  # noqa: E402
+if not __package__:  # run as a file (python analysis/hypotheses.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
+from analysis.experiment_data import (  # noqa: E402
     METRIC_BY_KEY, PRIMARY_QUALITY, PRIMARY_THROUGHPUT, Experiment, is_cpu_rss, is_number,
 )
-from dtype_bench.analysis.stats import MIN_SEEDS, Comparison, by_seed, compare  # noqa: E402
+from analysis.stats import MIN_SEEDS, Comparison, by_seed, compare  # noqa: E402
 
 PLAN = Path(__file__).resolve().parents[1] / "experiments" / "classification" / "PLAN.md"
 LEVEL = "0.05"

@@ -22,8 +22,8 @@ from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from dtype_bench.analysis.experiment_data import ACT_GRAD_FLUSHED, BASELINE, Experiment, Metric, Style  # noqa: E402
-from dtype_bench.analysis.stats import ConfigSummary  # noqa: E402
+from analysis.experiment_data import ACT_GRAD_FLUSHED, BASELINE, Experiment, Metric, Style  # noqa: E402
+from analysis.stats import ConfigSummary  # noqa: E402
 
 DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each holds {group: value}
     ("update_fidelity", "update fidelity (applied / intended, fp32 shadow)"),

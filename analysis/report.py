@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from dtype_bench.analysis import hypotheses
-from dtype_bench.analysis.experiment_data import Experiment, is_cpu_rss, memory_kind_text
-from dtype_bench.analysis.stats import Difference, Estimate
+from analysis import hypotheses
+from analysis.experiment_data import Experiment, is_cpu_rss, memory_kind_text
+from analysis.stats import Difference, Estimate
 
 NOT_SETUP = ("output_dir",)  # where the rows went says nothing about how they were made
 ENV_FIELDS = ("device", "device_name", "cuda", "torch", "cpu_count", "torch_threads", "python", "platform",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as scipy_stats
 
-from dtype_bench.analysis.experiment_data import BASELINE, Experiment, Metric, is_number
+from analysis.experiment_data import BASELINE, Experiment, Metric, is_number
 
 from dtype_bench.results import mean_std
 

@@ -11,6 +11,13 @@ Nothing is downloaded. Throughput, MFU and memory do not depend on pretrained we
 check trains models of exactly the experiments' shapes built from configs (run.py's `synthetic_full` presets:
 roberta-base + the 768 -> 4,271 head at seq 512, batch 8 x 4; GPT-2 124M at block 1,024, batch 12 x 5) on
 random token ids at the real vocabulary sizes (prepare_data.py's `synthetic-ids` sources). Every number comes
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file (python benchmarks/gpu_check.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 from the project's own scripts, each run in its own process: experiments/*/run.py (the results row: samples/s
 as the median over timing windows after warm-up, MFU against the measured and the datasheet peak, train and
 eval peak memory allocated and reserved, static memory by tensor), benchmarks/vs_hf_trainer.py's workers and
@@ -64,11 +71,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import torch
 
-from dtype_bench.experiments.classification import config as cls_config
-from dtype_bench.experiments.classification import data as cls_data
-from dtype_bench.benchmarks import loader
-from dtype_bench.experiments.classification import model as cls_model
-from dtype_bench.benchmarks import vs_hf_trainer
+from experiments.classification import config as cls_config
+from experiments.classification import data as cls_data
+from benchmarks import loader
+from experiments.classification import model as cls_model
+from benchmarks import vs_hf_trainer
 from dtype_bench import precision, results, runner, synthetic
 from dtype_bench.io import atomic_write_json, atomic_write_text, read_jsonl
 

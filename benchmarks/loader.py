@@ -14,9 +14,15 @@ import sys
 import time
 
 
+from pathlib import Path
+
+if not __package__:  # run as a file (python benchmarks/loader.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 import torch
 
-from dtype_bench.experiments.classification import data as data_lib
+from experiments.classification import data as data_lib
 from dtype_bench.configs import HelpFormatter
 
 TARGET_HEADROOM = 50.0
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache_dir = args.data_dir or f"data/classification/{'tiny' if args.preset == 'tiny' else 'eurlex57k'}"
     if args.preset == "tiny" and args.data_dir is None:
-        from dtype_bench.experiments.classification.prepare_data import prepare_tiny
+        from experiments.classification.prepare_data import prepare_tiny
 
         prepare_tiny(cache_dir)
     max_length = args.max_length or data_lib.read_meta(cache_dir).max_length

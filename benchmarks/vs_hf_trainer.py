@@ -51,13 +51,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if not __package__:  # run as a file (python benchmarks/vs_hf_trainer.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 import numpy as np
 import torch
 
-from dtype_bench.experiments.classification import data as data_lib
-from dtype_bench.benchmarks import loader
-from dtype_bench.experiments.classification import model as model_lib
-from dtype_bench.experiments.classification.config import PRESETS, TrainConfig
+from experiments.classification import data as data_lib
+from benchmarks import loader
+from experiments.classification import model as model_lib
+from experiments.classification.config import PRESETS, TrainConfig
 from dtype_bench import cpu, precision, runner, throughput
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import read_jsonl
@@ -201,7 +205,7 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
 
 def run_ours(run_flags: list[str], config: str, seed: int) -> dict:
     """run.py's own main in this process; its results row carries the same StepTimer summary."""
-    from dtype_bench.experiments.classification import run as classification_run
+    from experiments.classification import run as classification_run
 
     with tempfile.TemporaryDirectory() as output_dir:
         code = classification_run.main([*run_flags, "--config", config, "--seed", str(seed),
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = [side for side in SIDES if args.compare_length_grouping or side != "ours, length-grouped"]
     device = runner.pick_device(cfg.device)
     if args.preset != "full" and args.data_dir is None:
-        from dtype_bench.experiments.classification.prepare_data import prepare_preset
+        from experiments.classification.prepare_data import prepare_preset
 
         prepare_preset(args.preset, cfg.cache_dir)
 

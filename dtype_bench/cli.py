@@ -9,7 +9,7 @@
 
 The experiment defaults to classification. Every subcommand but `configs` calls the `main(argv)` of the script
 the seed's commands run (experiments/<experiment>/run.py, analysis/analyze_experiment.py, ...; installed as
-the packages dtype_bench.experiments, dtype_bench.analysis and dtype_bench.benchmarks) with the flags as
+the packages experiments, analysis and benchmarks) with the flags as
 given, so `dtype-bench run --config amp_bf16 --seed 0` and `python experiments/classification/run.py --config
 amp_bf16 --seed 0` are the same code and write the same rows. `dtype-bench <subcommand> --help` lists the flags.
 """
@@ -22,12 +22,12 @@ import sys
 
 # subcommand -> (target -> module of the script the seed's commands run); the first target is the default
 SCRIPTS: dict[str, dict[str, str]] = {
-    "prepare": {"classification": "dtype_bench.experiments.classification.prepare_data",
-                "lm": "dtype_bench.experiments.lm.prepare_data"},
-    "run": {"classification": "dtype_bench.experiments.classification.run", "lm": "dtype_bench.experiments.lm.run"},
-    "analyze": {"": "dtype_bench.analysis.analyze_experiment"},
-    "compare": {"": "dtype_bench.analysis.compare_experiments"},
-    "bench": {"trainer": "dtype_bench.benchmarks.vs_hf_trainer", "loader": "dtype_bench.benchmarks.loader"},
+    "prepare": {"classification": "experiments.classification.prepare_data",
+                "lm": "experiments.lm.prepare_data"},
+    "run": {"classification": "experiments.classification.run", "lm": "experiments.lm.run"},
+    "analyze": {"": "analysis.analyze_experiment"},
+    "compare": {"": "analysis.compare_experiments"},
+    "bench": {"trainer": "benchmarks.vs_hf_trainer", "loader": "benchmarks.loader"},
 }
 SUMMARIES = {
     "configs": "print the precision registry: dtypes, loss scaling, optimizer, what each config needs",

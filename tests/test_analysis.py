@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from dtype_bench.analysis import analyze_experiment, compare_experiments, experiment_data
+from analysis import analyze_experiment, compare_experiments, experiment_data
 from tiny_run import ENV, ROOT, small_cache, start
 
 ANALYSIS = ROOT / "analysis"
@@ -34,7 +34,7 @@ SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1", 
 
 
 def analysis_modules():
-    """analysis/ is the package dtype_bench.analysis."""
+    """analysis/ is the package analysis."""
     return (analyze_experiment, compare_experiments, experiment_data)
 
 
@@ -152,7 +152,7 @@ def test_partial_results_are_explained_and_nan_is_kept(results, analysis):
     assert f"| fp16_naive | diverged @ {diverged['diverged_at_step']} | not run |" in report
     assert "fp32_tf32_matmul** seed 0: skipped — TF32 matmuls need a CUDA GPU" in report
     assert "fp16_naive: seeds 1 not run" in report and "configs of the registry with no run:" in report
-    from dtype_bench.analysis import plots
+    from analysis import plots
     _, loss, _, _ = plots.series(analysis.exp, "fp16_naive", "loss")
     logged = [json.loads(line)["loss"] for line in
               (results["classification"] / "logs" / f"{diverged['run_id']}.jsonl").read_text().splitlines()
@@ -259,7 +259,7 @@ def draw_every_plot(exp, output_dir: Path, monkeypatch) -> dict[str, dict]:
     the figure and clear of every panel, and the panels' heights in inches."""
     output_dir.mkdir()
     _, _, experiment_data = analysis_modules()
-    from dtype_bench.analysis import plots, stats
+    from analysis import plots, stats
     measured, save = {}, plots._save
 
     def measure_then_save(fig, path):

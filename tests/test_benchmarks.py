@@ -12,9 +12,9 @@ import torch
 import tiny_run
 
 
-from dtype_bench.experiments.classification import data as data_lib
-from dtype_bench.benchmarks import vs_hf_trainer
-from dtype_bench.experiments.classification.config import TrainConfig
+from experiments.classification import data as data_lib
+from benchmarks import vs_hf_trainer
+from experiments.classification.config import TrainConfig
 from dtype_bench import precision
 
 

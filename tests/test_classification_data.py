@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 
-from dtype_bench.experiments.classification import data
+from experiments.classification import data
 
 # EUR-Lex-like spread: many short documents, a long tail cut at max_length.
 LENGTHS = np.random.default_rng(0).lognormal(mean=6.0, sigma=0.9, size=1003).astype(np.int64) + 3

@@ -29,7 +29,7 @@ def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> Path:
-    from dtype_bench.experiments.classification.prepare_data import prepare_tiny
+    from experiments.classification.prepare_data import prepare_tiny
 
     return prepare_tiny(tmp_path_factory.mktemp("cache") / "tiny")
 
@@ -151,7 +151,7 @@ def garble(meta_path: Path) -> None:
 @pytest.fixture(scope="module")
 def run_main():
     """run.py's main, called in this process (no interpreter start-up per case)."""
-    from dtype_bench.experiments.classification.run import main
+    from experiments.classification.run import main
 
     return main
 

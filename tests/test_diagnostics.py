@@ -198,7 +198,7 @@ def test_resumed_diagnostics_report_what_an_uninterrupted_run_reports(tmp_path):
 
 
 def test_group_roots_are_the_outermost_single_group_modules():
-    from dtype_bench.experiments.classification import model as model_lib
+    from experiments.classification import model as model_lib
 
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
                                       tiny_hidden=64)
@@ -244,7 +244,7 @@ def test_static_memory_counts_real_8bit_state_and_which_params_got_it():
 
 def test_fp8_converts_encoder_linears_only():
     pytest.importorskip("torchao.float8")
-    from dtype_bench.experiments.classification import model as model_lib
+    from experiments.classification import model as model_lib
 
     pc = precision.get("amp_bf16_fp8")
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,
@@ -273,8 +273,8 @@ RUN_CONFIGS = ("fp32_baseline", "bf16_naive", "bf16_no_compile", "bf16_sr_bf16_m
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """One in-process run.py per config into one output dir; returns {config: (row, step-log lines)}."""
-    from dtype_bench.experiments.classification.prepare_data import prepare_tiny
-    from dtype_bench.experiments.classification.run import main
+    from experiments.classification.prepare_data import prepare_tiny
+    from experiments.classification.run import main
 
     cache = prepare_tiny(tmp_path_factory.mktemp("cache") / "tiny")
     out = tmp_path_factory.mktemp("runs")

@@ -14,10 +14,10 @@ from dtype_bench import synthetic
 from dtype_bench.tokenization import TokenizerError, load_tokenizer
 
 
-from dtype_bench.experiments.classification import data as data_lib
-from dtype_bench.experiments.classification import model as cls_model
-from dtype_bench.experiments.classification import prepare_data
-from dtype_bench.experiments.lm import model as lm_model
+from experiments.classification import data as data_lib
+from experiments.classification import model as cls_model
+from experiments.classification import prepare_data
+from experiments.lm import model as lm_model
 
 CLASSIFICATION = tiny_run.load_config_module("classification")
 LM = tiny_run.load_config_module("lm")

@@ -13,7 +13,7 @@ import torch
 import tiny_run
 
 
-from dtype_bench.benchmarks import gpu_check
+from benchmarks import gpu_check
 from dtype_bench import precision, throughput
 from dtype_bench.memory import stored_tensors
 from transformers import RobertaConfig, RobertaModel

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 
-from dtype_bench.analysis import analyze_experiment, experiment_data, hypotheses, stats
+from analysis import analyze_experiment, experiment_data, hypotheses, stats
 
 H = {h.key: h for h in hypotheses.HYPOTHESES}
 ALPHA = 0.05

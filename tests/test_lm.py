@@ -32,8 +32,8 @@ SMALL = ["--preset", "tiny", "--n_layer", "1", "--n_head", "1", "--n_embd", "64"
 
 
 def import_lm(*names: str) -> list:
-    """experiments/lm modules (the package dtype_bench.experiments.lm)."""
-    return [importlib.import_module(f"dtype_bench.experiments.lm.{n}") for n in names]
+    """experiments/lm modules (the package experiments.lm)."""
+    return [importlib.import_module(f"experiments.lm.{n}") for n in names]
 
 
 data_lib, model_lib, prepare_data = import_lm("data", "model", "prepare_data")

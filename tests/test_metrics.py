@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, ndcg_score
 
-from dtype_bench.experiments.classification.metrics import multilabel_metrics, topk_indices
+from experiments.classification.metrics import multilabel_metrics, topk_indices
 
 D = [1.0 / math.log2(k + 1) for k in range(1, 6)]  # DCG discounts for ranks 1..5
 KEYS = {

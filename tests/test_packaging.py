@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import json
 import re
@@ -31,9 +32,10 @@ def declared(*extras: str) -> set[str]:
 
 
 def local_modules() -> set[str]:
-    """The repository's own top-level names: the package (experiments/, analysis/ and benchmarks/ are installed
-    under it) and the tests' helper modules, which pytest puts on sys.path."""
-    return {"dtype_bench", *(path.stem for path in (ROOT / "tests").glob("*.py"))}
+    """The repository's own top-level names: the packages pyproject installs (dtype_bench, experiments, analysis,
+    benchmarks) and the tests' helper modules, which pytest puts on sys.path."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    return {p.split(".")[0] for p in packages} | {path.stem for path in (ROOT / "tests").glob("*.py")}
 
 
 def third_party_imports(path: Path, *, top_level_only: bool = False) -> set[str]:
@@ -48,10 +50,15 @@ def third_party_imports(path: Path, *, top_level_only: bool = False) -> set[str]
     return found - set(sys.stdlib_module_names) - local_modules() - {"__future__"}
 
 
+@functools.cache
+def _packages_distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: once
+
+
 def distribution_of(module: str) -> str:
     """The installed distribution providing `module` (e.g. sklearn -> scikit-learn); a module that is not
     installed here is taken to be its own distribution's name."""
-    dists = importlib.metadata.packages_distributions().get(module)
+    dists = _packages_distributions().get(module)
     return canonicalize_name(dists[0] if dists else module)
 
 

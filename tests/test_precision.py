@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-from dtype_bench.experiments.classification import model as model_lib
+from experiments.classification import model as model_lib
 from dtype_bench import precision
 
 CPU = torch.device("cpu")

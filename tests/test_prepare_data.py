@@ -23,9 +23,9 @@ from dtype_bench.tokenization import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-from dtype_bench.experiments.classification import data
-from dtype_bench.experiments.classification import prepare_data
-from dtype_bench.experiments.classification.prepare_data import PrepareError, prepare
+from experiments.classification import data
+from experiments.classification import prepare_data
+from experiments.classification.prepare_data import PrepareError, prepare
 
 SMALL_BPE = "bpe:2000"
 

@@ -41,7 +41,7 @@ def test_seed_recipe_values_and_the_head_prior_is_a_tiny_only_departure():
 
 
 def test_head_without_prior_is_nn_linear_default_init_and_prior_sets_the_bias():
-    from dtype_bench.experiments.classification import model as model_lib
+    from experiments.classification import model as model_lib
     from dtype_bench import precision
 
     encoder = model_lib.build_encoder("tiny", vocab_size=100, pad_token_id=1, max_length=16, tiny_layers=1,

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from dtype_bench import precision
-from dtype_bench.analysis import analyze_experiment
+from analysis import analyze_experiment
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 SEEDS = (0, 1, 2)  # the verdicts need 3 runs per config

@@ -188,7 +188,7 @@ def test_cpu_training_and_evaluation_peaks_are_separate():
 
 
 def test_slow_evaluation_in_run_py_is_outside_every_timing_window(tmp_path, monkeypatch):
-    from dtype_bench.experiments.classification import run as classification_run
+    from experiments.classification import run as classification_run
 
     sleep_s, evaluations = 1.5, []
     real_evaluate = classification_run.evaluate

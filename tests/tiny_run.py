@@ -23,7 +23,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def small_cache(directory: Path) -> Path:
-    from dtype_bench.experiments.classification.prepare_data import prepare
+    from experiments.classification.prepare_data import prepare
 
     return prepare("synthetic", directory, tokenizer="bpe:1000", max_length=64, synthetic_docs=600,
                    synthetic_labels=300)
@@ -97,8 +97,8 @@ def parse_config(module, argv: list[str]):
 
 
 def load_config_module(experiment: str):
-    """experiments/<experiment>/config.py (the package dtype_bench.experiments.<experiment>)."""
-    return importlib.import_module(f"dtype_bench.experiments.{experiment}.config")
+    """experiments/<experiment>/config.py (the package experiments.<experiment>)."""
+    return importlib.import_module(f"experiments.{experiment}.config")
 
 
 def assert_mfu_is_per_device(one: dict, two: dict) -> None:

@@ -34,12 +34,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+if not __package__:  # run as a file (python experiments/classification/prepare_data.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from dtype_bench.experiments.classification.data import ARRAYS, CACHE_FORMAT_VERSION
-from dtype_bench.experiments.classification.sources import (
+from experiments.classification.data import ARRAYS, CACHE_FORMAT_VERSION
+from experiments.classification.sources import (
     DEFAULT_ZONES, TOKEN_ID_SOURCES, ZONES, Document, InputLimits, PrepareError, Splits, open_source,
 )
 from dtype_bench import synthetic

@@ -9,14 +9,20 @@ Reads top to bottom: parse -> data -> model under the precision config -> train 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+if not __package__:  # run as a file (python experiments/classification/run.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from dtype_bench.experiments.classification import data as data_lib
-from dtype_bench.experiments.classification import metrics as metrics_lib
-from dtype_bench.experiments.classification import model as model_lib
-from dtype_bench.experiments.classification.config import PRESETS, TrainConfig
+from experiments.classification import data as data_lib
+from experiments.classification import metrics as metrics_lib
+from experiments.classification import model as model_lib
+from experiments.classification.config import PRESETS, TrainConfig
 from dtype_bench import distributed, flops, loop, precision, results, runner
 from dtype_bench.runner import UserError
 
@@ -25,7 +31,7 @@ EXPERIMENT = "classification"
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
     """The prepared cache; the offline presets build their synthetic one on first use (seconds)."""
     if cfg.preset != "full" and cfg.data_dir is None:
-        from dtype_bench.experiments.classification.prepare_data import prepare_preset
+        from experiments.classification.prepare_data import prepare_preset
 
         prepare_preset(cfg.preset, cfg.cache_dir)
     try:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from dtype_bench import synthetic
 from dtype_bench.configs import field_docs
-from dtype_bench.experiments.classification.data import SPLITS
+from experiments.classification.data import SPLITS
 from dtype_bench.io import atomic_write_text, sha256_file
 from dtype_bench.tokenization import parse_words_spec
 

@@ -32,11 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+if not __package__:  # run as a file (python experiments/lm/prepare_data.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from dtype_bench.experiments.lm.data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, bin_path
+from experiments.lm.data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, bin_path
 from dtype_bench import synthetic
 from dtype_bench.io import (
     CACHE_MARKER, FolderRefused, atomic_write_json, building_cache, claim_folder, fingerprint, sha256_file,

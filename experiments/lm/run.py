@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
+if not __package__:  # run as a file (python experiments/lm/run.py): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
+
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from dtype_bench.experiments.lm import data as data_lib
-from dtype_bench.experiments.lm import model as model_lib
-from dtype_bench.experiments.lm.config import PRESETS, TrainConfig
+from experiments.lm import data as data_lib
+from experiments.lm import model as model_lib
+from experiments.lm.config import PRESETS, TrainConfig
 from dtype_bench import distributed, flops, loop, precision, runner
 from dtype_bench.runner import UserError
 
@@ -28,7 +34,7 @@ METRICS = ("tokens_per_second", "samples_per_second", "peak_memory_gb", "val_los
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
     """The prepared token streams; the offline presets build their synthetic ones on first use (seconds)."""
     if cfg.preset != "full" and cfg.data_dir is None:
-        from dtype_bench.experiments.lm.prepare_data import prepare_preset
+        from experiments.lm.prepare_data import prepare_preset
 
         prepare_preset(cfg.preset, cfg.cache_dir)
     try:
