@@ -42,6 +42,7 @@ from dtype_bench.io import (
 
 FORMAT_VERSION = 2  # 2: RunState progress with the diagnostics' state
 MODEL_FILE, STATE_FILE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
+BEST_DIR = re.compile(r"best-step\d+")  # the only names `best_dir` may take: a folder inside the run's own
 
 
 class CheckpointError(RuntimeError):
@@ -101,7 +102,12 @@ def _write(directory: Path, manifest: dict, files: dict[str, Any]) -> None:
 
 
 def _verified_manifest(directory: Path, identity: dict) -> dict:
-    """The manifest of `directory` once every file matches it and its identity matches ours."""
+    """The manifest of `directory` once every file matches it and its identity matches ours. A checkpoint is
+    read only from the run's own folder: a symbolic link in its place, or a manifest naming a file outside it,
+    is refused."""
+    if directory.is_symlink():
+        raise CheckpointError(f"checkpoint {directory} is a symbolic link: refused (a checkpoint is read only from "
+                              "the run's own folder); remove the link or pass --fresh")
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         files = manifest["files"]
@@ -185,6 +191,8 @@ class RunCheckpoints:
 
     def load_best(self, name: str) -> None:
         """Load the best weights `name` (from `progress`) into the model, verified first."""
+        if not BEST_DIR.fullmatch(name):
+            raise CheckpointError(f"{name!r} is not a best-step folder of this run: refused")
         directory = self.directory / name
         _verified_manifest(directory, self.identity)
         self.model.load_state_dict(_read_model(directory, self.model), strict=False)
@@ -225,6 +233,9 @@ class RunCheckpoints:
         _check_optimizer_fits(optimizer, state["optimizer"], directory)
         best_dir = state["best_dir"]
         if best_dir is not None:
+            if not isinstance(best_dir, str) or not BEST_DIR.fullmatch(best_dir):
+                raise CheckpointError(f"checkpoint {directory} names {best_dir!r} as its best weights, which is not "
+                                      "a best-step folder of this run: refused; pass --fresh")
             _verified_manifest(self.directory / best_dir, self.identity)
         self.model.load_state_dict(tensors, strict=False)  # completeness checked in _read_model
         groups = optimizer.param_groups
@@ -241,5 +252,5 @@ class RunCheckpoints:
     def _remove_unreferenced_best(self, keep: str | None) -> None:
         """A best-step dir newer than `last` (killed in between) or superseded is not part of any resume."""
         for path in self.directory.glob("best-step*"):
-            if re.fullmatch(r"best-step\d+", path.name) and path.name != keep:
+            if BEST_DIR.fullmatch(path.name) and path.name != keep and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

@@ -10,6 +10,7 @@ which accepts only an absent path, an empty folder, or a folder holding the proj
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -20,7 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from filelock import FileLock
 
@@ -86,6 +87,27 @@ def claim_folder(path: str | Path, marker: str, key: str) -> Path:
     return real
 
 
+def open_no_link(path: str | Path, flags: int, mode: int = 0o666) -> int:
+    """`os.open` that refuses a symbolic link at `path` (FolderRefused, one line) instead of writing through
+    it: a link in one of our folders may point at a file that is not ours. Returns the file descriptor."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FolderRefused(f"{path} is a symbolic link: refusing to write through it (it may point at a file "
+                                "that is not dtype-bench's); remove the link") from None
+        raise
+
+
+def lock(path: str | Path) -> FileLock:
+    """A FileLock at `path`, refused (FolderRefused) if `path` is a symbolic link: filelock opens its file
+    with O_TRUNC, which would empty whatever the link points at."""
+    if os.path.islink(path):
+        raise FolderRefused(f"{path} is a symbolic link: refusing to use it as a lock file (locking truncates "
+                            "it); remove the link")
+    return FileLock(str(path))
+
+
 def own_folder(path: str | Path, marker: str, record: dict) -> Path:
     """`claim_folder` for a folder written in place (an analysis): create it if need be and write `marker`
     (`record`, whose first key is the one claim_folder looks for) so that the next run may write it again."""
@@ -97,28 +119,50 @@ def own_folder(path: str | Path, marker: str, record: dict) -> Path:
 
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]*")
+LEFTOVER_MARKER = ".dtype-bench-leftover.json"  # inside every folder `atomic_directory` may leave behind
+
+
+def _mark_leftover(folder: Path, purpose: str, name: str | None = None) -> None:
+    """Say inside `folder` that it is ours under the name `name` (default: its own; the name it is about to be
+    renamed to), for `purpose`, the process writing it: what a kill would leave it as."""
+    atomic_write_json(folder / LEFTOVER_MARKER, {"dtype_bench_leftover": name or folder.name, "purpose": purpose,
+                                                 "pid": os.getpid()})
+
+
+def _is_our_leftover(folder: Path) -> bool:
+    """Did `atomic_directory` leave `folder` under this very name? Only a folder whose marker names it does: a
+    user's `.x.old-mybackup`, or a copy of one of ours under another name, does not."""
+    try:
+        marker = json.loads((folder / LEFTOVER_MARKER).read_text(encoding="utf-8"))
+        return isinstance(marker, dict) and marker.get("dtype_bench_leftover") == folder.name
+    except (OSError, ValueError):
+        return False
 
 
 def recover_interrupted_writes(parent: str | Path, names: str) -> list[str]:
     """Finish what a killed `atomic_directory` left in `parent` for folders whose names match the glob `names`,
     and say what was done. A kill between the swap's two renames leaves the previous folder under its
     `.old-` name and none under its own: it is put back. Temporary folders (`.tmp-`, possibly gigabytes) and
-    superseded `.old-` ones are removed. Call it only while no other process writes those folders."""
+    superseded `.old-` ones are removed. Only folders that carry our marker under their own name are touched
+    (a user's folder with a look-alike name is left as it is). Call it only while no other process writes
+    those folders."""
     parent, done = Path(parent), []
     if not parent.is_dir():
         return done
     leftovers = sorted((p for p in parent.iterdir() if (m := _LEFTOVER.fullmatch(p.name))
-                        and fnmatch.fnmatchcase(m["name"], names)), key=lambda p: p.stat().st_mtime)
+                        and fnmatch.fnmatchcase(m["name"], names) and not p.is_symlink() and p.is_dir()
+                        and _is_our_leftover(p)), key=lambda p: p.stat().st_mtime)
     for path in reversed(leftovers):  # the newest previous folder is the one to put back
         match = _LEFTOVER.fullmatch(path.name)
         final = parent / match["name"]
-        if match["kind"] == "old" and not final.exists():
+        if match["kind"] == "old" and not final.exists() and not final.is_symlink():
             os.replace(path, final)
+            (final / LEFTOVER_MARKER).unlink()
             fsync_dir(parent)
             done.append(f"restored {final} from {path.name} (a write was killed between its two renames)")
         else:
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
-            shutil.rmtree(path, ignore_errors=True)
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path)
             done.append(f"removed {path} ({size:,} bytes) left by an interrupted write")
     return done
 
@@ -169,14 +213,17 @@ def atomic_directory(final: str | Path, marker: str, key: str) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
+        _mark_leftover(tmp, f"a temporary build of {final.name}")
         yield tmp
         fsync_tree(tmp)
         old = None
         if final.exists() and any(final.iterdir()):  # rename replaces an empty folder by itself
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            _mark_leftover(final, f"the previous {final.name}, being replaced", old.name)
             os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(final.parent)
+        (final / LEFTOVER_MARKER).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -200,27 +247,30 @@ def json_dumps(obj: Any, **kwargs: Any) -> str:
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one JSON line under a file lock, fsynced: concurrent writers never interleave, a kill at any
     moment leaves at most one incomplete *last* line, which `read_jsonl` reports, and a failed write (a
-    full disk) is undone, leaving the file as it was."""
+    full disk) is undone, leaving the file byte-identical. The line goes out in unbuffered writes (nothing is
+    flushed again after the undo); a symbolic link at `path` is refused, never written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json_dumps(row) + "\n"
-    with FileLock(str(path) + ".lock"):
+    line = (json_dumps(row) + "\n").encode("utf-8")
+    with lock(str(path) + ".lock"):
         created = not path.exists()
-        with open(path, "a+b") as f:  # writes go to the end (O_APPEND) wherever we read
-            size = f.seek(0, os.SEEK_END)
-            if size > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    # A writer killed mid-line left a torn last line: end it, so it stays one reported
-                    # malformed line instead of swallowing this row.
-                    line = "\n" + line
+        fd = open_no_link(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        try:
+            size = os.fstat(fd).st_size
+            if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+                # A writer killed mid-line left a torn last line: end it, so it stays one reported
+                # malformed line instead of swallowing this row.
+                line = b"\n" + line
             try:
-                f.write(line.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
             except OSError:
-                os.ftruncate(f.fileno(), size)
+                os.ftruncate(fd, size)
                 raise
+        finally:
+            os.close(fd)
         if created:
             fsync_dir(path.parent)
 
@@ -229,9 +279,11 @@ class MalformedLine(ValueError):
     pass
 
 
-def read_jsonl(path: str | Path, *, strict: bool = False) -> tuple[list[dict], list[str]]:
-    """Read a JSONL file. Returns (rows, problems): each malformed line is named in `problems`
-    (file and line number) rather than dropped silently; with strict=True the first one raises."""
+def read_jsonl(path: str | Path, *, strict: bool = False,
+               validate: Callable[[dict], str | None] | None = None) -> tuple[list[dict], list[str]]:
+    """Read a JSONL file. Returns (rows, problems): each malformed line (not JSON, not an object, nested too
+    deep to parse, or refused by `validate`, which returns what is wrong with a row or None) is named in
+    `problems` (file and line number) rather than dropped silently; with strict=True the first one raises."""
     path = Path(path)
     rows: list[dict] = []
     problems: list[str] = []
@@ -246,8 +298,10 @@ def read_jsonl(path: str | Path, *, strict: bool = False) -> tuple[list[dict], l
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("not a JSON object")
-            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
-                msg = f"{path}:{lineno}: malformed line ({e}): {raw[:80]!r}"
+                if validate is not None and (problem := validate(obj)):
+                    raise ValueError(problem)
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
+                msg = f"{path}:{lineno}: malformed line ({str(e)[:200] or type(e).__name__}): {raw[:80]!r}"
                 if strict:
                     raise MalformedLine(msg) from e
                 problems.append(msg)
@@ -268,21 +322,29 @@ def file_checksums(directory: Path, names: Iterable[str] | None = None) -> dict[
     """{name: {"bytes", "sha256"}} of the files `names` in `directory` (default: every file under it, by
     relative path), recorded when they are written so that a reader can tell a damaged file."""
     if names is None:
-        names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+        names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                       if p.is_file() and p.name != LEFTOVER_MARKER)
     return {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
             for name in names}
 
 
-def damaged_file(directory: Path, checksums: dict[str, dict], *, hashes: bool = True) -> str | None:
-    """The first file of `checksums` that is missing or differs from its record (`hashes=False`: compare
-    sizes only, which is instant), as "name (why)"; None if all match."""
+def _inside(path: Path, directory: Path) -> bool:
+    """`path` names a file under `directory` without a symbolic link or `..` leading out of it."""
+    return not path.is_symlink() and path.resolve().is_relative_to(directory.resolve())
+
+
+def damaged_file(directory: Path, checksums: dict[str, dict]) -> str | None:
+    """The first file of `checksums` that is outside `directory`, missing, or differs from its recorded size or
+    SHA-256, as "name (why)"; None if all match."""
     for name, expected in checksums.items():
         path = directory / name
+        if not _inside(path, directory):
+            return f"{name} (outside {directory}: refused)"
         if not path.is_file():
             return f"{name} (missing)"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} ({path.stat().st_size:,} bytes, {expected['bytes']:,} recorded)"
-        if hashes and sha256_file(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             return f"{name} (SHA-256 differs from the recorded one)"
     return None
 
@@ -322,12 +384,25 @@ def read_cache_meta(data_dir: Path, format_version: int) -> dict:
     return meta
 
 
-def check_cache_files(data_dir: Path, meta: dict, *, hashes: bool = False) -> None:
-    """Refuse (CacheError) a cache whose files differ from the sizes (and, with `hashes`, the SHA-256)
-    recorded in its meta.json when it was written: a damaged cache is never used."""
-    damaged = damaged_file(data_dir, meta.get("files", {}), hashes=hashes)
+_VERIFIED_CACHES: set[tuple] = set()  # caches this process hashed, by folder, recorded checksums and file stats
+
+
+def check_cache_files(data_dir: Path, meta: dict) -> None:
+    """Refuse (CacheError) a cache whose files differ from the sizes and SHA-256 recorded in its meta.json when
+    it was written (a file overwritten in place with its size unchanged included): a damaged cache is never
+    used. Each cache is hashed once per process (seconds for EURLEX57K); a file changed since is hashed again."""
+    files = meta.get("files", {})
+    try:
+        stats = tuple((name, (data_dir / name).stat().st_size, (data_dir / name).stat().st_mtime_ns) for name in files)
+    except OSError:
+        stats = None  # a missing file: damaged_file names it
+    key = (str(Path(data_dir).resolve()), json.dumps(files, sort_keys=True), stats)
+    if stats is not None and key in _VERIFIED_CACHES:
+        return
+    damaged = damaged_file(data_dir, files)
     if damaged:
         raise CacheError(f"cache {data_dir} is damaged: {damaged}")
+    _VERIFIED_CACHES.add(key)
 
 
 def check_cache_unchanged(data_dir: Path, fingerprint: str) -> None:
@@ -356,13 +431,13 @@ def building_cache(output_dir: Path, cache_fingerprint: str, format_version: int
     checksums of the other files are added to it here."""
     output_dir = claim_folder(output_dir, CACHE_MARKER, "fingerprint")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
+    with lock(output_dir.parent / f".{output_dir.name}.lock"):
         for done in recover_interrupted_writes(output_dir.parent, glob.escape(output_dir.name)):
             print(done)
         if not force and (output_dir / CACHE_MARKER).exists():
             try:
                 meta = read_cache_meta(output_dir, format_version)
-                check_cache_files(output_dir, meta, hashes=True)
+                check_cache_files(output_dir, meta)
                 reusable = meta["fingerprint"] == cache_fingerprint
             except (CacheError, KeyError) as e:
                 print(f"note: {e}: rebuilding it")

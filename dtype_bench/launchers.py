@@ -42,6 +42,18 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slurm_qos", help="Slurm QOS (default: none)")
 
 
+POSITIVE_FLAGS = ("slurm_gpus_per_node", "slurm_cpus_per_task", "slurm_time_min", "slurm_mem_gb",
+                  "slurm_array_parallelism")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse (ValueError, one line) launcher resources that no cluster could grant."""
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0 and not (name == "slurm_gpus_per_node" and value == 0):
+            raise ValueError(f"--{name} must be positive, got {value}")
+
+
 class RunJob:
     """One run as a submitit job: the run's command in a child process. Checkpointable: on submitit's
     preemption/timeout signal the run is told to stop (SIGTERM: it checkpoints), then the job is requeued with

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import IO, Iterable
@@ -17,10 +18,9 @@ from typing import IO, Iterable
 import numpy as np
 import torch
 
-from filelock import FileLock
-
 from dtype_bench.io import (
-    append_jsonl, atomic_directory, atomic_write_json, claim_folder, fsync_dir, json_dumps, read_jsonl,
+    append_jsonl, atomic_directory, atomic_write_json, claim_folder, fsync_dir, json_dumps, lock, open_no_link,
+    read_jsonl,
 )
 
 STATUSES = ("completed", "diverged", "skipped", "failed")
@@ -48,7 +48,7 @@ def claim_output_dir(output_dir: str | Path, setup_fingerprint: str, setup: dict
     output_dir = Path(output_dir)
     claim_folder(output_dir, SETUP_FILE, "fingerprint")  # before creating the lock's folder
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(output_dir.parent / f".{output_dir.name}.setup.lock")):
+    with lock(output_dir.parent / f".{output_dir.name}.setup.lock"):
         claim_folder(output_dir, SETUP_FILE, "fingerprint")
         marker = output_dir / SETUP_FILE
         if not marker.exists():  # absent or empty: it appears with its setup.json, never half-claimed
@@ -106,9 +106,33 @@ def latest_per_run(rows: Iterable[dict]) -> dict[str, dict]:
     return {row["run_id"]: row for row in rows if "run_id" in row}
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")  # names a step log and a checkpoint folder: never a path
+ROW_TYPES = {"run_id": str, "status": str, "experiment": str, "config": str, "seed": int, "setup_fingerprint": str,
+             "steps": int, "precision": dict, "train_config": dict, "env": dict, "error": str, "reason": str}
+REQUIRED = ("run_id", "status")
+
+
+def row_problem(row: dict) -> str | None:
+    """What makes a results row unusable (a missing or wrong-typed field, a run id that is not a plain name, an
+    unknown status), or None: such a row is reported as a malformed line, never read."""
+    for key in REQUIRED:
+        if key not in row:
+            return f"no {key}"
+    for key, kind in ROW_TYPES.items():
+        value = row.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            return f"{key} is {type(value).__name__}, not {kind.__name__}"
+    if not RUN_ID.fullmatch(row["run_id"]):
+        return f"run_id {row['run_id'][:60]!r} is not a plain name of at most 200 letters, digits and _.+-"
+    if row["status"] not in STATUSES:
+        return f"status {row['status'][:40]!r} is not one of {', '.join(STATUSES)}"
+    return None
+
+
 def read_results(output_dir: str | Path) -> tuple[list[dict], list[str]]:
-    """All rows, and a list of problems (malformed lines with file:line) that callers must surface."""
-    return read_jsonl(Path(output_dir) / "results.jsonl")
+    """All valid rows, and a list of problems (malformed or invalid lines with file:line) that callers must
+    surface."""
+    return read_jsonl(Path(output_dir) / "results.jsonl", validate=row_problem)
 
 
 class StepLog:
@@ -122,12 +146,18 @@ class StepLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_at is not None:
-            size = self.path.stat().st_size if self.path.exists() else 0
-            if size < resume_at:
-                raise ValueError(f"step log {self.path} has {size} bytes, fewer than the {resume_at} its "
-                                 "checkpoint recorded; pass --fresh to start over")
-            os.truncate(self.path, resume_at)
-        self._file: IO[str] = open(self.path, "a" if append or resume_at is not None else "w", encoding="utf-8")
+            fd = open_no_link(self.path, os.O_RDWR | os.O_CREAT)
+            try:
+                size = os.fstat(fd).st_size
+                if size < resume_at:
+                    raise ValueError(f"step log {self.path} has {size} bytes, fewer than the {resume_at} its "
+                                     "checkpoint recorded; pass --fresh to start over")
+                os.ftruncate(fd, resume_at)
+            finally:
+                os.close(fd)
+        keep = append or resume_at is not None
+        fd = open_no_link(self.path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if keep else os.O_TRUNC))
+        self._file: IO[str] = open(fd, "a" if keep else "w", encoding="utf-8")
         self.views = list(views)
         first_step = None
         if self.views and (append or resume_at is not None):

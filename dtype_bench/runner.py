@@ -74,8 +74,13 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
         args.config_names = precision.resolve_names(args.config)
     except (ValueError, precision.UnknownConfig) as e:
         raise UserError(str(e)) from e
-    if args.seeds <= 0 or args.seed < 0:
-        raise UserError(f"--seeds must be positive and --seed >= 0, got {args.seeds} and {args.seed}")
+    if not 0 < args.seeds <= sweep.MAX_SEEDS or not 0 <= args.seed or args.seed + args.seeds > 2**32:
+        raise UserError(f"--seeds must be 1..{sweep.MAX_SEEDS} and the seeds within 0..2^32-1 (NumPy's seed range), "
+                        f"got --seed {args.seed} --seeds {args.seeds}")
+    try:
+        launchers.check_flags(args)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     return args, cfg
 
 
@@ -95,9 +100,10 @@ def run_single(experiment: str, config_name: str, seed: int, cfg: Any, device: t
                retry_failed: bool = False) -> int:
     """Train one (config, seed) here unless it is done or another process is training it (sweep.run_gate);
     it resumes from its checkpoint if it has one, unless `fresh`."""
-    rid = results.run_id(experiment, precision.get(config_name).name, seed, setup_fp)
-    with sweep.run_gate(cfg.output_dir, setup_fp, rid, retry_failed=retry_failed, fresh=fresh,
-                        world=world) as exit_code:
+    pc = precision.get(config_name)
+    rid = results.run_id(experiment, pc.name, seed, setup_fp)
+    with sweep.run_gate(cfg.output_dir, setup_fp, rid, retry_failed=retry_failed, fresh=fresh, world=world,
+                        skip_reason=cpu.skip_reason(pc, device, cfg.max_cpu_slowdown)) as exit_code:
         if exit_code is not None:
             return exit_code
         if world.is_main:  # the run's lock is held: nobody else writes its checkpoints
@@ -195,12 +201,16 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
                               world=world, fresh=args.fresh, retry_failed=args.retry_failed)
         finally:
             distributed.shutdown()
+    def skip_reason(config: str) -> str | None:  # decided here as each run would (a launcher's node may differ)
+        return cpu.skip_reason(precision.get(config), device, cfg.max_cpu_slowdown)
+
     passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv,
                                     ("--config", "--seed", "--seeds", "--launcher", *launchers.SLURM_FLAGS))
     if args.launcher != "local":  # each job picks the threads of the node it lands on
         return sweep.launch_sweep(args, str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp,
-                                  experiment, retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)
+                                  experiment, skip_reason=skip_reason, retry_failed=args.retry_failed,
+                                  fresh=args.fresh, metrics=metrics)
     if threads and not cfg.threads:  # decided once: every run of the sweep is timed with the same threads
         passthrough += ["--threads", str(threads)]
     return sweep.run_sweep(str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp, experiment,
-                           retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)
+                           skip_reason=skip_reason, retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)

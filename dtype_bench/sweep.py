@@ -2,11 +2,14 @@
 
 A separate process per run is what makes the numbers honest and the sweep robust: peak RSS on CPU is a
 per-process high-water mark, TF32 flags / compile caches / allocator state cannot leak between configs,
-and a run that raises, runs out of memory or is killed is recorded as `failed` while the sweep goes on.
+and a run that raises is recorded as `failed` while the sweep goes on; one killed by a signal (SIGKILL, the
+OOM killer) is interrupted: it has no row, and the same command resumes it from its checkpoint.
 
 Re-running the same sweep command continues it. For each (config, seed) the newest row in results.jsonl
-decides (`needs_run`): completed, diverged and skipped runs are done; failed ones run again only with
-`--retry-failed`; runs without a row (never started, or interrupted) run, and resume from their checkpoint.
+decides (`needs_run`): completed and diverged runs are done; skipped ones are done while their reason still
+applies (a config skipped under `--max_cpu_slowdown 4` runs under `--max_cpu_slowdown none`); failed ones run
+again only with `--retry-failed`; runs without a row (never started, or interrupted) run, and resume from
+their checkpoint.
 `--fresh` starts every selected run over (old rows stay in results.jsonl; the newest row of a run counts).
 
 Splitting a sweep over machines or GPUs needs no scheduler: `--list-runs` prints the grid, one
@@ -25,13 +28,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
 from dtype_bench.distributed import World, broadcast_from_main
+from dtype_bench.io import lock
 from dtype_bench.results import SEED_METRICS, append_result, latest_per_run, mean_std, read_results, run_id
 
+MAX_SEEDS = 1000  # seeds of one sweep: far above any paired comparison's need, far below a grid that fills memory
 EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the run's lock; nothing was done
 DONE_STATUSES = ("completed", "diverged", "skipped")
 
@@ -83,13 +88,19 @@ def list_runs(runs: list[RunSpec]) -> str:
     return "\n".join(" ".join(spec.flags()) for spec in runs)
 
 
-def needs_run(newest_row: dict | None, *, retry_failed: bool, fresh: bool) -> bool:
+def needs_run(newest_row: dict | None, *, retry_failed: bool, fresh: bool, skip_reason: str | None) -> bool:
+    """Whether a run with this newest row trains now; `skip_reason`: why its config would be skipped here now
+    (cpu.skip_reason), None if it would train."""
     if newest_row is None or fresh:
         return True
+    if newest_row["status"] == "skipped":
+        return skip_reason is None
     return newest_row["status"] == "failed" and retry_failed
 
 
-def why_not(newest_row: dict) -> str:
+def why_not(newest_row: dict, skip_reason: str | None) -> str:
+    if newest_row["status"] == "skipped":
+        return f"still skipped ({skip_reason})"
     detail = newest_row.get("error") or newest_row.get("reason") or ""
     hint = "; pass --retry-failed to run it again" if newest_row["status"] == "failed" else ""
     return f"already {newest_row['status']}{f' ({detail})' if detail else ''}{hint}"
@@ -106,7 +117,7 @@ def setup_rows(output_dir: str | Path, setup_fingerprint: str) -> list[dict]:
 def _lock(output_dir: str | Path, rid: str) -> FileLock:
     path = Path(output_dir) / "locks" / f"{rid}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path))
+    return lock(path)
 
 
 @contextlib.contextmanager
@@ -131,10 +142,10 @@ def is_claimed(output_dir: str | Path, rid: str) -> bool:
 
 @contextlib.contextmanager
 def run_gate(output_dir: str | Path, setup_fingerprint: str, rid: str, *, retry_failed: bool, fresh: bool,
-             world: World) -> Iterator[int | None]:
-    """Whether this process trains run `rid`: yields None to train it (holding its lock for the block), or
-    the exit code to return at once: EXIT_BUSY if another process holds the lock, 0 (1 if it failed) if its
-    newest row says it is done. Rank 0 decides for every rank."""
+             world: World, skip_reason: str | None) -> Iterator[int | None]:
+    """Whether this process trains (or records as skipped) run `rid`: yields None to do it (holding its lock
+    for the block), or the exit code to return at once: EXIT_BUSY if another process holds the lock, 0 (1 if
+    it failed) if its newest row says it is done (`needs_run`). Rank 0 decides for every rank."""
     with claim_run(output_dir, rid) if world.is_main else contextlib.nullcontext(True) as claimed:
         verdict = -1  # train
         if world.is_main:
@@ -142,8 +153,9 @@ def run_gate(output_dir: str | Path, setup_fingerprint: str, rid: str, *, retry_
             if not claimed:
                 print(f"{rid}: running in another process (its lock is held); nothing to do")
                 verdict = EXIT_BUSY
-            elif not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh):
-                print(f"{rid}: {why_not(rows[-1])}")
+            elif not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh,
+                               skip_reason=skip_reason):
+                print(f"{rid}: {why_not(rows[-1], skip_reason)}")
                 verdict = int(rows[-1]["status"] == "failed")
         verdict = broadcast_from_main(verdict)
         yield None if verdict == -1 else verdict
@@ -169,18 +181,21 @@ def _run_child(command: list[str]) -> tuple[int, int | None]:
 
 
 def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_dir: str | Path,
-              setup_fingerprint: str, experiment: str, *, retry_failed: bool = False, fresh: bool = False,
-              metrics: tuple[str, ...] = SEED_METRICS) -> int:
-    """Run each spec that `needs_run` as `python script <passthrough> --config C --seed S`; print the table;
-    return the exit code (1 if any run of the grid is failed, 128 + signal if interrupted)."""
+              setup_fingerprint: str, experiment: str, *, skip_reason: Callable[[str], str | None],
+              retry_failed: bool = False, fresh: bool = False, metrics: tuple[str, ...] = SEED_METRICS) -> int:
+    """Run each spec that `needs_run` as `python script <passthrough> --config C --seed S` (`skip_reason`: why a
+    config would be skipped here now); print the table; return the exit code (1 if any run of the grid failed
+    or was killed, 128 + signal if the sweep itself was interrupted)."""
     busy: list[str] = []
+    killed: dict[str, int] = {}
     for i, spec in enumerate(runs, 1):
         rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
         rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
         before = rows[-1] if rows else None
         where = f"[{i}/{len(runs)}] {spec.config} seed {spec.seed}"
-        if not needs_run(before, retry_failed=retry_failed, fresh=fresh):
-            print(f"{where}: {why_not(before)}, skipping")
+        reason = skip_reason(spec.config)
+        if not needs_run(before, retry_failed=retry_failed, fresh=fresh, skip_reason=reason):
+            print(f"{where}: {why_not(before, reason)}, skipping")
             continue
         if is_claimed(output_dir, rid):
             print(f"{where}: running in another process, skipping")
@@ -193,15 +208,19 @@ def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_d
             return 128 + interrupted
         if returncode == EXIT_BUSY:
             busy.append(rid)
-            continue
-        record_silent_exit(output_dir, setup_fingerprint, experiment, spec, len(rows), returncode)
-    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics)
+        elif returncode < 0:
+            killed[rid] = -returncode
+            print(f"{rid}: killed by {signal.Signals(-returncode).name}; run the same command again to resume it",
+                  file=sys.stderr)
+        else:
+            record_silent_exit(output_dir, setup_fingerprint, experiment, spec, len(rows), returncode)
+    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics, killed)
 
 
 def record_silent_exit(output_dir: str | Path, setup_fingerprint: str, experiment: str, spec: RunSpec,
                        rows_before: int, returncode: int) -> None:
-    """A run process that ended without appending a row (killed, crashed before its handler) gets a `failed`
-    row saying so."""
+    """A run process that exited with an error code without appending a row (it crashed before its handler)
+    gets a `failed` row saying so. A process killed by a signal gets none: it was interrupted, not failed."""
     rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
     if sum(r.get("run_id") == rid for r in setup_rows(output_dir, setup_fingerprint)) == rows_before:
         append_result(output_dir, {
@@ -247,23 +266,28 @@ def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
 
 
 def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str, runs: list[RunSpec],
-                busy: list[str], metrics: tuple[str, ...]) -> int:
-    """Print the grid's newest rows as a table; the sweep's exit code (1 if any run of the grid failed)."""
+                busy: list[str], metrics: tuple[str, ...], killed: dict[str, int] | None = None) -> int:
+    """Print the grid's newest rows as a table; the sweep's exit code (1 if any run of the grid failed or was
+    killed: `killed`, run id -> signal)."""
     newest = latest_per_run(setup_rows(output_dir, setup_fingerprint))
     grid_rows = [newest[r] for r in (run_id(experiment, s.config, s.seed, setup_fingerprint) for s in runs)
                  if r in newest]
     print("\n" + seed_summary_table(grid_rows, metrics))
     if busy:
         print(f"\n{len(busy)} run(s) were running in another process: {', '.join(busy)}")
+    if killed:
+        print(f"\n{len(killed)} run(s) were killed by a signal: {', '.join(killed)} (interrupted, not failed: the "
+              "same command resumes them from their checkpoints)", file=sys.stderr)
     failed = [r["run_id"] for r in grid_rows if r["status"] == "failed"]
     if failed:
         print(f"\n{len(failed)} run(s) failed: {', '.join(failed)} (--retry-failed runs them again)", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or killed else 0
 
 
 def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunSpec], passthrough: list[str],
-                 output_dir: str | Path, setup_fingerprint: str, experiment: str, *, retry_failed: bool = False,
-                 fresh: bool = False, metrics: tuple[str, ...] = SEED_METRICS) -> int:
+                 output_dir: str | Path, setup_fingerprint: str, experiment: str, *,
+                 skip_reason: Callable[[str], str | None], retry_failed: bool = False, fresh: bool = False,
+                 metrics: tuple[str, ...] = SEED_METRICS) -> int:
     """The runs that `needs_run` as jobs of another launcher (dtype_bench.launchers), each running
     `python script <passthrough> --config C --seed S` as the local launcher's children do."""
     from dtype_bench import launchers
@@ -272,8 +296,9 @@ def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunS
     for spec in runs:
         rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
         rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
-        if not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh):
-            print(f"{spec.config} seed {spec.seed}: {why_not(rows[-1])}, not submitted")
+        reason = skip_reason(spec.config)
+        if not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh, skip_reason=reason):
+            print(f"{spec.config} seed {spec.seed}: {why_not(rows[-1], reason)}, not submitted")
         else:
             pending[rid] = (spec, len(rows))
     commands = {rid: [sys.executable, script, *passthrough, *spec.flags()] for rid, (spec, _) in pending.items()}
@@ -281,7 +306,8 @@ def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunS
     if launcher_args.launcher == "slurm":
         return 0
     busy = [rid for rid, code in codes.items() if code == EXIT_BUSY]
+    killed = {rid: -code for rid, code in codes.items() if code < 0}
     for rid, code in codes.items():
-        if code != EXIT_BUSY:
+        if code != EXIT_BUSY and code >= 0:
             record_silent_exit(output_dir, setup_fingerprint, experiment, pending[rid][0], pending[rid][1], code)
-    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics)
+    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics, killed)

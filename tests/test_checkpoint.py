@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import tiny_run
+from interrupt import killed_at_rename
 from dtype_bench import checkpoint, precision
 from dtype_bench.io import FolderRefused, recover_interrupted_writes, sha256_file
 
@@ -255,22 +256,33 @@ def test_a_last_folder_that_is_not_a_checkpoint_is_refused_not_replaced(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary folder left either
 
 
-def test_kill_between_the_two_renames_of_the_swap_keeps_last(tmp_path, capsys):
-    """Issue 16 §3: the swap renames `last` aside, then the new folder into place; killed in between, the
-    next start used to find no `last` and silently restart from step 0. Now the previous one is put back,
-    and what interrupted writes left is removed and reported."""
+def _train_and_save(directory: Path) -> None:
+    t = Trainable("fp32_baseline")
+    t.step()
+    t.step()
+    t.save(directory)
+
+
+def _save_best(directory: Path) -> None:
+    Trainable("fp32_baseline").checkpoints(directory).save_best(4, {})
+
+
+def test_kill_between_the_two_renames_of_the_swap_keeps_last(tmp_path):
+    """The swap renames `last` aside, then the new folder into place; a process killed in between leaves no
+    `last`: the next start puts the previous one back, and removes what the killed writes left, saying so."""
     t = Trainable("fp32_baseline")
     t.step()
     t.save(tmp_path)
     expected = t.params()
-    os.rename(tmp_path / "last", tmp_path / f".last.old-{os.getpid() + 1}")  # the state between the renames
-    (tmp_path / ".last.tmp-killed").mkdir()  # the complete new folder, not yet renamed
-    (tmp_path / ".last.tmp-killed" / checkpoint.MODEL_FILE).write_bytes(b"\0" * 1000)
-    (tmp_path / ".best-step4.tmp-x").mkdir()  # a best folder killed while written
+    killed_at_rename(_train_and_save, (tmp_path,), r"^\.last\.tmp-")  # `last` renamed aside, the new one not in
+    killed_at_rename(_save_best, (tmp_path,), r"^\.best-step4\.tmp-")
+    assert not (tmp_path / "last").exists() and len(list(tmp_path.glob(".last.old-*"))) == 1
     done = recover_interrupted_writes(tmp_path, "*")
-    assert len(done) == 3 and any(line.startswith("restored") for line in done)
-    assert any("1,000 bytes" in line for line in done)
+    assert len(done) == 3 and sum(line.startswith("restored") for line in done) == 1
+    assert sum("left by an interrupted write" in line for line in done) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == sorted(
+        [checkpoint.MODEL_FILE, checkpoint.STATE_FILE, checkpoint.MANIFEST])  # our marker went with the swap
     other = Trainable("fp32_baseline")
     assert other.restore(tmp_path) == {"step": 3}
     assert all(torch.equal(a, b) for a, b in zip(expected, other.params()))

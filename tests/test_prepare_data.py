@@ -17,6 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dtype_bench.io import FolderRefused, sha256_file
+from interrupt import killed_at_rename
 from dtype_bench.synthetic import write_jsonl_splits
 from dtype_bench.tokenization import (
     SPECIAL_TOKENS, TokenizerError, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer,
@@ -496,10 +497,14 @@ def test_damaged_cache_is_refused_by_readers_and_rebuilt_by_prepare(tmp_path, ca
     capsys.readouterr()
     prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
     assert "damaged" in capsys.readouterr().out and (out / "train.input_ids.npy").read_bytes() == good
-    # Same size, one byte changed: only the recorded SHA-256 tells, and prepare checks it before reuse.
+    # Same size, one byte changed: only the recorded SHA-256 tells; a reader (run.py) refuses it, even after this
+    # process verified the intact cache, and prepare rebuilds it.
+    data.read_meta(out)
     flipped = bytearray(good)
     flipped[-1] ^= 1
     (out / "train.input_ids.npy").write_bytes(bytes(flipped))
+    with pytest.raises(data.CacheError, match=r"damaged: train\.input_ids\.npy \(SHA-256 differs"):
+        data.read_meta(out)
     prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
     assert "SHA-256 differs" in capsys.readouterr().out and (out / "train.input_ids.npy").read_bytes() == good
 
@@ -631,17 +636,31 @@ def test_a_run_keeps_the_splits_it_opened_when_the_cache_is_rebuilt(tmp_path):
         data.open_splits(meta)
 
 
+def _prepare_small(source: Path, output_dir: Path, force: bool) -> None:
+    prepare(str(source), output_dir, tokenizer=SMALL_BPE, max_length=64, force=force)
+
+
 def test_leftovers_of_interrupted_cache_writes_are_cleaned_and_reported(tmp_path, capsys):
-    """Issue 16 §3: `.cache.tmp-*` (a build killed half-way) and `.cache.old-PID` (killed after the swap)
-    are removed by the next prepare of that cache, which says so; another cache's leftovers are left alone
-    (another process may be building it)."""
+    """A build killed before its rename leaves `.cache.tmp-*`, and one killed between the swap's renames also
+    `.cache.old-PID`: the next prepare of that cache restores or removes them and says so. Another cache's
+    leftovers, and a user's folders that only look like leftovers, are left as they were."""
     source = small_archive(tmp_path / "src")
     out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
-    for leftover in (".cache.tmp-abc123", ".cache.old-4242", ".other.tmp-xyz"):
-        (tmp_path / leftover).mkdir()
-        (tmp_path / leftover / "train.input_ids.npy").write_bytes(b"\0" * 2048)
+    killed_at_rename(_prepare_small, (source, out, True), r"\.tmp-")
+    killed_at_rename(_prepare_small, (source, tmp_path / "other", False), r"^\.other\.tmp-")
+    assert not (tmp_path / "cache").exists() and len(list(tmp_path.glob(".cache.old-*"))) == 1
+    for users in (".cache.old-mybackup", ".cache.tmp-notes"):
+        (tmp_path / users).mkdir()
+        (tmp_path / users / "mine.txt").write_bytes(b"\1" * 2048)
     capsys.readouterr()
     prepare(str(source), out, tokenizer=SMALL_BPE, max_length=64)
     printed = capsys.readouterr().out
-    assert "reusing cache" in printed and printed.count("left by an interrupted write") == 2 and "2,048 bytes" in printed
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", ".other.tmp-xyz", "cache", "src"]
+    assert "reusing cache" in printed and printed.count("restored") == 1, printed
+    assert printed.count("left by an interrupted write") == 1, printed  # the killed build's .tmp-
+    assert ".cache.old-mybackup" not in printed and ".cache.tmp-notes" not in printed
+    others = sorted(p.name for p in tmp_path.glob(".other.tmp-*"))
+    assert len(others) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".cache.lock", ".cache.old-mybackup", ".cache.tmp-notes", *others, ".other.lock", "cache", "src"])
+    for users in (".cache.old-mybackup", ".cache.tmp-notes"):
+        assert (tmp_path / users / "mine.txt").read_bytes() == b"\1" * 2048

@@ -16,13 +16,17 @@ from dtype_bench.io import FolderRefused
 
 
 def test_needs_run_rules():
-    completed, diverged, failed = ({"status": s} for s in ("completed", "diverged", "failed"))
-    assert sweep.needs_run(None, retry_failed=False, fresh=False)  # never ran, or interrupted: run / resume
-    assert not sweep.needs_run(completed, retry_failed=True, fresh=False)
-    assert not sweep.needs_run(diverged, retry_failed=True, fresh=False)  # a divergence is a result
-    assert not sweep.needs_run(failed, retry_failed=False, fresh=False)
-    assert sweep.needs_run(failed, retry_failed=True, fresh=False)
-    assert sweep.needs_run(completed, retry_failed=False, fresh=True)
+    completed, diverged, failed, skipped = ({"status": s} for s in ("completed", "diverged", "failed", "skipped"))
+    rules = dict(fresh=False, skip_reason=None)
+    assert sweep.needs_run(None, retry_failed=False, **rules)  # never ran, or interrupted: run / resume
+    assert not sweep.needs_run(completed, retry_failed=True, **rules)
+    assert not sweep.needs_run(diverged, retry_failed=True, **rules)  # a divergence is a result
+    assert not sweep.needs_run(failed, retry_failed=False, **rules)
+    assert sweep.needs_run(failed, retry_failed=True, **rules)
+    assert sweep.needs_run(completed, retry_failed=False, fresh=True, skip_reason=None)
+    # a skip is re-evaluated: done while its reason applies, run once it no longer does (--max_cpu_slowdown none)
+    assert not sweep.needs_run(skipped, retry_failed=True, fresh=False, skip_reason="bfloat16 matmuls 70x slower")
+    assert sweep.needs_run(skipped, retry_failed=False, **rules)
 
 
 def test_list_runs_prints_one_command_line_per_run():
@@ -74,7 +78,8 @@ def test_run_lock_is_exclusive_across_processes_and_freed_when_the_holder_is_kil
         assert holder.stdout.readline().strip() == "True"
         assert sweep.is_claimed(tmp_path, "run-a")
         assert not sweep.is_claimed(tmp_path, "run-b")
-        with sweep.run_gate(tmp_path, "s", "run-a", retry_failed=False, fresh=False, world=SINGLE_PROCESS) as code:
+        with sweep.run_gate(tmp_path, "s", "run-a", retry_failed=False, fresh=False, world=SINGLE_PROCESS,
+                            skip_reason=None) as code:
             assert code == sweep.EXIT_BUSY
     finally:
         holder.kill()
@@ -86,7 +91,7 @@ def test_run_gate_skips_a_done_run_and_reruns_it_when_fresh(tmp_path, capsys):
     row = {"experiment": "e", "run_id": "run-a", "config": "c", "seed": 0, "status": "completed",
            "setup_fingerprint": "s"}
     results.append_result(tmp_path, row)
-    gate = dict(retry_failed=True, fresh=False, world=SINGLE_PROCESS)
+    gate = dict(retry_failed=True, fresh=False, world=SINGLE_PROCESS, skip_reason=None)
     with sweep.run_gate(tmp_path, "s", "run-a", **gate) as code:
         assert code == 0 and "already completed" in capsys.readouterr().out
     with sweep.run_gate(tmp_path, "other-setup", "run-a", **gate) as code:
@@ -227,3 +232,61 @@ def test_an_unwritable_output_dir_is_refused_in_one_line(tmp_path):
     finally:
         locked.chmod(0o700)
     assert list(locked.iterdir()) == []
+
+
+def _fake_run_script(tmp_path: Path, body: str) -> Path:
+    """A stand-in for run.py: records that it ran (config and seed), then does `body`."""
+    script = tmp_path / "fake_run.py"
+    script.write_text("import json, os, signal, sys\n"
+                      "config, seed = sys.argv[sys.argv.index('--config') + 1], int(sys.argv[sys.argv.index('--seed') + 1])\n"
+                      f"open({str(tmp_path / 'ran.txt')!r}, 'a').write(f'{{config}} {{seed}}\\n')\n" + body)
+    return script
+
+
+def _ran(tmp_path: Path) -> list[str]:
+    path = tmp_path / "ran.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_sweep_child_killed_by_a_signal_is_interrupted_not_failed(tmp_path, capsys):
+    """SIGKILL (the OOM killer, a user's kill) writes no `failed` row: the same command runs the run again."""
+    out = tmp_path / "out"
+    script = _fake_run_script(tmp_path, "os.kill(os.getpid(), signal.SIGKILL)\n")
+    runs = sweep.grid(["fp32_baseline"], 0, 1)
+    kwargs = dict(skip_reason=lambda config: None)
+    assert sweep.run_sweep(str(script), runs, [], out, "s", "e", **kwargs) == 1
+    assert "killed by SIGKILL" in capsys.readouterr().err and results.read_results(out) == ([], [])
+    assert sweep.run_sweep(str(script), runs, [], out, "s", "e", **kwargs) == 1
+    assert _ran(tmp_path) == ["fp32_baseline 0", "fp32_baseline 0"]
+
+
+def test_a_skip_is_re_evaluated_when_its_reason_no_longer_applies(tmp_path, capsys):
+    """Skipped under --max_cpu_slowdown 4, the config runs under --max_cpu_slowdown none in the same folder."""
+    out = tmp_path / "out"
+    rid = results.run_id("e", "amp_bf16", 0, "s")
+    results.append_result(out, {"experiment": "e", "run_id": rid, "config": "amp_bf16", "seed": 0,
+                                "status": "skipped", "reason": "bfloat16 70x slower", "setup_fingerprint": "s"})
+    script = _fake_run_script(tmp_path, "")
+    runs = sweep.grid(["amp_bf16"], 0, 1)
+    sweep.run_sweep(str(script), runs, [], out, "s", "e", skip_reason=lambda config: "bfloat16 71x slower")
+    assert _ran(tmp_path) == [] and "still skipped (bfloat16 71x slower)" in capsys.readouterr().out
+    sweep.run_sweep(str(script), runs, [], out, "s", "e", skip_reason=lambda config: None)
+    assert _ran(tmp_path) == ["amp_bf16 0"]
+
+
+def test_hostile_or_wrong_typed_rows_are_reported_like_torn_lines(tmp_path):
+    """A deeply nested line (RecursionError in json), wrong-typed fields and a run id that is a path are each one
+    reported malformed line; the valid rows around them are read."""
+    good = {"experiment": "e", "run_id": "r1", "config": "fp32_baseline", "seed": 0, "status": "completed",
+            "setup_fingerprint": "s"}
+    bad = ["[" * 100_000 + "]" * 100_000, {**good, "seed": "0"}, {**good, "seed": [0]}, {**good, "steps": "5"},
+           {**good, "env": "linux"}, {**good, "train_config": None, "seed": True}, {**good, "run_id": "x" * 300},
+           {**good, "run_id": "../../user/notes"}, {**good, "status": "great"}, {"status": "completed"}]
+    results.append_result(tmp_path, good)
+    with open(tmp_path / "results.jsonl", "a") as f:
+        for line in bad:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    results.append_result(tmp_path, {**good, "run_id": "r2"})
+    rows, problems = results.read_results(tmp_path)
+    assert [r["run_id"] for r in rows] == ["r1", "r2"]
+    assert len(problems) == len(bad) and all("malformed line" in p for p in problems), problems
