@@ -60,7 +60,14 @@ def claim_folder(path: str | Path, marker: str, key: str) -> Path:
     before any work. Returns the path with symlinks resolved: a folder swapped into place replaces the
     link's target and keeps the link."""
     path = Path(path).expanduser()
-    real = path.resolve()
+    try:
+        real = path.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop
+        raise FolderRefused(f"cannot use {path}: {e}") from None
+    too_long = [part for part in real.parts if len(part.encode()) > 255]
+    if too_long:
+        raise FolderRefused(f"cannot use that folder: its name {too_long[0][:40]}... is {len(too_long[0].encode())} "
+                            "bytes long, more than a file system allows (255)")
     if real.exists() and not real.is_dir():
         raise FolderRefused(f"{path} is a file, not a folder: pass a new or empty folder")
     if real.is_dir():

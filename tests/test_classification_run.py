@@ -163,6 +163,8 @@ def run_main():
     ("seed_beyond_numpy", ["--seed", "4294967296"], "the seeds within 0..2^32-1"),
     ("huge_grid", ["--seeds", "100000000", "--list-runs"], "--seeds must be 1..1000"),
     ("slurm_time", ["--slurm_time_min", "-5"], "--slurm_time_min must be positive"),
+    ("symlink_loop", [], "Symlink loop"),
+    ("long_name", [], "more than a file system allows"),
     ("threads", ["--threads", "-1"], "--threads must be positive"),
     ("device", ["--device", "tpu9"], "--device 'tpu9' is not a device"),
     ("user_folder", [], "holds no setup.json of ours"),
@@ -181,6 +183,12 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
         (out / "thesis.txt").write_text("thesis")
     elif case == "file":
         out.write_text("thesis")
+    elif case == "symlink_loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        out = tmp_path / "a" / "out"
+    elif case == "long_name":
+        out = tmp_path / ("y" * 300)
     elif case in ("zero_label_cache", "garbled_cache_meta"):
         cache = tmp_path / "cache"
         shutil.copytree(tiny_cache, cache)
@@ -190,11 +198,14 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
     elif case == "world_size_3":
         for name, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # as torchrun sets them
             monkeypatch.setenv(name, value)
-    before = {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()}
+    def snapshot() -> dict:  # everything under tmp_path (links not followed)
+        return {p: p.read_bytes() if p.is_file() and not p.is_symlink() else None for p in tmp_path.rglob("*")}
+
+    before = snapshot()
     code = run_main([*SMALL, "--config", "amp_bf16", "--data_dir", str(cache), "--output_dir", str(out), *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
-    assert {p: p.read_bytes() if p.is_file() else None for p in [out, *out.rglob("*")] if p.exists()} == before
+    assert snapshot() == before
 
 
 def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tiny_cache, tmp_path, capsys):
