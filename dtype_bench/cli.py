@@ -85,20 +85,59 @@ def format_table(header: list[str], rows: list[list[str]], fmt: str) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
+def summary_table(header: list[str], rows: list[list[str]], width: int) -> str:
+    """The registry in `width` columns: name, compute dtype, whether it runs here, and the description wrapped
+    into what is left."""
+    import textwrap
+
+    from dtype_bench import precision
+
+    descriptions = {pc.name: pc.description for pc in precision.REGISTRY.values()}
+    keep = [header.index("config"), header.index("compute_dtype"), len(header) - 1]
+    cells = [[row[i] if i != len(header) - 1 else row[i].split(":")[0] for i in keep] for row in rows]
+    widths = [max(len(line[i]) for line in [[header[k] for k in keep], *cells]) for i in range(len(keep))]
+    left = sum(widths) + 2 * len(widths)
+    text_width = max(30, width - left)
+    lines = ["  ".join(h.ljust(w) for h, w in zip([header[k] for k in keep], widths)) + "  description"]
+    lines.append("-" * min(width, left + text_width))
+    for row, line in zip(rows, cells):
+        wrapped = textwrap.wrap(descriptions[row[0]], text_width) or [""]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + wrapped[0])
+        lines += [" " * left + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
 def configs_main(argv: list[str]) -> int:
+    import shutil
+    import textwrap
+
     from dtype_bench import precision
     from dtype_bench.configs import HelpFormatter, field_docs
 
     parser = argparse.ArgumentParser(prog="dtype-bench configs", formatter_class=HelpFormatter,
-                                     description="The precision registry (dtype_bench/precision.py), one row per "
-                                                 "config, one column per PrecisionConfig field.")
+                                     description="The precision registry (dtype_bench/precision.py): one row per "
+                                                 "config with what it does and whether it runs here; --wide adds "
+                                                 "one column per PrecisionConfig field.")
     parser.add_argument("--format", choices=("text", "markdown"), default="text", help="table layout")
+    parser.add_argument("--wide", action="store_true", help="one column per PrecisionConfig field (wider than a "
+                                                            "terminal: for a pager or a file)")
     parser.add_argument("--device", default="auto", help="device the `runs on` column checks")
     parser.add_argument("--explain", action="store_true", help="also print each column's and config's meaning")
     args = parser.parse_args(argv)
     header, rows = registry_table(args.device)
-    print(format_table(header, rows, args.format))
-    print(f"\ngroups: " + "; ".join(f"{g} = {', '.join(names)}" for g, names in precision.GROUPS.items()))
+    groups = "groups: " + "; ".join(f"{g} = {', '.join(names)}" for g, names in precision.GROUPS.items())
+    if args.wide or args.format == "markdown":
+        print(format_table(header, rows, args.format))
+        print(f"\n{groups}")
+    else:
+        width = shutil.get_terminal_size((120, 24)).columns
+        print(summary_table(header, rows, width))
+        reasons = [f"{row[0]}: {row[-1].removeprefix('no: ')}" for row in rows if row[-1] != "yes"]
+        if reasons:
+            print(f"\nnot on {header[-1].removeprefix('runs on ')}:")
+            for reason in reasons:
+                print(textwrap.fill(reason, width, initial_indent="  ", subsequent_indent="      "))
+        print("\n" + textwrap.fill(groups, width, subsequent_indent="  "))
     if args.explain:
         print("\ncolumns:")
         for name, doc in field_docs(precision.PrecisionConfig).items():
@@ -113,17 +152,34 @@ def configs_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------- dispatch
 
 
+def version() -> str:
+    """The installed distribution's version, else pyproject.toml's (a clone that was never installed)."""
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    try:
+        return importlib.metadata.version("dtype-bench")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
 def usage() -> str:
     lines = [__doc__.split("\n\n")[0], "", "usage: dtype-bench <subcommand> [target] [flags]", "", "subcommands:"]
     for name, text in SUMMARIES.items():
         targets = [t for t in SCRIPTS.get(name, {}) if t]
         lines.append(f"  {name:<8} {text}" + (f" [{'|'.join(targets)}; default {targets[0]}]" if targets else ""))
-    lines += ["", "`dtype-bench <subcommand> --help` lists the subcommand's flags with their meaning and defaults."]
+    lines += ["", "`dtype-bench <subcommand> --help` lists the subcommand's flags with their meaning and defaults;",
+              "`dtype-bench --version` prints the version."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:
+        print(f"dtype-bench {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

@@ -13,6 +13,27 @@ import tiny_run
 from dtype_bench import cli, precision, runner
 
 
+def test_configs_fits_a_terminal_and_describes_every_config(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert cli.main(["configs", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    starts = {line.split()[0] for line in lines[2:] if line and not line.startswith(" ")}
+    assert set(precision.REGISTRY) <= starts
+    assert "fp32 master weights, bf16 autocast" in out and "not on cpu:" in out and "TF32" in out
+
+
+def test_version_is_the_packages():
+    import importlib.metadata
+    import io
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(io.StringIO()) as printed:
+        assert cli.main(["--version"]) == 0
+    assert printed.getvalue().strip() == f"dtype-bench {importlib.metadata.version('dtype-bench')}"
+
+
 def test_configs_prints_every_config_and_every_precision_field(capsys):
     assert cli.main(["configs", "--format", "markdown", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
