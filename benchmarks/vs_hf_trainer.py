@@ -22,7 +22,7 @@ model, last logits and loss, optimizer, GradScaler and the TF32 flags); a run th
 compared. This is how amp_fp16 on CPU shows up: there accelerate turns the `fp16` flag into neither autocast
 nor loss scaling, so the Trainer trains in fp32.
 
-Length-grouped batches (`--length_grouped_batches true`, recorded, off by default because it changes the
+Length-grouped batches (`--length_grouped_batches`, recorded, off by default because it changes the
 data order) apply to both sides when passed as a run.py flag: still identical work. `--compare_length_grouping`
 instead measures ours with them as a third side in the same alternating rounds, in its own columns (fewer
 padded tokens computed, so not identical work and not part of the ratio); each side's `padding` column is the
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of model, data order and dropout")
     parser.add_argument("--data_dir", help="prepared cache (default: the preset's; tiny is built if missing)")
     parser.add_argument("--compare_length_grouping", action="store_true",
-                        help="also measure ours with --length_grouped_batches true in the same rounds: less "
+                        help="also measure ours with --length_grouped_batches in the same rounds: less "
                              "padding, but other batches, so not identical work (its own column, not the ratio)")
     parser.add_argument("--max_cpu_slowdown", default="4",
                         help="on a CPU, leave out configs whose fp16/bf16 matmuls measure more than this many times "

@@ -184,9 +184,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
         lit = [a for a in (base, *typing.get_args(base)) if typing.get_origin(a) is typing.Literal]
         if lit:
             choices = typing.get_args(lit[0])
-        group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, choices=choices,
-                           help=f"{docs.get(f.name, '')} {_default_text(f, presets or {})}".replace("%", "%%"),
-                           metavar=None if choices else f.name.upper())
+        text = f"{docs.get(f.name, '')} {_default_text(f, presets or {})}".replace("%", "%%")
+        if base is bool:  # a switch: `--name` turns it on, `--name false` off
+            group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, nargs="?", const=True,
+                               help=text, metavar="false")
+        else:
+            group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, choices=choices, help=text,
+                               metavar=None if choices else f.name.upper())
 
 
 def resolve(cls: type[T], presets: dict[str, dict], preset: str, args: argparse.Namespace) -> T:

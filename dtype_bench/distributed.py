@@ -17,7 +17,7 @@ uninterrupted one.
 
 Rank 0 alone evaluates, checkpoints, writes the step log and the results row; the per-step signals it logs
 are reduced over ranks first (see TrainingMonitor). A sweep is not run under torchrun: launch one torchrun
-per grid point (`run.py --config all --list-runs | xargs -L1 torchrun ... run.py <flags>`).
+per grid point (`run.py --config all --list_runs | xargs -L1 torchrun ... run.py <flags>`).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ every node sees (results.jsonl is appended under a file lock, each run holds `lo
 live under `checkpoints/<run_id>/`). On preemption or at the time limit, submitit signals the job (USR2, 90 s
 before); the job passes SIGTERM to the run, which checkpoints at its next step boundary and exits, and submitit
 requeues the job, which runs the same command again: the run resumes from its checkpoint. Runs already done
-(completed, diverged, skipped; failed ones with --retry-failed) are not submitted, so re-running the sweep
+(completed, diverged, skipped; failed ones with --retry_failed) are not submitted, so re-running the sweep
 command submits what is left.
 
 `--launcher submitit-local` runs the same jobs through submitit's local executor on this machine and waits for

@@ -178,7 +178,7 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         world, device = distributed.init_from_env(pick_device(cfg.device))
         if world.distributed and len(runs) > 1:
             raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
-                            "`run.py --config all --seeds 3 --list-runs | xargs -L1 torchrun ... run.py <flags>`")
+                            "`run.py --config all --seeds 3 --list_runs | xargs -L1 torchrun ... run.py <flags>`")
         threads, note = cpu.pick_threads(cfg.threads) if device.type == "cpu" else (cfg.threads, None)
         if threads:
             torch.set_num_threads(threads)

@@ -8,11 +8,11 @@ OOM killer) is interrupted: it has no row, and the same command resumes it from 
 Re-running the same sweep command continues it. For each (config, seed) the newest row in results.jsonl
 decides (`needs_run`): completed and diverged runs are done; skipped ones are done while their reason still
 applies (a config skipped under `--max_cpu_slowdown 4` runs under `--max_cpu_slowdown none`); failed ones run
-again only with `--retry-failed`; runs without a row (never started, or interrupted) run, and resume from
+again only with `--retry_failed`; runs without a row (never started, or interrupted) run, and resume from
 their checkpoint.
 `--fresh` starts every selected run over (old rows stay in results.jsonl; the newest row of a run counts).
 
-Splitting a sweep over machines or GPUs needs no scheduler: `--list-runs` prints the grid, one
+Splitting a sweep over machines or GPUs needs no scheduler: `--list_runs` prints the grid, one
 `--config X --seed Y` per line (for a job array or `xargs -P`), and any number of processes may share one
 output dir. A run is trained only by the process holding its lock file (`<output_dir>/locks/<run_id>.lock`,
 an OS file lock, released even when the holder is killed); the holder re-reads results.jsonl after taking
@@ -54,9 +54,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sweeps and resuming")
     group.add_argument("--fresh", action="store_true",
                        help="start over: ignore existing checkpoints and rows of the selected runs")
-    group.add_argument("--retry-failed", action="store_true",
+    group.add_argument("--retry_failed", action="store_true",
                        help="run again the runs whose newest row is `failed` (resuming from their checkpoint)")
-    group.add_argument("--list-runs", action="store_true",
+    group.add_argument("--list_runs", action="store_true",
                        help="print the grid, one `--config X --seed Y` per line, and exit")
     group.add_argument("--plan", action="store_true",
                        help="print what would run and roughly how long each run takes here (each config that trains "
@@ -102,7 +102,7 @@ def why_not(newest_row: dict, skip_reason: str | None) -> str:
     if newest_row["status"] == "skipped":
         return f"still skipped ({skip_reason})"
     detail = newest_row.get("error") or newest_row.get("reason") or ""
-    hint = "; pass --retry-failed to run it again" if newest_row["status"] == "failed" else ""
+    hint = "; pass --retry_failed to run it again" if newest_row["status"] == "failed" else ""
     return f"already {newest_row['status']}{f' ({detail})' if detail else ''}{hint}"
 
 
@@ -280,7 +280,7 @@ def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str,
               "same command resumes them from their checkpoints)", file=sys.stderr)
     failed = [r["run_id"] for r in grid_rows if r["status"] == "failed"]
     if failed:
-        print(f"\n{len(failed)} run(s) failed: {', '.join(failed)} (--retry-failed runs them again)", file=sys.stderr)
+        print(f"\n{len(failed)} run(s) failed: {', '.join(failed)} (--retry_failed runs them again)", file=sys.stderr)
     return 1 if failed or killed else 0
 
 

@@ -161,7 +161,7 @@ def run_main():
     ("beta", ["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1)"),
     ("seed", ["--seed", "-1"], "the seeds within 0..2^32-1"),
     ("seed_beyond_numpy", ["--seed", "4294967296"], "the seeds within 0..2^32-1"),
-    ("huge_grid", ["--seeds", "100000000", "--list-runs"], "--seeds must be 1..1000"),
+    ("huge_grid", ["--seeds", "100000000", "--list_runs"], "--seeds must be 1..1000"),
     ("slurm_time", ["--slurm_time_min", "-5"], "--slurm_time_min must be positive"),
     ("symlink_loop", [], "Symlink loop"),
     ("long_name", [], "more than a file system allows"),
@@ -210,7 +210,7 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
 
 def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tiny_cache, tmp_path, capsys):
     """Issue 16 §4: it used to end in a traceback. One line saying what to do; the `failed` row records why
-    (a sweep goes on, and `--retry-failed --fresh` starts the run over)."""
+    (a sweep goes on, and `--retry_failed --fresh` starts the run over)."""
     import torch
 
     import tiny_run

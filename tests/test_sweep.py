@@ -100,7 +100,7 @@ def test_run_gate_skips_a_done_run_and_reruns_it_when_fresh(tmp_path, capsys):
         assert code is None
     results.append_result(tmp_path, {**row, "status": "failed", "error": "OutOfMemoryError: ..."})
     with sweep.run_gate(tmp_path, "s", "run-a", **{**gate, "retry_failed": False}) as code:
-        assert code == 1 and "--retry-failed" in capsys.readouterr().out
+        assert code == 1 and "--retry_failed" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- real sweeps of run.py
@@ -139,10 +139,10 @@ def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, cache):
     second = tiny_run.run(cache, tmp_path, *sweep_flags)  # runs nothing: two results and a failure
     assert "fp32_baseline seed 0: already completed, skipping" in second.stdout
     assert "fp16_naive seed 0: already diverged" in second.stdout
-    assert "amp_bf16 seed 0: already failed" in second.stdout and "--retry-failed" in second.stdout
+    assert "amp_bf16 seed 0: already failed" in second.stdout and "--retry_failed" in second.stdout
     assert second.returncode == 1 and len(tiny_run.rows(tmp_path)) == 3
     # Retrying the failure from scratch (its checkpoint is the problem, so --fresh discards it).
-    third = tiny_run.run(cache, tmp_path, "--config", "amp_bf16", *FAST, "--retry-failed", "--fresh")
+    third = tiny_run.run(cache, tmp_path, "--config", "amp_bf16", *FAST, "--retry_failed", "--fresh")
     assert third.returncode == 0, third.stderr[-3000:]
     newest = results.latest_per_run(tiny_run.rows(tmp_path))
     assert sorted(r["status"] for r in newest.values()) == ["completed", "completed", "diverged"]
