@@ -148,8 +148,10 @@ def caveats(exp: Experiment) -> list[str]:
     if seeds and min(seeds) < 3:
         out.append(f"Some configs have fewer than 3 completed seeds (min {min(seeds)}): intervals are wide or absent "
                    "(n=1 has none), and 'not significant' mostly means 'not enough seeds'.")
-    out.append("Statistics use completed runs only; diverged, failed and skipped runs are counted in the status "
-               "columns and explained in the stability matrix. Pareto fronts compare means and ignore their intervals.")
+    out.append("Means and intervals use completed runs; diverged, failed and skipped runs are counted in the status "
+               "columns and explained in the stability matrix. Quality verdicts count them: a config with a diverged "
+               "or failed run is never equivalent, and its loss is tested with the divergences counted. Pareto "
+               "fronts compare means and ignore their intervals.")
     return out
 
 
