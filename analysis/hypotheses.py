@@ -79,11 +79,11 @@ class Claim:
                    f"experiment's comparisons, divergences counted, margin {margin} of {b}'s mean)")
         return {
             "worse": f"{a} is worse than {b}: {verdict}; supported by a quality loss or a small loss inside the "
-                     f"margin (for an unstable config, the loss with divergences counted), refuted by equivalence "
-                     "or a gain without a loss",
+                     f"margin (one-sided t-test; for an unstable config, the loss with divergences counted), refuted "
+                     "by equivalence (TOST) or a gain without a loss",
             "equivalent": f"{a} is equivalent to {b}: {verdict}; supported by equivalent or a small loss/gain "
-                          f"inside the margin (never with a diverged or failed run), refuted by a difference shown "
-                          f"beyond {margin} (divergences counted)",
+                          f"inside the margin (TOST; never with a diverged or failed run), refuted by a difference "
+                          f"shown beyond {margin} (one-sided t-tests, divergences counted)",
             "diverges_more": f"{a} diverges in more runs than {b}: one-sided Fisher exact test on (diverged, "
                              f"completed) counts, p ≤ {level}; refuted when {a} is shown to complete in most runs "
                              f"(exact binomial test of a divergence rate below 1/2, p ≤ {level}) or {b} to diverge "

@@ -81,7 +81,13 @@ class Verdict:
     margin: float = QUALITY_MARGIN
     """Relative to the reference's mean."""
     reason: str = ""
-    settle: str | None = None
+    plan_alpha: float = ALPHA
+    """The level a seed-count plan is made for: the first Holm step's (alpha / family size), enough for any step."""
+
+    @property
+    def settle(self) -> str | None:
+        """Undecided: how many seeds would settle it (80% power at the observed difference and spread)."""
+        return _settle(self.comparison, self.plan_alpha) if self.kind == "undecided" else None
 
     def shows(self, claim: str) -> bool:
         """The family-wise corrected test of `claim` ('loss', 'gain', 'equivalence', 'beyond') rejects at LEVEL."""
@@ -229,7 +235,7 @@ def decide(exp: Experiment, pairs: list[tuple[str, str]], key: str, *, margin: f
                 kind = "small_gain" if inside else "gain"
             else:
                 kind = "equivalent" if inside else "undecided"
-            out[pair] = Verdict(kind=kind, settle=_settle(c, plan_alpha) if kind == "undecided" else None,
+            out[pair] = Verdict(kind=kind, plan_alpha=plan_alpha,
                                 reason="" if c.tested else f"fewer than {MIN_SEEDS} seeds", **base)
     return out
 
