@@ -246,8 +246,8 @@ def synthetic_experiment(configs: list[str], seeds: int = 2, steps: int = 20):
             logs[rid] = [{"step": s, "loss": rng.uniform(0.01, 0.02), "grad_norm": rng.uniform(0.1, 1),
                           "max_abs_logit": rng.uniform(5, 50), "loss_scale": 2.0 ** 16, "skipped_steps": s // 10,
                           "update_fidelity": per_group(), "lost_update_frac": per_group(),
-                          "grad_underflow_frac": per_group(), "act_grad_underflow_frac": per_group(),
-                          "act_grad_zero_frac": per_group(),
+                          "grad_subnormal_frac": per_group(), "act_grad_subnormal_frac": per_group(),
+                          "act_grad_zero_in_live_rows_frac": per_group(),
                           "moment_update_lost_frac": {"exp_avg": per_group(), "exp_avg_sq": per_group()}}
                          for s in range(1, steps + 1)]
             logs[rid] += [{"step": s, "eval": "validation", "loss": rng.uniform(0.01, 0.02)} for s in (10, 20)]
@@ -347,10 +347,10 @@ def test_rows_flushed_entirely_are_counted_against_the_fp32_baseline_of_the_same
             rid = f"{config}-{seed}"
             rows.append({"config": config, "seed": seed, "status": "completed", "run_id": rid})
             logs[rid] = [{"step": 1, "act_grad_structural_zero_frac": {"encoder": structural},
-                          "act_grad_zero_frac": {"encoder": zeros}}, {"step": 2, "loss": 1.0}]
+                          "act_grad_zero_in_live_rows_frac": {"encoder": zeros}}, {"step": 2, "loss": 1.0}]
     rows.append({"config": "amp_bf16", "seed": 5, "status": "completed", "run_id": "amp_bf16-5"})  # no fp32 seed 5
     logs["amp_bf16-5"] = [{"step": 1, "act_grad_structural_zero_frac": {"encoder": 0.5},
-                           "act_grad_zero_frac": {"encoder": 0.0}}]
+                           "act_grad_zero_in_live_rows_frac": {"encoder": 0.0}}]
     exp = experiment_data.Experiment("classification", Path("synthetic"), rows, [], logs)
     experiment_data.add_activation_flush_vs_baseline(exp)
     flushed = {rid: [r.get(experiment_data.ACT_GRAD_FLUSHED) for r in records] for rid, records in logs.items()}
