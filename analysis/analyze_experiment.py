@@ -351,8 +351,9 @@ def which_config(analysis: Analysis) -> list[str]:
     q, t, mem = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
     verdict = quality_verdicts(analysis)
     speed = {s.config: s.vs_baseline.get(t.key) if t else None for s in analysis.summaries}
-    rank = lambda s: (s.config in verdict and verdict[s.config].kind in verdicts.KEEPS_QUALITY + ("reference",))  # noqa: E731
-    order = sorted(analysis.summaries, key=lambda s: (not rank(s), -(speed[s.config] or 0)))
+    shown_within = verdicts.KEEPS_QUALITY + ("reference",)
+    order = sorted(analysis.summaries, key=lambda s: (
+        not (s.config in verdict and verdict[s.config].kind in shown_within), -(speed[s.config] or 0)))
     rows = []
     for s in order:
         v = verdict.get(s.config)

@@ -162,7 +162,9 @@ def hypotheses_section(verdicts: dict[str, dict], scope: str, shown_tasks: tuple
     lines = ["## Hypotheses", "", f"Stated and decided as in `experiments/classification/PLAN.md` (generated from "
              f"`analysis/hypotheses.py`), on {scope}: a hypothesis is supported when every claim is, refuted when "
              "any claim is; a claim only when its test at the stated level says so, with at least "
-             f"{hypotheses.MIN_SEEDS} runs per config; anything else is inconclusive.", ""]
+             f"{hypotheses.MIN_SEEDS} runs per config; anything else is inconclusive. Quality claims carry the "
+             "quality verdict of their pair (Holm-corrected over the experiment's comparisons, divergences "
+             "counted), the same one the \"Which config should I use\" table shows.", ""]
     for key, v in verdicts.items():
         lines += [f"### {key}: **{v['verdict']}**", "", v["statement"], ""]
         for task, result in v["tasks"].items():
