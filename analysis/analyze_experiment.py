@@ -367,7 +367,8 @@ def which_config(analysis: Analysis) -> list[str]:
         else:
             label = v.label
             evidence = "reference" if v.kind == "reference" else (
-                "-" if v.comparison is None or v.comparison.delta is None else v.evidence(v.deciding_claim))
+                v.evidence(v.deciding_claim) if v.comparison is not None and v.comparison.delta is not None
+                or v.unstable else "-")
         rows.append([s.config, label, evidence, fmt(speed[s.config], 3),
                      fmt(s.vs_baseline.get(mem.key), 3) if mem in exp.metrics else "-", stability])
     header = ["config", "verdict", f"Δ{q.label if q else 'quality'} vs fp32 (of fp32's mean) [interval at the "

@@ -105,15 +105,24 @@ class Verdict:
         """The difference (relative to the reference's mean) with the interval at the level of `claim`'s Holm step,
         and the Holm-adjusted p of that claim."""
         c = self.comparison
-        if c is None or c.delta is None:
-            return "no comparison"
         adjusted, step = self.adjusted.get(claim, (None, ALPHA))
+        fisher = (f"Fisher test of {self.runs['diverged']}/{self.runs['diverged'] + self.runs['completed']} vs "
+                  f"{self.reference_runs['diverged']}/"
+                  f"{self.reference_runs['diverged'] + self.reference_runs['completed']} diverged")
+        if c is None or c.delta is None:
+            if self.unstable and adjusted is not None:
+                return f"loss with divergences counted, Holm p={adjusted:.2g} ({fisher}; no completed run to compare)"
+            return "no comparison"
         lo, hi = c.interval(step)
         interval = "" if lo is None else f" [{self._relative(lo)}, {self._relative(hi)}] ({100 * (1 - 2 * step):.3g}% CI)"
         test = "TOST" if claim == "equivalence" else {"loss": "one-sided", "gain": "one-sided",
                                                       "beyond": "beyond-margin"}[claim]
+        tests = f"{c.test}, n={c.n}"
+        if self.unstable and claim in ("loss", "beyond"):
+            test = f"{test} with divergences counted"
+            tests = f"Bonferroni of the completed runs' {c.test} (n={c.n}) and a {fisher}"
         p = "" if adjusted is None else f", {test} Holm p={adjusted:.2g}"
-        return f"Δ {self._relative(c.delta)}{interval}{p} ({c.test}, n={c.n})"
+        return f"Δ {self._relative(c.delta)}{interval}{p} ({tests})"
 
     @property
     def deciding_claim(self) -> str:

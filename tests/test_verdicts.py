@@ -207,6 +207,8 @@ def test_a_certain_loss_inside_the_margin_reads_as_one(known):
 def test_divergences_never_read_as_equivalent_or_as_refuting_a_loss(known):
     cells = first_screen(known["report"])
     assert cells["bf16_naive"][0].startswith("unstable: 3 of 6 runs diverged")
+    assert "with divergences counted Holm p=" in cells["bf16_naive"][1]
+    assert "Fisher test of 3/6 vs 0/6 diverged" in cells["bf16_naive"][1]
     h4 = known["comparison"]["verdicts"]["H4 the frontier"]
     for task in ("classification", "lm"):
         worse = h4["tasks"][task]["claims"][1]
