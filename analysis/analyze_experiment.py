@@ -28,8 +28,9 @@ from analysis.report import (
     setup_section,
 )
 from analysis import hypotheses
-from analysis.hypotheses import LEVEL, QUALITY_MARGIN
-from analysis.stats import MIN_SEEDS, ConfigSummary, Difference, by_seed, compare, pareto_front, relative_name, summarize
+from analysis import verdicts
+from analysis.stats import ConfigSummary, Difference, pareto_front, relative_name, summarize
+from analysis.verdicts import QUALITY_MARGIN
 
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import FolderRefused, atomic_write_bytes, atomic_write_text, own_folder
@@ -195,68 +196,50 @@ def oriented(d: Difference, metric: Metric) -> tuple[float | None, float | None,
     return -d.delta, (None if d.hi is None else -d.hi), (None if d.lo is None else -d.lo)
 
 
-def quality_verdict(analysis: Analysis, config: str) -> tuple[str, str]:
-    """('ok' | 'worse' | 'inconclusive' | 'unstable' | 'unknown', the numbers behind it): a config's primary quality
-    against fp32. 'ok' only when every run completed and a TOST equivalence test at level LEVEL puts the seed-paired
-    difference within ±quality_margin of fp32's mean (at least MIN_SEEDS seeds); 'worse' when a one-sided test at
-    that level shows a loss and equivalence is not shown; otherwise 'inconclusive', with n and the interval."""
-    s, q, exp = analysis.summary(config), analysis.exp.quality_metric, analysis.exp
-    if s is None or q is None:
-        return "unknown", "no rows"
-    bad = s.status_counts["diverged"] + s.status_counts["failed"]
-    if bad:
-        return "unstable", f"{s.status_counts['diverged']} diverged, {s.status_counts['failed']} failed of {sum(s.status_counts.values())}"
-    if config == BASELINE:
-        return ("ok", f"{q.label} {fmt_estimate(s.estimates[q.key])}") if s.status_counts["completed"] else ("unknown", "no completed run")
-    a, b = by_seed(exp.runs(config, "completed"), q.key), by_seed(exp.runs(BASELINE, "completed"), q.key)
-    if not a or not b or not all(math.isfinite(v) for v in [*a.values(), *b.values()]):
-        return "unknown", f"no finite {q.label} of completed runs of {config} and {BASELINE}"
-    c = compare(a, b, margin=analysis.quality_margin * abs(sum(b.values()) / len(b)), alpha=float(LEVEL),
-                higher_is_better=q.higher_is_better)
-    numbers = f"{q.label} vs fp32: {c.text()}" + ("" if c.p_equivalent is None else f", TOST p={c.p_equivalent:.2g}")
-    if c.equivalent:
-        return "ok", numbers
-    if c.worse:
-        return "worse", numbers
-    return "inconclusive", numbers + (f"; fewer than {MIN_SEEDS} seeds" if c.n < MIN_SEEDS else "")
+def quality_verdicts(analysis: Analysis) -> dict[str, verdicts.Verdict]:
+    """Every config's quality verdict against fp32 on the experiment's primary quality metric, decided with the
+    hypotheses' comparisons as one Holm-corrected family (`hypotheses.quality_family`): the table, the findings and
+    the hypotheses read these."""
+    q = analysis.exp.quality_metric
+    if q is None:
+        return {}
+    if analysis.__dict__.get("_verdicts") is None:
+        family = hypotheses.quality_family(analysis.exp, q.key, analysis.quality_margin)
+        analysis.__dict__["_verdicts"] = {c: v for (c, ref), v in family.items() if ref == BASELINE}
+    return analysis.__dict__["_verdicts"]
 
 
 def findings(analysis: Analysis) -> list[str]:
-    """Per-task recommendations, each citing the numbers it rests on."""
+    """Per-task recommendations, each citing the verdict and the numbers it rests on."""
     q, t = analysis.exp.quality_metric, analysis.exp.throughput_metric
     mem = METRIC_BY_KEY["peak_memory_gb"]
     if q is None or t is None or analysis.summary(BASELINE) is None:
         return ["No recommendation: needs completed fp32_baseline runs and a quality and a throughput metric."]
-    verdicts = {s.config: quality_verdict(analysis, s.config) for s in analysis.summaries}
-    ok = [s for s in analysis.summaries if verdicts[s.config][0] == "ok" and s.estimates[t.key].mean is not None]
+    verdict = quality_verdicts(analysis)
+    ok = [s for s in analysis.summaries if verdict[s.config].kind in verdicts.KEEPS_QUALITY
+          and s.estimates[t.key].mean is not None]
     out = []
     if ok:
         fastest = max(ok, key=lambda s: s.estimates[t.key].mean)
-        out.append(f"Fastest config shown to keep quality (within {analysis.quality_margin:.0%} of fp32): "
+        out.append(f"Fastest config shown to stay within ±{analysis.quality_margin:.0%} of fp32: "
                    f"**{fastest.config}** — {t.label} {fmt_estimate(fastest.estimates[t.key])} "
-                   f"({fmt(fastest.vs_baseline.get(t.key), 3)}× fp32); {verdicts[fastest.config][1]}.")
+                   f"({fmt(fastest.vs_baseline.get(t.key), 3)}× fp32); {verdict[fastest.config].text()}.")
         if mem.key in fastest.estimates:
             leanest = min((s for s in ok if s.estimates[mem.key].mean is not None),
                           key=lambda s: s.estimates[mem.key].mean, default=None)
             if leanest:
                 out.append(f"Least memory among those: **{leanest.config}** — {mem.label} "
                            f"{fmt_estimate(leanest.estimates[mem.key])} ({fmt(leanest.vs_baseline.get(mem.key), 3)}× "
-                           f"fp32); {verdicts[leanest.config][1]}.")
+                           f"fp32); {verdict[leanest.config].text()}.")
     else:
-        out.append("No config is shown to keep quality (see the criterion below): nothing to recommend.")
-    for config, (verdict, numbers) in verdicts.items():
-        if verdict in ("worse", "unstable"):
-            out.append(f"Avoid **{config}** ({'quality loss' if verdict == 'worse' else 'unstable'}): {numbers}.")
-    undecided = [f"{config} ({numbers})" for config, (verdict, numbers) in verdicts.items() if verdict == "inconclusive"]
+        out.append(f"No config is shown to stay within ±{analysis.quality_margin:.0%} of fp32 (see the decision "
+                   "rule): nothing to recommend.")
+    for config, v in verdict.items():
+        if v.kind in ("loss", "unstable"):
+            out.append(f"Avoid **{config}**: {v.text()}.")
+    undecided = [f"{config} ({v.text()})" for config, v in verdict.items() if v.kind == "undecided"]
     if undecided:
-        out.append("Undecided (neither equivalence nor a loss shown; more seeds would settle it): "
-                   + "; ".join(undecided) + ".")
-    out.append(f"Criterion: every run completed and a TOST equivalence test (level {LEVEL}, at least {MIN_SEEDS} "
-               f"seeds) puts the seed-paired {q.label} difference to fp32 within ±{analysis.quality_margin:.0%} of "
-               f"fp32's mean (its {1 - 2 * float(LEVEL):.0%} interval inside the margin); 'avoid' = a significant "
-               "loss (one-sided test) "
-               "without equivalence, or a diverged/failed run. Configs that are neither are not recommended either "
-               "way: their seeds do not decide.")
+        out.append("Undecided (no test decided): " + "; ".join(undecided) + ".")
     return out
 
 
@@ -351,41 +334,51 @@ NOT_DRAWN = {
 }
 
 
-VERDICT_TEXT = {"ok": "no quality loss", "worse": "avoid: quality loss", "unstable": "avoid: unstable",
-                "inconclusive": "undecided: more seeds would settle it",
-                "unknown": "no verdict", "skipped": "not run here (skipped: see Stability)"}
+def error_control(analysis: Analysis) -> str:
+    """The first screen's statement of the decision rule and the error control it applies."""
+    verdict = quality_verdicts(analysis)
+    family = max((v.family for v in verdict.values()), default=0)
+    return (f"Decision rule and error control: {verdicts.decision_rule(analysis.quality_margin)} Here: {family} "
+            f"comparisons in the family ({analysis.exp.quality_metric.label if analysis.exp.quality_metric else '-'}"
+            "; every config against fp32 and the hypotheses' comparisons against other references).")
 
 
 def which_config(analysis: Analysis) -> list[str]:
-    """The report's first screen: per config, the verdict and its evidence (quality vs fp32 with its interval,
-    samples/s and memory relative to fp32, how its runs ended), best first, and links to the plots."""
+    """The report's first screen: per config, the verdict and the test that decided it (the difference with the
+    interval at its Holm step's level, the Holm-adjusted p), samples/s and memory relative to fp32, how its runs
+    ended, best first; the decision rule and error control; links to the plots."""
     exp = analysis.exp
     q, t, mem = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
-    verdicts = {s.config: quality_verdict(analysis, s.config) for s in analysis.summaries}
+    verdict = quality_verdicts(analysis)
     speed = {s.config: s.vs_baseline.get(t.key) if t else None for s in analysis.summaries}
-    order = sorted(analysis.summaries, key=lambda s: (verdicts[s.config][0] != "ok", -(speed[s.config] or 0)))
+    shown_within = verdicts.KEEPS_QUALITY + ("reference",)
+    order = sorted(analysis.summaries, key=lambda s: (
+        not (s.config in verdict and verdict[s.config].kind in shown_within), -(speed[s.config] or 0)))
     rows = []
     for s in order:
-        verdict = verdicts[s.config][0]
-        d = s.quality_deltas.get(q.key) if q else None
-        quality = "reference" if s.config == BASELINE else fmt_difference(d) if d else "-"
+        v = verdict.get(s.config)
         runs = sum(s.status_counts.values())
         stability = f"{s.status_counts['completed']}/{runs} completed" + "".join(
             f", {n} {k}" for k, n in s.status_counts.items() if n and k != "completed")
-        if not s.status_counts["completed"] and s.status_counts["skipped"]:
-            verdict = "skipped"
-        rows.append([s.config, VERDICT_TEXT[verdict], quality, fmt(speed[s.config], 3),
+        if v is None:
+            label, evidence = "no verdict", "-"
+        elif not s.status_counts["completed"] and s.status_counts["skipped"] and not v.unstable:
+            label, evidence = "not run here (skipped: see Stability)", "-"
+        else:
+            label = v.label
+            evidence = "reference" if v.kind == "reference" else (
+                v.evidence(v.deciding_claim) if v.comparison is not None and v.comparison.delta is not None
+                or v.unstable else "-")
+        rows.append([s.config, label, evidence, fmt(speed[s.config], 3),
                      fmt(s.vs_baseline.get(mem.key), 3) if mem in exp.metrics else "-", stability])
-    header = ["config", "verdict", f"Δ{q.label if q else 'quality'} vs fp32 [95% CI]",
-              f"{t.label if t else 'throughput'} ÷ fp32", "peak memory ÷ fp32", "stability"]
+    header = ["config", "verdict", f"Δ{q.label if q else 'quality'} vs fp32 (of fp32's mean) [interval at the "
+              "deciding Holm step], Holm-adjusted p", f"{t.label if t else 'throughput'} ÷ fp32",
+              "peak memory ÷ fp32", "stability"]
     plots_line = ", ".join(f"[{FIGURE_TEXT[k][0].lower()}]({p.name})" for k, p in analysis.plots.items() if p)
     return ["## Which config should I use", "",
-            "Best first: configs without a quality loss, fastest first. " + (findings(analysis)[0] if q and t else ""),
-            "", md_table(header, rows), "",
-            f"Verdict: \"no quality loss\" only when every run completed and an equivalence test (TOST at {LEVEL}, "
-            f"at least {MIN_SEEDS} seeds) puts {q.label if q else 'quality'} within ±{analysis.quality_margin:.0%} of "
-            "fp32's mean; \"quality loss\" only when a one-sided test at the same level says worse; otherwise "
-            "inconclusive (details: Summary, Stability). Plots: " + (plots_line or "none drawn") + ".", ""]
+            "Best first: configs shown within the margin, fastest first. " + (findings(analysis)[0] if q and t else ""),
+            "", md_table(header, rows), "", error_control(analysis) if q else "No quality metric: no verdicts.", "",
+            "Details: Summary, Stability. Plots: " + (plots_line or "none drawn") + ".", ""]
 
 
 def main_table(analysis: Analysis) -> str:

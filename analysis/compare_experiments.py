@@ -30,10 +30,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis import plots  # noqa: E402
 from analysis import hypotheses  # noqa: E402
-from analysis.analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdict  # noqa: E402
+from analysis.analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdicts  # noqa: E402
 from analysis.experiment_data import Metric, styles  # noqa: E402
 from analysis.report import caveats, fmt, fmt_difference, hypotheses_section, md_table  # noqa: E402
 from analysis.stats import by_seed, difference, ranks, spearman  # noqa: E402
+from analysis.verdicts import KEEPS_QUALITY, decision_rule  # noqa: E402
 
 from dtype_bench.configs import HelpFormatter  # noqa: E402
 from dtype_bench.io import FolderRefused, atomic_write_json, atomic_write_text, own_folder  # noqa: E402
@@ -118,18 +119,18 @@ def _ratios(analysis: Analysis, config: str) -> str:
 
 
 def recommendations(tasks: dict[str, Analysis]) -> dict:
-    verdicts = {name: {s.config: quality_verdict(a, s.config) for s in a.summaries} for name, a in tasks.items()}
+    per_task = {name: quality_verdicts(a) for name, a in tasks.items()}
     universal, avoid = [], []
-    configs = [c for c in next(iter(tasks.values())).exp.configs if all(c in v for v in verdicts.values())]
+    configs = [c for c in next(iter(tasks.values())).exp.configs if all(c in v for v in per_task.values())]
     for config in configs:
-        outcomes = {name: verdicts[name][config] for name in tasks}
-        evidence = "; ".join(f"{name}: {_ratios(a, config)}{outcomes[name][1]}" for name, a in tasks.items())
-        if config != "fp32_baseline" and all(v[0] == "ok" for v in outcomes.values()):
-            universal.append(f"{config} keeps quality in both tasks — {evidence}")
-        elif all(v[0] in ("worse", "unstable") for v in outcomes.values()):
+        outcomes = {name: per_task[name][config] for name in tasks}
+        evidence = "; ".join(f"{name}: {_ratios(a, config)}{outcomes[name].text()}" for name, a in tasks.items())
+        if config != "fp32_baseline" and all(v.kind in KEEPS_QUALITY for v in outcomes.values()):
+            universal.append(f"{config} stays within the margin in both tasks — {evidence}")
+        elif all(v.kind in ("loss", "unstable") for v in outcomes.values()):
             avoid.append(f"avoid {config} in both tasks — {evidence}")
     universal.sort()
-    return {"universal": universal or ["no config other than fp32_baseline keeps quality in both tasks"],
+    return {"universal": universal or ["no config other than fp32_baseline is shown within the margin in both tasks"],
             "avoid_everywhere": avoid, "per_task": {name: findings(a) for name, a in tasks.items()}}
 
 
@@ -172,6 +173,9 @@ def render_comparison_report(tasks: dict[str, Analysis], comparison: dict, figur
     lines += [f"- **{name}**: [{a.output_dir.relative_to(output_dir)}/report.md]"
               f"({a.output_dir.relative_to(output_dir)}/report.md) — {len(a.exp.rows)} runs of "
               f"{len(a.exp.configs)} configs from `{a.exp.results_dir}`" for name, a in tasks.items()]
+    lines += ["", f"Decision rule and error control (verdicts, hypotheses, recommendations): "
+                  f"{decision_rule(comparison['quality_margin'])} The frontier claim is Holm-corrected over the "
+                  "configs it is compared with."]
     problems = [f"{name}: {p}" for name, a in tasks.items() for p in a.exp.problems]
     only = {name: sorted(set(a.exp.configs) - set.intersection(*(set(t.exp.configs) for t in tasks.values())))
             for name, a in tasks.items()}
@@ -208,10 +212,6 @@ def render_comparison_report(tasks: dict[str, Analysis], comparison: dict, figur
     lines += [md_table(["metric", "pair", "size", "significant in both"] + list(tasks), rows) if rows
               else "No flips: every pair of configs is ordered the same way in both tasks.", ""]
     lines += ["## Caveats", ""] + [f"- {c}" for c in dict.fromkeys(c for a in tasks.values() for c in caveats(a.exp))]
-    lines.append(f"- Recommendations call a config's quality kept only when a TOST equivalence test at level "
-                 f"{hypotheses.LEVEL} puts its seed-paired difference to fp32 within "
-                 f"±{comparison['quality_margin']:.0%} "
-                 "of fp32's mean; the hypotheses use their own stated margins and level.")
     return "\n".join(lines) + "\n"
 
 

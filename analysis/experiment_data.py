@@ -205,7 +205,7 @@ ACT_GRAD_FLUSHED = "act_grad_flushed_frac_vs_fp32"
 def add_activation_flush_vs_baseline(exp: Experiment) -> None:
     """Adds `ACT_GRAD_FLUSHED` {group: fraction} to each training record that the fp32 baseline's run of the same
     seed measured at the same step: of the activation-gradient elements in rows that are not structurally zero in
-    fp32, the fraction that are zero in this config, whether inside a row with non-zeros (`act_grad_zero_frac`)
+    fp32, the fraction that are zero in this config, whether inside a row with non-zeros (`act_grad_zero_in_live_rows_frac`)
     or in a row that flushed to zero entirely (which the run itself cannot tell from a structural row, so
     `act_grad_structural_zero_frac` counts it there). The same seed trains on the same batches in every config, and
     fp32 flushes nothing at these magnitudes, so its structural rows are the reference; late in training the
@@ -219,7 +219,7 @@ def add_activation_flush_vs_baseline(exp: Experiment) -> None:
         reference = {rec["step"]: rec.get("act_grad_structural_zero_frac") or {}
                      for rec in exp.training_records(reference_id) if "step" in rec}
         for rec in exp.training_records(row["run_id"]):
-            structural, zeros = rec.get("act_grad_structural_zero_frac"), rec.get("act_grad_zero_frac")
+            structural, zeros = rec.get("act_grad_structural_zero_frac"), rec.get("act_grad_zero_in_live_rows_frac")
             base = reference.get(rec.get("step"))
             if not (isinstance(structural, dict) and isinstance(zeros, dict) and base):
                 continue

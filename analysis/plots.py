@@ -30,9 +30,10 @@ DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each 
     ("lost_update_frac", "weight updates lost (element unchanged)"),
     ("moment_update_lost_frac/exp_avg_sq", "second-moment updates lost (fp32 would change it)"),
     ("moment_update_lost_frac/exp_avg", "first-moment updates lost"),
-    ("grad_underflow_frac", "parameter gradients zero or subnormal (structural zeros excluded)"),
-    ("act_grad_underflow_frac", "activation gradients below the smallest normal (loss scale applied)"),
-    ("act_grad_zero_frac", "activation gradients flushed to zero inside live rows (loss scale applied)"),
+    ("grad_subnormal_frac", "parameter gradients subnormal in their dtype (structural zeros excluded)"),
+    ("act_grad_subnormal_frac", "activation gradients subnormal in the consuming matmul's dtype (loss scale applied)"),
+    ("act_grad_zero_in_live_rows_frac", "activation gradients exactly zero inside live rows (loss scale applied; "
+                                        "flushed or exact)"),
     (ACT_GRAD_FLUSHED, "activation gradients flushed to zero, whole rows included (vs fp32's structural rows)"),
 )
 GROUP_MARKERS = "os^v<>"

@@ -148,8 +148,10 @@ def caveats(exp: Experiment) -> list[str]:
     if seeds and min(seeds) < 3:
         out.append(f"Some configs have fewer than 3 completed seeds (min {min(seeds)}): intervals are wide or absent "
                    "(n=1 has none), and 'not significant' mostly means 'not enough seeds'.")
-    out.append("Statistics use completed runs only; diverged, failed and skipped runs are counted in the status "
-               "columns and explained in the stability matrix. Pareto fronts compare means and ignore their intervals.")
+    out.append("Means and intervals use completed runs; diverged, failed and skipped runs are counted in the status "
+               "columns and explained in the stability matrix. Quality verdicts count them: a config with a diverged "
+               "or failed run is never equivalent, and its loss is tested with the divergences counted. Pareto "
+               "fronts compare means and ignore their intervals.")
     return out
 
 
@@ -160,7 +162,9 @@ def hypotheses_section(verdicts: dict[str, dict], scope: str, shown_tasks: tuple
     lines = ["## Hypotheses", "", f"Stated and decided as in `experiments/classification/PLAN.md` (generated from "
              f"`analysis/hypotheses.py`), on {scope}: a hypothesis is supported when every claim is, refuted when "
              "any claim is; a claim only when its test at the stated level says so, with at least "
-             f"{hypotheses.MIN_SEEDS} runs per config; anything else is inconclusive.", ""]
+             f"{hypotheses.MIN_SEEDS} runs per config; anything else is inconclusive. Quality claims carry the "
+             "quality verdict of their pair (Holm-corrected over the experiment's comparisons, divergences "
+             "counted), the same one the \"Which config should I use\" table shows.", ""]
     for key, v in verdicts.items():
         lines += [f"### {key}: **{v['verdict']}**", "", v["statement"], ""]
         for task, result in v["tasks"].items():

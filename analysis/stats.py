@@ -6,10 +6,11 @@ Statistics use completed runs only; diverged/failed/skipped runs are counted and
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as scipy_stats
+from scipy import integrate, special, stats as scipy_stats
 
 from analysis.experiment_data import BASELINE, Experiment, Metric, is_number
 
@@ -53,52 +54,72 @@ class Difference:
         return self.lo is not None and (self.lo > 0 or self.hi < 0)
 
 
+def _two_sample(xa: np.ndarray, xb: np.ndarray, paired: bool, alternative: str = "two-sided"):
+    """scipy's paired t (`ttest_rel`) or Welch's t (`ttest_ind(equal_var=False)`) of xa - xb."""
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # zero spread: scipy answers inf/NaN, handled by callers
+        if paired:
+            return scipy_stats.ttest_rel(xa, xb, alternative=alternative)
+        return scipy_stats.ttest_ind(xa, xb, equal_var=False, alternative=alternative)
+
+
+def _interval(result, delta: float, confidence: float) -> tuple[float, float]:
+    """scipy's `confidence_interval` of a t-test result; with no spread the point itself."""
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = result.confidence_interval(confidence_level=confidence)
+    lo, hi = float(ci.low), float(ci.high)
+    return (delta, delta) if math.isnan(lo) or math.isnan(hi) else (lo, hi)
+
+
+def _p(result) -> float:
+    """The test's p-value; 0/0 (no spread and no difference from the null value) is no evidence: 1."""
+    p = float(result.pvalue)
+    return 1.0 if math.isnan(p) else p
+
+
 def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
     """`a`, `b`: seed -> value."""
     common = sorted(set(a) & set(b))
-    if len(common) >= 2:
-        d = np.array([a[s] - b[s] for s in common], dtype=float)
-        est = estimate(list(d))
-        p = float(scipy_stats.ttest_1samp(d, 0.0).pvalue) if np.all(np.isfinite(d)) and d.std() > 0 else None
-        return Difference(est.mean, est.lo, est.hi, p, len(common), True)
-    xa, xb = np.array(list(a.values()), dtype=float), np.array(list(b.values()), dtype=float)
+    paired = len(common) >= 2
+    if paired:
+        xa, xb = np.array([a[s] for s in common], dtype=float), np.array([b[s] for s in common], dtype=float)
+    else:
+        xa, xb = np.array(list(a.values()), dtype=float), np.array(list(b.values()), dtype=float)
     if not len(xa) or not len(xb):
         return Difference(None, None, None, None, 0, False)
+    n = len(common) if paired else min(len(xa), len(xb))
     delta = float(xa.mean() - xb.mean())
-    if len(xa) < 2 or len(xb) < 2:
-        return Difference(delta, None, None, None, min(len(xa), len(xb)), False)
-    va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
-    se = math.sqrt(va + vb)
-    if se == 0 or not math.isfinite(se):
-        return Difference(delta, None, None, None, min(len(xa), len(xb)), False)
-    dof = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1))
-    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, dof)) * se
-    p = float(scipy_stats.ttest_ind(xa, xb, equal_var=False).pvalue)
-    return Difference(delta, delta - half, delta + half, p, min(len(xa), len(xb)), False)
+    if n < 2 or not (np.all(np.isfinite(xa)) and np.all(np.isfinite(xb))):
+        return Difference(delta, None, None, None, n, paired)
+    result = _two_sample(xa, xb, paired)
+    spread = float(np.std(xa - xb)) if paired else float(np.std(xa) + np.std(xb))
+    if spread == 0:
+        return Difference(delta, None, None, None, n, paired)
+    lo, hi = _interval(result, delta, CONFIDENCE)
+    return Difference(delta, lo, hi, _p(result), n, paired)
 
 
 MIN_SEEDS = 3
 """Fewer completed seeds than this per config: no test decides anything (a verdict is always inconclusive)."""
+POWER = 0.8
+"""The power a suggested number of seeds is computed for."""
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Config `a` against reference `b` over seeds, oriented so that a positive delta means `a` is better, with the
-    one-sided and equivalence (TOST) tests at level `alpha` against an equivalence margin of ±`margin`.
+    one-sided and equivalence (TOST) tests against an equivalence margin of ±`margin`.
 
-    Paired t over the seeds both ran (same data order and initialisation) when there are at least 2, else Welch's
-    t over all seeds of each. [lo, hi] is the (1 - 2 alpha) interval: the one whose bounds decide the one-sided
-    tests (hi < 0 <=> p_worse < alpha) and TOST (-margin < lo and hi < margin <=> p_equivalent < alpha); a test
-    decides when p <= alpha and both configs have at least MIN_SEEDS seeds."""
+    scipy's paired t (`ttest_rel`) over the seeds both ran (same data order and initialisation) when there are at
+    least 2, else Welch's t (`ttest_ind(equal_var=False)`) over all seeds of each. A one-sided test at level a'
+    rejects exactly when the (1 - 2a') interval (`interval(a')`) excludes 0 on that side, and TOST at a' exactly
+    when that interval lies inside ±margin: a verdict prints the interval at the level that decided it."""
     delta: float | None
-    lo: float | None
-    hi: float | None
     n: int
     """Seed pairs (paired), else the smaller group's size (Welch)."""
     paired: bool
     test: str
-    se: float | None
-    dof: float | None
     p_better: float | None
     """H1: delta > 0."""
     p_worse: float | None
@@ -107,95 +128,139 @@ class Comparison:
     """TOST: the larger of the p-values of delta > -margin and delta < +margin."""
     p_beyond: float | None
     """The smaller of the p-values of delta < -margin and delta > +margin (a difference beyond the margin)."""
+    p_below_margin: float | None
+    """H1: delta < +margin (not better by the margin or more)."""
     margin: float
-    alpha: float
     spreads: tuple[float, ...] = ()
     """Standard deviation of the paired differences, or of each group (Welch): what a seed-count plan uses."""
-
-    def _decided(self, p: float | None) -> bool:
-        return p is not None and self.n >= MIN_SEEDS and p <= self.alpha
-
-    @property
-    def better(self) -> bool:
-        return self._decided(self.p_better)
+    sizes: tuple[int, ...] = ()
+    """Seed pairs (paired), else each group's size."""
+    result: object = field(default=None, compare=False, repr=False)
+    """scipy's two-sided t-test result, whose `confidence_interval` gives `interval`."""
 
     @property
-    def worse(self) -> bool:
-        return self._decided(self.p_worse)
+    def tested(self) -> bool:
+        """Enough seeds of both for a test to decide (MIN_SEEDS)."""
+        return self.p_worse is not None and self.n >= MIN_SEEDS
 
-    @property
-    def equivalent(self) -> bool:
-        return self._decided(self.p_equivalent)
+    def interval(self, alpha: float) -> tuple[float | None, float | None]:
+        """The (1 - 2 alpha) interval of delta (oriented): the one whose bounds decide the one-sided tests and TOST
+        at level alpha."""
+        if self.result is None:
+            return None, None
+        return _interval(self.result, self.delta, 1 - 2 * alpha)
 
-    @property
-    def beyond_margin(self) -> bool:
-        return self._decided(self.p_beyond)
-
-    def text(self) -> str:
+    def text(self, alpha: float) -> str:
         if self.delta is None:
             return f"no values to compare (n={self.n})"
-        interval = "" if self.lo is None else f", {1 - 2 * self.alpha:.0%} CI [{self.lo:+.3g}, {self.hi:+.3g}]"
+        lo, hi = self.interval(alpha)
+        interval = "" if lo is None else f", {100 * (1 - 2 * alpha):.4g}% CI [{lo:+.3g}, {hi:+.3g}]"
         return f"Δ {self.delta:+.3g}{interval} ({self.test}, n={self.n}; margin ±{self.margin:.3g})"
 
-    def seeds_needed(self, goal: str) -> int | None:
-        """Seeds per config for the (1 - 2 alpha) interval to settle `goal` ('difference': exclude 0;
-        'equivalence': fit inside ±margin) if the observed delta and spread stayed as they are; None when the
-        observed numbers cannot get there (equivalence with |delta| >= margin, a difference of exactly 0, or no
-        spread measured yet)."""
+    def _se_dof(self, n: int) -> tuple[float, float]:
+        """Standard error and degrees of freedom of delta with n seeds per config at the observed spread."""
+        if self.paired:
+            return self.spreads[0] / math.sqrt(n), n - 1.0
+        va, vb = (sd ** 2 / n for sd in self.spreads)
+        se = math.sqrt(va + vb)
+        return se, ((va + vb) ** 2 / ((va ** 2 + vb ** 2) / (n - 1)) if se > 0 else 2.0 * (n - 1))
+
+    def power(self, goal: str, n: int, alpha: float) -> float | None:
+        """Power at level alpha with n seeds per config if the observed delta and spread were the truth: 'difference'
+        = the one-sided test in the observed direction rejects (noncentral t), 'equivalence' = TOST against ±margin
+        rejects (exact for the paired t: the normal mean integrated over the chi distribution of the spread).
+        None without a measured spread."""
+        if self.delta is None or not self.spreads or n < 2:
+            return None
+        se, dof = self._se_dof(n)
+        critical = float(scipy_stats.t.ppf(1 - alpha, dof))
+        if se == 0:
+            inside = abs(self.delta) < self.margin if goal == "equivalence" else self.delta != 0
+            return 1.0 if inside else 0.0
+        if goal == "difference":
+            return float(scipy_stats.nct.sf(critical, dof, abs(self.delta) / se))
+        if self.margin <= 0:
+            return 0.0
+
+        # TOST rejects when |delta_hat| < margin - t * se_hat; se_hat / se = sqrt(X / dof), X ~ chi2(dof),
+        # independent of delta_hat ~ N(delta, se^2): integrate over r = se_hat / se, up to where no room is left.
+        r = np.linspace(0.0, self.margin / (critical * se), 4001)[1:] if critical > 0 else np.linspace(0, 50, 4001)[1:]
+        half = np.clip(self.margin - critical * r * se, 0.0, None)
+        accepted = special.ndtr((half - self.delta) / se) - special.ndtr((-half - self.delta) / se)
+        density = scipy_stats.chi.pdf(r * math.sqrt(dof), dof) * math.sqrt(dof)
+        value = float(integrate.trapezoid(np.clip(accepted, 0.0, None) * density, r))
+        return min(1.0, max(0.0, value))
+
+    def seeds_for_power(self, goal: str, alpha: float, power: float = POWER) -> tuple[int, float] | None:
+        """(seeds per config, its power) of the smallest n >= max(n, MIN_SEEDS) with at least `power` to settle
+        `goal` at level alpha, if the observed delta and spread were the truth; None when no n up to 1,000 gets
+        there (equivalence with |delta| >= margin, a difference of exactly 0) or no spread was measured yet."""
         if self.delta is None or not self.spreads:
             return None
-        room = abs(self.delta) if goal == "difference" else self.margin - abs(self.delta)
-        if room <= 0:
+        if goal == "equivalence" and abs(self.delta) >= self.margin or goal == "difference" and self.delta == 0:
             return None
-        for n in range(max(self.n, 2), 10_001):
-            se = math.sqrt(sum(sd ** 2 for sd in self.spreads) / n)
-            dof = n - 1 if self.paired else 2 * (n - 1)  # Welch with equal spreads and sizes
-            if float(scipy_stats.t.ppf(1 - self.alpha, dof)) * se < room:
-                return max(n, MIN_SEEDS)
-        return None
+        low, high = max(self.n, MIN_SEEDS), 1000
+        if (self.power(goal, high, alpha) or 0) < power:
+            return None
+        while low < high:  # power rises with n
+            mid = (low + high) // 2
+            if self.power(goal, mid, alpha) >= power:
+                high = mid
+            else:
+                low = mid + 1
+        return low, self.power(goal, low, alpha)
 
 
-def _t_tail(z: float, dof: float, upper: bool) -> float:
-    """P(T > z) (upper) or P(T < z) for Student's t; with no spread (z = ±inf or 0/0) the exact 0 or 1."""
-    if math.isnan(z):
-        return 1.0
-    return float(scipy_stats.t.sf(z, dof) if upper else scipy_stats.t.cdf(z, dof))
-
-
-def compare(a: dict[int, float], b: dict[int, float], *, margin: float, alpha: float,
-            higher_is_better: bool = True) -> Comparison:
+def compare(a: dict[int, float], b: dict[int, float], *, margin: float, higher_is_better: bool = True) -> Comparison:
     """`a`, `b`: seed -> value (finite); see Comparison."""
     sign = 1.0 if higher_is_better else -1.0
     common = sorted(set(a) & set(b))
-    if len(common) >= 2:
-        d = sign * np.array([a[s] - b[s] for s in common], dtype=float)
-        delta, sd = float(d.mean()), float(d.std(ddof=1))
-        se, dof, paired, test, spreads, size = sd / math.sqrt(len(d)), len(d) - 1.0, True, "paired t", (sd,), len(d)
+    paired = len(common) >= 2
+    if paired:
+        xa, xb = (sign * np.array([v[s] for s in common], dtype=float) for v in (a, b))
+        size, sizes = len(common), (len(common),)
     else:
         xa, xb = (sign * np.array(list(v.values()), dtype=float) for v in (a, b))
-        size = min(len(xa), len(xb))
-        if size == 0:
-            return Comparison(None, None, None, 0, False, "none", None, None, None, None, None, None, margin, alpha)
-        delta = float(xa.mean() - xb.mean())
-        if size < 2:
-            return Comparison(delta, None, None, size, False, "none (one seed)", None, None, None, None, None, None,
-                              margin, alpha)
-        va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
-        se = math.sqrt(va + vb)
-        dof = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1)) if se > 0 else float(size - 1)
-        paired, test, spreads = False, "Welch t", (float(xa.std(ddof=1)), float(xb.std(ddof=1)))
-
-    def z(c: float) -> float:
-        return (delta - c) / se if se > 0 else (math.inf if delta > c else -math.inf if delta < c else math.nan)
-
-    half = float(scipy_stats.t.ppf(1 - alpha, dof)) * se
-    p_above_minus, p_below_plus = _t_tail(z(-margin), dof, True), _t_tail(z(margin), dof, False)
+        size, sizes = min(len(xa), len(xb)), (len(xa), len(xb))
+    test = "paired t" if paired else "Welch t"
+    if size == 0:
+        return Comparison(None, 0, False, "none", None, None, None, None, None, margin)
+    delta = float(xa.mean() - xb.mean())
+    if size < 2:
+        return Comparison(delta, size, False, "none (one seed)", None, None, None, None, None, margin)
+    spreads = (float(np.std(xa - xb, ddof=1)),) if paired else (float(xa.std(ddof=1)), float(xb.std(ddof=1)))
+    # one scipy call per direction, over the null values 0, -margin, +margin (columns)
+    shifted = xa[:, None] - np.array([0.0, -margin, margin])
+    greater, less = (np.nan_to_num(_two_sample(shifted, np.repeat(xb[:, None], 3, axis=1), paired, alternative)
+                                   .pvalue, nan=1.0).astype(float) for alternative in ("greater", "less"))
     return Comparison(
-        delta, delta - half, delta + half, size, paired, test, se, dof,
-        p_better=_t_tail(z(0.0), dof, True), p_worse=_t_tail(z(0.0), dof, False),
-        p_equivalent=max(p_above_minus, p_below_plus),
-        p_beyond=min(_t_tail(z(-margin), dof, False), _t_tail(z(margin), dof, True)),
-        margin=margin, alpha=alpha, spreads=spreads)
+        delta, size, paired, test, p_better=float(greater[0]), p_worse=float(less[0]),
+        p_equivalent=float(max(greater[1], less[2])), p_beyond=float(min(less[1], greater[2])),
+        p_below_margin=float(less[2]), margin=margin, spreads=spreads, sizes=sizes,
+        result=_two_sample(xa, xb, paired))
+
+
+def holm(pvalues: dict, alpha: float) -> dict:
+    """Holm's step-down over a family {key: p}: key -> (adjusted p, the level its step tested at). Sorted by p, the
+    i-th of m is tested at alpha / (m - i + 1) while every smaller one was rejected; the adjusted p (monotone,
+    capped at 1) is <= alpha exactly when the step-down rejects it. The chance of at least one false rejection in
+    the family is at most alpha, whatever the dependence between the tests."""
+    order = sorted(pvalues, key=lambda k: pvalues[k])
+    m, running, out = len(order), 0.0, {}
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (m - i) * pvalues[key]))
+        out[key] = (running, alpha / (m - i))
+    return out
+
+
+def fisher_more(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """One-sided Fisher exact test (scipy) that `a` = (events, non-events) has a higher event rate than `b`."""
+    return float(scipy_stats.fisher_exact([list(a), list(b)], alternative="greater").pvalue)
+
+
+def binomial_below_half(events: int, n: int) -> float:
+    """Exact binomial test (scipy) that the event rate is below 1/2."""
+    return float(scipy_stats.binomtest(events, n, 0.5, alternative="less").pvalue)
 
 
 def by_seed(rows: list[dict], key: str) -> dict[int, float]:

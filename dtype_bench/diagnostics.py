@@ -31,15 +31,20 @@ timing) add:
   but an element whose change is below the code spacing keeps its code. Absent on step 1.
 - `update_weight_ratio_median`: median |intended update| / |weight| over non-zero weights (a strided sample of
   at most `MEDIAN_SAMPLE` elements per group).
-- underflow (`underflow.underflow_fields`: `<prefix>_zero_frac`, `_subnormal_frac`, `_underflow_frac` (their
-  sum) and `_structural_zero_frac`): prefix `grad` over parameter gradients as the optimizer sees them, rows
-  along dim 0 (under autocast the fp32 master gradients, where fp16 underflow cannot show); prefix `act_grad`,
-  with `act_grad_dtypes`, over the gradients of the activations entering every matmul layer (nn.Linear, HF
-  Conv1D), rows along the feature dimension, in their own dtype with the loss scale applied (what the hardware
-  computed: under fp16 autocast, where loss scaling matters; a row that flushed to zero entirely counts as
-  structural, so this is a lower bound); and `second_moment_underflow_frac` over the optimizer's
-  floating-point second moments (none for a group holding 8-bit codes: a fraction of its fp32 leftovers would speak for
-  codes that have no subnormals; what 8-bit codes do to small values shows in `moment_update_lost_frac`).
+- zeros and subnormals (`underflow.underflow_fields`: `<prefix>_zero_in_live_rows_frac`, `_subnormal_frac` and
+  `_structural_zero_frac`): prefix `grad` over parameter gradients as
+  the optimizer sees them, rows along dim 0, in their own dtype (under autocast the fp32 master gradients, where
+  fp16 underflow cannot show); prefix `act_grad`, with `act_grad_dtypes` (the dtype each was judged in), over the
+  gradients of the activations entering every matmul layer (nn.Linear, HF Conv1D), rows along the feature
+  dimension, with the loss scale applied, judged against the narrower of its own dtype and that of the matmul
+  that consumes the activation (under autocast the autocast dtype: an fp32 LayerNorm output feeding an fp16
+  matmul gets its gradient from that fp16 matmul). Exact zeros inside live rows are not all flushes (fp32 has a few), and a row that flushed whole
+  counts as structural: the analysis corrects both against the fp32 baseline (`act_grad_flushed_frac_vs_fp32`).
+  `second_moment_underflow_frac`: of the second-moment elements whose fp32 recurrence (from the stored value and
+  the same gradient; from zero on the first step) is a normal fp32 number, the fraction the optimizer stored as
+  zero or subnormal in the moment's own dtype: 0 for fp32 moments, and rows that never saw a gradient are left
+  out (their recurrence is 0). None for a group holding 8-bit codes (no subnormals; what the codes do to small
+  values shows in `moment_update_lost_frac`).
 A step the GradScaler skipped records the gradient fields and `optimizer_step_skipped`. Non-finite values are
 kept: an update that wrote NaN has NaN fidelity.
 
@@ -69,6 +74,15 @@ from dtype_bench.memory import is_8bit, tensor_bytes
 from dtype_bench.nonfinite import GroupOf, count_nonfinite, extremes, group_roots, output_tensors
 from dtype_bench.precision import adamw_fp32_step, dtype_name
 from dtype_bench.underflow import tiny_or_zero, underflow_counts, underflow_fields
+
+
+def matmul_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul layer computes in for input `x`: the autocast dtype where autocast is on for x's device,
+    else the layer's weight dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return module.weight.dtype
 
 MEDIAN_SAMPLE = 2**20  # elements per group for the update/weight median
 RESOLVED_CHANGE = 2.0**-20  # a relative moment change fp32 resolves (~8 ulps) and bf16 (half-ulp 2^-9) cannot
@@ -140,13 +154,14 @@ class PrecisionDiagnostics:
             hooked = self._act_hooked.get(id(x))
             if hooked is None or hooked() is not x:
                 self._act_hooked[id(x)] = weakref.ref(x)
-                x.register_hook(functools.partial(self._count_activation_grad, group))
+                x.register_hook(functools.partial(self._count_activation_grad, group, matmul_dtype(module, x)))
         return pre_hook
 
-    def _count_activation_grad(self, group: str, grad: torch.Tensor) -> None:
-        counts = underflow_counts(grad.detach().reshape(-1, grad.shape[-1]))
+    def _count_activation_grad(self, group: str, dtype: torch.dtype, grad: torch.Tensor) -> None:
+        judged = dtype if torch.finfo(dtype).tiny > torch.finfo(grad.dtype).tiny else grad.dtype
+        counts = underflow_counts(grad.detach().reshape(-1, grad.shape[-1]), judged)
         self._act_counts[group] = self._act_counts[group] + counts if group in self._act_counts else counts
-        self._act_dtypes.setdefault(group, set()).add(dtype_name(grad.dtype))
+        self._act_dtypes.setdefault(group, set()).add(dtype_name(judged))
 
     def _mark_stepped(self, optimizer, args, kwargs) -> None:
         self._stepped = True  # not called when the GradScaler skips the step
@@ -177,7 +192,7 @@ class PrecisionDiagnostics:
     @torch.no_grad()
     def _capture(self, with_grad: list[tuple[str, torch.nn.Parameter]]) -> dict:
         grad_counts: dict[str, torch.Tensor] = {}
-        before, intended, moments, ratios = {}, {}, {}, {g: [] for g in self.groups}
+        before, intended, moments, second_reference, ratios = {}, {}, {}, {}, {g: [] for g in self.groups}
         for _, p in with_grad:
             group = self.group_of_param[p]
             grad = p.grad.detach()
@@ -185,6 +200,8 @@ class PrecisionDiagnostics:
             grad_counts[group] = grad_counts[group] + counts if group in grad_counts else counts
             hyper, state = self._hyper[p], self.optimizer.state.get(p, {})
             moments[p] = self._moment_snapshot(state, grad, hyper)
+            second_reference[p] = (moments[p]["exp_avg_sq"][1] if "exp_avg_sq" in moments[p] else
+                                   ((1 - betas(hyper)[1]) * grad.float().square()).cpu())
             adam_moments = moments_fp32(state, p, hyper)
             if adam_moments is None:
                 continue
@@ -205,7 +222,7 @@ class PrecisionDiagnostics:
         medians = {g: torch.cat(r) for g, r in ratios.items() if r}
         self._fields["update_weight_ratio_median"] = {
             g: float(r.median()) if r.numel() else None for g, r in medians.items()}
-        return {"before": before, "intended": intended, "moments": moments}
+        return {"before": before, "intended": intended, "moments": moments, "second_reference": second_reference}
 
     @staticmethod
     def _moment_snapshot(state: dict, grad: torch.Tensor, hyper: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -250,12 +267,14 @@ class PrecisionDiagnostics:
         if moments_lost:  # none before the first step allocated moments
             self._fields["moment_update_lost_frac"] = moments_lost
         small, total, coded = {g: 0 for g in self.groups}, {g: 0 for g in self.groups}, set()
-        for _, p in self.named:
+        fp32_normal = torch.finfo(torch.float32).tiny
+        for p, reference in snapshot["second_reference"].items():
             state, group = self.optimizer.state.get(p, {}), self.group_of_param[p]
             second = second_moment(state)
             if second is not None:
-                small[group] += int(tiny_or_zero(second).sum())
-                total[group] += second.numel()
+                live = reference.abs() >= fp32_normal  # the fp32 recurrence holds a normal number
+                small[group] += int((tiny_or_zero(second).cpu().view_as(live) & live).sum())
+                total[group] += int(live.sum())
             elif "exp_avg_sq" in stored_moments(state):
                 coded.add(group)  # 8-bit codes
         self._fields["second_moment_underflow_frac"] = {

@@ -64,7 +64,8 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int |
 # Dense (no structured sparsity) tensor-core peaks from NVIDIA datasheets, TFLOP/s, by device-name pattern.
 # "tf32" applies to fp32 matmuls with TF32 allowed; "fp32" is the non-tensor-core FP32 peak.
 DATASHEET_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    (r"H200", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),
+    (r"H200 NVL", {"bfloat16": 835.5, "float16": 835.5, "tf32": 417.5, "float32": 60.0}),  # PCIe, 600 W
+    (r"H200", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),  # SXM
     (r"H100.*(PCIe)", {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.2}),
     (r"H100.*NVL", {"bfloat16": 835.5, "float16": 835.5, "tf32": 417.5, "float32": 60.0}),
     (r"H100", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),  # SXM5

@@ -7,7 +7,7 @@ Under DDP every rank calls `flush` (the signals are reduced over ranks: mean los
 non-finite counts) and only rank 0 passes a `log`, so all ranks take the same divergence decision.
 With a `PrecisionDiagnostics`, each line also carries, per group, how many of its forward outputs, gradients and
 updated weights held a non-finite value, and `nonfinite_origin`; measured steps carry its fields
-(`update_fidelity`, `lost_update_frac`, `grad_underflow_frac`, ...).
+(`update_fidelity`, `lost_update_frac`, `grad_subnormal_frac`, ...).
 """
 from __future__ import annotations
 

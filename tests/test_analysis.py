@@ -1,8 +1,9 @@
-"""analysis/: the per-experiment report and the cross-task comparison, built from REAL tiny runs of both experiments.
+"""analysis/: the per-experiment report and the cross-task comparison.
 
-One module-scoped fixture runs a classification sweep (3 configs x 2 seeds, plus a diverging fp16_naive and a
-CPU-skipped fp32_tf32_matmul for partial results) and, concurrently, an LM sweep (4 configs x 1 seed); every
-statistic the analysis writes is then checked against an independent numpy/scipy computation on the raw rows.
+Synthetic results directories (rows and step logs shaped as run.py writes them: a classification sweep of 3
+configs x 2 seeds plus a diverged fp16_naive and a CPU-skipped fp32_tf32_matmul, and an LM sweep of 4 configs x 1
+seed) feed the tests of what the analysis computes and writes, each checked against an independent numpy/scipy
+computation on the raw rows; one `slow` test runs real tiny sweeps of both experiments end to end.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from analysis import analyze_experiment, compare_experiments, experiment_data
+from dtype_bench import precision
 from tiny_run import ENV, ROOT, small_cache, start
 
 ANALYSIS = ROOT / "analysis"
@@ -31,6 +33,7 @@ LM_SMALL = ["--preset", "tiny", "--n_layer", "1", "--n_head", "1", "--n_embd", "
 CLS_CONFIGS = ("fp32_baseline", "amp_bf16", "bf16_naive")
 SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1", "precision_at_1",
                 "precision_at_3", "precision_at_5", "rp_at_5", "ndcg_at_5")
+LM_METRICS = ("tokens_per_second", "peak_memory_gb", "val_loss", "perplexity")
 
 
 def analysis_modules():
@@ -42,17 +45,72 @@ def raw_rows(results_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (results_dir / "results.jsonl").read_text().splitlines()]
 
 
+def synthetic_run(task: str, config: str, seed: int, status: str, rng: np.random.Generator, steps: int = 6,
+                  diverged_at: int = 4) -> tuple[dict, list[dict]]:
+    """One results row and its step log as run.py writes them (CPU, `--preset tiny`, 6 steps)."""
+    rid = f"{task}-{config}-seed{seed}-abcdef12"
+    row = {"experiment": task, "run_id": rid, "config": config, "seed": seed, "status": status,
+           "setup_fingerprint": "abcdef12" * 8, "precision": precision.get(config).to_record(),
+           "train_config": {"preset": "tiny", "max_steps": steps, "seed": seed},
+           "recipe_departures": {"head_bias_prior": {"value": True, "recipe": False},
+                                 "max_steps": {"value": steps, "recipe": 5000}},
+           "env": {"device": "cpu", "torch": "2.13.0", "torch_threads": 1}, "compiled": False,
+           "optimizer_step_compiled": False, "peak_memory_kind": "cpu_peak_rss_per_phase"}
+    if status == "skipped":
+        return {**row, "reason": "TF32 matmuls need a CUDA GPU (this is a CPU run)"}, []
+    log = []
+    for step in range(1, steps + 1):
+        bad = status == "diverged" and step >= diverged_at
+        log.append({"step": step, "loss": float("nan") if bad else float(rng.uniform(0.5, 0.7)),
+                    "grad_norm": float("nan") if bad else float(rng.uniform(0.1, 1)),
+                    "max_abs_logit": float("nan") if bad else float(rng.uniform(5, 50))})
+        if step % 3 == 0 and not bad:
+            log.append({"step": step, "eval": "validation", "loss": float(rng.uniform(0.5, 0.7))})
+    if status == "diverged":
+        return {**row, "diverged_at_step": diverged_at + 1, "first_nonfinite_step": diverged_at, "steps": diverged_at,
+                "nonfinite_origin": "optimizer:encoder", "nonfinite_origin_step": diverged_at}, log
+    row.update(steps=steps, peak_memory_gb=float(rng.uniform(0.4, 0.6)), skipped_steps=0)
+    if task == "classification":
+        row["samples_per_second"] = float(rng.uniform(80, 120))
+        row.update({m: float(rng.uniform(0.1, 0.4)) for m in SEED_METRICS[2:]})
+        row["macro_f1_present_labels"] = float(rng.uniform(0.1, 0.4))
+    else:
+        row.update(tokens_per_second=float(rng.uniform(800, 1200)), val_loss=float(rng.uniform(5, 6)))
+        row["perplexity"] = math.exp(row["val_loss"])
+    return row, log
+
+
+def write_results(folder: Path, runs: list[tuple[dict, list[dict]]]) -> Path:
+    (folder / "logs").mkdir(parents=True)
+    (folder / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row, _ in runs))
+    for row, log in runs:
+        if log:
+            (folder / "logs" / f"{row['run_id']}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("analysis")
+    base, rng = tmp_path_factory.mktemp("analysis"), np.random.default_rng(0)
+    cls = [synthetic_run("classification", c, s, "completed", rng) for c in CLS_CONFIGS for s in (0, 1)]
+    cls += [synthetic_run("classification", "fp16_naive", 0, "diverged", rng),
+            synthetic_run("classification", "fp32_tf32_matmul", 0, "skipped", rng)]
+    lm = [synthetic_run("lm", c, 0, "completed", rng) for c in CLS_CONFIGS]
+    lm.append(synthetic_run("lm", "fp16_naive", 0, "diverged", rng))
+    return {"classification": write_results(base / "classification", cls), "lm": write_results(base / "lm", lm)}
+
+
+@pytest.fixture(scope="module")
+def real_results(tmp_path_factory) -> dict[str, Path]:
+    """Real tiny sweeps: classification 3 configs x 2 seeds, a diverging fp16_naive and a CPU-skipped
+    fp32_tf32_matmul; LM 4 configs x 1 seed (one thread per run, run side by side)."""
+    base = tmp_path_factory.mktemp("real")
     cls_dir, lm_dir = base / "classification", base / "lm"
     lm_cache = base / "lm_cache"
     prepare_lm = subprocess.run([sys.executable, str(ROOT / "experiments" / "lm" / "prepare_data.py"), "--source",
                                  "synthetic", "--output_dir", str(lm_cache), "--tokenizer", "bpe:512",
                                  "--synthetic_docs", "60"], env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert prepare_lm.returncode == 0, prepare_lm.stderr[-2000:]
-    # Everything runs side by side (one thread per run): most of a tiny run is interpreter start-up. The
-    # classification runs share one output dir, as separate invocations of one setup may.
     procs = [subprocess.Popen([sys.executable, str(LM_RUN), *LM_SMALL, *STEPS, "--data_dir", str(lm_cache),
                                "--config", ",".join(CLS_CONFIGS + ("fp16_naive",)), "--seeds", "1",
                                "--output_dir", str(lm_dir)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
@@ -79,8 +137,12 @@ def read_csv(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_summary_csv_matches_numpy_and_scipy(results, analysis):
-    rows = raw_rows(results["classification"])
-    summary = read_csv(analysis.output_dir / "summary.csv")
+    check_summary(raw_rows(results["classification"]), analysis.output_dir / "summary.csv")
+
+
+def check_summary(rows: list[dict], path: Path) -> None:
+    """summary.csv against numpy/scipy on the raw rows."""
+    summary = read_csv(path)
     done = lambda config: sorted((r for r in rows if r["config"] == config and r["status"] == "completed"),  # noqa: E731
                                  key=lambda r: r["seed"])
     base = done("fp32_baseline")
@@ -173,10 +235,10 @@ def test_malformed_row_is_reported_not_skipped_silently(results, tmp_path):
     assert "results.jsonl:9: malformed line" in (copy / "analysis" / "report.md").read_text()
 
 
-def test_missing_results_file_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(ANALYSIS / "analyze_experiment.py"), "--results_dir", str(tmp_path)],
-                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no results.jsonl" in proc.stderr
+def test_missing_results_file_is_one_line_and_exit_2(tmp_path, capsys):
+    assert analyze_experiment.main(["--results_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no results.jsonl" in err and not list(tmp_path.iterdir())
 
 
 def test_family_and_8bit_style_come_from_the_precision_record_not_the_name():
@@ -188,12 +250,33 @@ def test_family_and_8bit_style_come_from_the_precision_record_not_the_name():
     assert abs(grey[0] - grey[2]) < 1e-6 and style["amp_bf16"].linestyle == "-"
 
 
-def test_cross_task_comparison_from_real_lm_and_classification_sweeps(results, tmp_path):
+def test_cross_task_comparison_of_lm_and_classification_results(results, tmp_path):
+    out = tmp_path / "comparison"
+    assert compare_experiments.main(["--lm_results", str(results["lm"]), "--cls_results",
+                                     str(results["classification"]), "--output_dir", str(out)]) == 0
+    check_comparison(results, out)
+
+
+@pytest.mark.slow
+def test_real_tiny_sweeps_of_both_experiments_end_to_end(real_results, tmp_path):
+    """The scripts as a user runs them, on rows and logs that run.py wrote."""
+    proc = subprocess.run([sys.executable, str(ANALYSIS / "analyze_experiment.py"), "--results_dir",
+                           str(real_results["classification"]), "--output_dir", str(tmp_path / "cls")],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_summary(raw_rows(real_results["classification"]), tmp_path / "cls" / "summary.csv")
+    report = (tmp_path / "cls" / "report.md").read_text()
+    assert "| fp16_naive | diverged @ " in report and "fp32_tf32_matmul** seed 0: skipped — TF32" in report
     out = tmp_path / "comparison"
     proc = subprocess.run([sys.executable, str(ANALYSIS / "compare_experiments.py"), "--lm_results",
-                           str(results["lm"]), "--cls_results", str(results["classification"]), "--output_dir",
-                           str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           str(real_results["lm"]), "--cls_results", str(real_results["classification"]),
+                           "--output_dir", str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check_comparison(real_results, out)
+
+
+def check_comparison(results: dict[str, Path], out: Path) -> None:
+    """comparison.json and report.md against scipy on the raw rows."""
     comparison = json.loads((out / "comparison.json").read_text())
     means = {}
     for task, metric, sign in (("lm", "val_loss", -1), ("classification", "micro_f1", 1)):
@@ -246,8 +329,8 @@ def synthetic_experiment(configs: list[str], seeds: int = 2, steps: int = 20):
             logs[rid] = [{"step": s, "loss": rng.uniform(0.01, 0.02), "grad_norm": rng.uniform(0.1, 1),
                           "max_abs_logit": rng.uniform(5, 50), "loss_scale": 2.0 ** 16, "skipped_steps": s // 10,
                           "update_fidelity": per_group(), "lost_update_frac": per_group(),
-                          "grad_underflow_frac": per_group(), "act_grad_underflow_frac": per_group(),
-                          "act_grad_zero_frac": per_group(),
+                          "grad_subnormal_frac": per_group(), "act_grad_subnormal_frac": per_group(),
+                          "act_grad_zero_in_live_rows_frac": per_group(),
                           "moment_update_lost_frac": {"exp_avg": per_group(), "exp_avg_sq": per_group()}}
                          for s in range(1, steps + 1)]
             logs[rid] += [{"step": s, "eval": "validation", "loss": rng.uniform(0.01, 0.02)} for s in (10, 20)]
@@ -347,10 +430,10 @@ def test_rows_flushed_entirely_are_counted_against_the_fp32_baseline_of_the_same
             rid = f"{config}-{seed}"
             rows.append({"config": config, "seed": seed, "status": "completed", "run_id": rid})
             logs[rid] = [{"step": 1, "act_grad_structural_zero_frac": {"encoder": structural},
-                          "act_grad_zero_frac": {"encoder": zeros}}, {"step": 2, "loss": 1.0}]
+                          "act_grad_zero_in_live_rows_frac": {"encoder": zeros}}, {"step": 2, "loss": 1.0}]
     rows.append({"config": "amp_bf16", "seed": 5, "status": "completed", "run_id": "amp_bf16-5"})  # no fp32 seed 5
     logs["amp_bf16-5"] = [{"step": 1, "act_grad_structural_zero_frac": {"encoder": 0.5},
-                           "act_grad_zero_frac": {"encoder": 0.0}}]
+                           "act_grad_zero_in_live_rows_frac": {"encoder": 0.0}}]
     exp = experiment_data.Experiment("classification", Path("synthetic"), rows, [], logs)
     experiment_data.add_activation_flush_vs_baseline(exp)
     flushed = {rid: [r.get(experiment_data.ACT_GRAD_FLUSHED) for r in records] for rid, records in logs.items()}

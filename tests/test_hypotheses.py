@@ -2,6 +2,7 @@
 synthetic results built for each case (clear effect, clear equivalence, noise, one seed, all diverged)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 
-from analysis import analyze_experiment, experiment_data, hypotheses, stats
+from analysis import analyze_experiment, experiment_data, hypotheses, stats, verdicts
 
 H = {h.key: h for h in hypotheses.HYPOTHESES}
 ALPHA = 0.05
@@ -75,7 +76,7 @@ def claims(result: dict, task: str) -> list[dict]:
 def test_paired_comparison_matches_scipy(seed):
     b, a = paired(6, -0.01, 0.01, seed)
     margin = 0.02 * b.mean()
-    c = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=margin, alpha=ALPHA)
+    c = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=margin)
     d = a - b
     assert c.paired and c.n == 6 and c.delta == pytest.approx(d.mean())
     assert c.p_worse == pytest.approx(scipy_stats.ttest_rel(a, b, alternative="less").pvalue, rel=1e-9)
@@ -86,11 +87,12 @@ def test_paired_comparison_matches_scipy(seed):
     beyond = min(scipy_stats.ttest_1samp(d, -margin, alternative="less").pvalue,
                  scipy_stats.ttest_1samp(d, margin, alternative="greater").pvalue)
     assert c.p_beyond == pytest.approx(beyond, rel=1e-9)
-    lo, hi = scipy_stats.t.interval(1 - 2 * ALPHA, 5, loc=d.mean(), scale=scipy_stats.sem(d))
-    assert (c.lo, c.hi) == (pytest.approx(lo), pytest.approx(hi))
-    assert c.equivalent == (-margin < lo and hi < margin) and c.worse == (hi < 0)  # the interval decides the same
+    for alpha in (ALPHA, ALPHA / 7):  # the interval at a Holm step's level decides that step's tests
+        lo, hi = scipy_stats.t.interval(1 - 2 * alpha, 5, loc=d.mean(), scale=scipy_stats.sem(d))
+        assert c.interval(alpha) == (pytest.approx(lo), pytest.approx(hi))
+        assert (c.p_equivalent <= alpha) == (-margin < lo and hi < margin) and (c.p_worse <= alpha) == (hi < 0)
     # lower is better (a loss): oriented so that positive = better
-    low = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=margin, alpha=ALPHA, higher_is_better=False)
+    low = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=margin, higher_is_better=False)
     assert low.p_better == pytest.approx(scipy_stats.ttest_rel(a, b, alternative="less").pvalue, rel=1e-9)
     assert low.delta == pytest.approx(-d.mean())
 
@@ -99,7 +101,7 @@ def test_welch_comparison_when_the_seeds_differ_matches_scipy():
     rng = np.random.default_rng(3)
     a, b = rng.normal(0.48, 0.01, 4), rng.normal(0.5, 0.03, 5)
     margin = 0.01
-    c = stats.compare({10 + i: v for i, v in enumerate(a)}, dict(enumerate(b)), margin=margin, alpha=ALPHA)
+    c = stats.compare({10 + i: v for i, v in enumerate(a)}, dict(enumerate(b)), margin=margin)
     assert not c.paired and c.test == "Welch t" and c.n == 4
     welch = lambda x, y, alt: scipy_stats.ttest_ind(x, y, equal_var=False, alternative=alt).pvalue  # noqa: E731
     assert c.p_worse == pytest.approx(welch(a, b, "less"), rel=1e-9)
@@ -108,22 +110,28 @@ def test_welch_comparison_when_the_seeds_differ_matches_scipy():
 
 
 def test_one_seed_and_too_few_seeds_decide_nothing():
-    one = stats.compare({0: 0.1}, {0: 0.9}, margin=0.01, alpha=ALPHA)
-    assert one.n == 1 and one.lo is None and not (one.worse or one.better or one.equivalent)
+    one = stats.compare({0: 0.1}, {0: 0.9}, margin=0.01)
+    assert one.n == 1 and one.interval(ALPHA) == (None, None) and one.p_worse is None and not one.tested
     b, a = paired(2, -0.3, 0.0001)
-    two = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=0.01, alpha=ALPHA)
-    assert two.p_worse < ALPHA and not two.worse  # significant at n=2, yet below MIN_SEEDS: no decision
+    two = stats.compare(dict(enumerate(a)), dict(enumerate(b)), margin=0.01)
+    assert two.p_worse < ALPHA and not two.tested  # significant at n=2, yet below MIN_SEEDS: no decision
+    rows = (task_rows("classification", "fp32_baseline", 2, quality=b)
+            + task_rows("classification", "amp_bf16", 2, quality=a))
+    verdict = verdicts.table(experiment("classification", rows), "micro_f1")["amp_bf16", "fp32_baseline"]
+    assert verdict.kind == "undecided" and verdict.family == 0 and "n=2" in verdict.label
 
 
 @pytest.mark.parametrize("table", [(3, 0, 0, 3), (2, 1, 0, 3), (5, 0, 1, 4), (0, 3, 3, 0), (4, 2, 1, 6)])
-def test_exact_tests_match_scipy(table):
+def test_exact_test_wrappers_match_the_exact_distributions(table):
+    """stats.fisher_more / binomial_below_half (scipy) against the hypergeometric and binomial tails summed here."""
     div_a, done_a, div_b, done_b = table
     na, nb = div_a + done_a, div_b + done_b
-    ours = hypotheses._hypergeometric_tail(div_a, na, div_a + div_b, na + nb)
-    want = scipy_stats.fisher_exact([[div_a, done_a], [div_b, done_b]], alternative="greater").pvalue
-    assert float(ours) == pytest.approx(want, rel=1e-12)
-    assert float(hypotheses._binomial_lower_tail(div_a, na)) == pytest.approx(
-        scipy_stats.binomtest(div_a, na, 0.5, alternative="less").pvalue, rel=1e-12)
+    diverged, total = div_a + div_b, na + nb
+    tail = sum(math.comb(diverged, k) * math.comb(total - diverged, na - k)
+               for k in range(div_a, min(na, diverged) + 1)) / math.comb(total, na)
+    assert stats.fisher_more((div_a, done_a), (div_b, done_b)) == pytest.approx(tail, rel=1e-12)
+    below = sum(math.comb(na, k) for k in range(div_a + 1)) / 2 ** na
+    assert stats.binomial_below_half(div_a, na) == pytest.approx(below, rel=1e-12)
 
 
 def test_plan_states_the_hypotheses_as_defined():
@@ -166,7 +174,7 @@ def test_h1_refuted_when_amp_bf16_is_shown_equivalent():
     result = hypotheses.evaluate(H["H1"], exps)
     assert result["verdict"] == "refuted"
     assert claims(result, "classification")[0]["outcome"] == "refuted"
-    assert "equivalent within the margin" in claims(result, "classification")[0]["reason"]
+    assert claims(result, "classification")[0]["reason"].startswith("equivalent within ±2% (TOST)")
 
 
 def test_h1_noise_is_inconclusive_with_n_interval_and_seeds_needed():
@@ -174,40 +182,71 @@ def test_h1_noise_is_inconclusive_with_n_interval_and_seeds_needed():
     result = hypotheses.evaluate(H["H1"], exps)
     assert result["verdict"] == "inconclusive"
     for claim in claims(result, "classification"):
-        assert claim["outcome"] == "inconclusive" and "n=3" in claim["reason"] and "90% CI [" in claim["reason"]
-        assert claim["settle"] and "seeds" in claim["settle"]
+        assert claim["outcome"] == "inconclusive" and claim["reason"].startswith("undecided (n=3; ~")
+        assert "% CI)" in claim["reason"] and "80% power" in claim["settle"]
 
 
 def test_h1_one_seed_is_inconclusive_even_with_a_large_effect():
     exps, _, _ = h1_experiments(1, bf16_delta=-0.2, head_delta=0.0, noise=0.0)
     result = hypotheses.evaluate(H["H1"], exps)
     assert result["verdict"] == "inconclusive"
-    assert all("n=1 < 3" in c["reason"] for c in claims(result, "classification"))
+    assert all(c["reason"].startswith("undecided (n=1; at least 3 completed seeds") for c in
+               claims(result, "classification"))
 
 
 def test_h1_head_diverging_in_every_run_refutes_matching_fp32():
-    exps, _, _ = h1_experiments(3, bf16_delta=-0.05, head_delta=0.0, noise=0.001, head_status="diverged")
+    """5 of 5 diverged against 5 completed: Fisher p = 1/252, Bonferroni-combined with no completed runs (the
+    Fisher test alone), Holm over the family: beyond the margin, so not equivalent."""
+    exps, _, _ = h1_experiments(5, bf16_delta=-0.05, head_delta=0.0, noise=0.001, head_status="diverged")
     result = hypotheses.evaluate(H["H1"], exps)
     assert result["verdict"] == "refuted"
-    assert "diverged in every run" in claims(result, "classification")[1]["reason"]
+    head = claims(result, "classification")[1]
+    assert head["reason"].startswith("unstable: 5 of 5 runs diverged; quality loss with divergences counted")
+    assert head["statistic"]["p_raw"]["beyond"] == pytest.approx(
+        scipy_stats.fisher_exact([[5, 0], [0, 5]], alternative="greater").pvalue)
+    # three diverged runs: Fisher p = 0.05 alone, 0.1 after Holm over the two comparisons: not decided
+    exps, _, _ = h1_experiments(3, bf16_delta=-0.05, head_delta=0.0, noise=0.001, head_status="diverged")
+    assert claims(hypotheses.evaluate(H["H1"], exps), "classification")[1]["outcome"] == "inconclusive"
 
 
 # ---------------------------------------------------------------- H2
 
 
-def h2_rows(task: str, n: int, naive: str, control: str = "completed") -> list[dict]:
+def h2_rows(task: str, n: int, naive: str, control: str = "completed", origin: str = "optimizer:encoder"
+            ) -> list[dict]:
+    """fp16_naive (status `naive`, its diverged runs' first non-finite value in `origin`) and the two controls."""
     q = np.full(n, 0.5)
-    return (task_rows(task, "fp16_naive", n, naive, quality=q) + task_rows(task, "amp_fp16", n, quality=q)
-            + task_rows(task, "fp16_fp32_adam_states", n, control, quality=q))
+    rows = task_rows(task, "fp16_naive", n, naive, quality=q)
+    for row in rows:
+        if row["status"] == "diverged":
+            row["nonfinite_origin"] = origin
+    return rows + task_rows(task, "amp_fp16", n, quality=q) + task_rows(task, "fp16_fp32_adam_states", n, control,
+                                                                        quality=q)
 
 
-def test_h2_fp16_naive_failing_in_both_tasks_is_what_plan_predicts():
-    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 3, "diverged")))
-    assert result["verdict"] == "supported"  # the old code called this "refuted"
+def test_h2_fp16_naive_failing_in_both_tasks_in_the_optimizer_is_what_plan_predicts():
+    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 5, "diverged")))
+    assert result["verdict"] == "supported", result["reason"]
     for task in ("classification", "lm"):
-        for claim in claims(result, task):
-            want = scipy_stats.fisher_exact([[3, 0], [0, 3]], alternative="greater").pvalue
+        *divergence, mechanism = claims(result, task)
+        for claim in divergence:
+            want = scipy_stats.fisher_exact([[5, 0], [0, 5]], alternative="greater").pvalue
             assert claim["statistic"]["fisher_p_more"] == pytest.approx(want) and claim["outcome"] == "supported"
+        assert mechanism["outcome"] == "supported" and mechanism["statistic"]["optimizer_first"] == 5
+        assert mechanism["statistic"]["binomial_p_optimizer_most"] == pytest.approx(
+            scipy_stats.binomtest(5, 5, 0.5, alternative="greater").pvalue)
+
+
+def test_h2_mechanism_is_tested_from_the_first_nonfinite_origin():
+    """Divergences alone do not support H2: its mechanism (the optimizer update goes non-finite first) is a claim."""
+    backward = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 5, "diverged", origin="backward:head")))
+    assert backward["verdict"] == "refuted" and "mostly elsewhere" in claims(backward, "classification")[2]["reason"]
+    three = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 3, "diverged")))
+    mechanism = claims(three, "classification")[2]
+    assert three["verdict"] == "inconclusive" and mechanism["outcome"] == "inconclusive"
+    assert mechanism["reason"].startswith("3 of 3 diverged runs") and "about 5 diverged runs" in mechanism["settle"]
+    unrecorded = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 5, "diverged", origin="")))
+    assert "with a recorded origin" in claims(unrecorded, "lm")[2]["reason"]
 
 
 def test_h2_one_seed_is_inconclusive():
@@ -216,17 +255,17 @@ def test_h2_one_seed_is_inconclusive():
 
 
 def test_h2_refuted_when_fp16_naive_completes_in_most_runs():
-    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 5 if task == "lm" else 3,
-                                                                    "completed" if task == "lm" else "diverged")))
+    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 5, "completed" if task == "lm" else
+                                                                    "diverged")))
     assert result["verdict"] == "refuted"
     assert result["tasks"]["classification"]["verdict"] == "supported"
     assert "completes in most runs" in claims(result, "lm")[0]["reason"]
 
 
 def test_h2_all_diverged_including_the_controls_is_inconclusive():
-    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 3, "diverged", control="diverged")))
+    result = hypotheses.evaluate(H["H2"], both(lambda task: h2_rows(task, 5, "diverged", control="diverged")))
     outcomes = [c["outcome"] for c in claims(result, "classification")]
-    assert outcomes == ["supported", "inconclusive"] and result["verdict"] == "inconclusive"
+    assert outcomes == ["supported", "inconclusive", "supported"] and result["verdict"] == "inconclusive"
     assert claims(result, "classification")[1]["statistic"]["fisher_p_more"] == 1.0
 
 
@@ -258,11 +297,11 @@ def test_h3_clear_loss_and_too_many_bytes_are_refuted():
 
 
 def test_h3_all_diverged_refutes_and_noise_or_one_seed_is_inconclusive():
-    diverged = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 3, 0.0, 0.001, status="diverged")))
+    diverged = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 5, 0.0, 0.001, status="diverged")))
     assert diverged["verdict"] == "refuted"
     noisy = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 3, 0.0, 0.05)))
     assert noisy["verdict"] == "inconclusive"
-    assert "equivalence not shown" in claims(noisy, "classification")[0]["reason"]
+    assert claims(noisy, "classification")[0]["reason"].startswith("undecided (n=3; ~")
     one = hypotheses.evaluate(H["H3"], both(lambda task: h3_rows(task, 1, 0.0, 0.0)))
     assert one["verdict"] == "inconclusive" and all(c["outcome"] == "inconclusive" for c in claims(one, "lm"))
 
@@ -302,7 +341,7 @@ def test_h4_on_cpu_the_frontier_claim_is_inconclusive():
 
 def test_h4_refuted_when_a_faster_config_keeps_quality():
     result = hypotheses.evaluate(H["H4"], both(lambda task: h4_rows(task, rival_speed=1500)))
-    assert result["verdict"] == "refuted" and "dominated by amp_fp16" in claims(result, "classification")[0]["reason"]
+    assert result["verdict"] == "refuted" and "dominated by amp_fp16 (Holm p=" in claims(result, "classification")[0]["reason"]
 
 
 def test_h4_one_seed_and_everything_diverged_are_inconclusive():
@@ -325,7 +364,7 @@ def test_missing_experiment_or_config_is_inconclusive_and_says_so():
 # ---------------------------------------------------------------- recommendations' quality verdict
 
 
-def quality_verdict(differences: list[float], extra: list[dict] = ()) -> tuple[str, str]:
+def quality_verdict(differences: list[float], extra: list[dict] = ()) -> verdicts.Verdict:
     """amp_bf16's verdict when its micro-F1 is fp32's plus `differences` (one per seed)."""
     n = len(differences)
     fp32 = 0.25 + 0.01 * np.sin(np.arange(n))
@@ -333,18 +372,24 @@ def quality_verdict(differences: list[float], extra: list[dict] = ()) -> tuple[s
         "classification", "amp_bf16", n, quality=fp32 + np.asarray(differences)) + list(extra)
     exp = experiment("classification", rows)
     analysis = analyze_experiment.Analysis(exp, stats.summarize(exp), {}, [], {}, Path("unused"), 0.02)
-    return analyze_experiment.quality_verdict(analysis, "amp_bf16")
+    return analyze_experiment.quality_verdicts(analysis)["amp_bf16"]
 
 
-def test_quality_verdict_says_ok_only_for_shown_equivalence():
-    verdict, numbers = quality_verdict([-0.05, 0.03, 0.0])  # 90% CI [-0.075, +0.061], like the issue's example
-    assert verdict == "inconclusive" and "90% CI [-0.0748, +0.0615]" in numbers and "TOST p=" in numbers
-    assert quality_verdict([0.001, -0.001, 0.0005, -0.0005])[0] == "ok"  # margin ±0.005 (2% of 0.25)
-    assert quality_verdict([-0.05, -0.051, -0.049])[0] == "worse"
-    assert quality_verdict([0.0])[0] == "inconclusive"
+def test_quality_verdict_names_what_the_tests_showed():
+    undecided = quality_verdict([-0.05, 0.03, 0.0])  # the 90% CI [-0.075, +0.061]: nothing decided
+    assert undecided.kind == "undecided" and undecided.label.startswith("undecided (n=3; ~")
+    assert "90% CI" in undecided.text() and "TOST Holm p=" in undecided.text()
+    assert quality_verdict([0.001, -0.001, 0.0005, -0.0005]).kind == "equivalent"  # margin ±0.005 (2% of 0.25)
+    assert quality_verdict([-0.05, -0.051, -0.049]).label.startswith("quality loss: -")
+    assert quality_verdict([0.0]).kind == "undecided"
+    # a certain loss inside the margin: a small loss, significant, never "no quality loss"
+    small = quality_verdict([-0.0036, -0.0037, -0.00365, -0.0036, -0.00362])
+    assert small.kind == "small_loss" and small.label.startswith("small loss inside the margin: -1.4")
+    assert small.shows("loss") and small.shows("equivalence")
     unstable = task_rows("classification", "amp_bf16", 1, "diverged")
     unstable[0]["seed"] = 9
-    assert quality_verdict([0.001, -0.001, 0.0005, -0.0005], extra=unstable)[0] == "unstable"
+    v = quality_verdict([0.001, -0.001, 0.0005, -0.0005], extra=unstable)
+    assert v.kind == "unstable" and not v.shows("equivalence") and v.label.startswith("unstable: 1 of 5 runs")
 
 
 def test_h4_memory_claim_is_not_decided_on_cpu_resident_set_size():

@@ -80,15 +80,27 @@ def test_the_first_screen_says_which_config_to_use_with_its_evidence(analysis):
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[1:]}
     assert [line.split("|")[1].strip() for line in table[1:3]] == ["amp_bf16", "fp32_baseline"]  # ok, fastest first
     speed = statistics.fmean(SAMPLES_PER_SECOND["amp_bf16"]) / statistics.fmean(SAMPLES_PER_SECOND["fp32_baseline"])
-    assert cells["amp_bf16"][0] == "no quality loss" and cells["amp_bf16"][2] == f"{speed:.3g}"
-    # the seed-paired difference and its 95% t-interval, recomputed with scipy
-    difference = re.match(r"([-+][\d.e-]+) \[([-+][\d.e-]+), ([-+][\d.e-]+)\] \(paired, n=3", cells["amp_bf16"][1])
+    assert cells["amp_bf16"][0] == "equivalent within ±2% (TOST)" and cells["amp_bf16"][2] == f"{speed:.3g}"
+    # the seed-paired difference relative to fp32's mean, with the interval of the Holm step that decided it: two
+    # comparisons are tested (amp_bf16, fp16_naive), amp_bf16's TOST p is the smaller, so its step is at alpha / 2
+    difference = re.match(r"Δ ([-+][\d.]+)% \[([-+][\d.]+)%, ([-+][\d.]+)%\] \(95% CI\), TOST Holm p=([\d.e-]+) "
+                          r"\(paired t, n=3\)", cells["amp_bf16"][1])
     diffs = np.subtract(MICRO_F1["amp_bf16"], MICRO_F1["fp32_baseline"])
-    low, high = scipy_stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=scipy_stats.sem(diffs))
-    assert [float(x) for x in difference.groups()] == pytest.approx([diffs.mean(), low, high], rel=0.01)
-    assert cells["fp16_naive"][0] == "avoid: quality loss"
+    mean = statistics.fmean(MICRO_F1["fp32_baseline"])
+    low, high = scipy_stats.t.interval(1 - 2 * 0.025, len(diffs) - 1, loc=diffs.mean(), scale=scipy_stats.sem(diffs))
+    assert [float(x) / 100 for x in difference.groups()[:3]] == pytest.approx(
+        [diffs.mean() / mean, low / mean, high / mean], rel=0.01, abs=1e-4)
+    margin = 0.02 * mean
+    tost = max(scipy_stats.ttest_1samp(diffs, -margin, alternative="greater").pvalue,
+               scipy_stats.ttest_1samp(diffs, margin, alternative="less").pvalue)
+    assert float(difference.group(4)) == pytest.approx(2 * tost, rel=0.05)  # Holm: 2 x the smaller p
+    assert cells["fp16_naive"][0].startswith("quality loss: -59.")
     assert cells["fp32_tf32_matmul"][0].startswith("not run here") and cells["fp32_tf32_matmul"][-1] == "0/1 completed, 1 skipped"
     assert "(relative_to_fp32.png)" in report[first:report.index("## Summary")]
+    # the first screen states the decision rule and the error control
+    screen = " ".join(report[first:report.index("\n## ", first + 1)].split())
+    assert "Holm's step-down correction" in screen and "Here: 2 comparisons in the family" in screen
+    assert "no quality loss" not in report
 
 
 def test_the_report_states_each_hypothesis_in_plan_words_with_its_verdict_and_tests(analysis):

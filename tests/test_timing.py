@@ -164,6 +164,7 @@ def test_calibrate_peaks_labels_the_dtype_and_a_float8_mfu_as_bf16_equivalent(mo
     ("NVIDIA H100 80GB HBM3", torch.bfloat16, False, 989.4),
     ("NVIDIA H100 PCIe", torch.float16, False, 756.0),
     ("NVIDIA H200", torch.bfloat16, False, 989.4),
+    ("NVIDIA H200 NVL", torch.bfloat16, False, 835.5),  # not the SXM part's 989.4
     ("NVIDIA A100-SXM4-80GB", torch.float32, True, 156.0),
     ("NVIDIA A100-SXM4-80GB", torch.float32, False, 19.5),
     ("Tesla V100-SXM2-16GB", torch.bfloat16, False, None),  # no bf16 tensor cores

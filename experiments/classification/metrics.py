@@ -13,9 +13,9 @@ Rules (each one is tested in tests/test_metrics.py)
     prediction     label is predicted iff sigmoid(logit) > threshold, evaluated exactly as logit > log(t/(1-t))
                    (= logit > 0 for t = 0.5); no sigmoid is computed, so large logits cannot overflow and tiny
                    positive logits are not lost to float rounding of sigmoid.
-    non-finite     NaN logits are never positive predictions and are ranked as -inf (below every finite score;
-                   tied with real -inf, ties broken by label index). +inf is a positive prediction and ranks first.
-                   Nothing is hidden: `nonfinite_scores` = number of NaN/+inf/-inf entries in `scores`.
+    non-finite     a NaN or infinite logit anywhere makes every quality metric NaN: such scores rank and threshold
+                   arbitrarily (an all-NaN row would tie to label 0 and could score P@1 = 1), so a model that
+                   produced them gets no score; `nonfinite_scores` = number of NaN/+inf/-inf entries in `scores`.
     micro_f1       2TP / (2TP + FP + FN) pooled over all (doc, label) pairs; FN includes every unseen gold label;
                    0.0 when the denominator is 0 (no gold and no predictions at all).
     macro_f1       the seed's "average across all labels": mean of per-label F1 = 2TP_l / (2TP_l + FP_l + FN_l) over
@@ -133,12 +133,8 @@ def multilabel_metrics(scores, targets, *, n_unseen_gold=None, threshold: float 
 
     finite = np.isfinite(s)
     nonfinite = int(finite.size - np.count_nonzero(finite))
-    if nonfinite:
-        nan = np.isnan(s)
-        if nan.any():
-            s = np.where(nan, -np.inf, s).astype(s.dtype, copy=False)  # new array: the caller's is untouched
 
-    # --- thresholded predictions: logit > logit(threshold), exact, NaN -> False (already -inf) -------------------
+    # --- thresholded predictions: logit > logit(threshold), exact -------------------------------------------------
     cut = math.log(threshold) - math.log1p(-threshold)
     pred = s > cut
     gold_per_label = gold.sum(axis=0, dtype=np.int64)
@@ -181,6 +177,8 @@ def multilabel_metrics(scores, targets, *, n_unseen_gold=None, threshold: float 
         rp_at_5 = ndcg_at_5 = float("nan")
     out["rp_at_5"] = rp_at_5
     out["ndcg_at_5"] = ndcg_at_5
+    if nonfinite:
+        out = {key: float("nan") for key in out}
     out["nonfinite_scores"] = nonfinite
     out["n_docs"] = int(n_docs)
     out["n_docs_no_gold"] = int(n_docs - np.count_nonzero(has_any))
