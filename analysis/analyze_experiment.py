@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import glob
 import io
 import math
 import sys
@@ -33,7 +35,10 @@ from analysis.stats import ConfigSummary, Difference, pareto_front, relative_nam
 from analysis.verdicts import QUALITY_MARGIN
 
 from dtype_bench.configs import HelpFormatter
-from dtype_bench.io import FolderRefused, atomic_write_bytes, atomic_write_text, own_folder
+from dtype_bench.io import (
+    FolderRefused, atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, claim_folder,
+    recover_interrupted_writes,
+)
 
 DEFAULT_QUALITY_MARGIN = QUALITY_MARGIN
 ANALYSIS_MARKER = "analysis.json"  # what makes an analysis folder ours to write again (io.claim_folder)
@@ -248,8 +253,28 @@ def findings(analysis: Analysis) -> list[str]:
 
 def analyze(results_dir: str | Path, output_dir: str | Path | None = None, *,
             quality_margin: float = DEFAULT_QUALITY_MARGIN) -> Analysis:
-    output_dir = own_folder(output_dir or Path(results_dir) / "analysis", ANALYSIS_MARKER,
-                            {"written_by": "analysis/analyze_experiment.py", "results_dir": str(results_dir)})
+    """Write the analysis of `results_dir` into `output_dir` (default RESULTS_DIR/analysis) as a whole: it is built
+    in a temporary folder that replaces the previous analysis only when complete, so a killed analysis leaves the
+    previous one or the new one, never a mix."""
+    final = Path(output_dir or Path(results_dir) / "analysis")
+    finish_interrupted_writes(final)
+    with atomic_directory(final, ANALYSIS_MARKER, "written_by") as tmp:
+        atomic_write_json(tmp / ANALYSIS_MARKER, {"written_by": "analysis/analyze_experiment.py",
+                                                  "results_dir": str(results_dir)})
+        analysis = _analyze_into(tmp, results_dir, quality_margin)
+    final = final.resolve()
+    return dataclasses.replace(analysis, output_dir=final,
+                               plots={k: p and final / p.name for k, p in analysis.plots.items()})
+
+
+def finish_interrupted_writes(folder: Path) -> None:
+    """Put back or remove what a killed analysis of `folder` left beside it (only folders marked as ours)."""
+    folder = claim_folder(folder, ANALYSIS_MARKER, "written_by")  # a folder not ours: refused before anything
+    for done in recover_interrupted_writes(folder.parent, glob.escape(folder.name)):
+        print(done)
+
+
+def _analyze_into(output_dir: Path, results_dir: str | Path, quality_margin: float) -> Analysis:
     exp = load_experiment(results_dir)
     summaries = summarize(exp)
     quality, throughput, memory = exp.quality_metric, exp.throughput_metric, METRIC_BY_KEY["peak_memory_gb"]
@@ -486,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality_margin", type=float, default=DEFAULT_QUALITY_MARGIN,
                         help="relative quality loss vs fp32 still counted as 'no loss' in recommendations")
     args = parser.parse_args(argv)
+    if not 0 < args.quality_margin < 1:
+        print(f"error: --quality_margin must be in (0, 1) (a fraction of fp32's mean), got {args.quality_margin}",
+              file=sys.stderr)
+        return 2
     if not (Path(args.results_dir) / "results.jsonl").exists():
         print(f"error: {args.results_dir} has no results.jsonl (run an experiment with --output_dir there first)",
               file=sys.stderr)

@@ -30,14 +30,18 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis import plots  # noqa: E402
 from analysis import hypotheses  # noqa: E402
-from analysis.analyze_experiment import ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, oriented, quality_verdicts  # noqa: E402
+from analysis.analyze_experiment import (  # noqa: E402
+    ANALYSIS_MARKER, DEFAULT_QUALITY_MARGIN, Analysis, analyze, findings, finish_interrupted_writes, oriented,
+    quality_verdicts,
+)
 from analysis.experiment_data import Metric, styles  # noqa: E402
 from analysis.report import caveats, fmt, fmt_difference, hypotheses_section, md_table  # noqa: E402
 from analysis.stats import by_seed, difference, ranks, spearman  # noqa: E402
 from analysis.verdicts import KEEPS_QUALITY, decision_rule  # noqa: E402
 
 from dtype_bench.configs import HelpFormatter  # noqa: E402
-from dtype_bench.io import FolderRefused, atomic_write_json, atomic_write_text, own_folder  # noqa: E402
+from dtype_bench.io import FolderRefused, atomic_directory, atomic_write_json, atomic_write_text  # noqa: E402
+from dtype_bench.results import read_results  # noqa: E402
 
 ROLES = ("quality", "throughput", "memory")
 
@@ -217,7 +221,15 @@ def render_comparison_report(tasks: dict[str, Analysis], comparison: dict, figur
 
 def compare(lm_results: str | Path, cls_results: str | Path, output_dir: str | Path, *,
             quality_margin: float = DEFAULT_QUALITY_MARGIN) -> dict:
-    output_dir = own_folder(output_dir, ANALYSIS_MARKER, {"written_by": "analysis/compare_experiments.py"})
+    """Write the comparison (and each task's analysis under it) into `output_dir` as a whole: built in a temporary
+    folder that replaces the previous comparison only when complete."""
+    finish_interrupted_writes(Path(output_dir))
+    with atomic_directory(output_dir, ANALYSIS_MARKER, "written_by") as tmp:
+        atomic_write_json(tmp / ANALYSIS_MARKER, {"written_by": "analysis/compare_experiments.py"})
+        return _compare_into(tmp, lm_results, cls_results, quality_margin)
+
+
+def _compare_into(output_dir: Path, lm_results: str | Path, cls_results: str | Path, quality_margin: float) -> dict:
     tasks = {"lm": analyze(lm_results, output_dir / "lm", quality_margin=quality_margin),
              "classification": analyze(cls_results, output_dir / "classification", quality_margin=quality_margin)}
     rank_table, correlations, flips = cross_task_tables(tasks)
@@ -247,9 +259,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="equivalence margin (relative to fp32's mean) of the recommendations; the hypotheses "
                              "keep the margin analysis/hypotheses.py states")
     args = parser.parse_args(argv)
-    for flag, path in (("--lm_results", args.lm_results), ("--cls_results", args.cls_results)):
+    if not 0 < args.quality_margin < 1:
+        print(f"error: --quality_margin must be in (0, 1) (a fraction of fp32's mean), got {args.quality_margin}",
+              file=sys.stderr)
+        return 2
+    for flag, path, experiment in (("--lm_results", args.lm_results, "lm"),
+                                   ("--cls_results", args.cls_results, "classification")):
         if not (Path(path) / "results.jsonl").exists():
             print(f"error: {flag} {path} has no results.jsonl", file=sys.stderr)
+            return 2
+        found = {row.get("experiment") for row in read_results(path)[0]} - {experiment}
+        if found:
+            print(f"error: {flag} {path} holds results of the {', '.join(sorted(map(str, found)))} experiment, "
+                  f"not {experiment}", file=sys.stderr)
             return 2
     try:
         comparison = compare(args.lm_results, args.cls_results, args.output_dir, quality_margin=args.quality_margin)

@@ -115,16 +115,6 @@ def lock(path: str | Path) -> FileLock:
     return FileLock(str(path))
 
 
-def own_folder(path: str | Path, marker: str, record: dict) -> Path:
-    """`claim_folder` for a folder written in place (an analysis): create it if need be and write `marker`
-    (`record`, whose first key is the one claim_folder looks for) so that the next run may write it again."""
-    path = claim_folder(path, marker, next(iter(record)))
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / marker).exists():
-        atomic_write_json(path / marker, record)
-    return path
-
-
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]*")
 LEFTOVER_MARKER = ".dtype-bench-leftover.json"  # inside every folder `atomic_directory` may leave behind
 

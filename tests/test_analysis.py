@@ -398,8 +398,8 @@ def test_legends_name_all_18_configs_inside_the_figure_and_clear_of_the_panels(t
 
 
 def test_analysis_and_comparison_never_write_into_a_folder_that_is_not_ours(tmp_path):
-    """Issue 16 §1: refused before anything is read or written; a folder an analysis wrote is its again."""
-    from dtype_bench.io import FolderRefused, own_folder
+    """Refused before anything is read or written."""
+    from dtype_bench.io import FolderRefused
 
     analyze_experiment, compare_experiments, _ = analysis_modules()
     mine = tmp_path / "mine"
@@ -410,11 +410,37 @@ def test_analysis_and_comparison_never_write_into_a_folder_that_is_not_ours(tmp_
         with pytest.raises(FolderRefused, match="holds no analysis.json of ours"):
             call()
     assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
-    ours = tmp_path / "ours"
-    record = {"written_by": "test"}
-    assert own_folder(ours, analyze_experiment.ANALYSIS_MARKER, record) == ours.resolve()
-    (ours / "report.md").write_text("an earlier report")
-    assert own_folder(ours, analyze_experiment.ANALYSIS_MARKER, record) == ours.resolve()
+
+
+def _analyze(results_dir: Path, output_dir: Path) -> None:
+    analyze_experiment.analyze(results_dir, output_dir)
+
+
+def test_a_killed_analysis_leaves_the_previous_one_whole(results, tmp_path):
+    """The analysis is built aside and swapped in whole: killed just before the swap, the folder still holds the
+    previous analysis file for file; the next analysis removes what the killed one left and replaces it."""
+    from interrupt import killed_at_rename
+
+    out = tmp_path / "analysis"
+    analyze_experiment.analyze(results["classification"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    killed_at_rename(_analyze, (results["lm"], out), r"^\.analysis\.tmp-")
+    assert not out.exists() and len(list(tmp_path.glob(".analysis.old-*"))) == 1  # killed between the renames
+    analyze_experiment.analyze(results["classification"], out)  # puts the previous one back first, then replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+def test_quality_margin_and_the_tasks_compared_are_checked(results, tmp_path, capsys):
+    for margin in ("inf", "1e9", "nan", "-5", "0"):
+        assert analyze_experiment.main(["--results_dir", str(results["classification"]),
+                                        "--quality_margin", margin]) == 2
+        assert "--quality_margin must be in (0, 1)" in capsys.readouterr().err
+    same = ["--lm_results", str(results["classification"]), "--cls_results", str(results["classification"]),
+            "--output_dir", str(tmp_path / "cmp")]
+    assert compare_experiments.main(same) == 2
+    assert "holds results of the classification experiment, not lm" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_rows_flushed_entirely_are_counted_against_the_fp32_baseline_of_the_same_seed_and_step():
