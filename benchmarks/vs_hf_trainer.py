@@ -62,7 +62,7 @@ from experiments.classification import data as data_lib
 from benchmarks import loader
 from experiments.classification import model as model_lib
 from experiments.classification.config import PRESETS, TrainConfig
-from dtype_bench import cpu, precision, runner, throughput
+from dtype_bench import cpu, optimizers, precision, runner, throughput
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import read_jsonl
 
@@ -166,7 +166,7 @@ def build_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, de
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="linear", max_grad_norm=cfg.grad_clip, adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2, adam_epsilon=precision.adam_eps_of(pc, cfg.adam_eps),
+        adam_beta2=cfg.adam_beta2, adam_epsilon=optimizers.adam_eps_of(pc, cfg.adam_eps),
         train_sampling_strategy="sequential", logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, seed=seed, use_cpu=device.type == "cpu",
         **trainer_precision_args(pc, device))

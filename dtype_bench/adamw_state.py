@@ -3,7 +3,7 @@
 torch.optim.AdamW, torchao's low-bit AdamW and torch-optimi keep `exp_avg` / `exp_avg_sq` (torch-optimi
 bias-corrected, with per-group step counts); bitsandbytes keeps `state1` / `state2`, fp32 or 8-bit block-wise
 codes. These functions return the moments and step count an fp32 AdamW step needs
-(`precision.adamw_fp32_step`), and the values the stored moments would take if their recurrence ran in fp32:
+(`optimizers.adamw_fp32_step`), and the values the stored moments would take if their recurrence ran in fp32:
 the references the diagnostics compare the optimizer's real update and moment writes against.
 """
 from __future__ import annotations

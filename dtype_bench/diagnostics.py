@@ -72,7 +72,8 @@ from dtype_bench.adamw_state import (betas, moments_fp32, next_moments_fp32, sec
                                        stored_moments_fp32)
 from dtype_bench.memory import is_8bit, tensor_bytes
 from dtype_bench.nonfinite import GroupOf, count_nonfinite, extremes, group_roots, output_tensors
-from dtype_bench.precision import adamw_fp32_step, dtype_name
+from dtype_bench.optimizers import adamw_fp32_step
+from dtype_bench.precision import dtype_name
 from dtype_bench.underflow import tiny_or_zero, underflow_counts, underflow_fields
 
 

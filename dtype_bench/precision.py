@@ -2,9 +2,9 @@
 
 A `PrecisionConfig` is data (frozen). Everything dtype-dependent in a training script is derived from it
 here: the matmul precision flags, the model's parameter dtypes, the autocast context (and the output layer's),
-the loss dtype, the GradScaler, the optimizer (its eps and state dtypes), the precision evaluation runs under,
-whether to compile, whether this hardware can run it at all, and the check of all of it that runs after the
-first optimizer step and at evaluation. Experiments call these functions; they never branch on a
+the loss dtype, the GradScaler, the precision evaluation runs under, whether to compile, whether this hardware
+can run it at all, and the check of all of it that runs after the first optimizer step and at evaluation. The
+optimizer a config names is built in `optimizers.py`. Experiments call these functions; they never branch on a
 config name.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import copy
 import functools
 import importlib
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -358,130 +357,6 @@ def cast_model(body: torch.nn.Module, head: torch.nn.Module, pc: PrecisionConfig
 def _float8_compatible(module: torch.nn.Module, fqn: str) -> bool:
     """float8 matmuls (torch._scaled_mm) need both Linear dimensions divisible by 16."""
     return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-
-def adamw_fp32_step(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                    step: float, *, lr: float, beta1: float, beta2: float, eps: float,
-                    weight_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One AdamW step computed entirely in fp32, inputs untouched: (new weight, new exp_avg, new exp_avg_sq).
-    `step` counts this step from 1. The formula of torch.optim.AdamW, torchao's AdamW and bitsandbytes'."""
-    weight, grad = weight.float(), grad.float()
-    exp_avg = exp_avg.float().lerp(grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq.float().lerp(grad.square(), 1 - beta2)
-    denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + eps
-    return weight * (1 - lr * weight_decay) - (lr / (1 - beta1**step)) * exp_avg / denom, exp_avg, exp_avg_sq
-
-
-def stochastic_round_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16 rounded up or down at random, away from zero with probability (the 16 dropped bits) / 2^16,
-    so the expected stored value is x: add 16 uniform random bits below bf16's last bit and truncate. Draws
-    from torch's default generator (run.py reseeds it per step, so ranks and resumed runs draw alike)."""
-    bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, device=x.device, dtype=torch.int32)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
-
-
-class AdamWFp32States(torch.optim.Optimizer):
-    """AdamW whose moments and arithmetic are fp32 whatever the weights' dtype (`adamw_fp32_step`); the new
-    weight is rounded into the weights' dtype to nearest, or stochastically (`stochastic_round_to_bf16`) into
-    bf16 weights (fp32 weights, e.g. an fp32 head, are written exactly).
-
-    Why our own: no maintained library fits. torchao's `_AdamW(bf16_stochastic_round=True)` allocates its moments
-    like the parameter (bf16 over bf16 weights, rounded to nearest: the second moment cannot decay), torch-optimi
-    keeps moments in the parameter dtype too, and torch's AdamW has no stochastic rounding. Over fp16 weights
-    with rounding to nearest it is fp16_naive's optimizer without fp16 arithmetic: the second moment cannot
-    underflow and eps = 1e-8 does not round to 0."""
-
-    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                 rounding: Literal["nearest", "stochastic"] = "nearest"):
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.rounding = rounding
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim casts every loaded state tensor but `step` to its parameter's dtype, which would round the fp32
-        moments of low-precision weights (a resumed run would differ from an uninterrupted one): put them back
-        exactly, from the state dict itself (which torch copies before casting)."""
-        moments = {i: {k: v for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}
-                   for i, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for i, p in zip(ids, [p for group in self.param_groups for p in group["params"]]):
-            for key, value in moments.get(i, {}).items():
-                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
-                                 exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
-                state["step"] += 1
-                weight, state["exp_avg"], state["exp_avg_sq"] = adamw_fp32_step(
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=group["lr"], beta1=beta1,
-                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-                stochastic = self.rounding == "stochastic" and p.dtype == torch.bfloat16
-                p.copy_(stochastic_round_to_bf16(weight) if stochastic else weight)
-
-
-def _torchao_adamw(compiled: bool, param_groups: list[dict], **kwargs) -> torch.optim.Optimizer:
-    """torchao's `_AdamW` writing bf16 weights with stochastic rounding. It torch.compiles its per-parameter step
-    by itself; `compiled=False` runs that step eagerly (a config with compile=False compiles nothing)."""
-    from torchao.optim import _AdamW
-
-    class EagerAdamW(_AdamW):
-        @torch.no_grad()
-        def step(self, closure=None):
-            with torch.compiler.set_stance("force_eager"):
-                return super().step(closure)
-
-    return (_AdamW if compiled else EagerAdamW)(param_groups, bf16_stochastic_round=True, **kwargs)
-
-
-def compiles_optimizer_step(pc: PrecisionConfig, device: torch.device) -> bool:
-    """Whether the optimizer step runs torch.compile'd code: torchao's AdamW compiles its per-parameter step
-    unless the config compiles nothing on this device."""
-    return pc.optimizer == "adamw_stochastic_rounding" and should_compile(pc, device)
-
-
-def adam_eps_of(pc: PrecisionConfig, run_eps: float) -> float:
-    """The AdamW epsilon a run uses: the config's override if it has one, else the run's."""
-    return run_eps if pc.adam_eps is None else pc.adam_eps
-
-
-def build_optimizer(
-    pc: PrecisionConfig, param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-    weight_decay: float, device: torch.device,
-) -> torch.optim.Optimizer:
-    """AdamW in the flavour the config names. Param groups may carry their own weight_decay."""
-    kwargs = dict(lr=lr, betas=betas, eps=adam_eps_of(pc, eps), weight_decay=weight_decay)
-    if pc.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    if pc.optimizer == "adamw_stochastic_rounding":
-        return _torchao_adamw(compiles_optimizer_step(pc, device), param_groups, **kwargs)
-    if pc.optimizer == "adamw_fp32_states":
-        return AdamWFp32States(param_groups, rounding=pc.weight_update_rounding, **kwargs)
-    if pc.optimizer == "adamw_kahan":
-        import optimi
-
-        # foreach=False: optimi's for-loop path (its foreach path is deprecated); Triton where it applies (CUDA)
-        return optimi.AdamW(param_groups, kahan_sum=True, foreach=False, **kwargs)
-    # Both implementations keep the states in the parameter dtype, but they do not compute alike: the fused
-    # kernels (CUDA and CPU) do the update arithmetic in fp32 even for fp16/bf16 parameters, which would
-    # quietly turn the naive low-precision configs into mixed-precision optimizers (measured: fp16_naive stops
-    # diverging, because eps=1e-8 no longer rounds to 0). So fused only for fp32 weights (same numerics,
-    # 12 ms vs 38-52 ms per step for the tiny model on a 2-core CPU), foreach arithmetic in the weight dtype
-    # otherwise.
-    fused = pc.weight_dtype == torch.float32 and pc.head_dtype == torch.float32 and device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(param_groups, fused=fused, foreach=None if fused else True, **kwargs)
 
 
 def weight_update_rounding_of(optimizer: torch.optim.Optimizer) -> WeightUpdateRounding:

@@ -17,7 +17,7 @@ from torch import nn
 
 import tiny_run
 from interrupt import killed_at_rename
-from dtype_bench import checkpoint, precision
+from dtype_bench import checkpoint, optimizers, precision
 from dtype_bench.io import FolderRefused, recover_interrupted_writes, sha256_file
 
 CPU = torch.device("cpu")
@@ -32,7 +32,7 @@ class Trainable:
         self.pc = precision.get(config)
         # 64 x 96 > 4,096 elements, so bitsandbytes really keeps this matrix's states in 8 bits
         self.model = nn.Sequential(nn.Linear(64, 96), nn.Dropout(0.3), nn.Linear(96, 8)).to(self.pc.weight_dtype)
-        self.optimizer = precision.build_optimizer(self.pc, [{"params": list(self.model.parameters())}], lr=1e-2,
+        self.optimizer = optimizers.build_optimizer(self.pc, [{"params": list(self.model.parameters())}], lr=1e-2,
                                                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, device=CPU)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1 / (1 + s))
         self.scaler = precision.grad_scaler(self.pc, CPU)

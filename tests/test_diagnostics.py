@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtype_bench import checkpoint, precision
+from dtype_bench import checkpoint, optimizers, precision
 from dtype_bench.adamw_state import stored_moments_fp32
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.nonfinite import count_nonfinite, extremes, group_roots
@@ -81,11 +81,11 @@ def test_shadow_adamw_is_torch_adamw_in_fp32():
     param = nn.Parameter(weight.clone())
     ours = nn.Parameter(weight.clone())
     reference = torch.optim.AdamW([param], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-    fp32_states = precision.AdamWFp32States([ours], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    fp32_states = optimizers.AdamWFp32States([ours], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     for step in range(1, 4):
         grad = torch.randn(64, 16)
         param.grad, ours.grad = grad.clone(), grad.clone()
-        shadow, *moments = precision.adamw_fp32_step(param.detach(), grad, *moments, step, lr=1e-2, beta1=0.9,
+        shadow, *moments = optimizers.adamw_fp32_step(param.detach(), grad, *moments, step, lr=1e-2, beta1=0.9,
                                                      beta2=0.99, eps=1e-8, weight_decay=0.1)
         reference.step()
         fp32_states.step()
@@ -220,7 +220,7 @@ def test_static_memory_counts_real_8bit_state_and_which_params_got_it():
     model = Toy()
     model.body.append(nn.Linear(32, 256))  # >= 4,096 elements: bitsandbytes gives it 8-bit state
     model.head = nn.Linear(256, 8)
-    optimizer = precision.build_optimizer(pc, [{"params": list(model.parameters())}], lr=1e-3, betas=(0.9, 0.999),
+    optimizer = optimizers.build_optimizer(pc, [{"params": list(model.parameters())}], lr=1e-3, betas=(0.9, 0.999),
                                           eps=1e-8, weight_decay=0.0, device=CPU)
     diag = PrecisionDiagnostics(model, optimizer, toy_group, every=1)
     model(torch.randint(0, 50, (4, 6))).sum().backward()
@@ -402,7 +402,7 @@ def test_second_moment_decays_under_zero_gradients_unless_it_is_bf16_rounded_to_
     torch.manual_seed(0)
     pc = precision.get(name)
     layer = nn.Linear(64, 64, bias=False).to(pc.weight_dtype)
-    optimizer = precision.build_optimizer(pc, [{"params": list(layer.parameters())}], lr=1e-3, betas=(0.9, 0.999),
+    optimizer = optimizers.build_optimizer(pc, [{"params": list(layer.parameters())}], lr=1e-3, betas=(0.9, 0.999),
                                           eps=1e-8, weight_decay=0.0, device=CPU)
     for _ in range(10):  # moments of ordinary gradients first
         layer.weight.grad = torch.randn_like(layer.weight)
@@ -432,7 +432,7 @@ def test_8bit_second_moments_decay_by_block_and_lose_changes_below_their_code_sp
     dequantized state itself: an element that moved down when the fp32 recurrence moves it up is certainly lost."""
     torch.manual_seed(0)
     layer = nn.Linear(128, 256, bias=False)  # 32,768 elements >= 4,096: bitsandbytes keeps its state in 8 bits
-    optimizer = precision.build_optimizer(precision.get(name), [{"params": [layer.weight]}], lr=1e-3,
+    optimizer = optimizers.build_optimizer(precision.get(name), [{"params": [layer.weight]}], lr=1e-3,
                                           betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, device=CPU)
     for _ in range(10):
         layer.weight.grad = torch.randn_like(layer.weight)

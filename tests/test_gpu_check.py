@@ -14,7 +14,7 @@ import tiny_run
 
 
 from benchmarks import gpu_check
-from dtype_bench import precision, throughput
+from dtype_bench import optimizers, precision, throughput
 from dtype_bench.memory import stored_tensors
 from transformers import RobertaConfig, RobertaModel
 
@@ -69,7 +69,7 @@ def test_predicted_static_memory_is_what_an_optimizer_step_allocates(name):
     head = torch.nn.Linear(64, 300)
     precision.cast_model(body, head, pc)
     params = [*body.parameters(), *head.parameters()]
-    optimizer = precision.build_optimizer(pc, [{"params": params}], lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    optimizer = optimizers.build_optimizer(pc, [{"params": params}], lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                                           weight_decay=0.0, device=device)
     with precision.autocast(pc, device):
         loss = head(body(torch.randint(5, 600, (2, 16))).last_hidden_state[:, 0].to(head.weight.dtype)).float().sum()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tiny_run
-from dtype_bench import precision
+from dtype_bench import optimizers, precision
 from tiny_run import assert_mfu_is_per_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def test_configs_get_the_dtypes_they_name_with_the_tied_head(name):
     precision.cast_model(model.body(), model.head, pc)
     assert model.head.weight is gpt2.transformer.wte.weight  # still tied after casting
     assert {id(p) for p in model.parameters()} == {id(p) for p in (*model.body().parameters(), model.head.weight)}
-    optimizer = precision.build_optimizer(pc, model_lib.param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95),
+    optimizer = optimizers.build_optimizer(pc, model_lib.param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95),
                                           eps=1e-8, weight_decay=0.1, device=torch.device("cpu"))
     scaler = precision.grad_scaler(pc, torch.device("cpu"))
     inputs = torch.randint(0, 300, (2, 16))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtype_bench import distributed, precision, signals
+from dtype_bench import distributed, optimizers, precision, signals
 from dtype_bench.loop import TrainingRun
 
 CPU = torch.device("cpu")
@@ -60,7 +60,7 @@ class Harness:
         self.cfg, self.losses = cfg, losses or {}
         self.pc = precision.get("fp32_baseline")
         self.model = nn.Linear(8, 3)
-        self.optimizer = precision.build_optimizer(self.pc, [{"params": list(self.model.parameters())}], lr=1e-2,
+        self.optimizer = optimizers.build_optimizer(self.pc, [{"params": list(self.model.parameters())}], lr=1e-2,
                                                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, device=CPU)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
         self.scaler = precision.grad_scaler(self.pc, CPU)

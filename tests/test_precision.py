@@ -9,7 +9,7 @@ import torch
 
 
 from experiments.classification import model as model_lib
-from dtype_bench import precision
+from dtype_bench import optimizers, precision
 
 CPU = torch.device("cpu")
 NUM_LABELS = 40
@@ -28,7 +28,7 @@ def one_step(pc: precision.PrecisionConfig):
     """Build, run one optimizer step through the same calls run.py makes; return what was allocated."""
     precision.apply_matmul_precision(pc)
     model = tiny_classifier(pc)
-    optimizer = precision.build_optimizer(pc, model_lib.param_groups(model, 0.01), lr=1e-3, betas=(0.9, 0.999),
+    optimizer = optimizers.build_optimizer(pc, model_lib.param_groups(model, 0.01), lr=1e-3, betas=(0.9, 0.999),
                                           eps=1e-8, weight_decay=0.01, device=CPU)
     scaler = precision.grad_scaler(pc, CPU)
     ids = torch.randint(3, 300, (4, 16))
@@ -120,27 +120,27 @@ def test_compile_false_compiles_nothing_not_even_torchaos_optimizer_step():
     from torch._dynamo.utils import counters
 
     pc = dataclasses.replace(precision.REGISTRY["bf16_sr_bf16_moments"], compile=False)
-    assert not precision.compiles_optimizer_step(pc, CPU)
+    assert not optimizers.compiles_optimizer_step(pc, CPU)
     counters.clear()
     _, optimizer, *_ = one_step(pc)
     assert optimizer.state, "the step ran"
     assert sum(counters["frames"].values()) == 0, dict(counters["frames"])
-    assert precision.compiles_optimizer_step(precision.REGISTRY["bf16_sr_bf16_moments"], torch.device("cuda"))
-    assert not precision.compiles_optimizer_step(precision.REGISTRY["bf16_no_compile"], torch.device("cuda"))
+    assert optimizers.compiles_optimizer_step(precision.REGISTRY["bf16_sr_bf16_moments"], torch.device("cuda"))
+    assert not optimizers.compiles_optimizer_step(precision.REGISTRY["bf16_no_compile"], torch.device("cuda"))
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
     torch.manual_seed(0)
     x = torch.full((200_000,), 1.0 + 2**-10)
     lower, upper = 1.0, 1.0 + 2**-7  # bf16 has 8 significant bits: the neighbours of 1 + 2^-10 are 1 and 1 + 2^-7
-    rounded = precision.stochastic_round_to_bf16(x).float()
+    rounded = optimizers.stochastic_round_to_bf16(x).float()
     assert set(rounded.unique().tolist()) == {lower, upper}
     assert (rounded == upper).float().mean().item() == pytest.approx(2**-10 / 2**-7, abs=0.005)  # 1/8
     assert x.to(torch.bfloat16).float().unique().tolist() == [lower], "round-to-nearest loses it"
-    negative = precision.stochastic_round_to_bf16(-x).float()
+    negative = optimizers.stochastic_round_to_bf16(-x).float()
     assert negative.mean().item() == pytest.approx(-x[0].item(), abs=2e-4)
     exact = torch.tensor([0.0, -2.0, 1.5, float("inf")])
-    assert torch.equal(precision.stochastic_round_to_bf16(exact).float(), exact), "representable values stay"
+    assert torch.equal(optimizers.stochastic_round_to_bf16(exact).float(), exact), "representable values stay"
 
 
 @pytest.mark.parametrize("name, lands", [("bf16_naive", False), ("bf16_no_compile", True),
@@ -152,7 +152,7 @@ def test_updates_below_half_an_ulp_land_only_with_stochastic_rounding_or_kahan(n
     torch.manual_seed(0)
     pc = precision.REGISTRY[name]
     weight = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
-    optimizer = precision.build_optimizer(pc, [{"params": [weight]}], lr=2e-5, betas=(0.9, 0.999), eps=1e-8,
+    optimizer = optimizers.build_optimizer(pc, [{"params": [weight]}], lr=2e-5, betas=(0.9, 0.999), eps=1e-8,
                                           weight_decay=0.0, device=CPU)
     for _ in range(200):
         weight.grad = torch.ones_like(weight)
@@ -326,8 +326,41 @@ def _dtypes_of(model: torch.nn.Module) -> set[torch.dtype]:
 
 def test_adam_eps_override_is_one_function_and_never_zero():
     safe, naive = precision.REGISTRY["fp16_naive_safe_eps"], precision.REGISTRY["fp16_naive"]
-    assert precision.adam_eps_of(safe, 1e-8) == 1e-4 and precision.adam_eps_of(naive, 1e-8) == 1e-8
+    assert optimizers.adam_eps_of(safe, 1e-8) == 1e-4 and optimizers.adam_eps_of(naive, 1e-8) == 1e-8
     _, optimizer, *_ = one_step(safe)
     assert optimizer.defaults["eps"] == 1e-4
     with pytest.raises(ValueError, match="adam_eps must be positive"):  # `pc.adam_eps or run_eps` hid a 0
         dataclasses.replace(naive, adam_eps=0.0)
+
+
+@pytest.mark.parametrize("dtype, rounding", [(torch.float32, "nearest"), (torch.bfloat16, "nearest"),
+                                             (torch.float16, "nearest"), (torch.bfloat16, "stochastic")])
+def test_fp32_states_optimizer_is_the_fp32_reference_step_bit_for_bit(dtype, rounding):
+    """The multi-tensor AdamWFp32States against `adamw_fp32_step` run a tensor at a time, over tensors of several
+    shapes in two groups (one without weight decay): moments bit-identical; new weights identical (rounded to
+    nearest) or one of the two neighbours of the reference's fp32 weight (stochastic)."""
+    torch.manual_seed(0)
+    shapes = [(33, 7), (5,), (4, 3, 2), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    optimizer = optimizers.AdamWFp32States([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}],
+                                           lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, rounding=rounding)
+    decay = [0.1, 0.1, 0.0, 0.0]
+    reference = [(p.detach().clone(), torch.zeros(p.shape), torch.zeros(p.shape)) for p in params]
+    for step in range(1, 4):
+        for p in params:
+            p.grad = torch.randn(p.shape).to(dtype)
+        expected = [optimizers.adamw_fp32_step(w, p.grad, m, v, step, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                                               weight_decay=wd)
+                    for (w, m, v), p, wd in zip(reference, params, decay)]
+        optimizer.step()
+        for p, (weight, m, v) in zip(params, expected):
+            state = optimizer.state[p]
+            assert torch.equal(state["exp_avg"], m) and torch.equal(state["exp_avg_sq"], v)
+            if rounding == "nearest":
+                assert torch.equal(p.detach(), weight.to(dtype))
+            else:
+                # the reference truncated toward zero, or the next bf16 away from zero
+                truncated = (weight.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+                away = torch.nextafter(truncated, (torch.sign(weight) * float("inf")).to(torch.bfloat16))
+                assert bool(((p.detach() == truncated) | (p.detach() == away)).all())
+        reference = [(p.detach().clone(), m, v) for p, (_, m, v) in zip(params, expected)]

@@ -23,7 +23,7 @@ from experiments.classification import data as data_lib
 from experiments.classification import metrics as metrics_lib
 from experiments.classification import model as model_lib
 from experiments.classification.config import PRESETS, TrainConfig
-from dtype_bench import distributed, flops, loop, precision, results, runner
+from dtype_bench import distributed, flops, loop, optimizers, precision, results, runner
 from dtype_bench.runner import UserError
 
 EXPERIMENT = "classification"
@@ -95,7 +95,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
-    optimizer = precision.build_optimizer(
+    optimizer = optimizers.build_optimizer(
         pc, model_lib.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, device=device)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
@@ -141,7 +141,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     if not world.is_main:  # rank 0 evaluates and reports
         return out
     out.update(samples_seen=out["micro_batches"] * cfg.batch_size, padding_fraction=batches.padding_fraction,
-               compiled=compiled, optimizer_step_compiled=precision.compiles_optimizer_step(pc, device),
+               compiled=compiled, optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device),
                dtypes=dtypes, eval_dtypes=run.eval_dtypes, eval_precision=cfg.eval_precision,
                data=meta.raw["source"])  # what was trained on (kind synthetic-ids: the full shape on random ids)
     if out["status"] == "diverged":

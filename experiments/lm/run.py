@@ -24,7 +24,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
 from experiments.lm.config import PRESETS, TrainConfig
-from dtype_bench import distributed, flops, loop, precision, runner
+from dtype_bench import distributed, flops, loop, optimizers, precision, runner
 from dtype_bench.runner import UserError
 
 EXPERIMENT = "lm"
@@ -80,7 +80,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
-    optimizer = precision.build_optimizer(
+    optimizer = optimizers.build_optimizer(
         pc, model_lib.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, device=device)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps,
@@ -129,7 +129,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     out.update(samples_seen=out["micro_batches"] * cfg.batch_size,
                tokens_seen=out["micro_batches"] * cfg.batch_size * cfg.block_size,
                n_params=model_lib.count_parameters(model), compiled=compiled,
-               optimizer_step_compiled=precision.compiles_optimizer_step(pc, device), dtypes=dtypes,
+               optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device), dtypes=dtypes,
                eval_dtypes=run.eval_dtypes,
                data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
                # every training sequence is exactly block_size tokens long
