@@ -71,7 +71,7 @@ from torch import nn
 from dtype_bench.adamw_state import (betas, moments_fp32, next_moments_fp32, second_moment, stored_moments,
                                        stored_moments_fp32)
 from dtype_bench.memory import is_8bit, tensor_bytes
-from dtype_bench.nonfinite import GroupOf, count_nonfinite, extremes, group_roots, output_tensors
+from dtype_bench.nonfinite import GroupOf, count_nonfinite, group_roots, output_tensors
 from dtype_bench.optimizers import adamw_fp32_step
 from dtype_bench.precision import dtype_name
 from dtype_bench.underflow import tiny_or_zero, underflow_counts, underflow_fields
@@ -115,7 +115,7 @@ class PrecisionDiagnostics:
         self.first_origin: dict | None = None  # {"step", "where"} of the first non-finite value
         self.fidelity_history: dict[str, list[float]] = {g: [] for g in self.groups}
         self.measured_steps = 0
-        self._forward_extremes: list[list[torch.Tensor]] = [[] for _ in self.groups]  # per group, this step
+        self._forward_counts: list[torch.Tensor] = self._zero_counts()  # per group, this step
         self._stepped = False
         self._snapshot: dict | None = None
         self._step_counts: list[torch.Tensor] = []
@@ -140,7 +140,8 @@ class PrecisionDiagnostics:
         # A closure, not a bound method: deepcopy(model) (fp32 evaluation) must not copy this object.
         def hook(module, args, output):
             if module.training:  # evaluation forwards are not training steps
-                self._forward_extremes[slot] += extremes(output_tensors(output))
+                self._forward_counts[slot] = self._forward_counts[slot] + count_nonfinite(output_tensors(output),
+                                                                                          self.device)
         return hook
 
     def _input_grad_hook(self, group: str):
@@ -164,6 +165,10 @@ class PrecisionDiagnostics:
         self._act_counts[group] = self._act_counts[group] + counts if group in self._act_counts else counts
         self._act_dtypes.setdefault(group, set()).add(dtype_name(judged))
 
+    def _zero_counts(self) -> list[torch.Tensor]:
+        zero = torch.zeros((), device=self.device)
+        return [zero] * len(self.groups)  # replaced, never updated in place
+
     def _mark_stepped(self, optimizer, args, kwargs) -> None:
         self._stepped = True  # not called when the GradScaler skips the step
 
@@ -178,9 +183,8 @@ class PrecisionDiagnostics:
         self.step += 1
         self._stepped = False
         self._act_hooked.clear()
-        forward = [count_nonfinite(found, self.device) for found in self._forward_extremes]
-        self._forward_extremes = [[] for _ in self.groups]
-        grads = [count_nonfinite(extremes(p.grad for p in self._params_of[g] if p.grad is not None), self.device)
+        forward, self._forward_counts = self._forward_counts, self._zero_counts()
+        grads = [count_nonfinite((p.grad for p in self._params_of[g] if p.grad is not None), self.device)
                  for g in self.groups]
         self._step_counts = forward + grads
         with_grad = [(n, p) for n, p in self.named if p.grad is not None]
@@ -239,7 +243,7 @@ class PrecisionDiagnostics:
     def after_step(self) -> None:
         """Call right after `scaler.step(optimizer)` / `optimizer.step()`."""
         self._armed = self.measures(self.step + 1)
-        self._step_counts += [count_nonfinite(extremes(self._params_of[g]), self.device) for g in self.groups]
+        self._step_counts += [count_nonfinite(self._params_of[g], self.device) for g in self.groups]
         if self._stepped and "optimizer_state" not in self._memory:
             self._account_optimizer_state()
         snapshot, self._snapshot = self._snapshot, None
