@@ -329,3 +329,37 @@ def test_prepare_never_replaces_a_folder_that_is_not_ours(tmp_path):
             prepare_data.prepare(str(texts), out, tokenizer="bpe:300", val_fraction=0.25)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "precious", "precious/thesis.txt", "texts", "texts/doc.txt"]
+
+
+def test_synthetic_ids_cache_is_built_with_numpy_alone(tmp_path):
+    """With `datasets` unimportable: documents of random word ids, each followed by eos, split by document; the
+    ids are what the words:SIZE tokenizer saved with the cache gives for the same documents written as words."""
+    script = f"""
+import sys
+class NoDatasets:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "datasets":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoDatasets())
+from experiments.lm.prepare_data import prepare
+prepare("synthetic-ids", {str(tmp_path / "ids")!r}, tokenizer="words:1000", val_fraction=0.1, synthetic_docs=40)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1],
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    from transformers import AutoTokenizer
+
+    from dtype_bench.synthetic import ID_WORD
+
+    meta = json.loads((tmp_path / "ids" / "meta.json").read_text())
+    assert meta["documents"] == {"train": 36, "val": 4}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ids" / "tokenizer")
+    for split in ("train", "val"):
+        stream = np.fromfile(tmp_path / "ids" / f"{split}.bin", dtype=np.uint16)
+        assert len(stream) == meta["tokens"][split]
+        documents = np.split(stream, np.flatnonzero(stream == tokenizer.eos_token_id) + 1)[:-1]
+        assert len(documents) == meta["documents"][split]
+        for doc in documents[:3]:
+            ids = doc[:-1].tolist()
+            assert min(ids) >= 5 and max(ids) < 1000
+            words = " ".join(map(ID_WORD.format, ids))
+            assert tokenizer(words, add_special_tokens=False)["input_ids"] == ids

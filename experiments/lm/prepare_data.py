@@ -13,7 +13,8 @@ SOURCE is one of
   * `synthetic`: legal-style documents from dtype_bench.synthetic (the EUR-Lex-like corpus the
     classification experiment uses), so everything runs offline;
   * `synthetic-ids`: uniformly random token ids at the vocabulary size of `--tokenizer words:SIZE` (e.g.
-    words:50257, GPT-2's), 520 per document: for speed and memory at full size offline, not learnable.
+    words:50257, GPT-2's), 520 per document: for speed and memory at full size offline, not learnable. Drawn
+    and written with numpy alone (no `datasets`, no tokenizing): the ids are the tokens.
 A fraction `--val_fraction` of the documents (chosen with a fixed seed, as nanoGPT does) becomes `val`.
 Every document is followed by the tokenizer's end-of-text token, then all are concatenated.
 
@@ -46,7 +47,8 @@ from dtype_bench.io import (
     CACHE_MARKER, FolderRefused, atomic_write_json, building_cache, claim_folder, fingerprint, sha256_file,
 )
 from dtype_bench.tokenization import (
-    TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, parse_words_spec, tokenizer_fingerprint,
+    SPECIAL_TOKENS, TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, parse_words_spec,
+    tokenizer_fingerprint,
 )
 
 SPLIT_SEED = 2357  # nanoGPT's, for the held-out validation documents
@@ -63,8 +65,10 @@ class PrepareError(RuntimeError):
 class Corpus:
     identity: dict
     """What the cache fingerprint covers: changing the corpus content must not reuse a stale cache."""
-    read: Callable[[], "datasets.Dataset"]  # noqa: F821 (imported lazily: `datasets` takes seconds to import)
+    read: Callable[[], "datasets.Dataset"] | None  # noqa: F821 (imported lazily: `datasets` takes seconds to import)
     """The documents, one row each in a `text` column; called only when the cache is (re)built."""
+    token_ids: Callable[[], list[np.ndarray]] | None = None
+    """Instead of `read`: the documents as token ids already (no tokenizer pass, no `datasets`)."""
 
 
 def synthetic_text(record: dict) -> str:
@@ -88,14 +92,15 @@ def token_id_corpus(tokenizer: str, n_docs: int, seed: int) -> Corpus:
     if vocab_size is None:
         raise PrepareError(f"source synthetic-ids is written for a words:SIZE tokenizer, got --tokenizer {tokenizer}")
 
-    def read():
-        from datasets import Dataset
-
-        texts = synthetic.token_id_texts(n_docs, vocab_size=vocab_size, lengths="filling", num_labels=1, seed=seed)
-        return Dataset.from_dict({"text": [text for text, _ in texts]})
+    def token_ids() -> list[np.ndarray]:
+        """Uniform ids in [first word id, vocab_size), `synthetic.token_id_lengths` long less the two special
+        tokens, as `words:SIZE` would tokenize `synthetic.token_id_texts` (whose labels the LM has no use for)."""
+        rng = np.random.default_rng(seed)
+        lengths = synthetic.token_id_lengths(n_docs, "filling", rng) - 2
+        return [rng.integers(len(SPECIAL_TOKENS), vocab_size, size=n, dtype=np.int64) for n in lengths]
 
     return Corpus({"kind": "synthetic-ids", "docs": n_docs, "seed": seed, "vocab_size": vocab_size,
-                   "generator_version": synthetic.GENERATOR_VERSION}, read)
+                   "generator_version": synthetic.GENERATOR_VERSION, "writer": "numpy"}, None, token_ids)
 
 
 def local_corpus(path: Path) -> Corpus:
@@ -181,6 +186,44 @@ def write_tokens(tokens: "datasets.Dataset", path: Path, split: str) -> int:  # 
     return total
 
 
+def split_token_ids(documents: list[np.ndarray], val_fraction: float) -> dict[str, list[np.ndarray]]:
+    """train / val by document, with a fixed seed (numpy's permutation: not the documents `split_documents`
+    would pick from the same corpus, and not meant to be)."""
+    n_val = max(1, round(val_fraction * len(documents)))
+    if len(documents) - n_val < 1:
+        raise PrepareError(f"{len(documents)} documents are too few to hold out a validation split")
+    val = set(np.random.default_rng(SPLIT_SEED).permutation(len(documents))[:n_val].tolist())
+    return {"train": [d for i, d in enumerate(documents) if i not in val],
+            "val": [d for i, d in enumerate(documents) if i in val]}
+
+
+def write_token_ids(documents: list[np.ndarray], eos: int, path: Path) -> int:
+    """Each document's ids followed by `eos`, concatenated into the uint16 stream; returns the token count."""
+    stream = np.concatenate([np.append(d, eos) for d in documents]).astype(TOKEN_DTYPE)
+    stream.tofile(path)
+    return len(stream)
+
+
+def tokenized_splits(corpus: Corpus, tokenizer: str, loaded_tokenizer: PreTrainedTokenizerFast | None,
+                     bpe_size: int | None, val_fraction: float, num_proc: int,
+                     tmp: Path) -> tuple[dict, dict[str, int], PreTrainedTokenizerFast]:
+    """A text corpus split, tokenized (a bpe tokenizer trained on its train split first) and written into `tmp`:
+    (documents per split, token counts per split, the tokenizer)."""
+    splits = split_documents(corpus.read(), val_fraction)
+    if loaded_tokenizer is None:
+        print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
+    active = load_tokenizer(tokenizer, train_texts=(row["text"] for row in splits["train"]),
+                            out_dir=tmp / "tokenizer")
+    if active.eos_token_id is None:
+        raise PrepareError(f"tokenizer {tokenizer!r} has no end-of-text (eos) token to separate documents")
+    if len(active) > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise PrepareError(f"tokenizer {tokenizer!r} has {len(active)} tokens; {TOKEN_DTYPE.__name__} "
+                           "token files hold at most 65,536")
+    counts = {split: write_tokens(tokenize(splits[split], active, num_proc, split), bin_path(tmp, split), split)
+              for split in SPLITS}
+    return splits, counts, active
+
+
 def prepare(source: str, output_dir: str | Path, *, tokenizer: str = "gpt2", val_fraction: float = OWT_VAL_FRACTION,
             num_proc: int = 1, synthetic_docs: int = 3000, synthetic_seed: int = 0, force: bool = False) -> Path:
     """Build (or reuse) the cache for `source` in `output_dir` and return its path. A `bpe:SIZE` tokenizer
@@ -204,18 +247,15 @@ def prepare(source: str, output_dir: str | Path, *, tokenizer: str = "gpt2", val
         if tmp is None:
             return output_dir
         started = time.perf_counter()
-        splits = split_documents(corpus.read(), val_fraction)
-        if loaded_tokenizer is None:
-            print(f"training a byte-level BPE tokenizer ({bpe_size} tokens) on the train split")
-        active = load_tokenizer(tokenizer, train_texts=(row["text"] for row in splits["train"]),
-                                out_dir=tmp / "tokenizer")
-        if active.eos_token_id is None:
-            raise PrepareError(f"tokenizer {tokenizer!r} has no end-of-text (eos) token to separate documents")
-        if len(active) > np.iinfo(TOKEN_DTYPE).max + 1:
-            raise PrepareError(f"tokenizer {tokenizer!r} has {len(active)} tokens; {TOKEN_DTYPE.__name__} "
-                               "token files hold at most 65,536")
-        counts = {split: write_tokens(tokenize(splits[split], active, num_proc, split), bin_path(tmp, split), split)
-                  for split in SPLITS}
+        if corpus.token_ids is not None:  # ids already: split and write them, no tokenizer pass
+            splits = split_token_ids(corpus.token_ids(), val_fraction)
+            loaded_tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            counts = {split: write_token_ids(splits[split], loaded_tokenizer.eos_token_id, bin_path(tmp, split))
+                      for split in SPLITS}
+            active = loaded_tokenizer
+        else:
+            splits, counts, active = tokenized_splits(corpus, tokenizer, loaded_tokenizer, bpe_size, val_fraction,
+                                                      num_proc, tmp)
         seconds = time.perf_counter() - started
         atomic_write_json(tmp / "meta.json", {
             "format_version": CACHE_FORMAT_VERSION,
