@@ -65,6 +65,7 @@ from experiments.classification.config import PRESETS, TrainConfig
 from dtype_bench import cpu, optimizers, precision, runner, throughput
 from dtype_bench.configs import HelpFormatter
 from dtype_bench.io import read_jsonl
+from dtype_bench.memory import PeakMemory
 
 # 8-bit AdamW (amp_*_8bit_adam) can be passed with --configs, but it is not identical work: the Trainer's
 # adamw_bnb_8bit keeps nn.Embedding states in 32 bits (a bitsandbytes GlobalOptimManager override), ours does not.
@@ -144,8 +145,11 @@ class TrainingOrderDataset(torch.utils.data.Dataset):
 
 
 def build_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, device: torch.device,
-                  output_dir: str, callbacks: list):
-    """The Trainer as the benchmark runs it: our model, our micro-batches, the config's precision flags."""
+                  output_dir: str, callbacks: list, nan_inf_filter: bool = True):
+    """The Trainer as the benchmark runs it: our model, our micro-batches, the config's precision flags.
+    `nan_inf_filter`: the Trainer's `logging_nan_inf_filter` (on by default), which reads every micro-batch's loss
+    on the host (`torch.isnan(loss)` as a Python bool: one device sync per micro-batch); off, it syncs as rarely
+    as it logs."""
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
     meta = data_lib.read_meta(cfg.cache_dir)
@@ -169,12 +173,16 @@ def build_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, de
         adam_beta2=cfg.adam_beta2, adam_epsilon=optimizers.adam_eps_of(pc, cfg.adam_eps),
         train_sampling_strategy="sequential", logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, seed=seed, use_cpu=device.type == "cpu",
+        logging_nan_inf_filter=nan_inf_filter,
         **trainer_precision_args(pc, device))
     return Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks,
                    data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(meta.path / "tokenizer")))
 
 
-def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, device: torch.device) -> dict:
+def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, device: torch.device,
+                nan_inf_filter: bool = True) -> dict:
+    """One Trainer run timed by our StepTimer; its training peak memory measured as ours is (`PeakMemory`, reset
+    after the model is built)."""
     from transformers import TrainerCallback
 
     class TimingCallback(TrainerCallback):
@@ -189,15 +197,20 @@ def run_trainer(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, devi
 
     if cfg.threads:  # as run.py does with --threads
         torch.set_num_threads(cfg.threads)
-    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+    timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps, last_step=cfg.max_steps)
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build_trainer(cfg, pc, seed, device, output_dir, [TimingCallback(timer)])
+        trainer = build_trainer(cfg, pc, seed, device, output_dir, [TimingCallback(timer)], nan_inf_filter)
+        memory = PeakMemory(device)
         trainer.train()
+        peaks = memory.summary()
+    measured = {**timer.summary(), "peak_memory_gb": peaks["train_peak_memory_gb"],
+                "train_peak_memory_reserved_gb": peaks.get("train_peak_memory_reserved_gb"),
+                "logging_nan_inf_filter": nan_inf_filter}
     mismatch = precision_mismatch(trainer, pc, device)
     if mismatch:  # measured, but not the config: no ratio is computed from it
         return {"status": "not identical", "reason": f"its precision differs from the config: {mismatch}",
-                **timer.summary()}
-    return {"status": "completed", **timer.summary()}
+                **measured}
+    return {"status": "completed", **measured}
 
 
 # ---------------------------------------------------------------- our side
@@ -223,6 +236,7 @@ def worker(argv: list[str]) -> int:
     """One measured run in this process: `--worker {ours,trainer} --config NAME -- RUN_FLAGS`."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", choices=("ours", "trainer"), required=True)
+    parser.add_argument("--no_nan_inf_filter", action="store_true", help="trainer: logging_nan_inf_filter=False")
     parser.add_argument("--config", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args, run_flags = parser.parse_known_args(argv)
@@ -231,25 +245,38 @@ def worker(argv: list[str]) -> int:
         row = run_ours(run_flags, args.config, args.seed)
     else:
         _, cfg = runner.parse_args(None, TrainConfig, PRESETS, [*run_flags, "--config", args.config])
-        row = run_trainer(cfg, precision.get(args.config), args.seed, runner.pick_device(cfg.device))
+        row = run_trainer(cfg, precision.get(args.config), args.seed, runner.pick_device(cfg.device),
+                          nan_inf_filter=not args.no_nan_inf_filter)
     keep = ("status", "error", "reason", "samples_per_second", "samples_per_second_min", "samples_per_second_max",
             "timing_windows", "timed_steps", "model_flops_per_sample", "peak_flops_measured", "mfu",
-            "mfu_datasheet", "peak_memory_gb", "padding_fraction")
+            "mfu_datasheet", "peak_memory_gb", "train_peak_memory_gb", "train_peak_memory_reserved_gb",
+            "padding_fraction", "warmup_seconds", "timer_check", "host_over_window_seconds", "logging_nan_inf_filter")
     print(RESULT_PREFIX + json.dumps({k: row.get(k) for k in keep}))
     return 0
 
 
+def worker_command(kind: str, config: str, seed: int, run_flags: list[str],
+                   worker_flags: tuple[str, ...] = ()) -> list[str]:
+    """The command of one measured run in its own process (`worker`)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *worker_flags, "--config", config,
+            "--seed", str(seed), "--", *run_flags]
+
+
+def parse_result(output: str, returncode: int) -> dict:
+    """A worker's result from its output, or `failed` with the output's tail."""
+    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+    if returncode != 0 or not lines:
+        return {"status": "failed", "error": " | ".join(output.strip().splitlines()[-5:])}
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
 def measure(kind: str, config: str, seed: int, run_flags: list[str], timeout: float | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--config", config, "--seed", str(seed), "--", *run_flags]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        proc = subprocess.run(worker_command(kind, config, seed, run_flags), capture_output=True, text=True,
+                              cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"not finished within {timeout:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        return {"status": "failed", "error": " | ".join(tail)}
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return parse_result(proc.stdout + proc.stderr, proc.returncode)
 
 
 def measured_run_flags(preset: str, max_steps: int, timing_warmup_steps: int, data_dir: str | None,

@@ -62,7 +62,7 @@ class TrainingRun:
         self.local_accumulation = world.local_accumulation(cfg.gradient_accumulation_steps)
         self.peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # MFU denominators
         self.memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
-        self.timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps)
+        self.timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps, last_step=cfg.max_steps)
         self.diagnostics = PrecisionDiagnostics(model, optimizer, group_of, every=cfg.diagnostics_every)
         self.checkpoints = checkpoint.RunCheckpoints(
             checkpoint.run_dir(cfg.output_dir, run_id), model,
@@ -78,6 +78,8 @@ class TrainingRun:
         if resumed and world.is_main:
             print(f"resuming {run_id} from step {self.state.step}", flush=True)
         self.eval_dtypes: dict | None = None
+        self.sdpa_ops: list[str] | None = None  # the attention ops that ran, seen on the last warm-up step
+        self._profile: torch.profiler.profile | None = None
         self._in_step = False
         self._step_samples, self._step_flops = 0, 0.0
         signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
@@ -103,6 +105,9 @@ class TrainingRun:
         self._in_step = True
         self._step_samples, self._step_flops = 0, 0.0  # this rank's: throughput and MFU are per device
         self.timer.start(timed=not self.diagnostics.measures(self.state.step + 1))
+        if self.state.step + 1 == self.cfg.timing_warmup_steps and self.world.is_main:  # untimed: may be slower
+            self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profile.__enter__()
         return True
 
     def seed_micro_batch(self, micro: int) -> None:
@@ -141,6 +146,10 @@ class TrainingRun:
         self.state.step += 1
         step, cfg = self.state.step, self.cfg
         self.timer.stop(self._step_samples, self._step_flops)
+        if self._profile is not None:
+            self._profile.__exit__(None, None, None)
+            self.sdpa_ops = sorted({e.key for e in self._profile.key_averages() if "scaled_dot_product" in e.key})
+            self._profile = None
         self.monitor.step(step, grad_norm, lr)
         self._progress.update()
         evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
@@ -155,7 +164,7 @@ class TrainingRun:
         stop = signals.stop_signal(self.world, sync_point=step % cfg.log_every == 0)
         if stop:
             self.monitor.flush()  # a single process may stop between log steps: write its pending lines first
-        if (evaluating or stop) and self.world.is_main:
+        if (evaluating or stop) and self.world.is_main and cfg.checkpoints:
             self.checkpoints.save(self.optimizer, self.scheduler, self.scaler, progress=self.state.state_dict(),
                                   best_dir=self.state.best_dir)
         if stop:
@@ -169,8 +178,8 @@ class TrainingRun:
         self.state.evals.append({"step": step, **metrics})
         if self.best_metric and (self.state.best is None
                                  or metrics[self.best_metric] > self.state.best["metrics"][self.best_metric]):
-            self.state.best = {"step": step, "metrics": metrics,
-                               "dir": self.checkpoints.save_best(step, metrics)}  # weights on disk
+            self.state.best = {"step": step, "metrics": metrics,  # weights on disk, unless checkpoints are off
+                               "dir": self.checkpoints.save_best(step, metrics) if self.cfg.checkpoints else None}
 
     def _require_step(self, what: str) -> None:
         if not self._in_step:
@@ -181,8 +190,10 @@ class TrainingRun:
         return self.memory.evaluating()
 
     def load_best(self) -> dict:
-        """Reload the best validation's weights; returns that evaluation ({"step", "metrics", "dir"})."""
-        self.checkpoints.load_best(self.state.best_dir)
+        """Reload the best validation's weights (without checkpoints: keep the final ones); returns that
+        evaluation ({"step", "metrics", "dir"})."""
+        if self.cfg.checkpoints:
+            self.checkpoints.load_best(self.state.best_dir)
         return self.state.best
 
     def finish(self) -> dict:
@@ -196,6 +207,7 @@ class TrainingRun:
         self.log.close()
         out.update(resumed_from_steps=self.state.resumed_from_steps, skipped_steps=self.monitor.skipped_steps,
                    micro_batches=self.state.micro_batches, train_wall_seconds=self.state.train_seconds,
+                   sdpa_ops=self.sdpa_ops,
                    **throughput.throughput_record(self.timer.summary(), self.peaks, self.world.world_size),
                    **self.diagnostics.summary())
         if self.monitor.diverged:

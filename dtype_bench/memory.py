@@ -34,7 +34,8 @@ def _cpu_peak_rss_bytes() -> int:
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak: CUDA allocator statistics, or the CPU RSS high-water mark (Linux >= 4.0: write 5 to
     /proc/self/clear_refs). Returns False where the CPU peak cannot be reset (it stays the process peak)."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # cached blocks (e.g. of the peak calibration's matmuls) would count as reserved
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return True
     try:

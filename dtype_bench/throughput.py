@@ -8,6 +8,14 @@ in `summary()`, so timing adds no host sync to the loop; on CPU work is synchron
 exact. The reported `samples_per_second` is the median over windows (min and max give the spread), not one
 total that a single hiccup could move.
 
+Given `last_step`, the timer checks itself against the host clock: a device synchronize when the first timed
+window opens and another when the last step ends, and the host seconds between them against the sum of the
+windows (`host_over_window_seconds`; `timer_check` 'agrees' within `TIMER_CHECK_TOLERANCE`, else 'differs').
+The two measure the same stretch only when nothing was paused between them (no log or evaluation step inside
+the timed steps: `paused_windows` says how many pauses there were). Only where windows are device events (CUDA):
+on the host clock the two are one clock and could not disagree. `warmup_seconds` is the host time from the
+first step's start to the first timed window (compilation, autotuning, allocator warm-up).
+
 Under torchrun each process feeds its StepTimer its own samples and FLOPs, so the timer's numbers are per
 device; `throughput_record` adds the job's samples/s (x the world size) and the MFU against the peaks of
 `flops.calibrate_peaks`.
@@ -22,6 +30,9 @@ from typing import Callable
 import torch
 
 from dtype_bench.flops import FLOPS_FORMULA
+
+TIMER_CHECK_TOLERANCE = 0.05
+"""Relative difference between host wall time and the summed timing windows that the timer check accepts."""
 
 
 @dataclass
@@ -40,12 +51,23 @@ class StepTimer:
     """Optimizer steps excluded before timing starts."""
     window_steps: int = 10
     """Optimizer steps per timing window; a window also ends at `pause()`."""
+    last_step: int | None = None
+    """The run's last optimizer step, where the host-clock check ends (None: no check)."""
     clock: Callable[[], float] = time.perf_counter
-    """Host clock for non-CUDA devices (tests inject a fake one)."""
+    """Host clock for non-CUDA devices and for the host-clock check (tests inject a fake one)."""
     _windows: list[_Window] = field(default_factory=list)
     _steps_seen: int = 0
     _open: _Window | None = None
     _reported_windows: int = 0
+    _first_start: float | None = None
+    _host_start: float | None = None
+    _host_end: float | None = None
+    _pauses: int = 0
+
+    def _synchronized_clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.clock()
 
     def _mark(self) -> object:
         if self.device.type == "cuda":
@@ -64,9 +86,13 @@ class StepTimer:
     def start(self, timed: bool = True) -> None:
         """Call at the top of an optimizer step (before its first micro-batch is fetched). `timed=False`
         leaves this step out (e.g. a step that also runs measurement-only work such as diagnostics)."""
+        if self._first_start is None:
+            self._first_start = self.clock()
         if not timed:
             self.pause()
         elif self._open is None and self._steps_seen >= self.warmup_steps:
+            if self._host_start is None:  # synchronized only for the check: elsewhere no host sync
+                self._host_start = self._synchronized_clock() if self.last_step is not None else self.clock()
             self._open = _Window(self._mark(), None, 0, 0, 0.0)
 
     def stop(self, samples: int, flops: float = 0.0) -> None:
@@ -77,7 +103,10 @@ class StepTimer:
         self._open.steps += 1
         self._open.samples += samples
         self._open.flops += flops
-        if self._open.steps >= self.window_steps:
+        if self._steps_seen == self.last_step:
+            self._close()
+            self._host_end = self._synchronized_clock()
+        elif self._open.steps >= self.window_steps:
             end = self._close()
             self._open = _Window(end, None, 0, 0, 0.0)  # contiguous: the next window starts where this ended
 
@@ -92,6 +121,8 @@ class StepTimer:
         """End the open window before untimed work (evaluation, checkpointing, logging, end of training)."""
         if self._open is not None and self._open.steps:
             self._close()
+            if self._host_end is None:
+                self._pauses += 1
         self._open = None
 
     def recent_samples_per_second(self) -> float | None:
@@ -122,7 +153,22 @@ class StepTimer:
             "timed_seconds": sum(s for s, _ in timed),
             "timing_warmup_steps": self.warmup_steps,
             "model_flops_per_sample": flops / samples if flops else None,
+            "warmup_seconds": self._warmup_seconds(),
+            **self._timer_check(sum(s for s, _ in timed)),
         }
+
+    def _warmup_seconds(self) -> float | None:
+        if self._first_start is None or self._host_start is None:
+            return None
+        return self._host_start - self._first_start
+
+    def _timer_check(self, window_seconds: float) -> dict:
+        if self._host_end is None or all(isinstance(w.end, float) for w in self._windows):
+            return {}  # no check asked for, the last step never reached, or windows on the host clock already
+        host = self._host_end - self._host_start
+        ratio = host / window_seconds
+        return {"host_timed_seconds": host, "host_over_window_seconds": ratio, "paused_windows": self._pauses,
+                "timer_check": "agrees" if abs(ratio - 1) <= TIMER_CHECK_TOLERANCE else "differs"}
 
 
 def throughput_record(speed: dict, peaks: dict, world_size: int = 1) -> dict:
