@@ -294,11 +294,19 @@ def not_run(config: str | None, reason: str) -> dict:
 # ---------------------------------------------------------------- set-up parts
 
 
+def importable(module: str) -> bool:
+    """Whether `module` can be found (whether it also imports, run.py finds out: a `skipped` reason)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses the name (a broken install, a hidden package)
+        return False
+
+
 def part_packages(check: Check) -> None:
     """Optional packages: present, installed from the wheel folder (offline, no dependencies: torch is never
     touched), or missing (the configs that need them are then skipped by run.py, with the reason)."""
     records = check.report.setdefault("packages", {})
-    missing = [name for name, module in IMPORT_NAMES.items() if importlib.util.find_spec(module) is None]
+    missing = [name for name, module in IMPORT_NAMES.items() if not importable(module)]
     for name in IMPORT_NAMES:
         if name not in missing:
             records[name] = f"present ({importlib.metadata.version(name)})"
@@ -309,7 +317,7 @@ def part_packages(check: Check) -> None:
         importlib.invalidate_caches()
         for name in missing:
             records[name] = (f"installed from {check.wheels} ({importlib.metadata.version(name)})"
-                             if importlib.util.find_spec(IMPORT_NAMES[name]) else
+                             if importable(IMPORT_NAMES[name]) else
                              f"missing (install from {check.wheels} failed: {proc['tail'][-300:]})")
     check.save()
 

@@ -22,29 +22,38 @@ from transformers import RobertaConfig, RobertaModel
 OPTIONAL = ("datasets", "torchao", "bitsandbytes", "optimi", "submitit", "xxhash", "dill", "multiprocess")
 """What the GPU image lacks (benchmarks/wheels.py's set, and submitit)."""
 BLOCKER = """
-import importlib.abc, sys
+import sys
+from importlib.machinery import PathFinder
 from pathlib import Path
 HIDDEN = {hidden!r}
 COPY = Path({copy!r})
 OURS = ("dtype_bench", "experiments", "benchmarks", "analysis")
 
 
-class BareImage(importlib.abc.MetaPathFinder):
-    \"\"\"The optional packages are not installed; the project is imported only from the copy (never installed).\"\"\"
+class BareImage(PathFinder):
+    \"\"\"The path finder of an image without the optional packages (not found, no metadata: as if never installed)
+    on which the project is imported only from the copy (never installed).\"\"\"
 
-    def find_spec(self, name, path=None, target=None):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
         top = name.split(".")[0]
         if top in HIDDEN:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden: not on the GPU image)", name=name)
-        if top in OURS and "." not in name:
-            from importlib.machinery import PathFinder
-            spec = PathFinder.find_spec(name, path)
-            if spec is None or COPY not in Path(spec.origin or next(iter(spec.submodule_search_locations))).parents:
-                raise ModuleNotFoundError(f"{{name}} found outside the copy ({{spec and spec.origin}})", name=name)
-        return None
+            return None
+        spec = super().find_spec(name, path, target)
+        if top in OURS and "." not in name and spec is not None:
+            where = Path(spec.origin or next(iter(spec.submodule_search_locations)))
+            if COPY not in where.parents:
+                raise ImportError(f"{{name}} imported from {{where}}, outside the copy")
+        return spec
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        hidden = {{h.replace("_", "-") for h in HIDDEN}} | {{"torch-optimi"}}
+        return (d for d in super().find_distributions(*args, **kwargs)
+                if d.metadata["Name"].lower().replace("_", "-") not in hidden)
 
 
-sys.meta_path.insert(0, BareImage())
+sys.meta_path[sys.meta_path.index(PathFinder)] = BareImage
 """
 
 
