@@ -42,11 +42,11 @@ class TrainingFields:
     timing_warmup_steps: int = 5
     """Optimizer steps excluded from throughput (compilation, allocator warm-up)."""
     diverge_patience: int = 5
+    """Stop with status 'diverged' after this many consecutive optimizer steps with a non-finite loss."""
     checkpoints: bool = True
     """Write the run's last and best checkpoints (at evaluations and on stop signals). false (benchmark runs, whose
     checkpoints of a full-size model are 1.5-2 GB each) writes none: the run cannot be resumed, and what is
     evaluated after training is the final weights, not the best validation's."""
-    """Stop with status 'diverged' after this many consecutive optimizer steps with a non-finite loss."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     threads: Optional[int] = None

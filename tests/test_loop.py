@@ -32,6 +32,7 @@ class Cfg:
     timing_warmup_steps: int = 0
     gradient_accumulation_steps: int = 2
     report_to: str = "none"
+    checkpoints: bool = True
 
     def to_record(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,3 +168,16 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_next_run_continues(tmp
     assert [r["step"] for r in resumed.log() if "eval" not in r] == list(range(1, 8))
     assert resumed.run.load_best()["step"] == 7 and fields["resumed_from_steps"] == [5]
     assert fields["micro_batches"] == 14
+
+
+def test_without_checkpoints_nothing_is_written_and_the_final_weights_stay(tmp_path):
+    """checkpoints=False (benchmark runs): evaluations and the best validation are recorded, no checkpoint folder
+    is written, and load_best keeps the weights as trained."""
+    harness = Harness(Cfg(str(tmp_path), checkpoints=False))
+    harness.train()
+    best = harness.run.state.best
+    assert best is not None and best["dir"] is None
+    final = [p.detach().clone() for p in harness.model.parameters()]
+    assert harness.run.load_best() is best
+    assert all(torch.equal(a, b) for a, b in zip(final, harness.model.parameters()))
+    assert not (tmp_path / "checkpoints").exists()
