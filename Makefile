@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 DEMO_DIR := results/demo
 CLS := experiments/classification/run.py --preset tiny
 
-.PHONY: venv demo demo-lm test clean
+.PHONY: venv demo demo-lm test clean wheels
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ demo-lm: demo
 
 test: venv
 	$(PY) -m pytest -q
+
+# The optional packages' wheels for an offline (GPU) machine, into wheels/ (needs PyPI; any Python with pip):
+# benchmarks/gpu_check.py --wheels wheels installs them there (benchmarks/wheels.py install wheels alone).
+WHEELS_PYTHON ?= 3.12
+WHEELS_PLATFORM ?= manylinux_2_28_x86_64
+wheels:
+	$(PYTHON) benchmarks/wheels.py download wheels --python $(WHEELS_PYTHON) --platform $(WHEELS_PLATFORM)
 
 clean:
 	rm -rf $(VENV) results data
