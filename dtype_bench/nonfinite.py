@@ -5,7 +5,8 @@ tensor is multiplied by 0 (finite -> 0, inf or NaN -> NaN) and summed (`_foreach
 the tensor. Unlike a sum or norm of the values themselves this cannot overflow, so large finite values (fp16
 activations near 65504, a finfo.min attention mask) are never mistaken for non-finite ones; and unlike a maximum
 it does not depend on how a kernel treats NaN (a sum always propagates it). Two multi-tensor ops per dtype, then
-one stack: one group's gradients or weights cost about five dispatched ops whatever their number of tensors.
+a stack, a NaN test and a count: one group's gradients or weights cost five dispatched ops whatever their number
+of tensors.
 `group_roots` finds, per parameter group, the outermost modules whose outputs end that group's forward pass: where
 the diagnostics hook the forward outputs they check.
 """
@@ -30,7 +31,7 @@ def count_nonfinite(tensors: Iterable[torch.Tensor], device: torch.device) -> to
     if not by_dtype:
         return torch.zeros((), device=device)
     sums = [s for group in by_dtype.values() for s in torch._foreach_norm(torch._foreach_mul(group, 0.0), 1)]
-    return (~torch.stack(sums).isfinite()).sum(dtype=torch.float32)
+    return torch.stack(sums).isnan().sum(dtype=torch.float32)  # each sum is 0 or NaN: never inf
 
 
 def output_tensors(output) -> Iterator[torch.Tensor]:
