@@ -155,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["config"], r["side"]): r for r in rows}
     for config in dict.fromkeys(r["config"] for r in rows):
         ours, theirs = by[(config, "ours")], by[(config, "Trainer")]
+        identical = theirs.get("status") == "completed"  # the Trainer ran the config (its precision check)
         ratio = (f"{ours['ops_per_step'] / theirs['ops_per_step']:.3f}"
-                 if ours.get("ops_per_step") and theirs.get("ops_per_step") else "-")
-        show = lambda r, k: f"{r[k]:.0f}" if r.get(k) is not None else r.get("status", "-")  # noqa: E731
+                 if identical and ours.get("ops_per_step") and theirs.get("ops_per_step") else "-")
+        show = lambda r, k: (f"{r[k]:.0f}" + ("" if r.get("status") == "completed" else f" ({r['status']})")  # noqa: E731
+                             if r.get(k) is not None else r.get("status", "-"))
         print(f"| {config} | {show(ours, 'ops_per_step')} | {show(theirs, 'ops_per_step')} | {ratio} | "
               f"{show(ours, 'ops_per_optimizer_step')} | {show(theirs, 'ops_per_optimizer_step')} |")
     return 0

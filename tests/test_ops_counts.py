@@ -46,3 +46,20 @@ def test_nonfinite_counts_cost_a_few_ops_whatever_the_number_of_tensors():
         count = count_nonfinite(tensors, CPU)
     assert count.item() == 1
     assert counter.total <= 10, counter.total  # two multi-tensor ops per dtype, a stack, the count
+
+
+@pytest.mark.slow
+def test_ours_dispatches_at_most_5_percent_more_than_the_trainer_per_training_step(tmp_path):
+    """benchmarks/ops_per_step.py end to end at roberta-base's depth: identical optimizer work (both fused AdamW)
+    and ours within 1.05x of the Trainer per training step (deterministic counts, any machine)."""
+    import json
+
+    from benchmarks import ops_per_step
+
+    rows_file = tmp_path / "rows.jsonl"
+    assert ops_per_step.main(["--configs", "fp32_baseline", "--steps", "5", "--output", str(rows_file)]) == 0
+    rows = {r["side"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
+    ours, trainer = rows["ours"], rows["Trainer"]
+    assert ours["status"] == trainer["status"] == "completed"
+    assert ours["ops_per_optimizer_step"] == trainer["ops_per_optimizer_step"]
+    assert ours["ops_per_step"] <= 1.05 * trainer["ops_per_step"], (ours, trainer)
