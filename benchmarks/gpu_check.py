@@ -1,7 +1,7 @@
 """The full-size device check: one offline command for any CUDA machine, the GPU numbers users need, most valuable first.
 
     python benchmarks/gpu_check.py --output_dir gpu_check --wheels wheels     # a CUDA machine, no network
-    python benchmarks/gpu_check.py --output_dir /tmp/dry --dry-run            # same code path, tiny, CPU (*)
+    python benchmarks/gpu_check.py --output_dir /tmp/dry --dry_run            # same code path, tiny, CPU (*)
 
 (*) Each run of the dry run trains in a second or two; the whole takes a few minutes on 2 cores, nearly all of
 it the start-up (torch + transformers imports) of the processes it launches.
@@ -691,7 +691,7 @@ def markdown(report: dict) -> str:
 
 def next_commands(report: dict, output_dir: Path, dry_run: bool) -> list[str]:
     """The commands that run what the time limits cut off, per part, with its configs in order."""
-    command = f"python benchmarks/gpu_check.py --output_dir {output_dir}-rest{' --dry-run' if dry_run else ''}"
+    command = f"python benchmarks/gpu_check.py --output_dir {output_dir}-rest{' --dry_run' if dry_run else ''}"
     missing: dict[str, list[str]] = {}
     for part in ("classification", "lm"):
         missing[part] = [r["config"] for r in report.get(part, []) if r["status"] in ("not run", "timeout")]
@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the synthetic caches are built (reused when they match)")
     parser.add_argument("--wheels", type=Path, help="folder of the optional wheels (benchmarks/wheels.py download; "
                                                     "default: ./wheels if it exists); installed offline")
-    parser.add_argument("--dry-run", action="store_true", help="the same code path at tiny sizes (CPU)")
+    parser.add_argument("--dry_run", action="store_true", help="the same code path at tiny sizes (CPU)")
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     parser.add_argument("--configs", help="precision configs of the classification, Trainer and LM runs, in this "
                                           "order (default: VALUE_ORDER, then the registry / the LM's core set)")
@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if not args.dry_run and not torch.cuda.is_available():
         print("warning: no CUDA device; the full-size check on a CPU will mostly hit its time limits "
-              "(use --dry-run for the CPU check)", file=sys.stderr)
+              "(use --dry_run for the CPU check)", file=sys.stderr)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     deadline_s = args.deadline_s or plan.deadline_s
     check = Check(args.output_dir, args.cache_dir, plan, wheel_dir, budgets, args.run_timeout_s or plan.run_timeout_s,

@@ -84,7 +84,7 @@ def test_dry_run_completes_every_part_from_an_archive_copy_on_a_bare_image(tmp_p
     (site / "sitecustomize.py").write_text(BLOCKER.format(hidden=OPTIONAL, copy=str(copy)))
     out = tmp_path / "check"
     env = {**tiny_run.ENV, "PYTHONPATH": str(site)}
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--output_dir", str(out),
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry_run", "--output_dir", str(out),
                            "--cache_dir", str(tmp_path / "cache"), "--configs", "fp32_baseline,bf16_sr_bf16_moments"],
                           env=env, cwd=copy, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -111,7 +111,7 @@ def test_dry_run_completes_every_part_from_an_archive_copy_on_a_bare_image(tmp_p
 def test_dry_run_trains_skips_and_reports(tmp_path):
     """A subset of the parts (the full dry run starts a dozen processes: minutes on 2 busy cores)."""
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, str(tiny_run.ROOT / "benchmarks" / "gpu_check.py"), "--dry-run",
+    proc = subprocess.run([sys.executable, str(tiny_run.ROOT / "benchmarks" / "gpu_check.py"), "--dry_run",
                            "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
                            "--parts", "data,classification,loader"],
                           env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=600)
