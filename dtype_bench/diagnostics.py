@@ -71,7 +71,7 @@ from torch import nn
 from dtype_bench.adamw_state import (betas, moments_fp32, next_moments_fp32, second_moment, stored_moments,
                                        stored_moments_fp32)
 from dtype_bench.memory import is_8bit, tensor_bytes
-from dtype_bench.nonfinite import GroupOf, count_nonfinite, group_roots, output_tensors
+from dtype_bench.nonfinite import GroupOf, count_nonfinite, count_nonfinite_state, group_roots, output_tensors
 from dtype_bench.optimizers import adamw_fp32_step
 from dtype_bench.precision import dtype_name
 from dtype_bench.underflow import tiny_or_zero, underflow_counts, underflow_fields
@@ -184,7 +184,7 @@ class PrecisionDiagnostics:
         self._stepped = False
         self._act_hooked.clear()
         forward, self._forward_counts = self._forward_counts, self._zero_counts()
-        grads = [count_nonfinite((p.grad for p in self._params_of[g] if p.grad is not None), self.device)
+        grads = [count_nonfinite_state((p.grad for p in self._params_of[g] if p.grad is not None), self.device)
                  for g in self.groups]
         self._step_counts = forward + grads
         with_grad = [(n, p) for n, p in self.named if p.grad is not None]
@@ -243,7 +243,7 @@ class PrecisionDiagnostics:
     def after_step(self) -> None:
         """Call right after `scaler.step(optimizer)` / `optimizer.step()`."""
         self._armed = self.measures(self.step + 1)
-        self._step_counts += [count_nonfinite(self._params_of[g], self.device) for g in self.groups]
+        self._step_counts += [count_nonfinite_state(self._params_of[g], self.device) for g in self.groups]
         if self._stepped and "optimizer_state" not in self._memory:
             self._account_optimizer_state()
         snapshot, self._snapshot = self._snapshot, None

@@ -17,7 +17,7 @@ from torch import nn
 from dtype_bench import checkpoint, optimizers, precision
 from dtype_bench.adamw_state import stored_moments_fp32
 from dtype_bench.diagnostics import PrecisionDiagnostics
-from dtype_bench.nonfinite import count_nonfinite, group_roots
+from dtype_bench.nonfinite import count_nonfinite, count_nonfinite_state, group_roots
 from dtype_bench.underflow import tiny_or_zero
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +143,34 @@ def test_a_tensor_counts_once_when_it_holds_a_non_finite_value_and_large_finite_
     assert count_nonfinite(finite, CPU).item() == 0
     assert count_nonfinite(finite + nonfinite, CPU).item() == 3
     assert count_nonfinite([], CPU).item() == 0
+
+
+def test_gradients_and_weights_are_counted_without_a_copy_and_large_finite_values_never():
+    """fp16 values at fp16's max (an fp16 sum of them is inf) and fp32 weights of 1e30 are finite; each tensor with
+    a NaN or inf counts once. No op allocates a tensor of the inputs' size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    finfo16 = torch.finfo(torch.float16)
+    finite = [torch.full((1000,), finfo16.max, dtype=torch.float16), torch.full((1000,), 1e30), torch.empty(0),
+              torch.full((1000,), -3e38, dtype=torch.bfloat16)[:1]]
+    nonfinite = [torch.tensor([1.0, float("nan"), float("inf")]), torch.tensor([float("-inf")], dtype=torch.bfloat16),
+                 torch.tensor([float("nan")], dtype=torch.float16)]
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    with Largest():
+        assert count_nonfinite_state(finite, CPU).item() == 0
+        assert count_nonfinite_state(finite + nonfinite, CPU).item() == 3
+    assert Largest.largest <= len(finite + nonfinite)  # per-tensor norms and their stack, nothing the inputs' size
+    assert count_nonfinite_state([], CPU).item() == 0
 
 
 def test_resumed_diagnostics_report_what_an_uninterrupted_run_reports(tmp_path):
