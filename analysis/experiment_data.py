@@ -247,14 +247,21 @@ class Style:
     eight_bit: bool
 
 
+def family_of(record: dict) -> str:
+    """A config's precision family from its precision record, never from its name: the dtype most of its matmuls
+    run in (autocast's, else the weights'): fp32, fp16, bf16, or unknown for a record that does not say."""
+    compute = record.get("autocast_dtype") or record.get("weight_dtype")
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(compute, "unknown")
+
+
 def styles(precisions: dict[str, dict]) -> dict[str, Style]:
-    """config -> Style, from each config's precision record (`family`, `optimizer`), never from its name:
+    """config -> Style, from each config's precision record (`family_of`, `optimizer`), never from its name:
     colour by family (shades within a family in the given order), dashed/hatched if 8-bit optimizer states."""
     import matplotlib
 
     by_family: dict[str, list[str]] = {}
     for config, record in precisions.items():
-        by_family.setdefault(record.get("family", "unknown"), []).append(config)
+        by_family.setdefault(family_of(record), []).append(config)
     markers = "osD^v<>pPX*h"
     out = {}
     for family, configs in by_family.items():

@@ -106,7 +106,7 @@ def setup_section(exp: Experiment) -> str:
 PRECISION_COLUMNS = (  # results-row `precision` record field -> column
     ("weight_dtype", "weights"), ("head_weight_dtype", "head weights"), ("autocast_dtype", "autocast"),
     ("loss_scaling", "loss scaling"), ("weight_update_rounding", "weight update"), ("exp_avg_dtype", "exp_avg"),
-    ("exp_avg_sq_dtype", "exp_avg_sq"), ("moment_rounding", "moment rounding"), ("optimizer", "optimizer"),
+    ("exp_avg_sq_dtype", "exp_avg_sq"), ("optimizer", "optimizer"),
 )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import integrate, special, stats as scipy_stats
 
-from analysis.experiment_data import BASELINE, Experiment, Metric, is_number
+from analysis.experiment_data import BASELINE, Experiment, Metric, family_of, is_number
 
 from dtype_bench.results import mean_std
 
@@ -293,7 +293,7 @@ def summarize(exp: Experiment) -> list[ConfigSummary]:
         for row in exp.runs(config):
             counts[row["status"]] += 1
         done = exp.runs(config, "completed")
-        summary = ConfigSummary(config, record.get("family", "unknown"), record.get("optimizer") == "adamw_8bit", counts)
+        summary = ConfigSummary(config, family_of(record), record.get("optimizer") == "adamw_8bit", counts)
         for metric in exp.metrics:
             est = estimate([float(r[metric.key]) for r in done if is_number(r.get(metric.key))])
             summary.estimates[metric.key] = est

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import functools
 import importlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -21,7 +21,6 @@ import torch
 OptimizerKind = Literal["adamw", "adamw_8bit", "adamw_stochastic_rounding", "adamw_fp32_states", "adamw_kahan"]
 LossScaling = Literal["none", "dynamic"]
 WeightUpdateRounding = Literal["nearest", "stochastic", "kahan"]
-MomentRounding = Literal["nearest"]
 EvalPrecision = Literal["config", "fp32"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504: logits above this overflow in fp16
@@ -66,9 +65,6 @@ class PrecisionConfig:
     """dtype AdamW's second moment is stored in (torch.uint8 as for exp_avg). A bf16 second moment rounded
     to nearest cannot decay: with beta2 = 0.999 one step changes it by at most 0.1%, below bf16's half-ulp
     (2^-9 = 0.2%)."""
-    moment_rounding: MomentRounding = "nearest"
-    """How a new moment value is written into its dtype. Every optimizer here rounds to nearest (8-bit: to
-    the nearest code); stated so that rows and the report say so."""
     optimizer: OptimizerKind = "adamw"
     """The implementation, which must be able to do what the fields above say (checked in __post_init__):
     'adamw': torch AdamW, moments in the parameter dtype; 'adamw_8bit': bitsandbytes 8-bit block-wise
@@ -85,8 +81,6 @@ class PrecisionConfig:
     or None = the device default (`compile_default`). False compiles nothing."""
     fp8: bool = False
     """torchao float8 training on the encoder's Linear layers (needs CUDA compute capability >= 8.9)."""
-    family: str = field(default="fp32")
-    """Colour family in plots: fp32, fp16 or bf16."""
 
     def __post_init__(self) -> None:
         floats = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,8 +94,6 @@ class PrecisionConfig:
             raise ValueError(f"{self.name}: autocast_dtype must be None, float16 or bfloat16")
         if self.loss_scaling == "dynamic" and self.weight_dtype != torch.float32:
             raise ValueError(f"{self.name}: GradScaler needs fp32 master weights (it refuses to unscale fp16 grads)")
-        if self.family not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"{self.name}: family must be fp32, fp16 or bf16")
         problem = self._optimizer_cannot()
         if problem:
             raise ValueError(f"{self.name}: optimizer {self.optimizer!r} {problem}")
@@ -147,14 +139,12 @@ class PrecisionConfig:
 
 def _amp(name: str, dtype: torch.dtype, description: str, **kw) -> PrecisionConfig:
     kw.setdefault("loss_scaling", "dynamic" if dtype == torch.float16 else "none")
-    return PrecisionConfig(name=name, description=description, autocast_dtype=dtype,
-                           family="fp16" if dtype == torch.float16 else "bf16", **kw)
+    return PrecisionConfig(name=name, description=description, autocast_dtype=dtype, **kw)
 
 
 def _low(dtype: torch.dtype, **kw) -> dict:
     """Pure low-precision weights: weights, gradients and (unless overridden) both moments in `dtype`."""
-    return dict(weight_dtype=dtype, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype,
-                family="fp16" if dtype == torch.float16 else "bf16") | kw
+    return dict(weight_dtype=dtype, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype) | kw
 
 
 _FP32_MOMENTS = dict(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)
@@ -184,7 +174,7 @@ REGISTRY: dict[str, PrecisionConfig] = {pc.name: pc for pc in (
     PrecisionConfig("bf16_no_compile", "bf16_sr_fp32_moments with nothing compiled (compile ablation)",
                     compile=False, **_BF16_SR_FP32_MOMENTS),
     PrecisionConfig("bf16_sr_bf16_moments", "bf16 weights with stochastic rounding, bf16 round-to-nearest AdamW "
-                    "moments (torchao _AdamW; the former bf16_pure): the second moment cannot decay",
+                    "moments (torchao _AdamW): the second moment cannot decay",
                     **_low(torch.bfloat16, weight_update_rounding="stochastic", optimizer="adamw_stochastic_rounding")),
     PrecisionConfig("bf16_kahan_bf16_moments", "bf16 weights with Kahan-compensated updates, bf16 round-to-nearest "
                     "AdamW moments (torch-optimi); its decoupled weight decay is a separate round-to-nearest "
@@ -204,10 +194,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "core": ("fp32_baseline", "amp_fp16", "amp_bf16", "bf16_sr_fp32_moments"),
 }
 
-RENAMED = {"bf16_pure": "bf16_sr_bf16_moments (same numerics: bf16 round-to-nearest moments) or "
-                        "bf16_sr_fp32_moments (the pure-bf16 recipe now in `core`: moments that decay)"}
-
-
 class UnknownConfig(ValueError):
     pass
 
@@ -218,9 +204,6 @@ def resolve_names(spec: str) -> list[str]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         names.extend(GROUPS.get(part, (part,)))
     unknown = [n for n in names if n not in REGISTRY]
-    renamed = [f"{n} was renamed: use {RENAMED[n]}" for n in unknown if n in RENAMED]
-    if renamed:
-        raise UnknownConfig("; ".join(renamed))
     if unknown or not names:
         raise UnknownConfig(
             f"unknown config {', '.join(unknown) or repr(spec)}; valid: {', '.join(GROUPS)}, {', '.join(REGISTRY)}"

@@ -201,7 +201,7 @@ def test_report_reads_top_to_bottom_and_links_non_empty_pngs(analysis):
     assert "not EURLEX57K" in report and "peak resident set size" in report
     assert "| train_config.max_steps | 6 |" in report and "| env.device | cpu |" in report
     # the config table: weights, head, autocast, loss scaling, weight update, moments, optimizer, compiled
-    assert "| fp32_baseline | float32 | - | - | none | nearest | float32 | float32 | nearest | adamw | no / no |" in report
+    assert "| fp32_baseline | float32 | - | - | none | nearest | float32 | float32 | adamw | no / no |" in report
     # the setup lists what these runs change in the seed's recipe, and says which macro-F1 is which
     assert "| head_bias_prior | True | False |" in report and "| max_steps | 6 | 5000 |" in report
     assert "macro-F1 (all labels): the seed's macro-F1" in report and "macro-F1 (labels with gold)" in report
@@ -243,8 +243,10 @@ def test_missing_results_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_family_and_8bit_style_come_from_the_precision_record_not_the_name():
     _, _, experiment_data = analysis_modules()
-    style = experiment_data.styles({"x": {"family": "fp16", "optimizer": "adamw_8bit"},
-                                    "amp_bf16": {"family": "fp32", "optimizer": "adamw"}})
+    style = experiment_data.styles({"x": {"weight_dtype": "float32", "autocast_dtype": "float16",
+                                          "optimizer": "adamw_8bit"},
+                                    "amp_bf16": {"weight_dtype": "float32", "autocast_dtype": None,
+                                                 "optimizer": "adamw"}})
     red, grey = style["x"].colour, style["amp_bf16"].colour
     assert red[0] > red[2] + 0.2 and style["x"].linestyle == "--" and style["x"].hatch
     assert abs(grey[0] - grey[2]) < 1e-6 and style["amp_bf16"].linestyle == "-"

@@ -194,8 +194,6 @@ def test_config_names_resolve_and_unknown_ones_list_the_valid_names():
     with pytest.raises(precision.UnknownConfig) as err:
         precision.resolve_names("amp_bf17")
     assert "amp_bf17" in str(err.value) and "fp32_baseline" in str(err.value)
-    with pytest.raises(precision.UnknownConfig, match="bf16_pure was renamed: use bf16_sr_bf16_moments"):
-        precision.resolve_names("bf16_pure")
 
 
 def test_tf32_is_an_explicit_setting_of_every_run():
