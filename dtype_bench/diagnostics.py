@@ -138,6 +138,8 @@ class PrecisionDiagnostics:
 
     def _forward_hook(self, slot: int):
         # A closure, not a bound method: deepcopy(model) (fp32 evaluation) must not copy this object.
+        # Under torch.compile the hook is traced into the graph: it reads nothing a guard could see change between
+        # steps or micro-batches (a list that grew per call recompiled every step).
         def hook(module, args, output):
             if module.training:  # evaluation forwards are not training steps
                 self._forward_counts[slot] = self._forward_counts[slot] + count_nonfinite(output_tensors(output),
@@ -147,8 +149,12 @@ class PrecisionDiagnostics:
     def _input_grad_hook(self, group: str):
         # A closure, like _forward_hook. Registers a tensor hook on the layer's input, once per tensor (q/k/v
         # share theirs), on the forwards of a measured step: the gradient it sees is what backward computed for
-        # that activation, in its own dtype, with the loss scale applied.
+        # that activation, in its own dtype, with the loss scale applied. Inside torch.compile it does nothing
+        # and reads nothing (a compiled graph must not depend on whether a step is measured): the training loop
+        # runs a measured step's forward eagerly (`loop.TrainingRun.forward_backward`).
         def pre_hook(module, args):
+            if torch.compiler.is_compiling():
+                return
             x = args[0] if args else None
             if not (self._armed and module.training and torch.is_grad_enabled() and torch.is_tensor(x)
                     and x.requires_grad):

@@ -7,14 +7,15 @@ unscale/clip -> optimizer step) and hands everything else to a `TrainingRun`:
     while run.next_step():                                         # opens the step's timer window
         for micro in range(run.local_accumulation):
             run.seed_micro_batch(micro)                            # dropout masks: (seed, micro-batch) only
-            ... forward, loss, scaler.scale(loss).backward() ...
+            with run.forward_backward():                           # eager on a diagnostics step
+                ... forward, loss, scaler.scale(loss).backward() ...
             run.micro_batch(loss, logits, samples=..., flops=...)
         ... scaler.unscale_(optimizer); grad_norm = clip_grad_norm_(...) ...
         with run.optimizer_step():                                 # diagnostics around it, SR noise seeded
             scaler.step(optimizer)
         ... scaler.update(); scheduler.step(); optimizer.zero_grad() ...
         run.end_step(grad_norm, lr, validate)                      # count, time, log, evaluate, checkpoint
-    fields = run.finish()
+    fields = run.finish()                                          # throughput, diagnostics, compile counters
 
 The ordering rules it enforces (each was a comment in two run.py files before):
 - peak calibration after the TF32 flags (set before the model is built) and before the memory reset, so that
@@ -23,22 +24,25 @@ The ordering rules it enforces (each was a comment in two run.py files before):
 - the step log flushed before the run state is saved (its offset and the monitor's counters must be final);
 - the evaluation condition decided once per step, evaluation before the checkpoint that records its result;
 - SIGTERM/SIGINT acted on at a step boundary every rank reaches, after the pending log lines are written;
+- a compiled model's graphs independent of the diagnostics: a measured step's forward and backward run eagerly
+  (`forward_backward`), so its hooks neither recompile nor break the graphs of the other steps;
 - the methods called in the order above: a call out of order raises instead of corrupting the counters.
 Under DDP every rank runs all of it; rank 0 alone writes logs, evaluates and saves.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from tqdm import tqdm
 
-from dtype_bench import checkpoint, distributed, flops, precision, reporting, results, signals, throughput
+from dtype_bench import checkpoint, compilation, distributed, flops, precision, reporting, results, signals, throughput
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.memory import PeakMemory
 from dtype_bench.monitor import TrainingMonitor
+from dtype_bench.progress import Progress
 from dtype_bench.run_state import RunState
 
 Validate = Callable[[], "tuple[dict, dict | None]"]  # () -> (validation metrics, dtypes checked on it)
@@ -46,7 +50,8 @@ Validate = Callable[[], "tuple[dict, dict | None]"]  # () -> (validation metrics
 
 class TrainingRun:
     """One run's step bookkeeping: step timer, monitor and step log, diagnostics sampling, evaluation and
-    checkpoint cadence, stop signals, progress bar, and the counters of `RunState`.
+    checkpoint cadence, stop signals, progress (a bar on a terminal, lines in a log), what torch.compile did
+    (`compilation.CompileWatch`), and the counters of `RunState`.
 
     `cfg` is the experiment's training config (fields max_steps, log_every, eval_steps, diverge_patience,
     diagnostics_every, timing_warmup_steps, gradient_accumulation_steps, output_dir, and `to_record()`).
@@ -62,6 +67,7 @@ class TrainingRun:
         self.local_accumulation = world.local_accumulation(cfg.gradient_accumulation_steps)
         self.peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # MFU denominators
         self.memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
+        self.compile = compilation.CompileWatch()  # before the first forward: counts every graph of the run
         self.timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps, last_step=cfg.max_steps)
         self.diagnostics = PrecisionDiagnostics(model, optimizer, group_of, every=cfg.diagnostics_every)
         self.checkpoints = checkpoint.RunCheckpoints(
@@ -80,11 +86,12 @@ class TrainingRun:
         self.eval_dtypes: dict | None = None
         self.sdpa_ops: list[str] | None = None  # the attention ops that ran, seen on the last warm-up step
         self._profile: torch.profiler.profile | None = None
+        self.eval_seconds, self.evaluations = 0.0, 0  # validation during training, this process
         self._in_step = False
         self._step_samples, self._step_flops = 0, 0.0
         signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
-        self._progress = tqdm(total=cfg.max_steps, initial=self.state.step, desc=f"{pc.name} seed {seed}",
-                              unit="step", disable=None if world.is_main else True)
+        self.name = f"{pc.name} seed {seed}"
+        self._progress = Progress(self.name, cfg.max_steps, initial=self.state.step, enabled=world.is_main)
 
     @property
     def step(self) -> int:
@@ -115,6 +122,19 @@ class TrainingRun:
         a resume."""
         index = self.world.micro_batch_index(self.state.step, micro, self.cfg.gradient_accumulation_steps)
         distributed.reseed(self.seed, 0, index)
+
+    @contextlib.contextmanager
+    def forward_backward(self) -> Iterator[None]:
+        """Around a micro-batch's forward and backward. On a diagnostics step a compiled model runs eagerly
+        (`torch.compiler.set_stance("force_eager")`): the activation-gradient hooks need eager tensors, and the
+        compiled graphs must not depend on whether a step is measured. Measured steps are left out of the
+        throughput timing, so the timed steps are all compiled; the optimizer step stays as configured."""
+        self._require_step("forward_backward")
+        if not self.diagnostics.measures(self.state.step + 1):
+            yield
+            return
+        with torch.compiler.set_stance("force_eager"):
+            yield
 
     def micro_batch(self, loss: torch.Tensor, logits: torch.Tensor, *, samples: int, flops: float) -> None:
         """After a micro-batch's backward: its (accumulation-divided) loss and logits, and the samples and
@@ -150,13 +170,15 @@ class TrainingRun:
             self._profile.__exit__(None, None, None)
             self.sdpa_ops = sorted({e.key for e in self._profile.key_averages() if "scaled_dot_product" in e.key})
             self._profile = None
+        self.compile.step_done(step)
         self.monitor.step(step, grad_norm, lr)
         self._progress.update()
         evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or evaluating:
             self.timer.pause()  # the flush is a host sync, not training time
-            record = self.monitor.flush({"samples_per_second": self.timer.recent_samples_per_second()})
-            self._progress.set_postfix(loss=f"{record['loss']:.4f}")
+            rate = self.timer.recent_samples_per_second()
+            record = self.monitor.flush({"samples_per_second": rate})
+            self._progress.show(loss=record["loss"], **({"samples/s": rate} if rate else {}))
             if self.monitor.diverged:
                 return  # no evaluation, no checkpoint: next_step() ends the loop
         if evaluating and self.world.is_main:
@@ -171,8 +193,14 @@ class TrainingRun:
             raise signals.Interrupted(stop, step)
 
     def _evaluate(self, step: int, validate: Validate) -> None:
+        started = time.perf_counter()
         with self.memory.evaluating():
             metrics, self.eval_dtypes = validate()
+        seconds = time.perf_counter() - started
+        self.eval_seconds, self.evaluations = self.eval_seconds + seconds, self.evaluations + 1
+        shown = [k for k in ("loss", self.best_metric) if isinstance(metrics.get(k), float)]
+        self._progress.write(f"{self.name}: step {step} validation "
+                             + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown) + f" ({seconds:.1f} s)")
         self.log.write({"step": step, "eval": "validation", **metrics,
                         "weight_drift": self.diagnostics.weight_drift()})
         self.state.evals.append({"step": step, **metrics})
@@ -197,17 +225,23 @@ class TrainingRun:
         return self.state.best
 
     def finish(self) -> dict:
-        """Close the progress bar and the step log; the result fields every experiment reports (rank 0 gets
-        the full set, other ranks status and steps). Memory fields come from `memory_fields()`, after any
-        evaluation that follows."""
+        """Close the progress display and the step log; the result fields every experiment reports (rank 0 gets
+        the full set, other ranks status and steps), `compile` among them (`compilation.CompileWatch.record`;
+        a line says so when torch.compile recompiled or fell back to eager). Memory fields come from
+        `memory_fields()`, after any evaluation that follows."""
         self._progress.close()
         out = {"status": self.status, "steps": self.state.step}
         if not self.world.is_main:
             return out
         self.log.close()
+        compiled = self.compile.record()
+        trouble = compilation.summary_line(compiled)
+        if trouble:
+            print(f"{self.name}: {trouble}", flush=True)
         out.update(resumed_from_steps=self.state.resumed_from_steps, skipped_steps=self.monitor.skipped_steps,
                    micro_batches=self.state.micro_batches, train_wall_seconds=self.state.train_seconds,
                    sdpa_ops=self.sdpa_ops,
+                   eval_wall_seconds=self.eval_seconds, evaluations=self.evaluations, compile=compiled,
                    **throughput.throughput_record(self.timer.summary(), self.peaks, self.world.world_size),
                    **self.diagnostics.summary())
         if self.monitor.diverged:

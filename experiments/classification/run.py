@@ -23,7 +23,7 @@ from experiments.classification import data as data_lib
 from experiments.classification import metrics as metrics_lib
 from experiments.classification import model as model_lib
 from experiments.classification.config import PRESETS, TrainConfig
-from dtype_bench import distributed, flops, loop, optimizers, precision, results, runner
+from dtype_bench import distributed, flops, loop, optimizers, precision, progress, results, runner
 from dtype_bench.runner import UserError
 
 EXPERIMENT = "classification"
@@ -54,8 +54,10 @@ def evaluate(model: torch.nn.Module, split: data_lib.TokenizedSplit, cfg: TrainC
     model = precision.model_for_eval(model, pc, eval_pc)
     model.eval()
     logits, losses, dtypes = [], [], None
-    for batch in data_lib.eval_batches(split, cfg.eval_batch_size, meta.num_labels, meta.pad_token_id,
-                                       cfg.max_eval_docs):
+    docs = len(split) if cfg.max_eval_docs is None else min(cfg.max_eval_docs, len(split))
+    for batch in progress.track(data_lib.eval_batches(split, cfg.eval_batch_size, meta.num_labels, meta.pad_token_id,
+                                                      cfg.max_eval_docs),
+                                f"{pc.name} evaluation", total=-(-docs // cfg.eval_batch_size)):
         batch = batch.to(device)
         with precision.autocast(eval_pc, device):
             out = model(batch.input_ids, batch.attention_mask)
@@ -119,7 +121,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         for micro in range(run.local_accumulation):  # this rank's share of the step's micro-batches
             batch = next(batches).to(device)
             run.seed_micro_batch(micro)
-            with distributed.gradient_sync(forward, sync=micro == run.local_accumulation - 1):
+            last = micro == run.local_accumulation - 1  # DDP all-reduces the gradients on the last one
+            with run.forward_backward(), distributed.gradient_sync(forward, sync=last):  # eager when measured
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids, batch.attention_mask)
                 loss = model_lib.bce_loss(logits, batch.targets, pc.loss_dtype) / run.local_accumulation  # DDP avg

@@ -24,7 +24,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
 from experiments.lm.config import PRESETS, TrainConfig
-from dtype_bench import distributed, flops, loop, optimizers, precision, runner
+from dtype_bench import distributed, flops, loop, optimizers, precision, progress, runner
 from dtype_bench.runner import UserError
 
 EXPERIMENT = "lm"
@@ -53,7 +53,10 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, pc: precision.Pre
     checked on the first batch."""
     model.eval()
     total, n, dtypes = torch.zeros((), device=device), 0, None
-    for batch in data_lib.eval_batches(tokens, cfg.block_size, cfg.eval_batch_size, cfg.eval_sequences):
+    windows = len(range(0, len(tokens) - cfg.block_size, cfg.block_size))
+    windows = windows if cfg.eval_sequences is None else min(windows, cfg.eval_sequences)
+    for batch in progress.track(data_lib.eval_batches(tokens, cfg.block_size, cfg.eval_batch_size, cfg.eval_sequences),
+                                f"{pc.name} evaluation", total=-(-windows // cfg.eval_batch_size)):
         batch = batch.to(device)
         with precision.autocast(pc, device):
             logits = model(batch.input_ids)
@@ -105,7 +108,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         for micro in range(run.local_accumulation):  # this rank's share of the step's micro-batches
             batch = next(batches).to(device)
             run.seed_micro_batch(micro)
-            with distributed.gradient_sync(forward, sync=micro == run.local_accumulation - 1):
+            last = micro == run.local_accumulation - 1  # DDP all-reduces the gradients on the last one
+            with run.forward_backward(), distributed.gradient_sync(forward, sync=last):  # eager when measured
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids)
                 loss = model_lib.cross_entropy(logits, batch.targets, pc.loss_dtype) / run.local_accumulation
