@@ -1,8 +1,10 @@
 """What torch.compile did during a run, read from dynamo's own records, so that a row's `compiled: true` can be
 checked: graphs, graph breaks, recompiles, and whether dynamo gave up and ran code eagerly.
 
-`CompileWatch` counts what was compiled between its creation and `record()`, and the optimizer step of the last
-compilation (`step_done(step)`, called by the loop after each step). Sources: `torch._dynamo.utils.counters`
+`CompileWatch` starts from a clean dynamo (`torch._dynamo.reset()`: a run that follows another in one process,
+e.g. a `--plan` calibration, compiles and counts as if it had its own process) and counts what was compiled
+between its creation and `record()`, and the optimizer step of the last compilation (`step_done(step)`, called
+by the loop after each step). Sources: `torch._dynamo.utils.counters`
 (graph breaks, unique graphs) and `torch._dynamo.utils.get_compilation_metrics()` (one entry per compile attempt,
 with its compile id "frame/attempt", recompile reason and failure). A recompile is an attempt on code dynamo
 had compiled before (attempt > 0): a guard of every earlier graph failed. Past `torch._dynamo.config.recompile_limit`
@@ -25,6 +27,7 @@ REASONS_KEPT = 5
 
 class CompileWatch:
     def __init__(self):
+        torch._dynamo.reset()
         set_compilation_metrics_limit(max(METRICS_KEPT, len(get_compilation_metrics())))
         self._first = len(get_compilation_metrics())
         self._graph_breaks = sum(counters["graph_break"].values())

@@ -198,9 +198,9 @@ class TrainingRun:
             metrics, self.eval_dtypes = validate()
         seconds = time.perf_counter() - started
         self.eval_seconds, self.evaluations = self.eval_seconds + seconds, self.evaluations + 1
-        shown = [k for k in ("loss", self.best_metric) if isinstance(metrics.get(k), float)]
-        self._progress.write(f"{self.name}: step {step} validation "
-                             + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown) + f" ({seconds:.1f} s)")
+        shown = "".join(f" {k} {metrics[k]:.4g}," for k in ("loss", self.best_metric)
+                        if isinstance(metrics.get(k), float))
+        self._progress.write(f"{self.name}: step {step} validation{shown} {seconds:.1f} s")
         self.log.write({"step": step, "eval": "validation", **metrics,
                         "weight_drift": self.diagnostics.weight_drift()})
         self.state.evals.append({"step": step, **metrics})
@@ -234,6 +234,7 @@ class TrainingRun:
         if not self.world.is_main:
             return out
         self.log.close()
+        self.compile.step_done(self.state.step)  # a compilation in the last evaluation shows as that step's
         compiled = self.compile.record()
         trouble = compilation.summary_line(compiled)
         if trouble:

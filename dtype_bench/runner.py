@@ -186,10 +186,12 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
             data = load_data(cfg)
         if note and world.is_main:  # after the data: a command without prepared data ends on its one error line
             print(note)
-        if args.plan:
-            return plan.print_plan(args.config_names, args.seeds, cfg, device,
-                                   lambda short, pc, rid: train(short, pc, args.seed, data, device, rid))
         setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
+        if args.plan:
+            todo = plan.pending(runs, cfg.output_dir, setup_fp, experiment, retry_failed=args.retry_failed,
+                                fresh=args.fresh)
+            return plan.print_plan(args.config_names, args.seeds, todo, cfg, device,
+                                   lambda short, pc, rid: train(short, pc, args.seed, data, device, rid))
         results.claim_output_dir(cfg.output_dir, setup_fp, setup)
     except (UserError, results.SetupMismatch, FolderRefused) as e:
         print(f"error: {e}", file=sys.stderr)
