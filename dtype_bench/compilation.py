@@ -34,6 +34,13 @@ class CompileWatch:
         self._graphs = counters["stats"]["unique_graphs"]
         self._seen = self._first
         self.last_compile_step: int | None = None
+        self.compiling = False  # a compilation is running now (read by the progress lines)
+        torch._dynamo.callback_handler.register_start_callback(lambda _: setattr(self, "compiling", True))
+        torch._dynamo.callback_handler.register_end_callback(lambda _: setattr(self, "compiling", False))
+
+    def activity(self) -> str | None:
+        """"compiling" while dynamo/inductor compile, else None."""
+        return "compiling" if self.compiling else None
 
     def _attempts(self) -> list:
         return get_compilation_metrics()[self._first:]

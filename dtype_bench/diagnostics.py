@@ -92,8 +92,9 @@ RESOLVED_CHANGE = 2.0**-20  # a relative moment change fp32 resolves (~8 ulps) a
 class PrecisionDiagnostics:
     """Per-group update fidelity, underflow, non-finite origin, weight drift and memory accounting.
 
-    `model`: the (uncompiled) module whose parameters the optimizer updates; hooks also fire under a
-    torch.compile wrapper of it. `group_of`: parameter name -> group. `every`: measure fidelity and underflow
+    `model`: the (uncompiled) module whose parameters the optimizer updates; the non-finite forward hooks are also
+    traced into a torch.compile wrapper of it (guard-free: nothing recompiles), the activation-gradient hooks act
+    on eager forwards only (`loop.TrainingRun.forward_backward` runs measured steps eagerly). `group_of`: parameter name -> group. `every`: measure fidelity and underflow
     on step 1 and every `every` steps (0: never; the per-step non-finite tracking stays on).
     """
 

@@ -91,7 +91,8 @@ class TrainingRun:
         self._step_samples, self._step_flops = 0, 0.0
         signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
         self.name = f"{pc.name} seed {seed}"
-        self._progress = Progress(self.name, cfg.max_steps, initial=self.state.step, enabled=world.is_main)
+        self._progress = Progress(self.name, cfg.max_steps, initial=self.state.step, enabled=world.is_main,
+                                  activity=self.compile.activity)
 
     @property
     def step(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from tqdm import tqdm
 
@@ -34,12 +34,13 @@ def duration(seconds: float) -> str:
 class Progress:
     """`update()` after each unit, `show(**fields)` for values to show with it, `close()` at the end.
     `enabled=False` shows nothing (e.g. DDP ranks other than 0); `announce`: a log line at the start too (else
-    the first comes after `interval`, so that a short loop prints none)."""
+    the first comes after `interval`, so that a short loop prints none); `activity()`: what a unit that takes
+    long is busy with (e.g. "compiling"), or None."""
 
     def __init__(self, desc: str, total: int | None, *, unit: str = "step", initial: int = 0, enabled: bool = True,
-                 announce: bool = True, stream: TextIO | None = None, interval: float = INTERVAL_SECONDS,
-                 clock=time.monotonic):
-        self.desc, self.total, self.unit, self.done = desc, total, unit, initial
+                 announce: bool = True, activity: Callable[[], str | None] = lambda: None,
+                 stream: TextIO | None = None, interval: float = INTERVAL_SECONDS, clock=time.monotonic):
+        self.desc, self.total, self.unit, self.done, self.activity = desc, total, unit, initial, activity
         self.fields: dict[str, Any] = {}
         self.stream, self.interval, self.clock = stream or sys.stdout, interval, clock
         self._started = self._last_line = self._last_unit = clock()
@@ -83,7 +84,9 @@ class Progress:
         if rate and self.total:
             parts.append(f"ETA {duration(max(self.total - self.done, 0) / rate)}")
         if now - self._last_unit >= self.interval:
-            parts.append(f"{duration(now - self._last_unit)} into {self.unit} {self.done + 1}")
+            doing = self.activity()
+            parts.append(f"{duration(now - self._last_unit)} into {self.unit} {self.done + 1}"
+                         + (f" ({doing})" if doing else ""))
         return f"{self.desc}: " + ", ".join(parts)
 
     def _print(self, text: str) -> None:

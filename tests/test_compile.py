@@ -26,6 +26,8 @@ SCALE = {"k": 0}
 
 def test_watch_counts_recompiles_with_their_reason_and_a_recompile_limit_hit_as_a_fallback():
     watch = compilation.CompileWatch()
+    during = []
+    torch._dynamo.callback_handler.register_start_callback(lambda _: during.append(watch.activity()))
 
     @torch.compile(backend="eager")
     def f(x):
@@ -36,6 +38,7 @@ def test_watch_counts_recompiles_with_their_reason_and_a_recompile_limit_hit_as_
             SCALE["k"] = k
             assert torch.equal(f(torch.ones(2)), torch.full((2,), float(k)))  # eager past the limit: still right
     record = watch.record()
+    assert during == ["compiling"] * 3 and watch.activity() is None  # what the progress lines show meanwhile
     assert record["frames_compiled"] == 1 and record["recompiles"] == 2
     assert record["recompile_limit_hits"] >= 1 and record["fell_back"]
     assert "SCALE" in record["recompile_reasons"][0] and record["recompile_limit"] == 8  # the patch is undone

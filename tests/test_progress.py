@@ -26,7 +26,8 @@ class FakeClock:
 
 def test_a_log_gets_a_start_line_then_a_line_per_interval_with_position_fields_rate_and_eta():
     clock, out = FakeClock(), io.StringIO()
-    bar = progress.Progress("amp_bf16 seed 0", 100, stream=out, interval=20, clock=clock)
+    doing = [None]
+    bar = progress.Progress("amp_bf16 seed 0", 100, stream=out, interval=20, clock=clock, activity=lambda: doing[0])
     assert out.getvalue() == "amp_bf16 seed 0: step 0/100 (0%), elapsed 0s\n"
     clock.now = 30.0  # start-up and a first (compiling) step: left out of the rate
     bar.update()
@@ -41,11 +42,15 @@ def test_a_log_gets_a_start_line_then_a_line_per_interval_with_position_fields_r
     clock.now += 5.0
     bar._tick()  # within the interval of the last line: nothing
     assert len(out.getvalue().splitlines()) == lines
-    clock.now += 40.0  # a long step: the line says how long the loop has been in it
+    clock.now += 40.0  # a long step: the line says how long the loop has been in it, and at what
     bar._tick()
     assert out.getvalue().splitlines()[-1].endswith("45s into step 12")
+    doing[0] = "compiling"
+    clock.now += 20.0
+    bar._tick()
+    assert out.getvalue().splitlines()[-1].endswith("1m05s into step 12 (compiling)")
     bar.close()
-    assert out.getvalue().splitlines()[-1] == "amp_bf16 seed 0: 11 steps in 1m35s"
+    assert out.getvalue().splitlines()[-1] == "amp_bf16 seed 0: 11 steps in 1m55s"
 
 
 def test_the_background_thread_prints_the_innermost_open_progress_only(monkeypatch):
