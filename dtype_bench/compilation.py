@@ -4,17 +4,18 @@ checked: graphs, graph breaks, recompiles, and whether dynamo gave up and ran co
 `CompileWatch` starts from a clean dynamo (`torch._dynamo.reset()`: a run that follows another in one process,
 e.g. a `--plan` calibration, compiles and counts as if it had its own process) and counts what was compiled
 between its creation and `record()`, and the optimizer step of the last compilation (`step_done(step)`, called
-by the loop after each step). Sources: `torch._dynamo.utils.counters`
-(graph breaks, unique graphs) and `torch._dynamo.utils.get_compilation_metrics()` (one entry per compile attempt,
-with its compile id "frame/attempt", recompile reason and failure). A recompile is an attempt on code dynamo
-had compiled before (attempt > 0): a guard of every earlier graph failed. Past `torch._dynamo.config.recompile_limit`
-attempts dynamo stops compiling that code and runs it eagerly for every input its graphs do not cover: the row's
-`compile.fell_back` says so. An attempt that fails otherwise (a graph break dynamo cannot resume from) runs that
-one function eagerly, its callees still compiled: `frames_run_eagerly`.
+by the loop after each step). Sources: `torch._dynamo.utils.counters` (graph breaks, unique graphs) and
+`torch._dynamo.utils.get_compilation_metrics()` (one entry per compile attempt, with its compile id
+"frame/attempt", recompile reason and failure). A recompile is an attempt on code dynamo had compiled before
+(attempt > 0): a guard of every earlier graph failed. Past `torch._dynamo.config.recompile_limit` attempts dynamo
+stops compiling that code and runs it eagerly for every input its graphs do not cover: `fell_back`. An attempt
+that fails otherwise (a graph break dynamo cannot resume from) runs that one function eagerly, its callees still
+compiled: `frames_run_eagerly`.
 
-Expected recompiles: torchao's AdamW compiles its per-parameter step once per parameter shape (with the limit
-disabled), all on the first optimizer step; a model fed batches of a new width (dynamic padding) recompiles once
-with that dimension dynamic.
+Recompiles by design, not seen on the tiny presets: torchao's AdamW compiles its per-parameter step once per
+parameter shape and hyper-parameters (its source disables the limit for it), on the first optimizer step; and by
+dynamo's default (automatic dynamic shapes) a model fed a second batch width (dynamic padding on real documents)
+recompiles once with that dimension dynamic.
 """
 from __future__ import annotations
 

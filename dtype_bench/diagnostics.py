@@ -94,8 +94,9 @@ class PrecisionDiagnostics:
 
     `model`: the (uncompiled) module whose parameters the optimizer updates; the non-finite forward hooks are also
     traced into a torch.compile wrapper of it (guard-free: nothing recompiles), the activation-gradient hooks act
-    on eager forwards only (`loop.TrainingRun.forward_backward` runs measured steps eagerly). `group_of`: parameter name -> group. `every`: measure fidelity and underflow
-    on step 1 and every `every` steps (0: never; the per-step non-finite tracking stays on).
+    on eager forwards only (`loop.TrainingRun.forward_backward` runs measured steps eagerly). `group_of`: parameter
+    name -> group. `every`: measure fidelity and underflow on step 1 and every `every` steps (0: never; the
+    per-step non-finite tracking stays on).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, group_of: GroupOf, *, every: int):

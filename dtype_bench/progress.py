@@ -1,7 +1,7 @@
 """Progress of a long loop (training steps, evaluation batches) that a terminal and a log file both show.
 
 On a terminal (stdout is a tty): a tqdm bar. Anywhere else (`make demo > log`, CI, Slurm output): a line when the
-loop starts, then one every `INTERVAL_SECONDS` from a background thread, so that the log moves on even while one
+loop starts, then one every `INTERVAL_SECONDS` (longer apart as a loop goes on) from a background thread, so that the log moves on even while one
 step takes long (a first compilation, an evaluation), the way the Hugging Face Trainer logs a line per logging
 step: what runs, position and percentage, the fields the loop last reported (e.g. loss, samples/s), the rate,
 elapsed time and ETA. Only the innermost open `Progress` prints (an evaluation's lines stand in for the training's
@@ -16,8 +16,10 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from tqdm import tqdm
 
-INTERVAL_SECONDS = 20.0
-"""At most this long between two log lines of an open Progress."""
+INTERVAL_SECONDS = 15.0
+"""Log lines of an open Progress this far apart at first; later a twentieth of the time it has been open (every
+minute after 20 minutes), at most `MAX_INTERVAL_SECONDS`: a long run's log stays readable."""
+MAX_INTERVAL_SECONDS = 300.0
 _TICK_SECONDS = 1.0  # how often the background thread looks
 
 _open: list["Progress"] = []
@@ -95,7 +97,9 @@ class Progress:
         self.stream.flush()
 
     def _tick(self) -> None:
-        if self.clock() - self._last_line >= self.interval:
+        now = self.clock()
+        gap = min(max(self.interval, (now - self._started) / 20), MAX_INTERVAL_SECONDS)
+        if now - self._last_line >= gap:
             self._print(self.line())
 
     def write(self, text: str) -> None:

@@ -4,7 +4,6 @@ recompiles and a fallback to eager as dynamo records them, and every config that
 the tiny preset with one graph compiled once, evaluations included."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 import tiny_run
 from dtype_bench import compilation, distributed, precision
 from dtype_bench.loop import TrainingRun
+from test_loop import Cfg
 
 CPU = torch.device("cpu")
 
@@ -49,22 +49,6 @@ def test_watch_counts_recompiles_with_their_reason_and_a_recompile_limit_hit_as_
     assert clean.record()["recompiles"] == 0 and compilation.summary_line(clean.record()) is None
 
 
-@dataclasses.dataclass
-class Cfg:
-    output_dir: str
-    max_steps: int = 7
-    log_every: int = 1
-    eval_steps: int = 4
-    diverge_patience: int = 3
-    diagnostics_every: int = 3
-    timing_warmup_steps: int = 0
-    gradient_accumulation_steps: int = 2
-    report_to: str = "none"
-
-    def to_record(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 class Stream:
     def __init__(self, poisoned_step: int | None):
         self.position, self.poisoned_step = 0, poisoned_step
@@ -89,7 +73,7 @@ def train(tmp_path: Path, compiled: bool, poisoned_step: int | None = None) -> t
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = precision.grad_scaler(pc, CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    cfg = Cfg(str(tmp_path))
+    cfg = Cfg(str(tmp_path), log_every=1, eval_steps=4, diverge_patience=3, diagnostics_every=3)
     batches = Stream(poisoned_step)
     run = TrainingRun(model, optimizer, scheduler, scaler, cfg=cfg, pc=pc, seed=0, run_id="r", experiment="test",
                       device=CPU, world=distributed.SINGLE_PROCESS, batches=batches, data_fingerprint="d",
@@ -177,6 +161,6 @@ def test_every_config_compiled_here_compiles_once_and_runs_compiled_to_the_end(c
     compiled = row["compile"]
     assert compiled["recompiles"] == 0, compiled["recompile_reasons"]
     assert (compiled["graph_breaks"], compiled["frames_run_eagerly"], compiled["fell_back"]) == (0, 0, False)
-    assert compiled["graphs"] == 1 and compiled["last_compile_step"] == 2  # nothing compiled later, evaluations included
+    assert compiled["graphs"] == 1 and compiled["last_compile_step"] == 2  # nothing later, evaluations included
     assert "Recompiling" not in proc.stderr and "recompile_limit" not in proc.stderr
     assert math.isfinite(row["samples_per_second"])

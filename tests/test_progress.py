@@ -12,16 +12,9 @@ import pytest
 import torch
 
 from dtype_bench import plan, progress, results, sweep
+from test_timing import FakeClock
 
 CPU = torch.device("cpu")
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_log_gets_a_start_line_then_a_line_per_interval_with_position_fields_rate_and_eta():
@@ -51,6 +44,17 @@ def test_a_log_gets_a_start_line_then_a_line_per_interval_with_position_fields_r
     assert out.getvalue().splitlines()[-1].endswith("1m05s into step 12 (compiling)")
     bar.close()
     assert out.getvalue().splitlines()[-1] == "amp_bf16 seed 0: 11 steps in 1m55s"
+
+
+def test_a_long_loop_logs_less_often():
+    clock, out = FakeClock(), io.StringIO()
+    bar = progress.Progress("run", None, stream=out, interval=15, clock=clock)
+    for _ in range(3 * 3600):  # three hours, looked at every second
+        clock.now += 1.0
+        bar._tick()
+    lines = out.getvalue().splitlines()
+    assert 60 < len(lines) < 120  # 15 s apart at first (20 in the first 5 minutes), then up to 5 minutes apart
+    bar.close()
 
 
 def test_the_background_thread_prints_the_innermost_open_progress_only(monkeypatch):
