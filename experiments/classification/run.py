@@ -49,7 +49,8 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
 def evaluate(model: torch.nn.Module, split: data_lib.TokenizedSplit, cfg: TrainConfig,
              pc: precision.PrecisionConfig, meta: data_lib.CacheMeta, device: torch.device) -> tuple[dict, dict]:
     """Metrics on a split under the config's precision (or fp32 with --eval_precision fp32), and the dtypes
-    checked on its first batch."""
+    checked on its first batch. `model` is the uncompiled module: evaluation batches (another batch size, a short
+    last batch) would each compile a graph, and their speed is not what a run measures."""
     eval_pc = precision.eval_precision(pc, cfg.eval_precision)
     model = precision.model_for_eval(model, pc, eval_pc)
     model.eval()

@@ -50,7 +50,8 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
 def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, pc: precision.PrecisionConfig,
              device: torch.device) -> tuple[dict, dict]:
     """Mean next-token loss over the fixed validation windows, under the config's precision, and the dtypes
-    checked on the first batch."""
+    checked on the first batch. `model` is the uncompiled module: evaluation batches (another batch size, a short
+    last batch) would each compile a graph, and their speed is not what a run measures."""
     model.eval()
     total, n, dtypes = torch.zeros((), device=device), 0, None
     windows = len(range(0, len(tokens) - cfg.block_size, cfg.block_size))
