@@ -1,7 +1,7 @@
 """`run.py ... --plan`: what a command would run and roughly how long each run takes on this machine, before it runs.
 
-Runs the output directory already holds (done, skipped, or failed without --retry-failed: what the command would
-not run again) are listed as done and cost nothing; when every run is done nothing is calibrated. Each config
+Runs the output directory already holds (done, skipped for a reason that still holds, or failed without
+--retry_failed: what the command would not run again) are listed as done and cost nothing; when every run is done nothing is calibrated. Each config
 that would train is calibrated by training it for `CALIBRATION_STEPS` optimizer steps through the experiment's own
 `train` (same model, precision, data, threads and device; one evaluation at the last step), in a temporary
 directory that is deleted afterwards. From that run: seconds per optimizer step (the median timed window after one
@@ -58,12 +58,13 @@ def calibrate(cfg: Any, pc: precision.PrecisionConfig, train: Callable[..., dict
 
 
 def pending(runs: list[sweep.RunSpec], output_dir: str, setup_fingerprint: str, experiment: str, *,
-            retry_failed: bool, fresh: bool) -> list[sweep.RunSpec]:
-    """The runs of the grid the command would train (`sweep.needs_run`), given what `output_dir` holds."""
+            skip_reason: Callable[[str], str | None], retry_failed: bool, fresh: bool) -> list[sweep.RunSpec]:
+    """The runs of the grid the command would train or record as skipped (`sweep.needs_run`), given what
+    `output_dir` holds; `skip_reason(config)` as the sweep decides it."""
     newest = results.latest_per_run(sweep.setup_rows(output_dir, setup_fingerprint))
     return [spec for spec in runs if sweep.needs_run(
         newest.get(results.run_id(experiment, spec.config, spec.seed, setup_fingerprint)),
-        retry_failed=retry_failed, fresh=fresh)]
+        retry_failed=retry_failed, fresh=fresh, skip_reason=skip_reason(spec.config))]
 
 
 def minutes(seconds: float) -> str:

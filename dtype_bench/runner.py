@@ -187,9 +187,13 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         if note and world.is_main:  # after the data: a command without prepared data ends on its one error line
             print(note)
         setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
+
+        def skip_reason(config: str) -> str | None:  # decided here as each run would (a launcher's node may differ)
+            return cpu.skip_reason(precision.get(config), device, cfg.max_cpu_slowdown)
+
         if args.plan:
-            todo = plan.pending(runs, cfg.output_dir, setup_fp, experiment, retry_failed=args.retry_failed,
-                                fresh=args.fresh)
+            todo = plan.pending(runs, cfg.output_dir, setup_fp, experiment, skip_reason=skip_reason,
+                                retry_failed=args.retry_failed, fresh=args.fresh)
             return plan.print_plan(args.config_names, args.seeds, todo, cfg, device,
                                    lambda short, pc, rid: train(short, pc, args.seed, data, device, rid))
         results.claim_output_dir(cfg.output_dir, setup_fp, setup)
@@ -203,9 +207,6 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
                               world=world, fresh=args.fresh, retry_failed=args.retry_failed)
         finally:
             distributed.shutdown()
-    def skip_reason(config: str) -> str | None:  # decided here as each run would (a launcher's node may differ)
-        return cpu.skip_reason(precision.get(config), device, cfg.max_cpu_slowdown)
-
     passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv,
                                     ("--config", "--seed", "--seeds", "--launcher", *launchers.SLURM_FLAGS))
     if args.launcher != "local":  # each job picks the threads of the node it lands on

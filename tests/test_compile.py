@@ -107,7 +107,7 @@ def test_diagnostics_neither_recompile_nor_break_a_compiled_model_and_still_meas
                                            "last_compile_step")} == {
         "recompiles": 0, "graph_breaks": 0, "frames_run_eagerly": 0, "fell_back": False, "last_compile_step": 2}
     assert row["compile"]["graphs"] == 1
-    measured = [r["step"] for r in log if "act_grad_zero_frac" in r]
+    measured = [r["step"] for r in log if "act_grad_dtypes" in r]
     assert measured == [1, 4, 7]  # activation gradients hooked on the eager steps (the second layer's input)
     first = next(r for r in log if r["nonfinite"]["outputs"] != {"first": 0, "second": 0})
     assert (first["step"], first["nonfinite"]["outputs"]) == (5, {"first": 1, "second": 1})
