@@ -117,7 +117,7 @@ class PrecisionDiagnostics:
         self.first_origin: dict | None = None  # {"step", "where"} of the first non-finite value
         self.fidelity_history: dict[str, list[float]] = {g: [] for g in self.groups}
         self.measured_steps = 0
-        self._forward_counts: list[torch.Tensor] = self._zero_counts()  # per group, this step
+        self._forward_nonfinite = torch.zeros(len(self.groups), device=self.device)  # per group, this step
         self._stepped = False
         self._snapshot: dict | None = None
         self._step_counts: list[torch.Tensor] = []
@@ -140,12 +140,12 @@ class PrecisionDiagnostics:
 
     def _forward_hook(self, slot: int):
         # A closure, not a bound method: deepcopy(model) (fp32 evaluation) must not copy this object.
-        # Under torch.compile the hook is traced into the graph: it reads nothing a guard could see change between
-        # steps or micro-batches (a list that grew per call recompiled every step).
+        # Counts are added in place into one device vector: under torch.compile the hook is traced into the graph
+        # and reads nothing a guard could see change between steps or micro-batches (a list of counts replaced
+        # per call or per step is: its length, or which of its entries are the same tensor, and recompiles).
         def hook(module, args, output):
             if module.training:  # evaluation forwards are not training steps
-                self._forward_counts[slot] = self._forward_counts[slot] + count_nonfinite(output_tensors(output),
-                                                                                          self.device)
+                self._forward_nonfinite[slot] += count_nonfinite(output_tensors(output), self.device)
         return hook
 
     def _input_grad_hook(self, group: str):
@@ -173,10 +173,6 @@ class PrecisionDiagnostics:
         self._act_counts[group] = self._act_counts[group] + counts if group in self._act_counts else counts
         self._act_dtypes.setdefault(group, set()).add(dtype_name(judged))
 
-    def _zero_counts(self) -> list[torch.Tensor]:
-        zero = torch.zeros((), device=self.device)
-        return [zero] * len(self.groups)  # replaced, never updated in place
-
     def _mark_stepped(self, optimizer, args, kwargs) -> None:
         self._stepped = True  # not called when the GradScaler skips the step
 
@@ -191,7 +187,8 @@ class PrecisionDiagnostics:
         self.step += 1
         self._stepped = False
         self._act_hooked.clear()
-        forward, self._forward_counts = self._forward_counts, self._zero_counts()
+        forward = list(self._forward_nonfinite.clone())
+        self._forward_nonfinite.zero_()
         grads = [count_nonfinite_state((p.grad for p in self._params_of[g] if p.grad is not None), self.device)
                  for g in self.groups]
         self._step_counts = forward + grads
