@@ -1,15 +1,15 @@
 """`run.py ... --plan`: what a command would run and roughly how long each run takes on this machine, before it runs.
 
 Runs the output directory already holds (done, skipped for a reason that still holds, or failed without
---retry_failed: what the command would not run again) are listed as done and cost nothing; when every run is done nothing is calibrated. Each config
-that would train is calibrated by training it for `CALIBRATION_STEPS` optimizer steps through the experiment's own
-`train` (same model, precision, data, threads and device; one evaluation at the last step), in a temporary
-directory that is deleted afterwards. From that run: seconds per optimizer step (the median timed window after one
-warm-up step), seconds per evaluation (the evaluation's own wall time) and fixed cost (the rest: building the
-model, the warm-up step with any compilation, a final test evaluation). A full run is estimated as max_steps
-steps, one evaluation per eval_steps and the fixed cost: rough (the first steps of a run are not always typical
-of the rest), but measured here. Configs the hardware cannot run, or `--max_cpu_slowdown` skips, are listed with
-the reason and cost nothing.
+--retry_failed: what the command would not run again) are listed as done and cost nothing; when every run is done
+nothing is calibrated. Each config that would train is calibrated by training it for `CALIBRATION_STEPS` optimizer
+steps through the experiment's own `train` (same model, precision, data, threads and device; one evaluation at the
+last step), in a temporary directory that is deleted afterwards. From that run: seconds per optimizer step (the
+median timed window after one warm-up step), seconds per evaluation (the evaluation's own wall time) and fixed cost
+(the rest: building the model, the warm-up step with any compilation, a final test evaluation). A full run is
+estimated as max_steps steps, one evaluation per eval_steps and the fixed cost: rough (the first steps of a run are
+not always typical of the rest), but measured here. Configs the hardware cannot run, or `--max_cpu_slowdown` skips,
+are listed with the reason and cost nothing.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """Progress of a long loop (training steps, evaluation batches) that a terminal and a log file both show.
 
 On a terminal (stdout is a tty): a tqdm bar. Anywhere else (`make demo > log`, CI, Slurm output): a line when the
-loop starts, then one every `INTERVAL_SECONDS` (longer apart as a loop goes on) from a background thread, so that the log moves on even while one
-step takes long (a first compilation, an evaluation), the way the Hugging Face Trainer logs a line per logging
-step: what runs, position and percentage, the fields the loop last reported (e.g. loss, samples/s), the rate,
-elapsed time and ETA. Only the innermost open `Progress` prints (an evaluation's lines stand in for the training's
-while it runs); the thread only reads what the loop wrote, so it adds no host sync to the loop.
+loop starts, then one every `INTERVAL_SECONDS` (longer apart as a loop goes on) from a background thread, so that
+the log moves on even while one step takes long (a first compilation, an evaluation), the way the Hugging Face
+Trainer logs a line per logging step: what runs, position and percentage, the fields the loop last reported (e.g.
+loss, samples/s), the rate, elapsed time and ETA. Only the innermost open `Progress` prints (an evaluation's lines
+stand in for the training's while it runs); the thread only reads what the loop wrote, so it adds no host sync to
+the loop.
 """
 from __future__ import annotations
 
