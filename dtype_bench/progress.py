@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from tqdm import tqdm
 
 INTERVAL_SECONDS = 15.0
-"""Log lines of an open Progress this far apart at first; later a twentieth of the time it has been open (every
-minute after 20 minutes), at most `MAX_INTERVAL_SECONDS`: a long run's log stays readable."""
+"""Log lines of an open Progress this far apart at first; later a fortieth of the time it has been open (30 s
+apart after 20 minutes, a minute after 40), at most `MAX_INTERVAL_SECONDS`: a long run's log stays readable."""
 MAX_INTERVAL_SECONDS = 300.0
 _TICK_SECONDS = 1.0  # how often the background thread looks
 
@@ -99,7 +99,7 @@ class Progress:
 
     def _tick(self) -> None:
         now = self.clock()
-        gap = min(max(self.interval, (now - self._started) / 20), MAX_INTERVAL_SECONDS)
+        gap = min(max(self.interval, (now - self._started) / 40), MAX_INTERVAL_SECONDS)
         if now - self._last_line >= gap:
             self._print(self.line())
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import io
 import logging
+import math
 import re
 import time
 
@@ -54,7 +55,8 @@ def test_a_long_loop_logs_less_often():
         clock.now += 1.0
         bar._tick()
     lines = out.getvalue().splitlines()
-    assert 60 < len(lines) < 120  # 15 s apart at first (20 in the first 5 minutes), then up to 5 minutes apart
+    # 15 s apart for the first 10 minutes (40 lines), then elapsed/40 apart: 40 ln(3 h / 10 min) more
+    assert len(lines) == pytest.approx(600 / 15 + 40 * math.log(3 * 3600 / 600), abs=3)
     bar.close()
 
 
