@@ -32,6 +32,8 @@ Under DDP every rank runs all of it; rank 0 alone writes logs, evaluates and sav
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,6 +48,21 @@ from dtype_bench.progress import Progress
 from dtype_bench.run_state import RunState
 
 Validate = Callable[[], "tuple[dict, dict | None]"]  # () -> (validation metrics, dtypes checked on it)
+
+
+@contextlib.contextmanager
+def _without_native_stderr() -> Iterator[None]:
+    """File descriptor 2 points at /dev/null for the block, so whatever is written to stderr inside it is dropped:
+    only for one library call whose C++ side prints known noise there."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 class TrainingRun:
@@ -115,7 +132,8 @@ class TrainingRun:
         self.timer.start(timed=not self.diagnostics.measures(self.state.step + 1))
         if self.state.step + 1 == self.cfg.timing_warmup_steps and self.world.is_main:  # untimed: may be slower
             self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-            self._profile.__enter__()
+            with _without_native_stderr():  # kineto prints "USDT ... profiler_start" there: noise in every run
+                self._profile.__enter__()
         return True
 
     def seed_micro_batch(self, micro: int) -> None:
@@ -168,7 +186,8 @@ class TrainingRun:
         step, cfg = self.state.step, self.cfg
         self.timer.stop(self._step_samples, self._step_flops)
         if self._profile is not None:
-            self._profile.__exit__(None, None, None)
+            with _without_native_stderr():
+                self._profile.__exit__(None, None, None)
             self.sdpa_ops = sorted({e.key for e in self._profile.key_averages() if "scaled_dot_product" in e.key})
             self._profile = None
         self.compile.step_done(step)
