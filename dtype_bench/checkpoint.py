@@ -16,10 +16,11 @@ from safetensors and `torch.load(weights_only=True)`. Every file is checked agai
 identity against the current run *before* anything is applied; a corrupt or mismatched checkpoint raises
 `CheckpointError` with one line saying what is wrong and what to do.
 
-Throughput after a resume: the timer is not checkpointed. A resumed process starts cold (allocator,
-compilation), so its first `timing_warmup_steps` are excluded again and `samples_per_second` of a resumed
-run is measured on the steps after the last resume (the row records `resumed_from_steps`). Peak memory is
-likewise that of the last process.
+Throughput after a resume: the timer's windows are checkpointed, so `samples_per_second` of a resumed run is
+measured over the timed steps of every process; a resumed process starts cold (allocator, compilation), so its
+first `timing_warmup_steps` are excluded again. Peak memory is the maximum over the processes that trained (a
+process resumed after the last checkpoint that only evaluates adds its evaluation peak). The row's `segments`
+say which steps each process trained, with how many torch threads.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from dtype_bench.io import (
     FolderRefused, atomic_directory, claim_folder, damaged_file, file_checksums, fingerprint, json_dumps,
 )
 
-FORMAT_VERSION = 2  # 2: RunState progress with the diagnostics' state
+FORMAT_VERSION = 3  # 3: RunState progress with the timer's windows, the training peaks and the segments
 MODEL_FILE, STATE_FILE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
 BEST_DIR = re.compile(r"best-step\d+")  # the only names `best_dir` may take: a folder inside the run's own
 

@@ -97,7 +97,7 @@ class TrainingRun:
             views=reporting.views(cfg, pc, seed, run_id, experiment)) if world.is_main else None
         self.monitor = TrainingMonitor(self.log, device, scaler, cfg.diverge_patience, self.diagnostics)
         self.state = RunState(batches=batches, monitor=self.monitor, diagnostics=self.diagnostics, log=self.log,
-                              resumed=resumed)
+                              timer=self.timer, memory=self.memory, resumed=resumed)
         if resumed and world.is_main:
             print(f"resuming {run_id} from step {self.state.step}", flush=True)
         self.eval_dtypes: dict | None = None
@@ -108,6 +108,8 @@ class TrainingRun:
         self._step_samples, self._step_flops = 0, 0.0
         signals.defer_stop_signals()  # SIGTERM/SIGINT: checkpoint at the next step boundary, then stop
         self.name = f"{pc.name} seed {seed}"
+        if resumed:
+            self._keep_threads(self.state.earlier_segments[-1]["threads"])
         self._progress = Progress(self.name, cfg.max_steps, initial=self.state.step, enabled=world.is_main,
                                   activity=self.compile.activity)
 
@@ -259,7 +261,8 @@ class TrainingRun:
         trouble = compilation.summary_line(compiled)
         if trouble:
             print(f"{self.name}: {trouble}", flush=True)
-        out.update(resumed_from_steps=self.state.resumed_from_steps, skipped_steps=self.monitor.skipped_steps,
+        out.update(resumed_from_steps=self.state.resumed_from_steps, segments=self.state.segments,
+                   skipped_steps=self.monitor.skipped_steps,
                    micro_batches=self.state.micro_batches, train_wall_seconds=self.state.train_seconds,
                    sdpa_ops=self.sdpa_ops,
                    eval_wall_seconds=self.eval_seconds, evaluations=self.evaluations, compile=compiled,
@@ -270,5 +273,18 @@ class TrainingRun:
                        first_nonfinite_step=self.monitor.first_nonfinite_step)
         return out
 
+    def _keep_threads(self, before: int) -> None:
+        """A resume continues bit-exactly only with the thread count it was checkpointed with (reductions split
+        differently): keep it unless --threads asked for another, and say so either way."""
+        now = torch.get_num_threads()
+        if now == before:
+            return
+        if self.cfg.threads is None:
+            torch.set_num_threads(before)
+            print(f"{self.name}: resuming with {before} torch threads, as its checkpoint was trained (not {now})")
+        else:
+            print(f"warning: {self.name}: resumed with --threads {now}, its checkpoint was trained with {before}: "
+                  "from here the run is not bit-identical to an uninterrupted one (`segments` in the row)")
+
     def memory_fields(self) -> dict:
-        return self.memory.summary()
+        return self.memory.summary(trained=self.state.trained)

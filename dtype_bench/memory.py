@@ -54,6 +54,10 @@ def _read_peak(device: torch.device) -> dict[str, float]:
     return {"rss": _cpu_peak_rss_bytes() / GIB}
 
 
+def _max_of(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {key: max(a.get(key, 0.0), b.get(key, 0.0)) for key in {*a, *b}}
+
+
 class PeakMemory:
     """Peak memory of training and of evaluation, measured separately.
 
@@ -65,6 +69,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.peaks: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        self.earlier: dict[str, dict[str, float]] = {"train": {}, "eval": {}}  # earlier processes that trained
         self.per_phase = reset_peak_memory(device)
 
     def _close(self, phase: str) -> None:
@@ -80,13 +85,25 @@ class PeakMemory:
         finally:
             self._close("eval")
 
-    def summary(self) -> dict:
-        """Results-row fields. `peak_memory_gb` is the larger of the two phases' peaks (allocated on CUDA,
-        RSS on CPU). Without a resettable CPU peak, training carries the whole-process peak and evaluation
-        is None rather than a copy of it."""
+    def state_dict(self, trained: bool) -> dict:
+        """The peaks of this run's processes that trained so far (`trained`: did this one?), for a checkpoint."""
+        self._close("train")
+        mine = self.peaks if trained else {"train": {}, "eval": {}}
+        return {phase: _max_of(self.earlier[phase], mine[phase]) for phase in ("train", "eval")}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.earlier = {phase: dict(state[phase]) for phase in ("train", "eval")}
+
+    def summary(self, trained: bool = True) -> dict:
+        """Results-row fields over the run's processes that trained (`trained`: did this one? A process resumed
+        after the last checkpoint that only evaluates contributes its evaluation peak, not a training peak).
+        `peak_memory_gb` is the larger of the two phases' peaks (allocated on CUDA, RSS on CPU). Without a
+        resettable CPU peak, training carries the whole-process peak and evaluation is None rather than a copy
+        of it."""
         self._close("train")
         main = "allocated" if self.device.type == "cuda" else "rss"
-        train, evaluation = self.peaks["train"], self.peaks["eval"] if self.per_phase else {}
+        train = _max_of(self.earlier["train"], self.peaks["train"] if trained else {})
+        evaluation = _max_of(self.earlier["eval"], self.peaks["eval"]) if self.per_phase else {}
         out = {
             "peak_memory_gb": max(train.get(main, 0.0), evaluation.get(main, 0.0)),
             "train_peak_memory_gb": train.get(main),

@@ -63,6 +63,8 @@ class StepTimer:
     _host_start: float | None = None
     _host_end: float | None = None
     _pauses: int = 0
+    _earlier: int = 0
+    """Windows of earlier processes of this run (a resumed run), first in `_windows`."""
 
     def _synchronized_clock(self) -> float:
         if self.device.type == "cuda":
@@ -125,6 +127,19 @@ class StepTimer:
                 self._pauses += 1
         self._open = None
 
+    def state_dict(self) -> dict:
+        """The closed windows as [seconds, steps, samples, flops] (resolving CUDA events: call at a checkpoint):
+        a resumed process's timer continues the run's measurement instead of starting empty."""
+        return {"windows": [[self._seconds(w), w.steps, w.samples, w.flops] for w in self._windows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put an earlier process's windows first (its warm-up stays excluded; this process excludes its own)."""
+        earlier = [_Window(0.0, float(seconds), steps, samples, flops)
+                   for seconds, steps, samples, flops in state["windows"]]
+        self._windows[:0] = earlier
+        self._earlier += len(earlier)
+        self._reported_windows += len(earlier)
+
     def recent_samples_per_second(self) -> float | None:
         """Samples/s over the windows closed since the previous call (None if none): the step log's live rate.
         Call after `pause()`, at a log step (with CUDA it waits for those windows' events)."""
@@ -163,8 +178,9 @@ class StepTimer:
         return self._host_start - self._first_start
 
     def _timer_check(self, window_seconds: float) -> dict:
-        if self._host_end is None or all(isinstance(w.end, float) for w in self._windows):
-            return {}  # no check asked for, the last step never reached, or windows on the host clock already
+        if self._host_end is None or self._earlier or all(isinstance(w.end, float) for w in self._windows):
+            return {}  # no check asked for, the last step never reached, windows of an earlier process (resumed),
+            # or windows on the host clock already
         host = self._host_end - self._host_start
         ratio = host / window_seconds
         return {"host_timed_seconds": host, "host_over_window_seconds": ratio, "paused_windows": self._pauses,
