@@ -24,7 +24,7 @@ if not __package__:  # run as a file (python analysis/analyze_experiment.py): th
 import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
 
 from analysis import plots
-from analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, load_experiment, styles
+from analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, devices, load_experiment, styles
 from analysis.report import (
     caveats, fmt, fmt_difference, fmt_estimate, hypotheses_section, md_table, memory_kind, precision_table,
     setup_section,
@@ -403,7 +403,7 @@ def which_config(analysis: Analysis) -> list[str]:
     return ["## Which config should I use", "",
             "Best first: configs shown within the margin, fastest first. " + (findings(analysis)[0] if q and t else ""),
             "", md_table(header, rows), "", error_control(analysis) if q else "No quality metric: no verdicts.", "",
-            "Details: Summary, Stability. Plots: " + (plots_line or "none drawn") + ".", ""]
+            "Details: Summary, Stability (below the plots). Plots: " + (plots_line or "none drawn") + ".", ""]
 
 
 def main_table(analysis: Analysis) -> str:
@@ -447,34 +447,33 @@ def runs_table(exp: Experiment) -> str:
     return md_table(["config", "seed", "status"] + [m.label for m in metrics], rows)
 
 
+FIRST_PLOTS = ("relative_to_fp32", "pareto", "loss_curves")  # on the first screen, after the decision table
+
+
+def device_note(exp: Experiment) -> str | None:
+    """What the speed and memory numbers are of, when that is not a GPU: read before comparing them."""
+    if devices(exp) == {"cpu"}:
+        return ("**Measured on a CPU**: speed and memory ratios say how these configs run on this CPU (fp16/bf16 "
+                "may be emulated), nothing about a GPU; the quality verdicts carry over.")
+    return None
+
+
 def render_report(analysis: Analysis) -> str:
+    """The decision table and the plots first; the details a reader looks up (summary, stability, hypotheses,
+    what is missing, setup, every run) after them."""
     exp = analysis.exp
     q = exp.quality_metric
     lines = [f"# dtype-bench: {exp.name} experiment", "",
              f"From `{exp.results_dir / 'results.jsonl'}`: {len(exp.rows)} runs of {len(exp.configs)} configs "
              f"(seeds {', '.join(map(str, exp.seeds)) or '-'}). Per-config numbers: `summary.csv`; per-run stability: "
              "`stability.csv` (also as Parquet: `summary.parquet`, one row per run in `runs.parquet`).", ""]
+    if device_note(exp):
+        lines += [device_note(exp), ""]
+    if exp.problems:
+        lines += [f"**{len(exp.problems)} malformed results line(s)** were left out: see What is missing.", ""]
     lines += which_config(analysis)
-    missing = exp.missing_configs()
-    gaps = [f"{c}: seeds {', '.join(map(str, exp.missing_seeds(c)))} not run" for c in exp.configs if exp.missing_seeds(c)]
-    if exp.problems or missing or gaps or not analysis.summary(BASELINE):
-        lines += ["## What is missing or malformed", ""]
-        lines += [f"- {p}" for p in exp.problems]
-        if not analysis.summary(BASELINE):
-            lines.append("- no fp32_baseline run: nothing is expressed relative to fp32")
-        if missing:
-            lines.append(f"- configs of the registry with no run: {', '.join(missing)}")
-        lines += [f"- {g}" for g in gaps]
-        lines.append("")
-    lines += ["## Setup and environment", "", setup_section(exp), "",
-              f"Peak memory: {memory_kind(exp)}.", "",
-              "## Precision configs", "",
-              "As recorded in the rows. Weight update: how a new value is written into fp16/bf16 weights (nearest: an "
-              "update below half an ulp is lost; stochastic: rounded up or down, unbiased; kahan: rounded to nearest "
-              "with a compensation buffer carrying the error to the next step). exp_avg / exp_avg_sq: the dtype AdamW's "
-              "moments are stored in (uint8: block-wise 8-bit). Head weights `-`: as the other weights.", "",
-              precision_table(exp), "",
-              "## Summary", "",
+    lines += _plot_sections(analysis, FIRST_PLOTS)
+    lines += ["## Summary", "",
               "Mean ± standard deviation over completed seeds, with the 95% Student-t interval of the mean; speed-up "
               "and memory ratio are relative to fp32_baseline's mean; the quality difference to fp32 is paired by seed "
               "(same data order and initialisation). `-`: not computable (no completed run, or one seed for an "
@@ -490,18 +489,46 @@ def render_report(analysis: Analysis) -> str:
     if not analysis.fronts:
         lines.append("No frontier: no config has a finite quality and throughput/memory mean.")
     lines += ["", "## What to use", ""] + [f"- {f}" for f in findings(analysis)] + [""]
+    lines += _plot_sections(analysis, [k for k in analysis.plots if k not in FIRST_PLOTS], heading="## More plots")
     lines += hypotheses_section(hypotheses.evaluate_all({exp.name: exp}),
                                 f"this {exp.name} experiment alone (a hypothesis that another experiment decides "
                                 "too reads inconclusive here; `analysis/compare_experiments.py` decides it on both)",
                                 shown_tasks=(exp.name,))
-    lines += ["## Plots", ""]
-    for key, path in analysis.plots.items():
+    missing = exp.missing_configs()
+    gaps = [f"{c}: seeds {', '.join(map(str, exp.missing_seeds(c)))} not run" for c in exp.configs if exp.missing_seeds(c)]
+    if exp.problems or missing or gaps or not analysis.summary(BASELINE):
+        lines += ["## What is missing or malformed", ""]
+        lines += [f"- {p}" for p in exp.problems]
+        if not analysis.summary(BASELINE):
+            lines.append("- no fp32_baseline run: nothing is expressed relative to fp32")
+        if missing:
+            lines.append(f"- configs of the registry with no run: {', '.join(missing)}")
+        lines += [f"- {g}" for g in gaps]
+        lines.append("")
+    lines += ["## Caveats", ""] + [f"- {c}" for c in caveats(exp)]
+    lines += ["", "## Precision configs", "",
+              "As recorded in the rows. Weight update: how a new value is written into fp16/bf16 weights (nearest: an "
+              "update below half an ulp is lost; stochastic: rounded up or down, unbiased; kahan: rounded to nearest "
+              "with a compensation buffer carrying the error to the next step). exp_avg / exp_avg_sq: the dtype AdamW's "
+              "moments are stored in (uint8: block-wise 8-bit). Head weights `-`: as the other weights.", "",
+              precision_table(exp), "",
+              "## Setup and environment", "", setup_section(exp), "",
+              f"Peak memory: {memory_kind(exp)}.", ""]
+    lines += ["## Every run", "", "Values as recorded in the row (test metrics; `NaN` kept).", "", runs_table(exp), ""]
+    return "\n".join(lines)
+
+
+def _plot_sections(analysis: Analysis, keys, heading: str = "## Plots") -> list[str]:
+    keys = [k for k in keys if k in analysis.plots]
+    if not keys:
+        return []
+    lines = [heading, ""]
+    for key in keys:
+        path = analysis.plots[key]
         title, text = FIGURE_TEXT[key]
         lines.append(f"### {title}")
         lines += ["", f"{text}", "", f"![{title}]({path.name})" if path else f"Not drawn: {NOT_DRAWN[key]}.", ""]
-    lines += ["## Caveats", ""] + [f"- {c}" for c in caveats(exp)]
-    lines += ["", "## Every run", "", "Values as recorded in the row (test metrics; `NaN` kept).", "", runs_table(exp), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,8 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("samples_per_second", "samples/s", "throughput", True),
     Metric("tokens_per_second", "tokens/s", "throughput", True),
-    Metric("mfu", "MFU", "throughput", True),
-    Metric("mfu_datasheet", "MFU (datasheet peak)", "throughput", True),
+    Metric("mfu", "MFU (of its compute dtype's measured peak)", "throughput", True),
+    Metric("mfu_datasheet", "MFU (of its compute dtype's datasheet peak)", "throughput", True),
     Metric("peak_memory_gb", "peak memory (GB)", "memory", False),
     Metric("train_peak_memory_gb", "training peak memory (GB)", "memory", False),
     Metric("eval_peak_memory_gb", "evaluation peak memory (GB)", "memory", False),
@@ -245,6 +245,11 @@ class Style:
     hatch: str
     marker: str
     eight_bit: bool
+
+
+def devices(exp: "Experiment") -> set[str]:
+    """The device types the runs were measured on ('cpu', 'cuda'), from their rows' env."""
+    return {str((row.get("env") or {}).get("device", "")).split(":")[0] for row in exp.rows} - {""}
 
 
 def family_of(record: dict) -> str:

@@ -22,7 +22,7 @@ from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from analysis.experiment_data import ACT_GRAD_FLUSHED, BASELINE, Experiment, Metric, Style  # noqa: E402
+from analysis.experiment_data import ACT_GRAD_FLUSHED, BASELINE, Experiment, Metric, Style, devices  # noqa: E402
 from analysis.stats import ConfigSummary  # noqa: E402
 
 DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each holds {group: value}
@@ -186,6 +186,8 @@ def relative_bars(exp: Experiment, summaries: list[ConfigSummary], styles: dict[
         ax.set_yticks(range(len(summaries)), [s.config for s in summaries], fontsize=8)
         ax.invert_yaxis()
         ax.set(title=title, xlabel="mean / fp32_baseline mean (dots: single seeds)")
+    if devices(exp) == {"cpu"}:
+        fig.suptitle("Measured on a CPU: relative speeds and memory say nothing about a GPU", fontsize=10)
     return _save(fig, path)
 
 

@@ -188,9 +188,12 @@ def test_pareto_fronts_are_the_non_dominated_means(analysis):
 
 def test_report_reads_top_to_bottom_and_links_non_empty_pngs(analysis):
     report = (analysis.output_dir / "report.md").read_text()
-    sections = ["## Setup and environment", "## Precision configs", "## Summary", "## Stability", "## Pareto frontier",
-                "## Plots", "## Caveats", "## Every run"]
+    # the decision table, then its plots; the details after them
+    sections = ["## Which config should I use", "## Plots", "## Summary", "## Stability", "## Pareto frontier",
+                "## More plots", "## Caveats", "## Precision configs", "## Setup and environment", "## Every run"]
     assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
+    assert report.index("relative_to_fp32.png") < report.index("## Summary")
+    assert "**Measured on a CPU**" in report.split("## Which config should I use")[0]
     links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
     assert {"loss_curves.png", "relative_to_fp32.png", "pareto.png", "grad_norm.png", "max_logit.png"} <= set(links)
     for link in links:
