@@ -29,7 +29,8 @@ from dtype_bench.runner import UserError
 EXPERIMENT = "classification"
 
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
-    """The prepared cache; the offline presets build their synthetic one on first use (seconds)."""
+    """The prepared cache (the offline presets build their synthetic one on first use, seconds); then checks that
+    a pretrained encoder's config can be loaded."""
     if cfg.preset != "full" and cfg.data_dir is None:
         from experiments.classification.prepare_data import prepare_preset
 
@@ -41,6 +42,11 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
             f"{e}. Prepare it with `python experiments/classification/prepare_data.py --source "
             f"<dataset.zip|folder|URL|hub id> --output_dir {cfg.cache_dir}`, or run offline with --preset tiny"
         ) from e
+    if cfg.model_name != "tiny":  # before training: a hub id offline is one line saying how to point at a copy
+        try:
+            model_lib.pretrained_config(cfg.model_name)
+        except model_lib.EncoderNotFound as e:
+            raise UserError(str(e)) from e
     if cfg.max_length > meta.max_length:
         raise UserError(f"--max_length {cfg.max_length} exceeds the cache's {meta.max_length}: prepare it again")
     return meta
@@ -147,7 +153,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     out.update(samples_seen=out["micro_batches"] * cfg.batch_size, padding_fraction=batches.padding_fraction,
                compiled=compiled, optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device),
                dtypes=dtypes, eval_dtypes=run.eval_dtypes, eval_precision=cfg.eval_precision,
-               data=meta.raw["source"])  # what was trained on (kind synthetic-ids: the full shape on random ids)
+               data=meta.raw["source"], model_source=model_lib.encoder_source(cfg.model_name, model.encoder))  # what was trained on (kind synthetic-ids: the full shape on random ids)
     if out["status"] == "diverged":
         return {**out, **run.memory_fields()}
     best = run.load_best()
