@@ -55,6 +55,26 @@ def encoder_source(model_name: str, encoder: nn.Module) -> dict:
             "weights_sha256": weights}
 
 
+def load_classifier_weights(model: nn.Module, path: str) -> str:
+    """Load a classifier's state (every key of `model`, same shapes: the same encoder and label space) from a
+    safetensors file; returns the file's SHA-256 for the results row."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise EncoderNotFound(f"--init_weights {path}: not a readable safetensors file ({e})") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        differ = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise EncoderNotFound(f"--init_weights {path}: its tensors are not this model's (first differences: "
+                              f"{differ}); it must come from a run of the same model size on the same cache")
+    model.load_state_dict(state)
+    return sha256_file(path)
+
+
 def build_encoder(model_name: str, *, vocab_size: int, pad_token_id: int, max_length: int,
                   tiny_layers: int, tiny_hidden: int) -> nn.Module:
     """Any HF encoder via AutoModel with SDPA attention; 'tiny' builds a small RoBERTa from a config."""
