@@ -86,9 +86,9 @@ class TrainConfig(TrainingFields):
         model_name="roberta-base", max_length=512, batch_size=8, gradient_accumulation_steps=4, max_steps=5000,
         eval_steps=500, learning_rate=2e-5, weight_decay=0.01, warmup_ratio=0.1, grad_clip=1.0, dropout=0.1,
         adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, head_bias_prior=False, length_grouped_batches=False,
-        max_eval_docs=None, eval_precision="config",
+        max_eval_docs=None, eval_precision="config", init_weights=None,
     )
-    """The seed's recipe: RoBERTa-base + dropout + a plain linear head with nn.Linear's default initialisation, the
+    """The seed's recipe: RoBERTa-base + dropout + a fresh linear head with nn.Linear's default initialisation, the
     seed's training values, PyTorch's AdamW betas/eps, evaluation on every document under the config's precision.
     The full preset is exactly this; any other value is a departure (`TrainingFields.recipe_departures`)."""
 
