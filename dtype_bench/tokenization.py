@@ -101,9 +101,9 @@ def load_tokenizer(
         where = "local directory" if Path(spec).is_dir() else "Hugging Face hub id"
         raise TokenizerError(
             f"cannot load tokenizer {spec!r} as a {where} ({type(e).__name__}); offline (HF_HUB_OFFLINE=1 reads "
-            f"only the local hub cache), pass a local tokenizer directory written by save_pretrained (e.g. "
-            f"AutoTokenizer.from_pretrained('{spec}').save_pretrained(DIR) where the hub can be reached) or "
-            f"{BPE_PREFIX}SIZE (e.g. {BPE_PREFIX}8000)"
+            f"only the local hub cache), pass a local tokenizer directory or {BPE_PREFIX}SIZE (e.g. "
+            f"{BPE_PREFIX}8000); a directory written by AutoTokenizer.from_pretrained('{spec}').save_pretrained(DIR) "
+            "where the hub can be reached is one"
         ) from e
     if not tokenizer.is_fast:
         raise TokenizerError(f"tokenizer {spec!r} has no fast (Rust) implementation; pass one that has tokenizer.json")

@@ -82,3 +82,11 @@ def test_unreachable_hub_id_is_one_line_naming_hf_hub_offline(tmp_path, capsys, 
     assert code == 2 and len(err.splitlines()) == 1
     assert "HF_HUB_OFFLINE" in err and "--model_name DIR" in err and "save_pretrained" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_tokenizer_is_one_line_naming_hf_hub_offline(tmp_path, capsys):
+    assert prepare_data.main(["--source", "synthetic", "--output_dir", str(tmp_path / "cache"),
+                              "--tokenizer", "no-such-owner/no-such-tokenizer"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "HF_HUB_OFFLINE" in err and "save_pretrained(DIR)" in err
+    assert not (tmp_path / "cache").exists()
