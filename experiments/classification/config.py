@@ -130,7 +130,7 @@ PRESETS: dict[str, dict] = {
     ),
     # make demo: the same model, cache and batches in both phases; the second starts from the first's best weights.
     "demo_pretrain": dict(_DEMO_MODEL, max_steps=1200, eval_steps=300, learning_rate=1e-3, diagnostics_every=0),
-    "demo": dict(_DEMO_MODEL, max_steps=300, eval_steps=100, learning_rate=1e-4, diagnostics_every=25),
+    "demo": dict(_DEMO_MODEL, max_steps=600, eval_steps=200, learning_rate=2e-4, diagnostics_every=25),
     # roberta-base: 12 layers, hidden 768, 12 heads, intermediate 3,072, 514 positions; vocabulary 50,265 from
     # the cache's words:50265 tokenizer. The rest is the full preset (batch 8 x 4, seq 512, lr 2e-5).
     "synthetic_full": dict(model_name="tiny", tiny_layers=12, tiny_hidden=768, max_length=512),
