@@ -2,6 +2,7 @@
 (`--init_weights`) and what refuses a wrong one."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -65,3 +66,23 @@ def test_demo_corpus_has_its_labels_and_one_token_per_concept_word(tmp_path):
     concepts = synthetic.build_concepts(prepare_data.DEMO_LABELS, random.Random(0))  # generate_documents' stream
     words = [t for c in concepts for t in c.terms if " " not in t]
     assert all(len(tokenizer.tokenize(" " + w)) == 1 for w in words)
+
+
+def test_fine_tuning_run_starts_from_a_pretraining_runs_checkpoint(tmp_path, capsys):
+    """The two phases of `make demo` through run.main at toy size: phase 2's row names the checkpoint's SHA-256 and
+    lists init_weights as a departure from the seed's recipe (a fresh head on roberta-base)."""
+    from dtype_bench.io import sha256_file
+
+    cache = prepare_data.prepare("synthetic", tmp_path / "cache", tokenizer="bpe:300", max_length=32,
+                                 synthetic_docs=40, synthetic_labels=10)
+    small = ["--data_dir", str(cache), "--tiny_hidden", "64", "--max_length", "32", "--batch_size", "4",
+             "--max_steps", "2", "--eval_steps", "2", "--threads", "1", "--diagnostics_every", "1"]
+    assert run.main(["--preset", "demo_pretrain", "--config", "fp32_baseline", "--output_dir",
+                     str(tmp_path / "pretrain"), *small]) == 0
+    (checkpoint,) = (tmp_path / "pretrain" / "checkpoints").glob("*/best-step*/model.safetensors")
+    assert run.main(["--preset", "demo", "--config", "bf16_naive", "--init_weights", str(checkpoint),
+                     "--output_dir", str(tmp_path / "demo"), *small]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
+    assert row["status"] == "completed" and row["init_weights_sha256"] == sha256_file(checkpoint)
+    assert row["recipe_departures"]["init_weights"] == {"value": str(checkpoint), "recipe": None}
+    assert row["compiled"] is False and row["model_source"] == {"kind": "config", "name": "tiny"}
