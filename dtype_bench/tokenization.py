@@ -100,8 +100,10 @@ def load_tokenizer(
     except (OSError, ValueError) as e:
         where = "local directory" if Path(spec).is_dir() else "Hugging Face hub id"
         raise TokenizerError(
-            f"cannot load tokenizer {spec!r} as a {where} ({type(e).__name__}); offline, pass a local tokenizer "
-            f"directory or {BPE_PREFIX}SIZE (e.g. {BPE_PREFIX}8000)"
+            f"cannot load tokenizer {spec!r} as a {where} ({type(e).__name__}); offline (HF_HUB_OFFLINE=1 reads "
+            f"only the local hub cache), pass a local tokenizer directory or {BPE_PREFIX}SIZE (e.g. "
+            f"{BPE_PREFIX}8000); a directory written by AutoTokenizer.from_pretrained('{spec}').save_pretrained(DIR) "
+            "where the hub can be reached is one"
         ) from e
     if not tokenizer.is_fast:
         raise TokenizerError(f"tokenizer {spec!r} has no fast (Rust) implementation; pass one that has tokenizer.json")

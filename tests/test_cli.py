@@ -89,8 +89,8 @@ def test_help_gives_every_flag_a_meaning_and_its_default(monkeypatch, argv):
 def test_run_help_shows_the_presets_values(monkeypatch):
     parser = parser_of(monkeypatch, ["run"])
     helps = {a.dest: a.help for a in parser._actions}
-    assert "[default: 5000; --preset tiny: 500]" in helps["max_steps"]
-    assert "[default: 8]" in helps["batch_size"]  # no preset changes it
+    assert "[default: 5000; --preset tiny: 500; --preset demo_pretrain: 1200; --preset demo: 600]" in helps["max_steps"]
+    assert "[default: 32]" in helps["eval_batch_size"]  # no preset changes it
     parser = parser_of(monkeypatch, ["run", "lm"])
     assert "--preset tiny:" in {a.dest: a.help for a in parser._actions}["max_steps"]
 

@@ -1,8 +1,12 @@
 """Training configuration of the classification experiment: one typed dataclass, its presets.
 
-`full` is the seed's experiment (roberta-base on EURLEX57K); `tiny` is the offline embedded default (a small
-RoBERTa built from a config, a synthetic EUR-Lex-like corpus and a locally trained byte-level BPE) sized to
-learn within minutes on a laptop CPU. `synthetic_full` is the full experiment's arithmetic with nothing to
+`full` is the seed's experiment (roberta-base on EURLEX57K); `tiny` is an offline default (a small RoBERTa
+built from a config, a synthetic EUR-Lex-like corpus and a locally trained byte-level BPE) sized to learn within
+minutes on a laptop CPU. `demo_pretrain` and `demo` are `make demo`'s two phases on a smaller synthetic corpus
+(200 labels): one fp32 training of a 1-layer RoBERTa from scratch at a from-scratch learning rate, then every
+precision config fine-tuning that checkpoint (`--init_weights`) at a fine-tuning learning rate, where an AdamW
+update is a far smaller fraction of a weight than half a bf16 ulp, as in the full experiment (PLAN.md, "The
+demo task"). `synthetic_full` is the full experiment's arithmetic with nothing to
 download, for speed and memory on a GPU: a model of exactly roberta-base's shape built from a config (random
 weights) and the 768 -> 4,271 head, on random token ids at roberta-base's vocabulary size whose documents all
 fill 512 tokens; `synthetic_full_eurlex_lengths` the same with EURLEX57K's document lengths (for length-grouped
@@ -18,12 +22,16 @@ from dtype_bench.configs import TrainingFields
 
 @dataclass(frozen=True)
 class TrainConfig(TrainingFields):
-    preset: Literal["tiny", "full", "synthetic_full", "synthetic_full_eurlex_lengths"] = "full"
-    """Which defaults to start from: the seed's full experiment, the offline tiny one, or the full shape on
-    synthetic token ids (see the module docstring)."""
+    preset: Literal["tiny", "demo_pretrain", "demo", "full", "synthetic_full", "synthetic_full_eurlex_lengths"] = "full"
+    """Which defaults to start from: the seed's full experiment, the offline tiny one, the demo's two phases, or
+    the full shape on synthetic token ids (see the module docstring)."""
     model_name: str = "roberta-base"
     """Hub id or local directory of the encoder; 'tiny' builds a RoBERTa from a config (random weights) of
     tiny_layers x tiny_hidden, roberta-base's shape at 12 x 768 with the cache's vocabulary and max_length 512."""
+    init_weights: Optional[str] = None
+    """A classifier's model.safetensors (a run's best-step checkpoint on this cache) whose weights start encoder
+    and head, instead of the encoder's own weights and a fresh head: the demo fine-tunes every config from one
+    fp32-trained checkpoint, as the full experiment fine-tunes from roberta-base's."""
     tiny_layers: int = 4
     """Encoder layers of the model built from a config (ignored for pretrained encoders)."""
     tiny_hidden: int = 256
@@ -65,6 +73,10 @@ class TrainConfig(TrainingFields):
     eval_precision: Literal["config", "fp32"] = "config"
     """Evaluate under the config's own precision, or with the weights upcast to fp32 and no autocast
     (`precision.eval_precision`; TF32 flags and float8 layers stay as trained)."""
+    compile_model: bool = True
+    """torch.compile the model where the precision config asks for it (`PrecisionConfig.compile`); false runs every
+    config eagerly (the demo preset: on a CPU compiling a small model costs more than it saves, and each new
+    evaluation shape recompiles). The row's `compiled` says what ran."""
     diagnostics_every: int = 10
     """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
     many optimizer steps; 0 = never. A measured step costs one extra fp32 AdamW step plus host copies of the
@@ -74,9 +86,9 @@ class TrainConfig(TrainingFields):
         model_name="roberta-base", max_length=512, batch_size=8, gradient_accumulation_steps=4, max_steps=5000,
         eval_steps=500, learning_rate=2e-5, weight_decay=0.01, warmup_ratio=0.1, grad_clip=1.0, dropout=0.1,
         adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, head_bias_prior=False, length_grouped_batches=False,
-        max_eval_docs=None, eval_precision="config",
+        max_eval_docs=None, eval_precision="config", init_weights=None,
     )
-    """The seed's recipe: RoBERTa-base + dropout + a plain linear head with nn.Linear's default initialisation, the
+    """The seed's recipe: RoBERTa-base + dropout + a fresh linear head with nn.Linear's default initialisation, the
     seed's training values, PyTorch's AdamW betas/eps, evaluation on every document under the config's precision.
     The full preset is exactly this; any other value is a departure (`TrainingFields.recipe_departures`)."""
 
@@ -86,6 +98,9 @@ class TrainConfig(TrainingFields):
             raise ValueError(f"--tiny_hidden must be a multiple of 64 (64-dim heads), got {self.tiny_hidden}")
         if self.max_eval_docs is not None and self.max_eval_docs <= 0:
             raise ValueError(f"--max_eval_docs must be positive, got {self.max_eval_docs}")
+        if self.preset == "demo" and self.init_weights is None:
+            raise ValueError("--preset demo fine-tunes a checkpoint: pass --init_weights (the best-step "
+                             "model.safetensors of a --preset demo_pretrain run; `make demo` does both)")
         if self.preset == "full" and self.model_name == "tiny":
             raise ValueError("--model_name tiny belongs to --preset tiny")
 
@@ -95,10 +110,14 @@ class TrainConfig(TrainingFields):
 
 
 CACHE_DIRS = {"full": "data/classification/eurlex57k", "tiny": "data/classification/tiny",
+              "demo_pretrain": "data/classification/demo", "demo": "data/classification/demo",
               "synthetic_full": "data/classification/synthetic_ids_512",
               "synthetic_full_eurlex_lengths": "data/classification/synthetic_ids_eurlex_lengths"}
 """Default prepared cache per preset; all but `full` are built offline on first use (prepare_data.py)."""
 
+
+_DEMO_MODEL = dict(model_name="tiny", tiny_layers=1, tiny_hidden=128, max_length=48, batch_size=32,
+                   gradient_accumulation_steps=1, head_bias_prior=True, compile_model=False)
 
 PRESETS: dict[str, dict] = {
     "full": {},
@@ -109,6 +128,9 @@ PRESETS: dict[str, dict] = {
         model_name="tiny", tiny_layers=2, tiny_hidden=128, max_length=64, max_steps=500, eval_steps=100,
         learning_rate=1e-3, warmup_ratio=0.1, head_bias_prior=True,
     ),
+    # make demo: the same model, cache and batches in both phases; the second starts from the first's best weights.
+    "demo_pretrain": dict(_DEMO_MODEL, max_steps=1200, eval_steps=300, learning_rate=1e-3, diagnostics_every=0),
+    "demo": dict(_DEMO_MODEL, max_steps=600, eval_steps=200, learning_rate=2e-4, diagnostics_every=25),
     # roberta-base: 12 layers, hidden 768, 12 heads, intermediate 3,072, 514 positions; vocabulary 50,265 from
     # the cache's words:50265 tokenizer. The rest is the full preset (batch 8 x 4, seq 512, lr 2e-5).
     "synthetic_full": dict(model_name="tiny", tiny_layers=12, tiny_hidden=768, max_length=512),

@@ -2,13 +2,77 @@
 from __future__ import annotations
 
 import math
+import os
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, RobertaConfig
+from transformers import AutoConfig, AutoModel, PretrainedConfig, RobertaConfig
+
+from dtype_bench.io import sha256_file
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
+
+
+class EncoderNotFound(ValueError):
+    """The pretrained encoder cannot be loaded; the message is one line naming what to pass instead."""
+
+
+def pretrained_config(model_name: str) -> PretrainedConfig:
+    """The config of a hub id or local save_pretrained directory, or EncoderNotFound saying how to point at a
+    local copy (offline, a hub id resolves only from the local Hugging Face cache)."""
+    try:
+        return AutoConfig.from_pretrained(model_name)
+    except (OSError, ValueError) as e:
+        if Path(model_name).is_dir():
+            raise EncoderNotFound(f"--model_name {model_name}: a directory without a loadable config.json "
+                                  f"({type(e).__name__}); pass a directory written by save_pretrained") from e
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        raise EncoderNotFound(
+            f"--model_name {model_name}: not a local directory, and the Hugging Face hub id cannot be loaded"
+            + (" with HF_HUB_OFFLINE=1 (only the local hub cache is read, and it is not there)" if offline
+               else f" ({type(e).__name__})")
+            + "; pass a local copy: --model_name DIR where DIR was written by save_pretrained (e.g. "
+              f"AutoModel.from_pretrained('{model_name}').save_pretrained(DIR) on a machine with internet), "
+              "or unset HF_HUB_OFFLINE where the hub can be reached") from e
+
+
+def encoder_source(model_name: str, encoder: nn.Module) -> dict:
+    """Where the encoder's weights came from, for the results row: `config` (built here, random weights),
+    `local` (a save_pretrained directory: its path and the SHA-256 of its weight files) or `hub` (the id and the
+    commit hash the hub cache resolved it to)."""
+    if model_name == "tiny":
+        return {"kind": "config", "name": model_name}
+    commit = getattr(encoder.config, "_commit_hash", None)
+    path = Path(model_name)
+    if not path.is_dir():
+        return {"kind": "hub", "name": model_name, "commit_hash": commit}
+    weights = {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.suffix in WEIGHT_FILE_SUFFIXES}
+    return {"kind": "local", "name": model_name, "path": str(path.resolve()), "commit_hash": commit,
+            "weights_sha256": weights}
+
+
+def load_classifier_weights(model: nn.Module, path: str) -> str:
+    """Load a classifier's state (every key of `model`, same shapes: the same encoder and label space) from a
+    safetensors file; returns the file's SHA-256 for the results row."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise EncoderNotFound(f"--init_weights {path}: not a readable safetensors file ({e})") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        differ = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise EncoderNotFound(f"--init_weights {path}: its tensors are not this model's (first differences: "
+                              f"{differ}); it must come from a run of the same model size on the same cache")
+    model.load_state_dict(state)
+    return sha256_file(path)
 
 
 def build_encoder(model_name: str, *, vocab_size: int, pad_token_id: int, max_length: int,
@@ -22,7 +86,7 @@ def build_encoder(model_name: str, *, vocab_size: int, pad_token_id: int, max_le
             max_position_embeddings=max_length + 2, pad_token_id=pad_token_id, type_vocab_size=1,
         )
         return AutoModel.from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
-    config = AutoConfig.from_pretrained(model_name)
+    config = pretrained_config(model_name)
     if vocab_size > config.vocab_size:
         raise ValueError(f"cache tokenizer has {vocab_size} tokens but {model_name} only {config.vocab_size}")
     return AutoModel.from_pretrained(model_name, attn_implementation="sdpa", add_pooling_layer=False)

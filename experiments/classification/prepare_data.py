@@ -275,6 +275,16 @@ def prepare_tiny(output_dir: str | Path) -> Path:
                    synthetic_labels=synthetic.EURLEX_NUM_LABELS)
 
 
+DEMO_DOCS, DEMO_LABELS = 8000, 200
+
+
+def prepare_demo(output_dir: str | Path) -> Path:
+    """The cache of `make demo` (run.py --preset demo_pretrain / demo): an 8,000-document synthetic corpus (6,400
+    train), 200 concepts, a bpe:8000 tokenizer trained on it (every concept term is one token), max_length 64."""
+    return prepare("synthetic", output_dir, tokenizer="bpe:8000", max_length=64, synthetic_docs=DEMO_DOCS,
+                   synthetic_labels=DEMO_LABELS)
+
+
 PRESET_SOURCES = {"synthetic_full": "synthetic-ids", "synthetic_full_eurlex_lengths": "synthetic-ids-eurlex-lengths"}
 
 
@@ -284,6 +294,8 @@ def prepare_preset(preset: str, output_dir: str | Path) -> Path:
     of the 4,271 labels occurs)."""
     if preset == "tiny":
         return prepare_tiny(output_dir)
+    if preset in ("demo_pretrain", "demo"):
+        return prepare_demo(output_dir)
     return prepare(PRESET_SOURCES[preset], output_dir, tokenizer=f"words:{synthetic.ROBERTA_BASE_VOCAB_SIZE}",
                    max_length=512, synthetic_docs=synthetic.FULL_SIZE_CLASSIFICATION_DOCS,
                    synthetic_labels=synthetic.EURLEX_NUM_LABELS)

@@ -29,7 +29,8 @@ from dtype_bench.runner import UserError
 EXPERIMENT = "classification"
 
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
-    """The prepared cache; the offline presets build their synthetic one on first use (seconds)."""
+    """The prepared cache (the offline presets build their synthetic one on first use, seconds); then checks that
+    a pretrained encoder's config can be loaded."""
     if cfg.preset != "full" and cfg.data_dir is None:
         from experiments.classification.prepare_data import prepare_preset
 
@@ -41,6 +42,14 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
             f"{e}. Prepare it with `python experiments/classification/prepare_data.py --source "
             f"<dataset.zip|folder|URL|hub id> --output_dir {cfg.cache_dir}`, or run offline with --preset tiny"
         ) from e
+    if cfg.model_name != "tiny":  # before training: a hub id offline is one line saying how to point at a copy
+        try:
+            model_lib.pretrained_config(cfg.model_name)
+        except model_lib.EncoderNotFound as e:
+            raise UserError(str(e)) from e
+    if cfg.init_weights and not Path(cfg.init_weights).is_file():
+        raise UserError(f"--init_weights {cfg.init_weights}: no such file (a run's checkpoints/<run id>/best-step*/"
+                        "model.safetensors)")
     if cfg.max_length > meta.max_length:
         raise UserError(f"--max_length {cfg.max_length} exceeds the cache's {meta.max_length}: prepare it again")
     return meta
@@ -92,9 +101,10 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     label_prior = train_split.label_frequency(meta.num_labels) if cfg.head_bias_prior else None
     model = model_lib.MultiLabelClassifier(encoder, meta.num_labels, cfg.dropout,
                                            precision.head_autocast(pc, device), label_prior)
+    init_sha256 = model_lib.load_classifier_weights(model, cfg.init_weights) if cfg.init_weights else None
     precision.cast_model(model.encoder, model.head, pc)
     model.to(device).train()
-    compiled = precision.should_compile(pc, device)  # the model; torchao's optimizer step follows the same flag
+    compiled = cfg.compile_model and precision.should_compile(pc, device)  # the model (torchao's step: the config's)
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
@@ -147,7 +157,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     out.update(samples_seen=out["micro_batches"] * cfg.batch_size, padding_fraction=batches.padding_fraction,
                compiled=compiled, optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device),
                dtypes=dtypes, eval_dtypes=run.eval_dtypes, eval_precision=cfg.eval_precision,
-               data=meta.raw["source"])  # what was trained on (kind synthetic-ids: the full shape on random ids)
+               data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
+               model_source=model_lib.encoder_source(cfg.model_name, model.encoder), init_weights_sha256=init_sha256)
     if out["status"] == "diverged":
         return {**out, **run.memory_fields()}
     best = run.load_best()
