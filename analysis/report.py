@@ -133,10 +133,11 @@ def caveats(exp: Experiment) -> list[str]:
     """What a reader must know before acting on these numbers, derived from the rows."""
     out = []
     presets = {(r.get("train_config") or {}).get("preset") for r in exp.rows}
-    if "tiny" in presets:
-        out.append("These are `--preset tiny` runs: a small randomly initialised model on a synthetic corpus. Their "
-                   "quality numbers say whether the pipeline learns and how configs compare at this scale; they are "
-                   "not EURLEX57K (or OpenWebText) numbers.")
+    offline = sorted(p for p in presets if p in ("tiny", "demo", "demo_pretrain"))
+    if offline:
+        out.append(f"These are offline `--preset {'/'.join(offline)}` runs: a small model on a synthetic corpus (`demo`: "
+                   "fine-tuning a checkpoint trained on that corpus, every seed from the same weights). Their quality "
+                   "numbers say how configs compare at this scale; they are not EURLEX57K (or OpenWebText) numbers.")
     devices = {(r.get("env") or {}).get("device") for r in exp.rows} - {None}
     if any(not str(d).startswith("cuda") for d in devices):
         out.append("Runs on CPU: bf16/fp16 matmuls are emulated or run on kernels unlike a GPU's, so throughput ratios "
