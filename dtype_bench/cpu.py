@@ -1,10 +1,11 @@
 """Training on a CPU someone else is using, or one without native fp16/bf16 matmuls.
 
-- Threads: with more torch threads than free cores, OpenMP's waiting threads make step times swing by an order
-  of magnitude (experiments/classification/PLAN.md has a measurement). Without `--threads`, a run on a busy
-  CPU uses as many threads as there are free cores (cores minus those busy over half a second before it
-  starts, at least 1) and says so; a sweep decides once and passes `--threads` to every run, so that its
-  configs are timed alike; the row's `env.torch_threads` records what each ran with.
+- Threads: without `--threads`, a run uses torch's default for this machine (its physical cores, or
+  OMP_NUM_THREADS), whatever else is running, so that the same command on the same machine is the same run; a
+  sweep decides once and passes `--threads` to every run; the row's `env.torch_threads` records what each ran
+  with. When other work keeps cores busy (sampled over half a second before the run starts) the run says so:
+  with more torch threads than free cores, OpenMP's waiting threads make step times swing by an order of
+  magnitude (experiments/classification/PLAN.md has a measurement), and `--threads N` is the remedy.
 - Emulated dtypes: many x86 CPUs have no fp16 (some no bf16) matrix multiply and PyTorch emulates it, 10-20x
   slower than fp32. `matmul_slowdown` measures it (a short fp16/bf16 vs fp32 matmul calibration in this
   process); with `--max_cpu_slowdown X` a config whose compute dtype is more than X times slower is recorded
@@ -34,17 +35,20 @@ def busy_cores() -> float:
 
 def pick_threads(requested: int | None, *, cores: int | None = None, busy: float | None = None,
                  default: int | None = None) -> tuple[int, str | None]:
-    """(torch threads to use, a note to print when they differ from torch's default because cores are busy)."""
-    default = default or torch.get_num_threads()
+    """(torch threads to use, a warning to print or None). `requested` (--threads) wins and nothing is sampled;
+    otherwise torch's thread count (in a fresh process this machine's physical cores, or OMP_NUM_THREADS), never
+    fewer because the machine is busy at this moment, with a warning when the cores other work keeps busy
+    (`busy`, sampled if not given) leave fewer free than that."""
     if requested:
         return requested, None
+    threads = default or torch.get_num_threads()
     cores = cores or os.cpu_count() or 1
     busy = busy_cores() if busy is None else busy
-    free = max(1, int(cores - busy + 0.5))
-    if free >= default:
-        return default, None
-    return free, (f"{busy:.1f} of {cores} cores busy: using {free} torch thread(s) instead of {default}, as more "
-                  "threads than free cores make step times swing up to 20x; --threads N overrides")
+    if threads <= cores - busy + 0.5:
+        return threads, None
+    return threads, (f"warning: {busy:.1f} of {cores} cores are busy with other work and this run uses {threads} "
+                     "torch thread(s): its step times will be slower and may swing up to 20x (more threads than free "
+                     "cores); --threads N sets the count")
 
 
 @functools.cache
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="as run.py's flag (default: none, run all)")
     args = parser.parse_args(argv)
     threads, note = pick_threads(None)
-    print(f"{cpu_name()}: {os.cpu_count()} cores; torch threads: {threads}" + (f" ({note})" if note else ""))
+    print(f"{cpu_name()}: {os.cpu_count()} cores; torch threads: {threads}" + (f"\n{note}" if note else ""))
     torch.set_num_threads(threads)
     for dtype in LOW_PRECISION:
         print(f"{str(dtype).removeprefix('torch.')} matmul time / float32's: {matmul_slowdown(dtype):.2f}")

@@ -1,9 +1,21 @@
 """Fixtures shared by the test modules."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+import tiny_run
+
+
+def pytest_configure(config):
+    """Every run a test starts uses `tiny_run.THREADS` torch threads, flags or not: in this process (run.py's
+    main called in-process) and in every subprocess (OMP_NUM_THREADS, inherited), so no result or duration of
+    the suite depends on how busy the machine is at that moment."""
+    os.environ["OMP_NUM_THREADS"] = str(tiny_run.THREADS)
+    torch.set_num_threads(tiny_run.THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +26,10 @@ def real_sample_dir() -> Path:
     if not (path / "train.jsonl").is_file():
         pytest.skip(f"real EURLEX57K sample not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory) -> Path:
+    """`tiny_run.small_cache`, built once for the session: the runs read it and never write it (a test that
+    damages a cache copies it first)."""
+    return tiny_run.small_cache(tmp_path_factory.mktemp("small_cache"))

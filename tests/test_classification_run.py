@@ -11,20 +11,30 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "experiments" / "classification" / "run.py"
+import tiny_run
+
+ROOT = tiny_run.ROOT
+RUN = tiny_run.RUN
 # Small enough for seconds per run on 2 cores, large enough to exercise every code path.
 SMALL = ["--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64", "--max_length", "64",
          "--batch_size", "4", "--gradient_accumulation_steps", "2", "--max_steps", "4", "--eval_steps", "2",
-         "--log_every", "1", "--max_eval_docs", "32", "--timing_warmup_steps", "1"]
+         "--log_every", "1", "--max_eval_docs", "32", "--timing_warmup_steps", "1", *tiny_run.PINNED]
 SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
                 "precision_at_1", "precision_at_3", "precision_at_5")
 
 
 def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(RUN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    """The real script in its own interpreter (what a user types)."""
+    return subprocess.run([sys.executable, str(RUN), *args], cwd=cwd, env=tiny_run.ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_main():
+    """run.py's main, called in this process (no interpreter start-up per case)."""
+    from experiments.classification.run import main
+
+    return main
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +84,10 @@ def test_sweep_runs_each_config_and_seed_and_prints_the_table(tiny_cache, tmp_pa
     assert first[("fp32_baseline", 0)]["loss"] != first[("fp32_baseline", 1)]["loss"]
 
 
-def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(tiny_cache, tmp_path):
+def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(run_main, tiny_cache, tmp_path):
     out = tmp_path / "fp32_eval"
-    proc = run([*SMALL, "--config", "bf16_naive", "--eval_precision", "fp32", "--data_dir", str(tiny_cache),
-                "--output_dir", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_main([*SMALL, "--config", "bf16_naive", "--eval_precision", "fp32", "--data_dir", str(tiny_cache),
+                     "--output_dir", str(out)]) == 0
     (row,) = rows(out)
     assert row["status"] == "completed" and row["eval_precision"] == "fp32"
     assert row["dtypes"]["body_params"] == ["bfloat16"] and row["dtypes"]["logits"] == "bfloat16"
@@ -86,77 +95,65 @@ def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(tiny_cache, tmp_path
     assert row["eval_dtypes"]["logits"] == "float32" and math.isfinite(row["loss"])
 
 
-def test_hardware_the_config_needs_is_recorded_as_skipped(tiny_cache, tmp_path):
+def test_hardware_the_config_needs_is_recorded_as_skipped(run_main, tiny_cache, tmp_path):
     out = tmp_path / "skip"
-    proc = run([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache), "--output_dir", str(out)])
-    assert proc.returncode == 0
+    assert run_main([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache), "--output_dir",
+                     str(out)]) == 0
     (row,) = rows(out)
     assert row["status"] == "skipped" and "TF32" in row["reason"]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--config", "amp_bf17"], "valid: all, core, fp32_baseline"),
-    (["--config", "amp_bf16", "--seeds", "0"], "--seeds must be 1..1000"),
-    (["--config", "amp_bf16", "--batch_size", "0"], "--batch_size must be positive"),
-    (["--config", "amp_bf16", "--max_steps", "-1"], "--max_steps must be positive"),
-])
-def test_bad_arguments_fail_with_one_line_and_write_nothing(args, needle, tmp_path):
-    proc = run([*args, "--output_dir", str(tmp_path / "out")])
+def test_a_bad_argument_through_the_script_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    """The script as a user runs it: the same contract the in-process cases below check through main(argv),
+    here with the interpreter's own stderr (no traceback, no warning lines)."""
+    proc = run(["--config", "amp_bf17", "--output_dir", str(tmp_path / "out")])
     assert proc.returncode == 2
-    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "valid: all, core, fp32_baseline" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+        proc.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("seed_command", [
-    ["--config", "amp_bf16", "--seed", "0"],
-    ["--config", "all", "--seeds", "3"],
-    ["--config", "amp_bf16", "--max_steps", "100"],
-])
-def test_seed_commands_without_prepared_data_say_what_to_run(seed_command, tmp_path):
-    proc = run(seed_command, cwd=tmp_path)
+def test_the_seed_command_without_prepared_data_says_what_to_run(tmp_path):
+    """The seed's command verbatim, as a user runs it from a folder without data (the other seed commands are
+    checked in-process below)."""
+    proc = run(["--config", "amp_bf16", "--seed", "0"], cwd=tmp_path)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert "prepare_data.py" in line and "--preset tiny" in line
     assert not (tmp_path / "results").exists()
 
 
-def test_output_dir_of_another_setup_is_refused(tiny_cache, tmp_path):
+@pytest.mark.parametrize("seed_command", [
+    ["--config", "all", "--seeds", "3"],
+    ["--config", "amp_bf16", "--max_steps", "100"],
+])
+def test_seed_commands_without_prepared_data_say_what_to_run(seed_command, run_main, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(seed_command) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "prepare_data.py" in line and "--preset tiny" in line
+    assert not (tmp_path / "results").exists()
+
+
+def test_output_dir_of_another_setup_is_refused(run_main, tiny_cache, tmp_path, capsys):
     out = tmp_path / "out"
-    first = run([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache), "--output_dir", str(out)])
-    assert first.returncode == 0
+    assert run_main([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache),
+                     "--output_dir", str(out)]) == 0
     before = (out / "results.jsonl").read_text()
-    proc = run([*SMALL, "--config", "amp_bf16", "--max_steps", "3", "--data_dir", str(tiny_cache),
-                "--output_dir", str(out)])
-    assert proc.returncode == 2 and "different setup" in proc.stderr and "max_steps" in proc.stderr
+    capsys.readouterr()
+    code = run_main([*SMALL, "--config", "amp_bf16", "--max_steps", "3", "--data_dir", str(tiny_cache),
+                     "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "different setup" in err and "max_steps" in err
     assert (out / "results.jsonl").read_text() == before
 
 
-def cache_copy(tiny_cache: Path, where: Path, edit_meta=None) -> Path:
-    import shutil
-
-    shutil.copytree(tiny_cache, where)
-    if edit_meta:
-        edit_meta(where / "meta.json")
-    return where
-
-
-def zero_labels(meta_path: Path) -> None:
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "num_labels": 0}))
-
-
-def garble(meta_path: Path) -> None:
-    meta_path.write_text(meta_path.read_text()[:40])
-
-
-@pytest.fixture(scope="module")
-def run_main():
-    """run.py's main, called in this process (no interpreter start-up per case)."""
-    from experiments.classification.run import main
-
-    return main
-
-
 @pytest.mark.parametrize("case, flags, needle", [
+    ("unknown_config", ["--config", "amp_bf17"], "valid: all, core, fp32_baseline"),
+    ("seeds", ["--seeds", "0"], "--seeds must be 1..1000"),
+    ("batch_size", ["--batch_size", "0"], "--batch_size must be positive"),
+    ("max_steps", ["--max_steps", "-1"], "--max_steps must be positive"),
     ("nan", ["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     ("beta", ["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1)"),
     ("seed", ["--seed", "-1"], "the seeds within 0..2^32-1"),
@@ -233,10 +230,10 @@ def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tin
     assert row["status"] == "failed" and row["error"].startswith("CheckpointError: checkpoint")
 
 
-def test_stale_cache_is_refused(tiny_cache, tmp_path):
-    proc = run([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
-                "--output_dir", str(tmp_path / "out")])
-    assert proc.returncode == 2 and "exceeds the cache" in proc.stderr
+def test_stale_cache_is_refused(run_main, tiny_cache, tmp_path, capsys):
+    code = run_main([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
+                     "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and "exceeds the cache" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -252,7 +249,7 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
     tree = tmp_path / "tree"
     for part in ("dtype_bench", "experiments"):
         shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(tree)}
+    env = {**tiny_run.ENV, "PYTHONPATH": str(tree)}
 
     def script(*args: str, wait: bool = True):
         command = [sys.executable, *args]
@@ -269,10 +266,8 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
                   "--tokenizer", "bpe:400", "--val_fraction", "0.1", "--output_dir", str(lm_cache))
     for command in (prepare_cls, prepare_lm):
         assert script(*command).returncode == 0
-    train = ("experiments/classification/run.py", "--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64",
-             "--max_length", "64", "--max_eval_docs", "32", "--batch_size", "4", "--gradient_accumulation_steps",
-             "2", "--threads", "1", "--max_steps", "12", "--eval_steps", "4", "--log_every", "1",
-             "--config", "fp32_baseline", "--data_dir", str(cls_cache), "--output_dir", str(out))
+    train = ("experiments/classification/run.py", *tiny_run.SMALL, "--max_steps", "12", "--eval_steps", "4",
+             "--log_every", "1", "--config", "fp32_baseline", "--data_dir", str(cls_cache), "--output_dir", str(out))
     process = script(*train, "--seed", "0", wait=False)
     while not list(out.glob("checkpoints/*/last/manifest.json")) and process.poll() is None:
         time.sleep(0.01)
@@ -297,16 +292,18 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
     assert first["setup_fingerprint"] == second["setup_fingerprint"] and second["seed"] == 1
 
 
-def test_plan_says_what_would_run_and_how_long_from_a_calibration_and_writes_nothing(tiny_cache, tmp_path):
+def test_plan_says_what_would_run_and_how_long_from_a_calibration_and_writes_nothing(run_main, tiny_cache, tmp_path,
+                                                                                    capsys):
     import re
 
     out = tmp_path / "never_written"
-    proc = run([*SMALL, "--config", "fp32_baseline,fp32_tf32_matmul,amp_bf16", "--seeds", "2", "--max_steps", "40",
-                "--eval_steps", "20", "--threads", "1", "--max_cpu_slowdown", "none", "--plan",
-                "--data_dir", str(tiny_cache), "--output_dir", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = run_main([*SMALL, "--config", "fp32_baseline,fp32_tf32_matmul,amp_bf16", "--seeds", "2", "--max_steps",
+                     "40", "--eval_steps", "20", "--max_cpu_slowdown", "none", "--plan",
+                     "--data_dir", str(tiny_cache), "--output_dir", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-3000:]
     assert not out.exists()  # calibration runs live in a temporary directory
-    lines = proc.stdout.splitlines()
+    lines = stdout.splitlines()
     assert "2 seed(s), 40 steps each" in next(line for line in lines if line.startswith("plan:"))
     skipped = next(line for line in lines if line.startswith("  fp32_tf32_matmul:"))
     assert "skipped" in skipped and "CUDA" in skipped
@@ -319,6 +316,6 @@ def test_plan_says_what_would_run_and_how_long_from_a_calibration_and_writes_not
         per_run[name] = float(shown[1]) * (60 if shown[2] == "min" else 1)
         # 40 steps, an evaluation every 20 steps (2), and the fixed cost, from the printed (3-digit) parts
         assert per_run[name] == pytest.approx(40 * step + 2 * evaluation + fixed, rel=0.05, abs=1)
-    total = re.search(r"estimated total: ~([\d.]+) (min|s) for 4 run\(s\)", proc.stdout)
+    total = re.search(r"estimated total: ~([\d.]+) (min|s) for 4 run\(s\)", stdout)
     assert total and float(total[1]) * (60 if total[2] == "min" else 1) == pytest.approx(
         2 * sum(per_run.values()), rel=0.05, abs=2)

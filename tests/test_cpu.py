@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 
 import pytest
@@ -11,13 +12,56 @@ import tiny_run
 from dtype_bench import cpu, precision
 
 
-def test_threads_follow_the_free_cores():
+def test_threads_are_the_machines_whatever_the_load_and_a_busy_machine_is_warned_about(monkeypatch):
     assert cpu.pick_threads(None, cores=2, busy=0.1, default=2) == (2, None)
-    threads, note = cpu.pick_threads(None, cores=2, busy=1.7, default=2)
-    assert threads == 1 and "1.7 of 2 cores busy" in note and "--threads" in note
-    assert cpu.pick_threads(None, cores=16, busy=5.0, default=16)[0] == 11
-    assert cpu.pick_threads(None, cores=2, busy=9.0, default=2)[0] == 1  # at least one
-    assert cpu.pick_threads(3, cores=2, busy=2.0, default=2) == (3, None)  # --threads wins
+    threads, warning = cpu.pick_threads(None, cores=2, busy=1.7, default=2)
+    assert threads == 2 and "1.7 of 2 cores are busy" in warning and "--threads" in warning
+    assert cpu.pick_threads(None, cores=16, busy=5.0, default=8) == (8, None)  # 11 cores free for 8 threads
+    assert cpu.pick_threads(None, cores=16, busy=9.0, default=8)[0] == 8  # 7 free: warned, not fewer threads
+    monkeypatch.setattr(cpu, "busy_cores", lambda: pytest.fail("sampled the load although --threads was given"))
+    assert cpu.pick_threads(3, cores=2, default=2) == (3, None)  # --threads wins
+    monkeypatch.setattr(cpu, "busy_cores", lambda: 2.0)
+    assert cpu.pick_threads(None)[0] == torch.get_num_threads()  # torch's count in this process
+
+
+@pytest.mark.parametrize("configs", ["fp32_baseline", "fp32_baseline,amp_bf16"], ids=["single run", "sweep"])
+def test_run_py_without_threads_keeps_torchs_count_on_a_busy_machine_and_a_sweep_passes_it_on(
+        configs, small_cache, tmp_path, monkeypatch, capsys):
+    """run.py's main in-process on a machine sampled fully busy: the run keeps this process's torch thread count
+    and prints the warning; a sweep passes that count to every run it starts (the run or sweep itself is replaced
+    by a stub that records what it was given)."""
+    from dtype_bench import runner
+    from experiments.classification.run import main
+
+    seen = {}
+
+    def run_single(*args, **kwargs):
+        seen["threads"] = torch.get_num_threads()
+        return 0
+
+    def run_sweep(script, runs, passthrough, *args, **kwargs):
+        seen["passthrough"] = passthrough
+        return 0
+
+    monkeypatch.setattr(cpu, "busy_cores", lambda: float(os.cpu_count() or 1))
+    monkeypatch.setattr(runner, "run_single", run_single)
+    monkeypatch.setattr(runner.sweep, "run_sweep", run_sweep)
+    argv = [*tiny_run.SMALL, "--data_dir", str(small_cache), "--output_dir", str(tmp_path / "out"), "--config", configs]
+    at = argv.index("--threads")
+    del argv[at:at + 2]
+    expected, pinned = 2, torch.get_num_threads()  # two, so that a load-based choice (one, here) would show
+    torch.set_num_threads(expected)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(pinned)
+    out = capsys.readouterr().out
+    assert f"this run uses {expected} torch thread(s)" in out and "cores are busy" in out
+    if "," in configs:
+        passthrough = seen["passthrough"]
+        assert passthrough[passthrough.index("--threads") + 1] == str(expected)
+    else:
+        assert seen["threads"] == expected
 
 
 def test_matmul_slowdown_is_a_measured_ratio():

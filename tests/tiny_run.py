@@ -17,9 +17,13 @@ from dtype_bench import configs
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "experiments" / "classification" / "run.py"
+THREADS = int(os.environ.get("DTYPE_BENCH_TEST_THREADS", "1"))
+"""Torch threads of every run the tests start, in this process or in a subprocess (conftest pins the rest):
+never what the machine's momentary load would pick. `DTYPE_BENCH_TEST_THREADS=2 make test` runs the suite at two."""
+PINNED = ["--threads", str(THREADS)]
 SMALL = ["--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64", "--max_length", "64",
-         "--max_eval_docs", "32", "--batch_size", "4", "--gradient_accumulation_steps", "2", "--threads", "1"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+         "--max_eval_docs", "32", "--batch_size", "4", "--gradient_accumulation_steps", "2", *PINNED]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(THREADS)}
 
 
 def small_cache(directory: Path) -> Path:
