@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 DEMO_DIR := results/demo
 CLS := experiments/classification/run.py --preset tiny
 
-.PHONY: venv demo demo-lm test clean wheels
+.PHONY: venv demo demo-lm test test-all clean wheels
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,14 @@ demo-lm: demo
 	$(PY) analysis/compare_experiments.py --lm_results $(DEMO_DIR)/lm --cls_results $(DEMO_DIR)/classification \
 		--output_dir $(DEMO_DIR)/comparison
 
+# The default tier (minutes): everything but the `slow` end-to-end tests; the 20 slowest are listed at the end.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow" --durations=20
+
+# Then the end-to-end tier: the real scripts in subprocesses, kill-and-resume, torchrun, submitit (CI runs both).
+# pytest's exit 5 (no test selected: none is marked slow) is not a failure.
+test-all: test
+	$(PY) -m pytest -q -m slow --durations=20 || [ $$? -eq 5 ]
 
 # The optional packages' wheels for an offline (GPU) machine, into wheels/ (needs PyPI; any Python with pip):
 # benchmarks/gpu_check.py --wheels wheels installs them there (benchmarks/wheels.py install wheels alone).
