@@ -29,7 +29,7 @@ def real_sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_cache(tmp_path_factory) -> Path:
+def small_cache_dir(tmp_path_factory) -> Path:
     """`tiny_run.small_cache`, built once for the session: the runs read it and never write it (a test that
     damages a cache copies it first)."""
     return tiny_run.small_cache(tmp_path_factory.mktemp("small_cache"))

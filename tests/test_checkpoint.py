@@ -191,11 +191,6 @@ def test_best_dirs_newer_than_last_are_dropped_on_resume(tmp_path):
 STEPS = ["--max_steps", "12", "--eval_steps", "4", "--log_every", "1"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tiny_run.small_cache(tmp_path_factory.mktemp("cache"))
-
-
 def _final_metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith("val_") or k in (
         "micro_f1", "macro_f1", "precision_at_1", "precision_at_3", "precision_at_5", "rp_at_5", "ndcg_at_5",
@@ -207,19 +202,19 @@ def _final_metrics(row: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("config, kill", [("fp32_baseline", signal.SIGKILL), ("amp_bf16", signal.SIGKILL),
                                           ("amp_fp16", signal.SIGTERM)])
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, cache, config, kill):
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, small_cache_dir, config, kill):
     """Bit-exact for every config tested (measured: no tolerance was needed on CPU, GradScaler included):
     the whole step log (the resumed run truncates it to the checkpoint and writes the rest again) and the
     final validation/test metrics. SIGKILL resumes from the last evaluation; SIGTERM checkpoints first."""
     flags = ["--config", config, *STEPS]
-    reference = tiny_run.run(cache, tmp_path / "reference", *flags)
+    reference = tiny_run.run(small_cache_dir, tmp_path / "reference", *flags)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     rng_seed = random.randrange(10**6)
     target = random.Random(rng_seed).randint(5, 10)  # after the first checkpoint (step 4)
     where = f"{config}: killed near step {target} (random seed {rng_seed})"
     killed_dir = tmp_path / "killed"
-    process = tiny_run.start(cache, killed_dir, *flags)
+    process = tiny_run.start(small_cache_dir, killed_dir, *flags)
     while tiny_run.logged_steps(killed_dir) < target and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(kill)
@@ -227,7 +222,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, cache, config, ki
     assert process.returncode == (-kill if kill == signal.SIGKILL else 128 + kill), where + output[-2000:]
     assert tiny_run.rows(killed_dir) == [], where  # an interrupted run has no row yet
 
-    resumed = tiny_run.run(cache, killed_dir, *flags)
+    resumed = tiny_run.run(small_cache_dir, killed_dir, *flags)
     assert resumed.returncode == 0, where + resumed.stderr[-2000:]
     (row,) = tiny_run.rows(killed_dir)
     (expected,) = tiny_run.rows(tmp_path / "reference")

@@ -37,20 +37,14 @@ def run_main():
     return main
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory) -> Path:
-    from experiments.classification.prepare_data import prepare_tiny
-
-    return prepare_tiny(tmp_path_factory.mktemp("cache") / "tiny")
-
-
 def rows(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
 
 
-def test_single_run_writes_a_complete_row_and_step_log(tiny_cache, tmp_path):
+def test_single_run_writes_a_complete_row_and_step_log(small_cache_dir, tmp_path):
     out = tmp_path / "out"
-    proc = run([*SMALL, "--config", "amp_bf16", "--seed", "0", "--data_dir", str(tiny_cache), "--output_dir", str(out)])
+    proc = run([*SMALL, "--config", "amp_bf16", "--seed", "0", "--data_dir", str(small_cache_dir),
+                "--output_dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = rows(out)
     assert row["status"] == "completed" and row["config"] == "amp_bf16" and row["seed"] == 0
@@ -68,9 +62,9 @@ def test_single_run_writes_a_complete_row_and_step_log(tiny_cache, tmp_path):
     assert row["val_micro_f1"] == max(r["micro_f1"] for r in log if r.get("eval") == "validation")
 
 
-def test_sweep_runs_each_config_and_seed_and_prints_the_table(tiny_cache, tmp_path):
+def test_sweep_runs_each_config_and_seed_and_prints_the_table(small_cache_dir, tmp_path):
     out = tmp_path / "sweep"
-    proc = run([*SMALL, "--config", "fp32_baseline,amp_bf16", "--seeds", "2", "--data_dir", str(tiny_cache),
+    proc = run([*SMALL, "--config", "fp32_baseline,amp_bf16", "--seeds", "2", "--data_dir", str(small_cache_dir),
                 "--output_dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = sorted((r["config"], r["seed"], r["status"]) for r in rows(out))
@@ -84,9 +78,9 @@ def test_sweep_runs_each_config_and_seed_and_prints_the_table(tiny_cache, tmp_pa
     assert first[("fp32_baseline", 0)]["loss"] != first[("fp32_baseline", 1)]["loss"]
 
 
-def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(run_main, tiny_cache, tmp_path):
+def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(run_main, small_cache_dir, tmp_path):
     out = tmp_path / "fp32_eval"
-    assert run_main([*SMALL, "--config", "bf16_naive", "--eval_precision", "fp32", "--data_dir", str(tiny_cache),
+    assert run_main([*SMALL, "--config", "bf16_naive", "--eval_precision", "fp32", "--data_dir", str(small_cache_dir),
                      "--output_dir", str(out)]) == 0
     (row,) = rows(out)
     assert row["status"] == "completed" and row["eval_precision"] == "fp32"
@@ -95,9 +89,9 @@ def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(run_main, tiny_cache
     assert row["eval_dtypes"]["logits"] == "float32" and math.isfinite(row["loss"])
 
 
-def test_hardware_the_config_needs_is_recorded_as_skipped(run_main, tiny_cache, tmp_path):
+def test_hardware_the_config_needs_is_recorded_as_skipped(run_main, small_cache_dir, tmp_path):
     out = tmp_path / "skip"
-    assert run_main([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache), "--output_dir",
+    assert run_main([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(small_cache_dir), "--output_dir",
                      str(out)]) == 0
     (row,) = rows(out)
     assert row["status"] == "skipped" and "TF32" in row["reason"]
@@ -136,13 +130,13 @@ def test_seed_commands_without_prepared_data_say_what_to_run(seed_command, run_m
     assert not (tmp_path / "results").exists()
 
 
-def test_output_dir_of_another_setup_is_refused(run_main, tiny_cache, tmp_path, capsys):
+def test_output_dir_of_another_setup_is_refused(run_main, small_cache_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_main([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(tiny_cache),
+    assert run_main([*SMALL, "--config", "fp32_tf32_matmul", "--data_dir", str(small_cache_dir),
                      "--output_dir", str(out)]) == 0
     before = (out / "results.jsonl").read_text()
     capsys.readouterr()
-    code = run_main([*SMALL, "--config", "amp_bf16", "--max_steps", "3", "--data_dir", str(tiny_cache),
+    code = run_main([*SMALL, "--config", "amp_bf16", "--max_steps", "3", "--data_dir", str(small_cache_dir),
                      "--output_dir", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "different setup" in err and "max_steps" in err
@@ -171,10 +165,10 @@ def test_output_dir_of_another_setup_is_refused(run_main, tiny_cache, tmp_path, 
     ("world_size_3", [], "not divisible by the world size 3"),
 ])
 def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
-        case, flags, needle, run_main, tiny_cache, tmp_path, monkeypatch, capsys):
+        case, flags, needle, run_main, small_cache_dir, tmp_path, monkeypatch, capsys):
     """Issue 16 §1/§4: each used to write a `failed` row and setup.json (or a traceback), after which the
     folder refused the corrected command."""
-    out, cache = tmp_path / "out", tiny_cache
+    out, cache = tmp_path / "out", small_cache_dir
     if case == "user_folder":
         out.mkdir()
         (out / "thesis.txt").write_text("thesis")
@@ -188,7 +182,7 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
         out = tmp_path / ("y" * 300)
     elif case in ("zero_label_cache", "garbled_cache_meta"):
         cache = tmp_path / "cache"
-        shutil.copytree(tiny_cache, cache)
+        shutil.copytree(small_cache_dir, cache)
         meta = json.loads((cache / "meta.json").read_text())
         (cache / "meta.json").write_text(json.dumps({**meta, "num_labels": 0}) if case == "zero_label_cache"
                                          else json.dumps(meta)[:40])
@@ -205,7 +199,7 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
     assert snapshot() == before
 
 
-def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tiny_cache, tmp_path, capsys):
+def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, small_cache_dir, tmp_path, capsys):
     """Issue 16 §4: it used to end in a traceback. One line saying what to do; the `failed` row records why
     (a sweep goes on, and `--retry_failed --fresh` starts the run over)."""
     import torch
@@ -214,10 +208,10 @@ def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tin
     from dtype_bench import checkpoint, results, runner
 
     out = tmp_path / "out"
-    argv = [*SMALL, "--config", "amp_bf16", "--data_dir", str(tiny_cache), "--output_dir", str(out)]
+    argv = [*SMALL, "--config", "amp_bf16", "--data_dir", str(small_cache_dir), "--output_dir", str(out)]
     config_module = tiny_run.load_config_module("classification")
     _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS, argv)
-    data_fingerprint = json.loads((tiny_cache / "meta.json").read_text())["fingerprint"]
+    data_fingerprint = json.loads((small_cache_dir / "meta.json").read_text())["fingerprint"]
     setup_fp, setup = runner.setup_of(cfg.to_record(), data_fingerprint, torch.device("cpu"))
     results.claim_output_dir(out, setup_fp, setup)  # as the run that wrote the checkpoint did
     last = checkpoint.run_dir(out, results.run_id("classification", "amp_bf16", 0, setup_fp)) / "last"
@@ -230,8 +224,8 @@ def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, tin
     assert row["status"] == "failed" and row["error"].startswith("CheckpointError: checkpoint")
 
 
-def test_stale_cache_is_refused(run_main, tiny_cache, tmp_path, capsys):
-    code = run_main([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(tiny_cache),
+def test_stale_cache_is_refused(run_main, small_cache_dir, tmp_path, capsys):
+    code = run_main([*SMALL, "--config", "amp_bf16", "--max_length", "4096", "--data_dir", str(small_cache_dir),
                      "--output_dir", str(tmp_path / "out")])
     assert code == 2 and "exceeds the cache" in capsys.readouterr().err
 
@@ -292,14 +286,14 @@ def test_comment_edit_of_the_data_modules_keeps_caches_and_output_dirs(tmp_path)
     assert first["setup_fingerprint"] == second["setup_fingerprint"] and second["seed"] == 1
 
 
-def test_plan_says_what_would_run_and_how_long_from_a_calibration_and_writes_nothing(run_main, tiny_cache, tmp_path,
-                                                                                    capsys):
+def test_plan_says_what_would_run_and_how_long_from_a_calibration_and_writes_nothing(
+        run_main, small_cache_dir, tmp_path, capsys):
     import re
 
     out = tmp_path / "never_written"
     code = run_main([*SMALL, "--config", "fp32_baseline,fp32_tf32_matmul,amp_bf16", "--seeds", "2", "--max_steps",
                      "40", "--eval_steps", "20", "--max_cpu_slowdown", "none", "--plan",
-                     "--data_dir", str(tiny_cache), "--output_dir", str(out)])
+                     "--data_dir", str(small_cache_dir), "--output_dir", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout[-3000:]
     assert not out.exists()  # calibration runs live in a temporary directory

@@ -101,13 +101,13 @@ def test_unknown_subcommand_is_a_usage_error(capsys):
 
 
 @pytest.mark.slow
-def test_cli_run_is_the_seed_command(tmp_path):
+def test_cli_run_is_the_seed_command(small_cache_dir, tmp_path):
     """`dtype-bench run` and `python experiments/classification/run.py` with the same flags: the same run id and
     the same step log, line for line (one thread, CPU: deterministic)."""
-    cache = tiny_run.small_cache(tmp_path / "cache")
     flags = ["--config", "fp32_baseline", "--max_steps", "3", "--log_every", "1", "--eval_steps", "3"]
-    seed_cmd = tiny_run.command(cache, tmp_path / "seed", *flags)
-    cli_cmd = [sys.executable, "-m", "dtype_bench.cli", "run", *tiny_run.command(cache, tmp_path / "cli", *flags)[2:]]
+    seed_cmd = tiny_run.command(small_cache_dir, tmp_path / "seed", *flags)
+    cli_cmd = [sys.executable, "-m", "dtype_bench.cli", "run",
+               *tiny_run.command(small_cache_dir, tmp_path / "cli", *flags)[2:]]
     for cmd in (seed_cmd, cli_cmd):
         proc = subprocess.run(cmd, env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -26,7 +26,7 @@ def test_threads_are_the_machines_whatever_the_load_and_a_busy_machine_is_warned
 
 @pytest.mark.parametrize("configs", ["fp32_baseline", "fp32_baseline,amp_bf16"], ids=["single run", "sweep"])
 def test_run_py_without_threads_keeps_torchs_count_on_a_busy_machine_and_a_sweep_passes_it_on(
-        configs, small_cache, tmp_path, monkeypatch, capsys):
+        configs, small_cache_dir, tmp_path, monkeypatch, capsys):
     """run.py's main in-process on a machine sampled fully busy: the run keeps this process's torch thread count
     and prints the warning; a sweep passes that count to every run it starts (the run or sweep itself is replaced
     by a stub that records what it was given)."""
@@ -46,7 +46,8 @@ def test_run_py_without_threads_keeps_torchs_count_on_a_busy_machine_and_a_sweep
     monkeypatch.setattr(cpu, "busy_cores", lambda: float(os.cpu_count() or 1))
     monkeypatch.setattr(runner, "run_single", run_single)
     monkeypatch.setattr(runner.sweep, "run_sweep", run_sweep)
-    argv = [*tiny_run.SMALL, "--data_dir", str(small_cache), "--output_dir", str(tmp_path / "out"), "--config", configs]
+    argv = [*tiny_run.SMALL, "--data_dir", str(small_cache_dir), "--output_dir", str(tmp_path / "out"),
+            "--config", configs]
     at = argv.index("--threads")
     del argv[at:at + 2]
     expected, pinned = 2, torch.get_num_threads()  # two, so that a load-based choice (one, here) would show
@@ -82,12 +83,11 @@ def test_too_slow_reason_names_the_measured_factor(monkeypatch):
 
 
 @pytest.mark.slow
-def test_forced_emulation_limit_records_skipped_rows_and_the_sweep_pins_threads(tmp_path):
+def test_forced_emulation_limit_records_skipped_rows_and_the_sweep_pins_threads(small_cache_dir, tmp_path):
     """--max_cpu_slowdown below any measurable ratio: the low-precision configs are `skipped` with the measured
     factor, fp32 trains; every run of the sweep gets the thread count the sweep chose."""
-    cache = tiny_run.small_cache(tmp_path / "cache")
-    command = tiny_run.command(cache, tmp_path / "out", "--config", "fp32_baseline,amp_fp16", "--max_steps", "2",
-                               "--eval_steps", "2", "--max_cpu_slowdown", "0.001")
+    command = tiny_run.command(small_cache_dir, tmp_path / "out", "--config", "fp32_baseline,amp_fp16",
+                               "--max_steps", "2", "--eval_steps", "2", "--max_cpu_slowdown", "0.001")
     at = command.index("--threads")
     del command[at:at + 2]  # let the sweep choose
     proc = subprocess.run(command, env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=300)

@@ -23,14 +23,9 @@ def _data_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tiny_run.small_cache(tmp_path_factory.mktemp("cache"))
-
-
-def test_ranks_together_see_exactly_the_single_process_micro_batches(cache):
+def test_ranks_together_see_exactly_the_single_process_micro_batches(small_cache_dir):
     data = _data_module()
-    split = data.TokenizedSplit(cache, "train", 64)
+    split = data.TokenizedSplit(small_cache_dir, "train", 64)
     accumulation, world_size, steps = 4, 2, 70  # 70 steps x 4 x 4 docs > 480: crosses an epoch boundary
     single = data.TrainBatches(split, 4, 7, 300, 1)
     ranks = [data.TrainBatches(split, 4, 7, 300, 1, rank=r, world_size=world_size) for r in range(world_size)]
@@ -71,13 +66,13 @@ def _close(a: float, b: float, rel: float) -> bool:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path, cache):
+def test_two_gloo_ranks_match_one_process(tmp_path, small_cache_dir):
     flags = ["--config", "fp32_baseline", "--max_steps", "6", "--eval_steps", "3", "--log_every", "1"]
-    single = tiny_run.run(cache, tmp_path / "single", *flags)
+    single = tiny_run.run(small_cache_dir, tmp_path / "single", *flags)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         *tiny_run.command(cache, tmp_path / "ddp", *flags)[1:]],
+         *tiny_run.command(small_cache_dir, tmp_path / "ddp", *flags)[1:]],
         env=tiny_run.ENV, cwd=tiny_run.ROOT, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
 

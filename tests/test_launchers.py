@@ -15,13 +15,12 @@ DETERMINISTIC = ("run_id", "config", "seed", "status", "steps", "micro_batches",
 
 
 @pytest.mark.slow
-def test_a_submitit_sweep_writes_the_local_launchers_rows(tmp_path):
+def test_a_submitit_sweep_writes_the_local_launchers_rows(small_cache_dir, tmp_path):
     pytest.importorskip("submitit")
-    cache = tiny_run.small_cache(tmp_path / "cache")
     flags = ["--config", "fp32_baseline,amp_bf16", "--max_steps", "3", "--eval_steps", "3"]
-    local = tiny_run.run(cache, tmp_path / "local", *flags)
+    local = tiny_run.run(small_cache_dir, tmp_path / "local", *flags)
     assert local.returncode == 0, local.stderr[-3000:]
-    jobs = tiny_run.run(cache, tmp_path / "jobs", *flags, "--launcher", "submitit-local")
+    jobs = tiny_run.run(small_cache_dir, tmp_path / "jobs", *flags, "--launcher", "submitit-local")
     assert jobs.returncode == 0, jobs.stdout[-3000:] + jobs.stderr[-3000:]
     assert jobs.stdout.count("submitted as job") == 2
 
@@ -32,7 +31,7 @@ def test_a_submitit_sweep_writes_the_local_launchers_rows(tmp_path):
     assert all(r["status"] == "completed" for r in tiny_run.rows(tmp_path / "jobs"))
     assert list((tmp_path / "jobs" / "submitit").glob("*_log.out")), "submitit wrote no job logs"
 
-    again = tiny_run.run(cache, tmp_path / "jobs", *flags, "--launcher", "submitit-local")  # nothing left to do
+    again = tiny_run.run(small_cache_dir, tmp_path / "jobs", *flags, "--launcher", "submitit-local")  # nothing to do
     assert again.returncode == 0 and "submitted as job" not in again.stdout and again.stdout.count("not submitted") == 2
 
 

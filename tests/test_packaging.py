@@ -139,10 +139,9 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
-def test_run_without_bitsandbytes_records_skipped_with_the_install_command(tmp_path):
+def test_run_without_bitsandbytes_records_skipped_with_the_install_command(small_cache_dir, tmp_path):
     """The real run.py, in an interpreter where bitsandbytes cannot be imported: a `skipped` row, exit 0."""
-    cache = tiny_run.small_cache(tmp_path / "cache")
-    argv = [str(a) for a in tiny_run.command(cache, tmp_path / "out", "--config", "amp_bf16_8bit_adam",
+    argv = [str(a) for a in tiny_run.command(small_cache_dir, tmp_path / "out", "--config", "amp_bf16_8bit_adam",
                                              "--max_steps", "2")[1:]]
     proc = subprocess.run([sys.executable, "-c", BLOCKER.format(blocked={"bitsandbytes"}, argv=argv)],
                           env=tiny_run.ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)

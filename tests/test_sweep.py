@@ -106,26 +106,21 @@ def test_run_gate_skips_a_done_run_and_reruns_it_when_fresh(tmp_path, capsys):
 # ---------------------------------------------------------------- real sweeps of run.py
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tiny_run.small_cache(tmp_path_factory.mktemp("cache"))
-
-
 FAST = ["--max_steps", "6", "--eval_steps", "3", "--diverge_patience", "2", "--diagnostics_every", "0"]
 
 
 @pytest.mark.slow
-def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, cache):
+def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, small_cache_dir):
     """fp16_naive really diverges (fp16 AdamW states, no loss scaling); amp_bf16 really fails: its run finds
     a corrupt checkpoint (as a disk error would leave) and refuses it. The others complete, the sweep goes
     on and exits non-zero; re-running skips what is done and leaves the failure alone unless asked."""
-    results.claim_output_dir(tmp_path, *tiny_run.setup(cache, tmp_path, *FAST))  # as the run that wrote it did
-    broken = tmp_path / "checkpoints" / tiny_run.run_id(cache, tmp_path, "amp_bf16", 0, *FAST) / "last"
+    results.claim_output_dir(tmp_path, *tiny_run.setup(small_cache_dir, tmp_path, *FAST))  # as its writer did
+    broken = tmp_path / "checkpoints" / tiny_run.run_id(small_cache_dir, tmp_path, "amp_bf16", 0, *FAST) / "last"
     broken.mkdir(parents=True)
     (broken / "manifest.json").write_text("{ garbage")
     sweep_flags = ["--config", "fp32_baseline,amp_bf16,fp16_naive", *FAST]
 
-    first = tiny_run.run(cache, tmp_path, *sweep_flags)
+    first = tiny_run.run(small_cache_dir, tmp_path, *sweep_flags)
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     by_config = {r["config"]: r for r in tiny_run.rows(tmp_path)}
     assert {c: r["status"] for c, r in by_config.items()} == {
@@ -136,13 +131,13 @@ def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, cache):
     assert by_config["fp32_baseline"]["steps"] == 6 and by_config["fp32_baseline"]["micro_f1"] is not None
     assert "1 run(s) failed" in first.stderr
 
-    second = tiny_run.run(cache, tmp_path, *sweep_flags)  # runs nothing: two results and a failure
+    second = tiny_run.run(small_cache_dir, tmp_path, *sweep_flags)  # runs nothing: two results and a failure
     assert "fp32_baseline seed 0: already completed, skipping" in second.stdout
     assert "fp16_naive seed 0: already diverged" in second.stdout
     assert "amp_bf16 seed 0: already failed" in second.stdout and "--retry_failed" in second.stdout
     assert second.returncode == 1 and len(tiny_run.rows(tmp_path)) == 3
     # Retrying the failure from scratch (its checkpoint is the problem, so --fresh discards it).
-    third = tiny_run.run(cache, tmp_path, "--config", "amp_bf16", *FAST, "--retry_failed", "--fresh")
+    third = tiny_run.run(small_cache_dir, tmp_path, "--config", "amp_bf16", *FAST, "--retry_failed", "--fresh")
     assert third.returncode == 0, third.stderr[-3000:]
     newest = results.latest_per_run(tiny_run.rows(tmp_path))
     assert sorted(r["status"] for r in newest.values()) == ["completed", "completed", "diverged"]
@@ -150,10 +145,10 @@ def test_sweep_survives_a_failing_and_a_diverging_run(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_two_concurrent_sweeps_share_one_output_dir(tmp_path, cache):
+def test_two_concurrent_sweeps_share_one_output_dir(tmp_path, small_cache_dir):
     """Started together on the same grid: every run is trained exactly once and results.jsonl stays valid."""
     flags = ["--config", "fp32_baseline,amp_bf16", *FAST[:4]]
-    processes = [tiny_run.start(cache, tmp_path, *flags) for _ in range(2)]
+    processes = [tiny_run.start(small_cache_dir, tmp_path, *flags) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     rows, problems = results.read_results(tmp_path)

@@ -15,7 +15,7 @@ from transformers import AutoModel, RobertaConfig
 
 from dtype_bench import flops, throughput
 from dtype_bench.memory import PeakMemory, reset_peak_memory
-from tiny_run import SMALL, small_cache
+from tiny_run import SMALL
 
 CPU = torch.device("cpu")
 
@@ -188,7 +188,7 @@ def test_cpu_training_and_evaluation_peaks_are_separate():
     assert summary["peak_memory_gb"] == summary["eval_peak_memory_gb"]
 
 
-def test_slow_evaluation_in_run_py_is_outside_every_timing_window(tmp_path, monkeypatch):
+def test_slow_evaluation_in_run_py_is_outside_every_timing_window(small_cache_dir, tmp_path, monkeypatch):
     from experiments.classification import run as classification_run
 
     sleep_s, evaluations = 1.5, []
@@ -200,8 +200,7 @@ def test_slow_evaluation_in_run_py_is_outside_every_timing_window(tmp_path, monk
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(classification_run, "evaluate", slow_evaluate)
-    cache = small_cache(tmp_path / "cache")
-    code = classification_run.main([*SMALL, "--data_dir", str(cache), "--output_dir", str(tmp_path / "out"),
+    code = classification_run.main([*SMALL, "--data_dir", str(small_cache_dir), "--output_dir", str(tmp_path / "out"),
                                     "--config", "fp32_baseline", "--max_steps", "4", "--eval_steps", "2",
                                     "--log_every", "1", "--timing_warmup_steps", "0", "--diagnostics_every", "0"])
     assert code == 0
