@@ -58,6 +58,7 @@ def test_the_precision_the_trainer_really_ran_is_checked(cache, tmp_path, config
     assert vs_hf_trainer.precision_mismatch(trainer, pc, device) == mismatch
 
 
+@pytest.mark.slow
 def test_benchmark_prints_the_ratio_table_with_the_length_grouped_column(cache):
     proc = subprocess.run(
         [sys.executable, str(tiny_run.ROOT / "benchmarks" / "vs_hf_trainer.py"), "--configs",

@@ -62,20 +62,34 @@ def test_single_run_writes_a_complete_row_and_step_log(small_cache_dir, tmp_path
     assert row["val_micro_f1"] == max(r["micro_f1"] for r in log if r.get("eval") == "validation")
 
 
-def test_sweep_runs_each_config_and_seed_and_prints_the_table(small_cache_dir, tmp_path):
+def test_sweep_runs_each_seed_in_its_own_process_and_prints_the_table(run_main, small_cache_dir, tmp_path, capsys):
+    """A sweep (its parent here in this process) runs each seed as its own run.py and tabulates them; seeds draw
+    different batches."""
     out = tmp_path / "sweep"
-    proc = run([*SMALL, "--config", "fp32_baseline,amp_bf16", "--seeds", "2", "--data_dir", str(small_cache_dir),
-                "--output_dir", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = sorted((r["config"], r["seed"], r["status"]) for r in rows(out))
-    assert got == [(c, s, "completed") for c in ("amp_bf16", "fp32_baseline") for s in (0, 1)]
-    table = proc.stdout[proc.stdout.index("config"):]
-    assert "fp32_baseline" in table and "amp_bf16" in table and "±" in table and "micro_f1" in table
-    # identical batch order across configs: same seed -> same first-step loss in fp32 vs bf16 up to rounding
-    first = {(r["config"], r["seed"]): json.loads((out / "logs" / f"{r['run_id']}.jsonl").read_text().splitlines()[0])
+    code = run_main([*SMALL, "--config", "fp32_baseline", "--seeds", "2", "--data_dir", str(small_cache_dir),
+                     "--output_dir", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-3000:]
+    assert sorted((r["config"], r["seed"], r["status"]) for r in rows(out)) == [
+        ("fp32_baseline", 0, "completed"), ("fp32_baseline", 1, "completed")]
+    table = stdout[stdout.index("config"):]
+    assert "fp32_baseline" in table and "±" in table and "micro_f1" in table
+    first = {r["seed"]: json.loads((out / "logs" / f"{r['run_id']}.jsonl").read_text().splitlines()[0])
              for r in rows(out)}
-    assert first[("fp32_baseline", 0)]["loss"] == pytest.approx(first[("amp_bf16", 0)]["loss"], rel=0.02)
-    assert first[("fp32_baseline", 0)]["loss"] != first[("fp32_baseline", 1)]["loss"]
+    assert first[0]["loss"] != first[1]["loss"]
+
+
+def test_configs_of_one_seed_train_on_identical_batches(run_main, small_cache_dir, tmp_path):
+    """Same seed, other precision: the same batches, so the first step's loss agrees up to bf16 rounding."""
+    first = {}
+    for config in ("fp32_baseline", "amp_bf16"):
+        out = tmp_path / config
+        assert run_main([*SMALL, "--config", config, "--seed", "0", "--max_steps", "1", "--eval_steps", "1",
+                         "--data_dir", str(small_cache_dir), "--output_dir", str(out)]) == 0
+        (row,) = rows(out)
+        first[config] = json.loads((out / "logs" / f"{row['run_id']}.jsonl").read_text().splitlines()[0])
+    assert first["fp32_baseline"]["loss"] == pytest.approx(first["amp_bf16"]["loss"], rel=0.02)
+    assert first["fp32_baseline"]["loss"] != first["amp_bf16"]["loss"]  # two precisions really ran
 
 
 def test_fp32_evaluation_runs_an_upcast_copy_and_is_checked(run_main, small_cache_dir, tmp_path):

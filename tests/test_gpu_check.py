@@ -108,6 +108,7 @@ def test_dry_run_completes_every_part_from_an_archive_copy_on_a_bare_image(tmp_p
     assert "Failed to load" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_trains_skips_and_reports(tmp_path):
     """A subset of the parts (the full dry run starts a dozen processes: minutes on 2 busy cores)."""
     out = tmp_path / "check"

@@ -219,6 +219,7 @@ def test_tiny_preset_prepares_its_data_offline_and_writes_a_complete_row(tmp_pat
     assert evals[-1]["loss"] < evals[0]["loss"] < train[0]["loss"]  # it learns
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_config_on_identical_batches_and_prints_the_table(synthetic_cache, tmp_path):
     out = tmp_path / "sweep"
     proc = run([*SMALL, "--config", "fp32_baseline,amp_bf16_fp32_head,fp32_tf32_matmul", "--seeds", "1",
