@@ -52,6 +52,7 @@ def test_flags_override_the_preset_which_overrides_the_defaults():
     (CLASSIFICATION, ["--batch_size", "0"], "--batch_size"),
     (CLASSIFICATION, ["--tiny_hidden", "100"], "--tiny_hidden"),
     (LM, ["--n_embd", "130"], "--n_embd"),
+    (LM, ["--n_embd", "100", "--n_head", "3"], "multiple of --n_head"),
     (LM, ["--warmup_ratio", "1.5"], "--warmup_ratio"),
 ])
 def test_invalid_values_fail_naming_the_flag(module, argv, flag):

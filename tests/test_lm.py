@@ -297,8 +297,9 @@ def test_two_gloo_ranks_match_one_process(synthetic_cache, tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--config", "amp_bf17"], "valid: all, core, fp32_baseline"),
-    (["--config", "amp_bf16", "--n_embd", "100", "--n_head", "3"], "multiple of --n_head"),
-    (["--config", "amp_bf16", "--seeds", "0"], "--seeds must be 1..1000"),
+    pytest.param(["--config", "amp_bf16", "--n_embd", "100", "--n_head", "3"], "multiple of --n_head",
+                 marks=pytest.mark.slow),
+    pytest.param(["--config", "amp_bf16", "--seeds", "0"], "--seeds must be 1..1000", marks=pytest.mark.slow),
 ])
 def test_bad_arguments_fail_with_one_line_and_write_nothing(args, needle, tmp_path):
     proc = run([*args, "--output_dir", str(tmp_path / "out")])
