@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_cpu_slowdown", type=lambda s: None if s.lower() == "none" else float(s),
                         help="as run.py's flag (default: none, run all)")
     args = parser.parse_args(argv)
-    threads, note = pick_threads(None)
-    print(f"{cpu_name()}: {os.cpu_count()} cores; torch threads: {threads}" + (f"\n{note}" if note else ""))
+    threads, busy_warning = pick_threads(None)
+    print(f"{cpu_name()}: {os.cpu_count()} cores; torch threads: {threads}")
+    if busy_warning:
+        print(busy_warning)
     torch.set_num_threads(threads)
     for dtype in LOW_PRECISION:
         print(f"{str(dtype).removeprefix('torch.')} matmul time / float32's: {matmul_slowdown(dtype):.2f}")

@@ -179,13 +179,13 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
         if world.distributed and len(runs) > 1:
             raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
                             "`run.py --config all --seeds 3 --list_runs | xargs -L1 torchrun ... run.py <flags>`")
-        threads, note = cpu.pick_threads(cfg.threads) if device.type == "cpu" else (cfg.threads, None)
+        threads, busy_warning = cpu.pick_threads(cfg.threads) if device.type == "cpu" else (cfg.threads, None)
         if threads:
             torch.set_num_threads(threads)
         with distributed.main_process_first(world):  # rank 0 prepares a missing cache alone
             data = load_data(cfg)
-        if note and world.is_main:  # after the data: a command without prepared data ends on its one error line
-            print(note)
+        if busy_warning and world.is_main:  # after the data: a command without prepared data ends on its one error line
+            print(busy_warning)
         setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
 
         def skip_reason(config: str) -> str | None:  # decided here as each run would (a launcher's node may differ)

@@ -1,4 +1,5 @@
-"""The real experiments/classification/run.py, end to end on the tiny preset (CPU, seconds per run)."""
+"""The real experiments/classification/run.py on the tiny preset (CPU, seconds per run): a few cases as a user runs
+the script, the rest through its main(argv) in this process."""
 from __future__ import annotations
 
 import json
