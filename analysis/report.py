@@ -58,7 +58,7 @@ def _distinct(exp: Experiment, section: str, key: str) -> str:
 
 
 METRIC_DEFINITIONS = {
-    "macro_f1": "macro-F1 (all labels): the seed's macro-F1, the mean per-label F1 over every label of the label "
+    "macro_f1": "macro-F1 (all labels): the plan's macro-F1, the mean per-label F1 over every label of the label "
                 "space, a label never gold and never predicted scoring 0 (scikit-learn `f1_score(average=\"macro\", "
                 "zero_division=0)`)",
     "macro_f1_present_labels": "macro-F1 (labels with gold): the same mean over only the labels with at least one "
@@ -85,10 +85,10 @@ def setup_section(exp: Experiment) -> str:
     departures = recipe_departures(exp)
     parts = []
     if departures:
-        parts += ["Departures from the reference recipe (classification: the seed's; LM: PLAN.md's GPT-2 small), "
+        parts += ["Departures from the reference recipe (classification: the plan's; LM: PLAN.md's GPT-2 small), "
                   "from the preset or flags:", "", md_table(["field", "these runs", "recipe"], departures), ""]
     elif recorded:
-        parts += ["These runs use the reference recipe unchanged (classification: the seed's; LM: PLAN.md's).", ""]
+        parts += ["These runs use the reference recipe unchanged (classification: the plan's; LM: PLAN.md's).", ""]
     else:
         parts += ["The rows do not record departures from the reference recipe (written before it was recorded).", ""]
     defined = [text for key, text in METRIC_DEFINITIONS.items() if any(key in r for r in exp.rows)]

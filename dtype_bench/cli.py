@@ -8,7 +8,7 @@
     dtype-bench bench [trainer|loader] --preset tiny
 
 The experiment defaults to classification. Every subcommand but `configs` calls the `main(argv)` of the script
-the seed's commands run (experiments/<experiment>/run.py, analysis/analyze_experiment.py, ...; installed as
+the plan's commands run (experiments/<experiment>/run.py, analysis/analyze_experiment.py, ...; installed as
 the packages experiments, analysis and benchmarks) with the flags as
 given, so `dtype-bench run --config amp_bf16 --seed 0` and `python experiments/classification/run.py --config
 amp_bf16 --seed 0` are the same code and write the same rows. `dtype-bench <subcommand> --help` lists the flags.
@@ -20,7 +20,7 @@ import dataclasses
 import importlib
 import sys
 
-# subcommand -> (target -> module of the script the seed's commands run); the first target is the default
+# subcommand -> (target -> module of the script the plan's commands run); the first target is the default
 SCRIPTS: dict[str, dict[str, str]] = {
     "prepare": {"classification": "experiments.classification.prepare_data",
                 "lm": "experiments.lm.prepare_data"},

@@ -50,7 +50,7 @@ class PrecisionConfig:
     head_compute_fp32: bool = False
     """Run the output layer outside autocast in fp32 (inputs upcast): fp32 logits and fp32 head gradients."""
     loss_dtype: torch.dtype = torch.float32
-    """dtype the loss is computed in (logits and targets are cast to it first). fp32 everywhere: the seed's
+    """dtype the loss is computed in (logits and targets are cast to it first). fp32 everywhere: the plan's
     numerical-stability rule (a softmax over 50k logits or a mean of 4,271 BCE terms loses digits in 16 bits)."""
     weight_update_rounding: WeightUpdateRounding = "nearest"
     """How the new weight is written into a low-precision (fp16/bf16) weight: 'nearest' (round to nearest

@@ -27,8 +27,8 @@ STATUSES = ("completed", "diverged", "skipped", "failed")
 STEP_LOG_TIMING = ("samples_per_second",)
 """Wall-clock fields of step-log lines: the only ones that differ between two runs of the same command."""
 SETUP_FILE = "setup.json"  # also what makes an output dir ours (io.claim_folder)
-SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
-                "precision_at_1", "precision_at_3", "precision_at_5")
+REPORTED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
+                    "precision_at_1", "precision_at_3", "precision_at_5")
 
 
 class SetupMismatch(RuntimeError):

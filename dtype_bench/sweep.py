@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 
 from dtype_bench.distributed import World, broadcast_from_main
 from dtype_bench.io import lock
-from dtype_bench.results import SEED_METRICS, append_result, latest_per_run, mean_std, read_results, run_id
+from dtype_bench.results import REPORTED_METRICS, append_result, latest_per_run, mean_std, read_results, run_id
 
 MAX_SEEDS = 1000  # seeds of one sweep: far above any paired comparison's need, far below a grid that fills memory
 EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the run's lock; nothing was done
@@ -182,7 +182,7 @@ def _run_child(command: list[str]) -> tuple[int, int | None]:
 
 def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_dir: str | Path,
               setup_fingerprint: str, experiment: str, *, skip_reason: Callable[[str], str | None],
-              retry_failed: bool = False, fresh: bool = False, metrics: tuple[str, ...] = SEED_METRICS) -> int:
+              retry_failed: bool = False, fresh: bool = False, metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
     """Run each spec that `needs_run` as `python script <passthrough> --config C --seed S` (`skip_reason`: why a
     config would be skipped here now); print the table; return the exit code (1 if any run of the grid failed
     or was killed, 128 + signal if the sweep itself was interrupted)."""
@@ -287,7 +287,7 @@ def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str,
 def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunSpec], passthrough: list[str],
                  output_dir: str | Path, setup_fingerprint: str, experiment: str, *,
                  skip_reason: Callable[[str], str | None], retry_failed: bool = False, fresh: bool = False,
-                 metrics: tuple[str, ...] = SEED_METRICS) -> int:
+                 metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
     """The runs that `needs_run` as jobs of another launcher (dtype_bench.launchers), each running
     `python script <passthrough> --config C --seed S` as the local launcher's children do."""
     from dtype_bench import launchers

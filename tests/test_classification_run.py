@@ -20,7 +20,7 @@ RUN = tiny_run.RUN
 SMALL = ["--preset", "tiny", "--tiny_layers", "1", "--tiny_hidden", "64", "--max_length", "64",
          "--batch_size", "4", "--gradient_accumulation_steps", "2", "--max_steps", "4", "--eval_steps", "2",
          "--log_every", "1", "--max_eval_docs", "32", "--timing_warmup_steps", "1", *tiny_run.PINNED]
-SEED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
+REPORTED_METRICS = ("samples_per_second", "peak_memory_gb", "micro_f1", "macro_f1",
                 "precision_at_1", "precision_at_3", "precision_at_5")
 
 
@@ -49,7 +49,7 @@ def test_single_run_writes_a_complete_row_and_step_log(small_cache_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = rows(out)
     assert row["status"] == "completed" and row["config"] == "amp_bf16" and row["seed"] == 0
-    for key in SEED_METRICS:
+    for key in REPORTED_METRICS:
         assert isinstance(row[key], float) and math.isfinite(row[key]), key
     assert 0 <= row["micro_f1"] <= 1 and row["steps"] == 4 and row["micro_batches"] == 8
     assert row["dtypes"]["logits"] == "bfloat16" and row["dtypes"]["body_params"] == ["float32"]
@@ -123,7 +123,7 @@ def test_a_bad_argument_through_the_script_is_one_line_exit_2_and_writes_nothing
 
 
 def test_the_seed_command_without_prepared_data_says_what_to_run(tmp_path):
-    """The seed's command verbatim, as a user runs it from a folder without data (the other seed commands are
+    """The plan's command verbatim, as a user runs it from a folder without data (the other seed commands are
     checked in-process below)."""
     proc = run(["--config", "amp_bf16", "--seed", "0"], cwd=tmp_path)
     assert proc.returncode == 2
@@ -181,8 +181,8 @@ def test_output_dir_of_another_setup_is_refused(run_main, small_cache_dir, tmp_p
 ])
 def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
         case, flags, needle, run_main, small_cache_dir, tmp_path, monkeypatch, capsys):
-    """Issue 16 §1/§4: each used to write a `failed` row and setup.json (or a traceback), after which the
-    folder refused the corrected command."""
+    """Each is one line and exit 2 with nothing written (no `failed` row, no setup.json), so the corrected
+    command can use the same folder."""
     out, cache = tmp_path / "out", small_cache_dir
     if case == "user_folder":
         out.mkdir()
@@ -215,8 +215,8 @@ def test_bad_values_folders_and_caches_fail_with_one_line_and_write_nothing(
 
 
 def test_corrupt_checkpoint_is_refused_in_one_line_with_the_remedy(run_main, small_cache_dir, tmp_path, capsys):
-    """Issue 16 §4: it used to end in a traceback. One line saying what to do; the `failed` row records why
-    (a sweep goes on, and `--retry_failed --fresh` starts the run over)."""
+    """One line saying what to do, no traceback; the `failed` row records why (a sweep goes on, and
+    `--retry_failed --fresh` starts the run over)."""
     import torch
 
     import tiny_run

@@ -1,4 +1,4 @@
-"""`dtype-bench`: the registry table, --help everywhere, and `run` = the seed's command."""
+"""`dtype-bench`: the registry table, --help everywhere, and `run` = the plan's command."""
 from __future__ import annotations
 
 import argparse

@@ -70,7 +70,7 @@ def test_demo_corpus_has_its_labels_and_one_token_per_concept_word(tmp_path):
 
 def test_fine_tuning_run_starts_from_a_pretraining_runs_checkpoint(tmp_path, capsys):
     """The two phases of `make demo` through run.main at toy size: phase 2's row names the checkpoint's SHA-256 and
-    lists init_weights as a departure from the seed's recipe (a fresh head on roberta-base)."""
+    lists init_weights as a departure from the reference recipe (a fresh head on roberta-base)."""
     from dtype_bench.io import sha256_file
 
     cache = prepare_data.prepare("synthetic", tmp_path / "cache", tokenizer="bpe:300", max_length=32,

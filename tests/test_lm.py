@@ -317,7 +317,7 @@ def test_seed_command_without_prepared_data_says_what_to_run(tmp_path):
 
 
 def test_prepare_never_replaces_a_folder_that_is_not_ours(tmp_path):
-    """Issue 16 §1, the LM cache: a user's folder, or the source folder itself, is refused before any work."""
+    """The LM cache: a user's folder, or the source folder itself, is refused before any work."""
     from dtype_bench.io import FolderRefused
 
     texts = tmp_path / "texts"

@@ -101,7 +101,7 @@ def test_f1_matches_sklearn(seed):
     with_gold = np.flatnonzero(gold.sum(axis=0) > 0)
     assert len(with_gold) < gold.shape[1]  # the macro variants really differ here
     assert m["micro_f1"] == pytest.approx(f1_score(gold, pred, average="micro", zero_division=0), abs=1e-12)
-    # the seed's macro-F1 ("average across all labels") is scikit-learn's default macro average over every column
+    # the plan's macro-F1 ("average across all labels") is scikit-learn's default macro average over every column
     assert m["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
     assert m["macro_f1_present_labels"] == pytest.approx(
         f1_score(gold, pred, average="macro", labels=with_gold, zero_division=0), abs=1e-12)

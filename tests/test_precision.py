@@ -280,7 +280,7 @@ def test_check_dtypes_reads_the_tf32_flags_torch_has_set():
 
 def test_loss_dtype_comes_from_the_config_and_is_checked():
     pc = precision.REGISTRY["amp_bf16"]
-    assert all(c.loss_dtype == torch.float32 for c in precision.REGISTRY.values())  # the seed's rule, kept
+    assert all(c.loss_dtype == torch.float32 for c in precision.REGISTRY.values())  # the plan's rule, kept
     model, optimizer, _, logits, loss, _ = one_step(pc)
     assert precision.check_dtypes(pc, model.encoder, model.head, logits, optimizer, loss=loss)["loss"] == "float32"
     bf16_loss = dataclasses.replace(pc, loss_dtype=torch.bfloat16)
@@ -293,7 +293,7 @@ def test_loss_dtype_comes_from_the_config_and_is_checked():
 
 @pytest.mark.parametrize("name", ["amp_bf16", "bf16_naive", "bf16_body_fp32_head", "fp16_naive"])
 def test_fp32_evaluation_matches_an_fp32_copy_and_leaves_the_trained_weights_alone(name):
-    """--eval_precision fp32 against its reference, the former path (a deep copy cast with .float(), no
+    """--eval_precision fp32 against an independent reference (a deep copy cast with .float(), no
     autocast); the trained model keeps its dtypes, and the evaluation passes check_dtypes as fp32."""
     pc = precision.REGISTRY[name]
     model = tiny_classifier(pc)

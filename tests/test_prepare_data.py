@@ -436,7 +436,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 
 @pytest.mark.parametrize("occupant", ["user_folder", "file", "source_itself", "current_folder", "under_a_file"])
 def test_prepare_refuses_an_output_dir_that_is_not_ours_before_any_work(tmp_path, monkeypatch, capsys, occupant):
-    """Issue 16 §1: `prepare` used to swap whatever was at --output_dir away and delete it."""
+    """`prepare` refuses an --output_dir that is not an absent, empty or own cache folder, and leaves it as it was."""
     source = small_archive(tmp_path / "src")
     if occupant == "user_folder":
         out = tmp_path / "precious"
@@ -487,7 +487,7 @@ def test_garbled_meta_json_is_refused_in_one_line(tmp_path):
 
 
 def test_damaged_cache_is_refused_by_readers_and_rebuilt_by_prepare(tmp_path, capsys):
-    """Issue 16 §2: an emptied train.input_ids.npy used to be reused and fail later with EOFError."""
+    """A damaged cache file (emptied, or one byte changed) is refused by the reader and rebuilt by prepare."""
     source = small_archive(tmp_path / "src")
     out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
     good = (out / "train.input_ids.npy").read_bytes()
@@ -535,9 +535,8 @@ def zip_with_one_long_line(folder: Path, zip_path: Path, line_bytes: int) -> Pat
      r"train\.jsonl:1: a line longer than 1,048,576 bytes \(--max_line_bytes"),
 ])
 def test_zip_member_past_a_limit_is_one_line_with_bounded_memory(tmp_path, capsys, flags, needle):
-    """Issue 16 §2: a 1 GiB line in a 1.3 MB zip used to be read whole (2.36 GB peak). Here a 48 MiB line
-    (a 50 kB zip): each limit stops it with one line naming the member and the flag, and the memory Python
-    allocated stays a few MiB whatever the member's size."""
+    """A 48 MiB line in a 50 kB zip: each limit stops it with one line naming the member and the flag, and the
+    memory Python allocates stays a few MiB whatever the member's size."""
     import tracemalloc
 
     archive = zip_with_one_long_line(small_archive(tmp_path / "src"), tmp_path / "dataset.zip", 48 << 20)
@@ -622,8 +621,8 @@ def test_documents_shared_by_train_and_evaluation_splits_are_warned_about_and_re
 
 
 def test_a_run_keeps_the_splits_it_opened_when_the_cache_is_rebuilt(tmp_path):
-    """Issue 16 §5: a cache rebuilt with --force while a run used it changed the test split under that run,
-    whose row kept the old fingerprint. The run opens every split up front and checks the fingerprint after."""
+    """A cache rebuilt with --force while a run opens it: the run opens every split up front and checks the
+    fingerprint after, so it never reports on data its row does not name."""
     source = small_archive(tmp_path / "src")
     out = prepare(str(source), tmp_path / "cache", tokenizer=SMALL_BPE, max_length=64)
     meta = data.read_meta(out)

@@ -104,7 +104,7 @@ def test_the_first_screen_says_which_config_to_use_with_its_evidence(analysis):
 
 
 def test_the_report_states_each_hypothesis_in_plan_words_with_its_verdict_and_tests(analysis):
-    """Issue 12: the per-experiment report carries H1-H4 as PLAN.md states them, each with a verdict and its
+    """The per-experiment report carries H1-H4 as PLAN.md states them, each with a verdict and its
     claims' tests; the other experiment's claims are named, not evaluated on no data."""
     report = (analysis.output_dir / "report.md").read_text()
     section = report[report.index("## Hypotheses"):report.index("\n## ", report.index("## Hypotheses") + 1)]

@@ -167,8 +167,8 @@ def _claim_after(barrier, output_dir: str, fingerprint: str, outcomes) -> None:
 
 
 def test_setups_started_at_the_same_moment_cannot_both_claim_a_folder(tmp_path):
-    """Issue 16 §4: claim_output_dir checked setup.json and wrote it without a lock, so two setups started
-    together could both pass the check. Eight processes released at once: exactly one setup owns it."""
+    """claim_output_dir checks and writes setup.json under one lock: of eight setups released at once, exactly
+    one owns the folder."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
@@ -198,7 +198,7 @@ def test_non_utf8_results_line_is_reported_like_a_torn_one(tmp_path, capsys):
 
 
 def test_a_failed_row_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
-    """A full disk (ENOSPC) in the middle of the append used to leave a torn line mid-file."""
+    """A failed fsync (ENOSPC) after the bytes were written: the append is undone, the file as it was."""
     import errno
 
     row = {"experiment": "e", "run_id": "r1", "config": "fp32_baseline", "seed": 0, "status": "completed"}

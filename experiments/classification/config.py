@@ -1,6 +1,6 @@
 """Training configuration of the classification experiment: one typed dataclass, its presets.
 
-`full` is the seed's experiment (roberta-base on EURLEX57K); `tiny` is an offline default (a small RoBERTa
+`full` is the plan's experiment (roberta-base on EURLEX57K); `tiny` is an offline default (a small RoBERTa
 built from a config, a synthetic EUR-Lex-like corpus and a locally trained byte-level BPE) sized to learn within
 minutes on a laptop CPU. `demo_pretrain` and `demo` are `make demo`'s two phases on a smaller synthetic corpus
 (200 labels): one fp32 training of a 1-layer RoBERTa from scratch at a from-scratch learning rate, then every
@@ -23,7 +23,7 @@ from dtype_bench.configs import TrainingFields
 @dataclass(frozen=True)
 class TrainConfig(TrainingFields):
     preset: Literal["tiny", "demo_pretrain", "demo", "full", "synthetic_full", "synthetic_full_eurlex_lengths"] = "full"
-    """Which defaults to start from: the seed's full experiment, the offline tiny one, the demo's two phases, or
+    """Which defaults to start from: the plan's full experiment, the offline tiny one, the demo's two phases, or
     the full shape on synthetic token ids (see the module docstring)."""
     model_name: str = "roberta-base"
     """Hub id or local directory of the encoder; 'tiny' builds a RoBERTa from a config (random weights) of
@@ -63,7 +63,7 @@ class TrainConfig(TrainingFields):
     """Fraction of max_steps of linear warm-up, followed by linear decay to 0."""
     head_bias_prior: bool = False
     """Initialise the head bias to the log-odds of the training label frequency (see model.py) instead of
-    nn.Linear's default initialisation; off in the seed's recipe, on in the tiny preset (which needs it to learn)."""
+    nn.Linear's default initialisation; off in the reference recipe, on in the tiny preset (which needs it to learn)."""
     dropout: float = 0.1
     """Dropout before the classification head (the encoder keeps its own config's dropout)."""
     eval_batch_size: int = 32
@@ -88,8 +88,8 @@ class TrainConfig(TrainingFields):
         adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, head_bias_prior=False, length_grouped_batches=False,
         max_eval_docs=None, eval_precision="config", init_weights=None,
     )
-    """The seed's recipe: RoBERTa-base + dropout + a fresh linear head with nn.Linear's default initialisation, the
-    seed's training values, PyTorch's AdamW betas/eps, evaluation on every document under the config's precision.
+    """The reference recipe: RoBERTa-base + dropout + a fresh linear head with nn.Linear's default initialisation, the
+    plan's training values, PyTorch's AdamW betas/eps, evaluation on every document under the config's precision.
     The full preset is exactly this; any other value is a departure (`TrainingFields.recipe_departures`)."""
 
     def __post_init__(self) -> None:

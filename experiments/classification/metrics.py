@@ -18,7 +18,7 @@ Rules (each one is tested in tests/test_metrics.py)
                    produced them gets no score; `nonfinite_scores` = number of NaN/+inf/-inf entries in `scores`.
     micro_f1       2TP / (2TP + FP + FN) pooled over all (doc, label) pairs; FN includes every unseen gold label;
                    0.0 when the denominator is 0 (no gold and no predictions at all).
-    macro_f1       the seed's "average across all labels": mean of per-label F1 = 2TP_l / (2TP_l + FP_l + FN_l) over
+    macro_f1       the plan's "average across all labels": mean of per-label F1 = 2TP_l / (2TP_l + FP_l + FN_l) over
                    ALL L labels of the label space, a label with 0/0 (no gold and no prediction) scoring 0: exactly
                    scikit-learn's f1_score(average="macro", zero_division=0). Labels never predicted and never gold
                    in the evaluated set drag it down, so it depends on how many labels the evaluated set covers.

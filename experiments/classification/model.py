@@ -99,7 +99,7 @@ class MultiLabelClassifier(nn.Module):
     dtype, and it runs inside `head_autocast()` (`precision.head_autocast`: autocast off for the configs that
     compute the head in fp32, so logits and head grads are fp32).
 
-    Without `label_prior` the head is a plain nn.Linear with its default initialisation (the seed's recipe).
+    Without `label_prior` the head is a plain nn.Linear with its default initialisation (the reference recipe).
     `label_prior` (the average fraction of labels that are positive, ~5/4,271) sets the head bias to its
     log-odds, so every sigmoid starts at the base rate instead of 0.5. With a zero bias, AdamW moves each of the
     thousands of biases by about lr per step; the network instead collapses its representation to push all

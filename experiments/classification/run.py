@@ -170,7 +170,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
 
 def main(argv: list[str] | None = None) -> int:
     return runner.main(__file__, EXPERIMENT, TrainConfig, PRESETS, load_data=load_cache, train=train_one,
-                       metrics=results.SEED_METRICS, description=__doc__, argv=argv)
+                       metrics=results.REPORTED_METRICS, description=__doc__, argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())
