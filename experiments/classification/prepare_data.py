@@ -48,9 +48,8 @@ from experiments.classification.sources import (
 )
 from dtype_bench import synthetic
 from dtype_bench.configs import field_docs
-from dtype_bench.io import (
-    CACHE_MARKER, FolderRefused, atomic_write_json, atomic_write_text, building_cache, claim_folder, fingerprint,
-)
+from dtype_bench.cache import CACHE_MARKER, building_cache
+from dtype_bench.io import FolderRefused, atomic_write_json, atomic_write_text, claim_folder, fingerprint
 from dtype_bench.tokenization import (
     TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, tokenizer_fingerprint, train_bpe_tokenizer,
 )

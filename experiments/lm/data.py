@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from dtype_bench.io import CacheError, check_cache_files, check_cache_unchanged, read_cache_meta
+from dtype_bench.cache import CacheError, check_cache_files, check_cache_unchanged, read_cache_meta
 
 # Part of the cache fingerprint: bump it with any change of the files or of the rules that fill them
 # (prepare_data.py), so that no cache built by the old rules is reused.

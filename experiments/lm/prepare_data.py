@@ -43,9 +43,8 @@ from transformers import PreTrainedTokenizerFast
 
 from experiments.lm.data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, bin_path
 from dtype_bench import synthetic
-from dtype_bench.io import (
-    CACHE_MARKER, FolderRefused, atomic_write_json, building_cache, claim_folder, fingerprint, sha256_file,
-)
+from dtype_bench.cache import CACHE_MARKER, building_cache
+from dtype_bench.io import FolderRefused, atomic_write_json, claim_folder, fingerprint, sha256_file
 from dtype_bench.tokenization import (
     SPECIAL_TOKENS, TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, parse_words_spec,
     tokenizer_fingerprint,
