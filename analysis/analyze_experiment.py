@@ -313,7 +313,8 @@ def _analyze_into(output_dir: Path, results_dir: str | Path, quality_margin: flo
 
 
 FIGURE_TEXT = {
-    "loss_curves": ("Loss curves", "Training loss per optimizer step (mean over seeds; band = min..max over seeds) "
+    "loss_curves": ("Loss curves", "Training loss per optimizer step (mean over seeds; with more than 50 steps a centred moving average "
+                    "over ~4% of them, else the raw mean with a min..max band over seeds) "
                     "and validation loss at each evaluation. Dotted verticals: divergence."),
     "relative_to_fp32": ("Throughput and memory relative to fp32", "Bars: the config's mean / fp32_baseline's mean; "
                          "dots: single seeds. Hatched: 8-bit optimizer states."),
@@ -470,7 +471,8 @@ def render_report(analysis: Analysis) -> str:
     if device_note(exp):
         lines += [device_note(exp), ""]
     if exp.problems:
-        lines += [f"**{len(exp.problems)} malformed results line(s)** were left out: see What is missing.", ""]
+        lines += [f"**{len(exp.problems)} note(s) on the results** (malformed lines left out, runs recorded more than "
+                  "once): see What is missing or malformed.", ""]
     lines += which_config(analysis)
     lines += _plot_sections(analysis, FIRST_PLOTS)
     lines += ["## Summary", "",

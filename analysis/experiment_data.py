@@ -233,7 +233,7 @@ def add_activation_flush_vs_baseline(exp: Experiment) -> None:
 
 # ---------------------------------------------------------------- plot styles: one colour family per precision
 
-_FAMILY_COLOURMAPS = {"fp32": "Greys", "fp16": "Reds", "bf16": "Blues"}
+_FAMILY_MARKERS = {"fp32": "o", "fp16": "^", "bf16": "s"}
 
 
 @dataclass(frozen=True)
@@ -260,21 +260,21 @@ def family_of(record: dict) -> str:
 
 
 def styles(precisions: dict[str, dict]) -> dict[str, Style]:
-    """config -> Style, from each config's precision record (`family_of`, `optimizer`), never from its name:
-    colour by family (shades within a family in the given order), dashed/hatched if 8-bit optimizer states."""
+    """config -> Style, from each config's precision record (`family_of`, `optimizer`), never from its name: a
+    colour of its own for every config (fp32_baseline black, the others from a qualitative palette in the given
+    order), the marker by family (fp32 circle, fp16 triangle, bf16 square), dashed/hatched if 8-bit optimizer
+    states."""
     import matplotlib
 
-    by_family: dict[str, list[str]] = {}
-    for config, record in precisions.items():
-        by_family.setdefault(family_of(record), []).append(config)
-    markers = "osD^v<>pPX*h"
+    others = [c for c in precisions if c != BASELINE]
+    palette = matplotlib.colormaps["tab10" if len(others) <= 10 else "tab20"]
+    grey = {7} if len(others) <= 10 else {14, 15}  # the palette's greys: too close to the baseline's black
+    colours = [palette(i) for i in range(palette.N) if i not in grey]
     out = {}
-    for family, configs in by_family.items():
-        cmap = matplotlib.colormaps[_FAMILY_COLOURMAPS.get(family, "Greens")]
-        for i, config in enumerate(configs):
-            # shades from 0.45 to 0.95 of the map: light enough to differ, dark enough to read on white
-            shade = 0.7 if len(configs) == 1 else 0.45 + 0.5 * i / (len(configs) - 1)
-            eight_bit = precisions[config].get("optimizer") == "adamw_8bit"
-            out[config] = Style(family, cmap(shade), "--" if eight_bit else "-", "//" if eight_bit else "",
-                                markers[i % len(markers)], eight_bit)
+    for config, record in precisions.items():
+        family = family_of(record)
+        colour = (0.0, 0.0, 0.0, 1.0) if config == BASELINE else colours[others.index(config) % len(colours)]
+        eight_bit = record.get("optimizer") == "adamw_8bit"
+        out[config] = Style(family, colour, "--" if eight_bit else "-", "//" if eight_bit else "",
+                            _FAMILY_MARKERS.get(family, "D"), eight_bit)
     return out

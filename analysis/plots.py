@@ -10,6 +10,7 @@ so in the report).
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +28,8 @@ from analysis.stats import ConfigSummary  # noqa: E402
 
 DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each holds {group: value}
     ("update_fidelity", "update fidelity (applied / intended, fp32 shadow)"),
-    ("lost_update_frac", "weight updates lost (element unchanged)"),
+    ("lost_update_frac", "weight elements the update left unchanged (round to nearest: the update is lost; "
+                         "stochastic rounding: unchanged by design, unbiased on average, see update fidelity)"),
     ("moment_update_lost_frac/exp_avg_sq", "second-moment updates lost (fp32 would change it)"),
     ("moment_update_lost_frac/exp_avg", "first-moment updates lost"),
     ("grad_subnormal_frac", "parameter gradients subnormal in their dtype (structural zeros excluded)"),
@@ -37,7 +39,7 @@ DIAGNOSTICS = (  # step-log field (a/b: field a's entry b) -> panel title; each 
     (ACT_GRAD_FLUSHED, "activation gradients flushed to zero, whole rows included (vs fp32's structural rows)"),
 )
 GROUP_MARKERS = "os^v<>"
-LEGEND_FONTSIZE = 7
+LEGEND_FONTSIZE = 9
 
 
 def _lookup(record: dict, key: str):
@@ -139,8 +141,11 @@ def loss_curves(exp: Experiment, styles: dict[str, Style], path: Path) -> Path |
         steps, mean, lo, hi = series(exp, config, "loss")
         if len(steps):
             drawn = True
-            _line(train_ax, steps, mean, style, config, linewidth=1.2, marker=".", markersize=3)
-            train_ax.fill_between(steps, lo, hi, color=style.colour, alpha=0.15, linewidth=0)
+            width = max(1, len(steps) // 25)  # a centred moving average: a config's trend, not its step noise
+            smooth = np.convolve(mean, np.ones(width) / width, mode="valid")
+            _line(train_ax, steps[(width - 1) // 2:][:len(smooth)], smooth, style, config, linewidth=1.5)
+            if width == 1:
+                train_ax.fill_between(steps, lo, hi, color=style.colour, alpha=0.15, linewidth=0)
         key = "loss" if any("loss" in r for row in exp.runs(config) for r in exp.eval_records(row.get("run_id"))) \
             else "val_loss"
         steps, mean, _, _ = series(exp, config, key, evaluation=True)
@@ -155,7 +160,7 @@ def loss_curves(exp: Experiment, styles: dict[str, Style], path: Path) -> Path |
     if not drawn:
         plt.close(fig)
         return None
-    train_ax.set(title="training loss (mean over seeds, band = min..max)", xlabel="optimizer step", ylabel="loss")
+    train_ax.set(title="training loss (mean over seeds, moving average)", xlabel="optimizer step", ylabel="loss")
     val_ax.set(title="validation loss (mean over seeds)", xlabel="optimizer step", ylabel="loss")
     legend_below(fig, drawn_handles([train_ax, val_ax]))
     return _save(fig, path)
@@ -198,6 +203,11 @@ def pareto(summaries: list[ConfigSummary], styles: dict[str, Style], quality: Me
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False, layout="constrained")
     drawn: set[str] = set()  # configs with a point in some panel
     for ax, (x_metric, front) in zip(axes[0], panels):
+        # neighbours along x get labels at different heights, so close points' names do not overlap
+        by_x = sorted(summaries, key=lambda s: s.estimates[x_metric.key].mean
+                      if s.estimates[x_metric.key].mean is not None and math.isfinite(s.estimates[x_metric.key].mean)
+                      else math.inf)
+        label_rank = {s.config: i for i, s in enumerate(by_x)}
         for s in summaries:
             ex, ey = s.estimates[x_metric.key], s.estimates[quality.key]
             if ex.mean is None or ey.mean is None or not (math.isfinite(ex.mean) and math.isfinite(ey.mean)):
@@ -212,7 +222,8 @@ def pareto(summaries: list[ConfigSummary], styles: dict[str, Style], quality: Me
                                     markerfacecolor="none" if style.eight_bit else style.colour)
             for bar in container[2]:
                 bar.set_linestyle(style.linestyle)
-            ax.annotate(s.config, (ex.mean, ey.mean), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(s.config, (ex.mean, ey.mean), fontsize=7, xytext=(4, 4 + 9 * (label_rank[s.config] % 3)),
+                        textcoords="offset points")
         points = sorted((s.estimates[x_metric.key].mean, s.estimates[quality.key].mean)
                         for s in summaries if s.config in front)
         if len(points) > 1:
@@ -303,9 +314,12 @@ def diagnostics(exp: Experiment, styles: dict[str, Style], path: Path) -> Path |
                     drawn.add(config)
                     _line(ax, steps, mean, styles[config], config, marker=marker_of[key.removeprefix(name).lstrip("/")],
                           markersize=3)
-        ax.set(title=f"{titles[name]}\n(mean over seeds)", xlabel="optimizer step",
+        ax.set(title=textwrap.fill(titles[name], 62) + "\n(mean over seeds)", xlabel="optimizer step",
                ylabel="ratio" if name == "update_fidelity" else "fraction")
         ax.title.set_fontsize(9)
+        if all(not np.any(np.nan_to_num(line.get_ydata(), nan=1.0)) for line in ax.get_lines()):
+            ax.text(0.5, 0.7, "every config reads 0 at every step", ha="center", va="center", fontsize=10,
+                    transform=ax.transAxes, bbox=dict(facecolor="white", edgecolor="grey"))
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     group_handles = {f"group {g}": Line2D([], [], color="black", marker=marker_of[g], linestyle="none")

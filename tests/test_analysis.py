@@ -244,15 +244,17 @@ def test_missing_results_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "no results.jsonl" in err and not list(tmp_path.iterdir())
 
 
-def test_family_and_8bit_style_come_from_the_precision_record_not_the_name():
+def test_every_config_has_its_own_colour_and_family_and_8bit_style_come_from_the_precision_record():
     _, _, experiment_data = analysis_modules()
     style = experiment_data.styles({"x": {"weight_dtype": "float32", "autocast_dtype": "float16",
                                           "optimizer": "adamw_8bit"},
                                     "amp_bf16": {"weight_dtype": "float32", "autocast_dtype": None,
                                                  "optimizer": "adamw"}})
-    red, grey = style["x"].colour, style["amp_bf16"].colour
-    assert red[0] > red[2] + 0.2 and style["x"].linestyle == "--" and style["x"].hatch
-    assert abs(grey[0] - grey[2]) < 1e-6 and style["amp_bf16"].linestyle == "-"
+    assert style["x"].marker == "^" and style["x"].linestyle == "--" and style["x"].hatch  # fp16, 8-bit
+    assert style["amp_bf16"].marker == "o" and style["amp_bf16"].linestyle == "-"  # its record says fp32
+    every = experiment_data.styles({name: pc.to_record() for name, pc in precision.REGISTRY.items()})
+    colours = [tuple(round(c, 3) for c in s.colour) for s in every.values()]
+    assert len(set(colours)) == len(precision.REGISTRY) == 18
 
 
 def test_cross_task_comparison_of_lm_and_classification_results(results, tmp_path):
