@@ -88,8 +88,9 @@ class Progress:
             parts.append(f"ETA {duration(max(self.total - self.done, 0) / rate)}")
         if now - self._last_unit >= self.interval:
             doing = self.activity()
-            parts.append(f"{duration(now - self._last_unit)} into {self.unit} {self.done + 1}"
-                         + (f" ({doing})" if doing else ""))
+            after = (f"{duration(now - self._last_unit)} since the last {self.unit}" if self.total and
+                     self.done >= self.total else f"{duration(now - self._last_unit)} into {self.unit} {self.done + 1}")
+            parts.append(after + (f" ({doing})" if doing else ""))
         return f"{self.desc}: " + ", ".join(parts)
 
     def _print(self, text: str) -> None:

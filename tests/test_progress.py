@@ -48,6 +48,18 @@ def test_a_log_gets_a_start_line_then_a_line_per_interval_with_position_fields_r
     assert out.getvalue().splitlines()[-1] == "amp_bf16 seed 0: 11 steps in 1m55s"
 
 
+def test_after_the_last_step_the_line_names_no_step_beyond_the_total():
+    clock, out = FakeClock(), io.StringIO()
+    bar = progress.Progress("run", 2, stream=out, interval=20, clock=clock)
+    for _ in range(2):
+        clock.now += 1.0
+        bar.update()
+    clock.now += 60.0  # the final evaluation
+    bar._tick()
+    assert out.getvalue().splitlines()[-1].endswith("1m00s since the last step"), out.getvalue()
+    bar.close()
+
+
 def test_a_long_loop_logs_less_often():
     clock, out = FakeClock(), io.StringIO()
     bar = progress.Progress("run", None, stream=out, interval=15, clock=clock)
