@@ -50,7 +50,8 @@ class TrainingFields:
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     threads: Optional[int] = None
-    """CPU threads for torch (None = torch's default)."""
+    """CPU threads for torch; None = torch's default for this machine (its physical cores, or OMP_NUM_THREADS),
+    whatever the load (a busy machine gets a warning); a sweep passes its count to every run."""
     max_cpu_slowdown: Optional[float] = None
     """On a CPU, record as `skipped` a config whose compute dtype's matmuls measure more than this many times
     slower than fp32 here (emulated fp16/bf16; dtype_bench.cpu); None = run every config."""

@@ -37,7 +37,9 @@ class TrainConfig(TrainingFields):
     tiny_hidden: int = 256
     """Hidden size of the model built from a config (heads = hidden / 64, intermediate = 4 x hidden)."""
     data_dir: Optional[str] = None
-    """Prepared cache (prepare_data.py); default by preset: CACHE_DIRS."""
+    """Prepared cache (prepare_data.py); default by preset: data/classification/eurlex57k (full), .../tiny, .../demo
+    (demo and demo_pretrain), .../synthetic_ids_512 and .../synthetic_ids_eurlex_lengths, built offline on first use but
+    for full."""
     output_dir: str = "results/classification"
     """Where results.jsonl, logs/ and checkpoints/ go."""
     max_length: int = 512

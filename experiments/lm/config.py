@@ -31,7 +31,8 @@ class TrainConfig(TrainingFields):
     dropout: float = 0.0
     """Dropout on embeddings, attention and residuals (0 for pre-training, as nanoGPT)."""
     data_dir: Optional[str] = None
-    """Prepared cache (prepare_data.py); default by preset: CACHE_DIRS."""
+    """Prepared cache (prepare_data.py); default by preset: data/lm/openwebtext (full), data/lm/tiny, data/lm/synthetic_ids
+    (built offline on first use but for full)."""
     output_dir: str = "results/lm"
     """Where results.jsonl and logs/ go."""
     batch_size: int = 12
