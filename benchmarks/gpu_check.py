@@ -65,7 +65,7 @@ import psutil
 import torch
 
 from benchmarks import loader, vs_hf_trainer, wheels
-from dtype_bench import precision, results, runner, synthetic
+from dtype_bench import memory, precision, results, runner, synthetic
 from dtype_bench.io import atomic_write_json, atomic_write_text, read_jsonl
 from experiments.classification import config as cls_config
 from experiments.classification import data as cls_data
@@ -83,11 +83,6 @@ package is missing)."""
 assert set(IMPORT_NAMES) == set(wheels.WHEELS)
 PRESET = "synthetic_full"
 """Both experiments' run.py preset of the full shapes on synthetic token ids."""
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-BNB_MIN_8BIT_SIZE = 4096
-"""bitsandbytes keeps 32-bit states for tensors with fewer elements (its optimizers' `min_8bit_size` default)."""
-BNB_BLOCK = 256
-"""bitsandbytes' block-wise quantisation: one float32 absmax per 256 elements per state."""
 PARTS = ("packages", "data", "classification", "trainer", "lm", "loader", "length_grouping")
 DEFAULT_PARTS = PARTS[:-1]
 """length_grouping (two more cold compiles and a recompile per length) only when asked for with --parts."""
@@ -468,24 +463,6 @@ def parameter_shapes(check: Check) -> dict[str, list[tuple[int, ...]]]:
     return {"body": [tuple(p.shape) for p in encoder.parameters()], "head": [tuple(p.shape) for p in head.parameters()]}
 
 
-def predicted_static_bytes(pc: precision.PrecisionConfig, shapes: dict[str, list[tuple[int, ...]]]) -> dict:
-    """Weights, gradients and AdamW moments (and Kahan compensation buffers) in bytes as the config's fields say
-    they are allocated. Independent of the run: shapes x dtype sizes."""
-    record = pc.to_record()
-    dtype_of = {"body": record["weight_dtype"], "head": record["head_weight_dtype"] or record["weight_dtype"]}
-    tensors = [(math.prod(shape), DTYPE_BYTES[dtype_of[role]]) for role, group in shapes.items() for shape in group]
-    weights = sum(n * size for n, size in tensors)
-
-    def state_bytes(n: int, weight_size: int) -> int:  # exp_avg + exp_avg_sq (+ Kahan compensation) of one tensor
-        if pc.optimizer == "adamw_8bit":  # uint8 codes + a float32 absmax per block; small tensors stay 32-bit
-            return 2 * (n + 4 * math.ceil(n / BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 2 * n * 4
-        moments = n * (DTYPE_BYTES[record["exp_avg_dtype"]] + DTYPE_BYTES[record["exp_avg_sq_dtype"]])
-        return moments + (n * weight_size if pc.weight_update_rounding == "kahan" else 0)
-
-    states = sum(state_bytes(n, size) for n, size in tensors)
-    return {"weights": weights, "grads": weights, "optimizer_state": states, "parameters": sum(n for n, _ in tensors)}
-
-
 def static_memory_table(check: Check) -> None:
     """Predicted (config fields x shapes) vs measured (the bytes of the tensors the run allocated, from its row)
     static memory per config, in bytes per parameter, next to the measured training peak."""
@@ -498,7 +475,7 @@ def static_memory_table(check: Check) -> None:
     for record in check.report.get("classification", []):
         if record["config"] not in precision.REGISTRY:
             continue
-        predicted = predicted_static_bytes(precision.get(record["config"]), shapes)
+        predicted = memory.predicted_static_bytes(precision.get(record["config"]), shapes)
         measured = record.get("static_memory_bytes")
         row = {"config": record["config"], "status": record["status"],
                "train_peak_memory_gb": record.get("train_peak_memory_gb")}

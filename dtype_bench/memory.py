@@ -9,6 +9,7 @@ and `peak_memory_kind` says which.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import resource
 import sys
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from dtype_bench.adamw_state import BNB_BLOCK_SIZE
+from dtype_bench.precision import PrecisionConfig
 
 GIB = 2**30
 
@@ -138,3 +142,27 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def is_8bit(t: torch.Tensor) -> bool:
     """Whether a tensor (or a quantized subclass's inner tensors) stores 8-bit integer codes."""
     return any(x.dtype in (torch.uint8, torch.int8) for x in stored_tensors(t))
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+BNB_MIN_8BIT_SIZE = 4096
+"""bitsandbytes keeps 32-bit states for tensors with fewer elements (its optimizers' `min_8bit_size` default); its
+8-bit states carry one float32 absmax per BNB_BLOCK_SIZE elements."""
+
+
+def predicted_static_bytes(pc: PrecisionConfig, shapes: dict[str, list[tuple[int, ...]]]) -> dict:
+    """Weights, gradients and AdamW moments (and Kahan compensation buffers) in bytes as the config's fields say
+    they are allocated. Independent of the run: shapes x dtype sizes."""
+    record = pc.to_record()
+    dtype_of = {"body": record["weight_dtype"], "head": record["head_weight_dtype"] or record["weight_dtype"]}
+    tensors = [(math.prod(shape), _DTYPE_BYTES[dtype_of[role]]) for role, group in shapes.items() for shape in group]
+    weights = sum(n * size for n, size in tensors)
+
+    def state_bytes(n: int, weight_size: int) -> int:  # exp_avg + exp_avg_sq (+ Kahan compensation) of one tensor
+        if pc.optimizer == "adamw_8bit":  # uint8 codes + a float32 absmax per block; small tensors stay 32-bit
+            return 2 * (n + 4 * math.ceil(n / BNB_BLOCK_SIZE)) if n >= BNB_MIN_8BIT_SIZE else 2 * n * 4
+        moments = n * (_DTYPE_BYTES[record["exp_avg_dtype"]] + _DTYPE_BYTES[record["exp_avg_sq_dtype"]])
+        return moments + (n * weight_size if pc.weight_update_rounding == "kahan" else 0)
+
+    states = sum(state_bytes(n, size) for n, size in tensors)
+    return {"weights": weights, "grads": weights, "optimizer_state": states, "parameters": sum(n for n, _ in tensors)}

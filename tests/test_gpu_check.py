@@ -14,7 +14,7 @@ import tiny_run
 
 
 from benchmarks import gpu_check
-from dtype_bench import optimizers, precision, throughput
+from dtype_bench import memory, optimizers, precision, throughput
 from dtype_bench.memory import stored_tensors
 from transformers import RobertaConfig, RobertaModel
 
@@ -168,7 +168,7 @@ def test_predicted_static_memory_is_what_an_optimizer_step_allocates(name):
     loss.backward()
     optimizer.step()
     shapes = {"body": [tuple(p.shape) for p in body.parameters()], "head": [tuple(p.shape) for p in head.parameters()]}
-    predicted = gpu_check.predicted_static_bytes(pc, shapes)
+    predicted = memory.predicted_static_bytes(pc, shapes)
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
     measured = {"weights": _allocated_bytes(params), "grads": _allocated_bytes(p.grad for p in params),
                 "optimizer_state": _allocated_bytes(states)}
