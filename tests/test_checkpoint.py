@@ -283,17 +283,17 @@ def test_kill_between_the_two_renames_of_the_swap_keeps_last(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(expected, other.params()))
 
 @pytest.mark.slow
-def test_a_row_written_after_the_last_checkpoint_reports_the_training_that_happened(tmp_path, cache):
+def test_a_row_written_after_the_last_checkpoint_reports_the_training_that_happened(tmp_path, small_cache_dir):
     """Killed after the last checkpoint and before its row (the final test evaluation): the process that writes
     the row trains no step, yet the row's throughput and training peak memory are those of the process that
     trained (carried in the checkpoint), and `segments` say who trained what with how many threads."""
     out = tmp_path / "out"
     flags = ["--config", "fp32_baseline", *STEPS]
-    first = tiny_run.run(cache, out, *flags)
+    first = tiny_run.run(small_cache_dir, out, *flags)
     assert first.returncode == 0, first.stderr[-2000:]
     (trained,) = tiny_run.rows(out)
     (out / "results.jsonl").write_text("")  # the state of a kill between the last checkpoint and the row
-    again = tiny_run.run(cache, out, *flags)
+    again = tiny_run.run(small_cache_dir, out, *flags)
     assert again.returncode == 0, again.stderr[-2000:]
     (row,) = tiny_run.rows(out)
     assert row["resumed_from_steps"] == [12]
@@ -305,7 +305,7 @@ def test_a_row_written_after_the_last_checkpoint_reports_the_training_that_happe
     # the peak up to the last checkpoint (the first row's also covers its best-weights reload after it)
     assert row["train_peak_memory_gb"] == pytest.approx(trained["train_peak_memory_gb"], rel=0.02)
     (out / "results.jsonl").write_text("")
-    other_threads = tiny_run.run(cache, out, *flags, "--threads", "2")  # the last flag wins over SMALL's
+    other_threads = tiny_run.run(small_cache_dir, out, *flags, "--threads", "2")  # the last flag wins over SMALL's
     assert other_threads.returncode == 0, other_threads.stderr[-2000:]
     assert "resumed with --threads 2, its checkpoint was trained with 1" in other_threads.stdout
     assert tiny_run.rows(out)[0]["segments"][-1] == {"from_step": 12, "to_step": 12, "threads": 2}
