@@ -36,9 +36,11 @@ demo: venv
 		--output_dir $(DEMO_DIR)/classification
 	$(PY) analysis/analyze_experiment.py --results_dir $(DEMO_DIR)/classification
 
-# The language-modelling counterpart and the cross-task comparison (longer than the demo).
+# The language-modelling counterpart, its own report (in its results folder) and the cross-task comparison
+# (longer than the demo).
 demo-lm: demo
 	$(PY) experiments/lm/run.py --preset tiny --config core --output_dir $(DEMO_DIR)/lm
+	$(PY) analysis/analyze_experiment.py --results_dir $(DEMO_DIR)/lm
 	$(PY) analysis/compare_experiments.py --lm_results $(DEMO_DIR)/lm --cls_results $(DEMO_DIR)/classification \
 		--output_dir $(DEMO_DIR)/comparison
 

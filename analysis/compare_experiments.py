@@ -171,9 +171,13 @@ def rank_plot(tasks: dict[str, Analysis], rank_table: dict, correlations: dict, 
 
 def render_comparison_report(tasks: dict[str, Analysis], comparison: dict, figure: Path | None,
                              output_dir: Path) -> str:
-    lines = ["# dtype-bench: language modelling vs classification", "",
-             "The same precision configs trained in both experiments; each experiment's own report (setup, "
-             "summary table, stability, plots):", ""]
+    lines = ["# dtype-bench: language modelling vs classification", "", "## Recommendations", "",
+             "Both tasks:", ""]
+    lines += [f"- {r}" for r in comparison["recommendations"]["universal"] + comparison["recommendations"]["avoid_everywhere"]]
+    for name, items in comparison["recommendations"]["per_task"].items():
+        lines += ["", f"{name}:", ""] + [f"- {r}" for r in items]
+    lines += ["", "The same precision configs trained in both experiments; each experiment's own report (setup, "
+              "summary table, stability, plots):", ""]
     lines += [f"- **{name}**: [{a.output_dir.relative_to(output_dir)}/report.md]"
               f"({a.output_dir.relative_to(output_dir)}/report.md) — {len(a.exp.rows)} runs of "
               f"{len(a.exp.configs)} configs from `{a.exp.results_dir}`" for name, a in tasks.items()]
@@ -188,10 +192,6 @@ def render_comparison_report(tasks: dict[str, Analysis], comparison: dict, figur
         lines += [f"- configs run only in {name}: {', '.join(c)}" for name, c in only.items() if c]
     lines += [""] + hypotheses_section(comparison["verdicts"], "both experiments' results (numbers in "
                                         "`comparison.json`)")
-    lines += ["", "## Recommendations", "", "Universal (both tasks):", ""]
-    lines += [f"- {r}" for r in comparison["recommendations"]["universal"] + comparison["recommendations"]["avoid_everywhere"]]
-    for name, items in comparison["recommendations"]["per_task"].items():
-        lines += ["", f"{name}:", ""] + [f"- {r}" for r in items]
     lines += ["", "## Rank correlation per metric", "",
               "Spearman ρ between the configs' mean values in the two tasks (oriented so that better = higher), its "
               "p-value, and a 95% percentile bootstrap interval resampling each config's seeds.", ""]

@@ -36,8 +36,10 @@ def fmt_estimate(est: Estimate) -> str:
 def fmt_difference(d: Difference) -> str:
     if d.delta is None:
         return "-"
+    if d.n < 2:
+        return f"{d.delta:+.3g} (n={d.n}, no interval)"
     interval = "" if d.lo is None else f" [{d.lo:+.3g}, {d.hi:+.3g}]"
-    p = "" if d.p_value is None else f", p={d.p_value:.2g}"
+    p = ", no interval" if d.p_value is None else f", p={d.p_value:.2g}"
     return f"{d.delta:+.3g}{interval} ({'paired' if d.paired else 'unpaired'}, n={d.n}{p})"
 
 

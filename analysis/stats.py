@@ -40,8 +40,8 @@ def estimate(values: list[float]) -> Estimate:
 
 @dataclass(frozen=True)
 class Difference:
-    """a - b over seeds: paired by seed when both configs ran the same >= 2 seeds (same data order and
-    initialisation, so seed-to-seed noise cancels), else Welch's unpaired interval."""
+    """a - b over seeds: paired by seed when both configs ran >= 2 common seeds or exactly the same one (same data
+    order and initialisation, so seed-to-seed noise cancels), else Welch's unpaired interval; no interval for n=1."""
     delta: float | None
     lo: float | None
     hi: float | None
@@ -78,10 +78,15 @@ def _p(result) -> float:
     return 1.0 if math.isnan(p) else p
 
 
+def _paired(a: dict[int, float], b: dict[int, float], common: list[int]) -> bool:
+    """Seed-paired: at least 2 common seeds, or both configs ran the one same seed."""
+    return len(common) >= 2 or (len(common) == 1 and set(a) == set(b))
+
+
 def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
     """`a`, `b`: seed -> value."""
     common = sorted(set(a) & set(b))
-    paired = len(common) >= 2
+    paired = _paired(a, b, common)
     if paired:
         xa, xb = np.array([a[s] for s in common], dtype=float), np.array([b[s] for s in common], dtype=float)
     else:
@@ -155,7 +160,8 @@ class Comparison:
             return f"no values to compare (n={self.n})"
         lo, hi = self.interval(alpha)
         interval = "" if lo is None else f", {100 * (1 - 2 * alpha):.4g}% CI [{lo:+.3g}, {hi:+.3g}]"
-        return f"Δ {self.delta:+.3g}{interval} ({self.test}, n={self.n}; margin ±{self.margin:.3g})"
+        tests = f"{self.test}, n={self.n}" if self.n >= 2 else f"n={self.n}, no interval"
+        return f"Δ {self.delta:+.3g}{interval} ({tests}; margin ±{self.margin:.3g})"
 
     def _se_dof(self, n: int) -> tuple[float, float]:
         """Standard error and degrees of freedom of delta with n seeds per config at the observed spread."""
@@ -215,7 +221,7 @@ def compare(a: dict[int, float], b: dict[int, float], *, margin: float, higher_i
     """`a`, `b`: seed -> value (finite); see Comparison."""
     sign = 1.0 if higher_is_better else -1.0
     common = sorted(set(a) & set(b))
-    paired = len(common) >= 2
+    paired = _paired(a, b, common)
     if paired:
         xa, xb = (sign * np.array([v[s] for s in common], dtype=float) for v in (a, b))
         size, sizes = len(common), (len(common),)
@@ -227,7 +233,7 @@ def compare(a: dict[int, float], b: dict[int, float], *, margin: float, higher_i
         return Comparison(None, 0, False, "none", None, None, None, None, None, margin)
     delta = float(xa.mean() - xb.mean())
     if size < 2:
-        return Comparison(delta, size, False, "none (one seed)", None, None, None, None, None, margin)
+        return Comparison(delta, size, paired, "none", None, None, None, None, None, margin)
     spreads = (float(np.std(xa - xb, ddof=1)),) if paired else (float(xa.std(ddof=1)), float(xb.std(ddof=1)))
     # one scipy call per direction, over the null values 0, -margin, +margin (columns)
     shifted = xa[:, None] - np.array([0.0, -margin, margin])

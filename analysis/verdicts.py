@@ -117,7 +117,7 @@ class Verdict:
         interval = "" if lo is None else f" [{self._relative(lo)}, {self._relative(hi)}] ({100 * (1 - 2 * step):.3g}% CI)"
         test = "TOST" if claim == "equivalence" else {"loss": "one-sided", "gain": "one-sided",
                                                       "beyond": "beyond-margin"}[claim]
-        tests = f"{c.test}, n={c.n}"
+        tests = f"{c.test}, n={c.n}" if c.n >= 2 else f"n={c.n}, no interval"
         if self.unstable and claim in ("loss", "beyond"):
             test = f"{test} with divergences counted"
             tests = f"Bonferroni of the completed runs' {c.test} (n={c.n}) and a {fisher}"

@@ -240,7 +240,7 @@ def _why_not_completed(row: dict) -> str:
 
 def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
     """The sweep's end-of-run table. Per config: status counts and mean ± std over seeds of each metric (runs
-    that completed; "-" where there is no value or, for the std, a single one); then why each other run did not
+    that completed; "-" where there is no value, "(n=1)" instead of a std for a single one); then why each other run did not
     complete."""
     by_config: dict[str, list[dict]] = {}
     for row in rows:
@@ -254,8 +254,8 @@ def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
         done = [r for r in runs if r["status"] == "completed"]
         cells = [config, " ".join(f"{n} {s}" for s, n in statuses.items())]
         for m in metrics:
-            mean, std, _ = mean_std(r.get(m) for r in done)
-            cells.append("-" if mean is None else f"{mean:.4g} ± " + ("-" if std is None else f"{std:.2g}"))
+            mean, std, n = mean_std(r.get(m) for r in done)
+            cells.append("-" if mean is None else f"{mean:.4g} (n={n})" if std is None else f"{mean:.4g} ± {std:.2g}")
         lines.append(cells)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]

@@ -45,7 +45,7 @@ def test_seed_table_keeps_nan_and_shows_no_spread_for_one_seed():
             {"config": "b", "seed": 1, "status": "diverged", "diverged_at_step": 7, "nonfinite_origin": "loss",
              "nonfinite_origin_step": 6}]
     table = sweep.seed_summary_table(rows, ("micro_f1",)).splitlines()
-    assert table[2].split()[-3:] == ["nan", "±", "nan"] and table[3].split()[-3:] == ["0.25", "±", "-"]
+    assert table[2].split()[-3:] == ["nan", "±", "nan"] and table[3].split()[-2:] == ["0.25", "(n=1)"]
     assert table[-1] == "b seed 1: diverged — non-finite loss from step 7, first non-finite value in loss at step 6"
 
 
