@@ -24,9 +24,9 @@ if not __package__:  # run as a file (python analysis/analyze_experiment.py): th
 import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
 
 from analysis import plots
-from analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, devices, load_experiment, styles
+from analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, SCORE_FLOOR, devices, load_experiment, styles
 from analysis.report import (
-    caveats, fmt, fmt_difference, fmt_estimate, hypotheses_section, md_table, memory_kind, precision_table,
+    caveats, floor_flag, fmt, fmt_difference, fmt_estimate, fmt_mean_std, hypotheses_section, md_table, memory_kind, precision_table,
     setup_section,
 )
 from analysis import hypotheses
@@ -299,7 +299,7 @@ def _analyze_into(output_dir: Path, results_dir: str | Path, quality_margin: flo
         if throughput and memory in exp.metrics else None,
         "pareto": plots.pareto(summaries, style, quality, [(METRIC_BY_KEY[x.key], fronts[n][0]) for n, x in
                                                            (("throughput", throughput), ("memory", memory)) if n in fronts],
-                               output_dir / "pareto.png") if fronts else None,
+                               quality_margin, output_dir / "pareto.png") if fronts else None,
         "grad_norm": plots.step_signal(exp, style, "grad_norm", "gradient norm heartbeat (before clipping)",
                                        "global L2 grad norm", output_dir / "grad_norm.png"),
         "max_logit": plots.step_signal(exp, style, "max_abs_logit", "max |logit| per step", "max |logit|",
@@ -319,7 +319,8 @@ FIGURE_TEXT = {
     "relative_to_fp32": ("Throughput and memory relative to fp32", "Bars: the config's mean / fp32_baseline's mean; "
                          "dots: single seeds. Hatched: 8-bit optimizer states."),
     "pareto": ("Quality vs throughput and vs memory", "Means; error bars span min..max over seeds (the 95% intervals "
-               "are in the summary). Large markers: on the frontier; faded: dominated. Hollow markers: 8-bit optimizer "
+               "are in the summary); grey band: fp32's mean ± the equivalence margin, which the quality axis always "
+               "spans. Large markers: on the frontier; faded: dominated. Hollow markers: 8-bit optimizer "
                "states."),
     "grad_norm": ("Gradient-norm heartbeat", "Global gradient norm before clipping, log scale."),
     "max_logit": ("Max |logit| against the fp16 maximum", "Largest absolute logit per step, log scale; the dashed "
@@ -391,7 +392,7 @@ def which_config(analysis: Analysis) -> list[str]:
         elif not s.status_counts["completed"] and s.status_counts["skipped"] and not v.unstable:
             label, evidence = "not run here (skipped: see Stability)", "-"
         else:
-            label = v.label
+            label = v.label + (floor_flag(q, s.estimates[q.key].mean) if q else "")
             evidence = "reference" if v.kind == "reference" else (
                 v.evidence(v.deciding_claim) if v.comparison is not None and v.comparison.delta is not None
                 or v.unstable else "-")
@@ -427,7 +428,7 @@ def main_table(analysis: Analysis) -> str:
             row += [fmt_estimate(s.estimates[mem.key]), fmt(s.vs_baseline.get(mem.key), 3)]
         if q:
             d = s.quality_deltas.get(q.key)
-            row += [fmt_estimate(s.estimates[q.key]),
+            row += [fmt_estimate(s.estimates[q.key]) + floor_flag(q, s.estimates[q.key].mean),
                     "reference" if s.config == BASELINE else fmt_difference(d) if d else "-"]
         rows.append(row)
     return md_table(header, rows)
@@ -435,9 +436,8 @@ def main_table(analysis: Analysis) -> str:
 
 def quality_table(analysis: Analysis) -> str:
     quality = [m for m in analysis.exp.metrics if m.role == "quality"]
-    rows = [[s.config] + [fmt(s.estimates[m.key].mean) + ("" if s.estimates[m.key].std is None
-                                                           else f" ± {fmt(s.estimates[m.key].std, 2)}")
-                          for m in quality] for s in analysis.summaries]
+    rows = [[s.config] + [fmt_mean_std(s.estimates[m.key]) + floor_flag(m, s.estimates[m.key].mean) for m in quality]
+            for s in analysis.summaries]
     return md_table(["config"] + [m.label for m in quality], rows)
 
 
@@ -480,7 +480,8 @@ def render_report(analysis: Analysis) -> str:
               "and memory ratio are relative to fp32_baseline's mean; the quality difference to fp32 is paired by seed "
               "(same data order and initialisation). `-`: not computable (no completed run, or one seed for an "
               "interval); `NaN`: the runs produced NaN.", "",
-              main_table(analysis), "", "All quality metrics (mean ± std over completed seeds):", "",
+              main_table(analysis), "", "All quality metrics (mean ± std over completed seeds; a score below "
+              f"{SCORE_FLOOR:g} is flagged as near its floor, where differences say little):", "",
               quality_table(analysis), "",
               "## Stability", "", stability_markdown(exp, analysis.stability), ""]
     lines += ["## Pareto frontier", ""]

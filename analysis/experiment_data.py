@@ -27,7 +27,16 @@ class Metric:
     role: Role
     """throughput/time/memory are compared to fp32 as ratios, quality as differences."""
     higher_is_better: bool
+    floor: float | None = None
+    """A mean below this is near the score's floor (a model that predicts almost nothing right): its differences
+    say little, and the report flags it."""
 
+    def near_floor(self, mean: float | None) -> bool:
+        return self.floor is not None and mean is not None and mean < self.floor
+
+
+SCORE_FLOOR = 0.01
+"""Where a score in [0, 1] (F1, precision@k, nDCG) is flagged as near its floor."""
 
 METRICS: tuple[Metric, ...] = (
     Metric("samples_per_second", "samples/s", "throughput", True),
@@ -37,14 +46,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("peak_memory_gb", "peak memory (GB)", "memory", False),
     Metric("train_peak_memory_gb", "training peak memory (GB)", "memory", False),
     Metric("eval_peak_memory_gb", "evaluation peak memory (GB)", "memory", False),
-    Metric("micro_f1", "micro-F1", "quality", True),
-    Metric("macro_f1", "macro-F1 (all labels)", "quality", True),
-    Metric("macro_f1_present_labels", "macro-F1 (labels with gold)", "quality", True),
-    Metric("precision_at_1", "P@1", "quality", True),
-    Metric("precision_at_3", "P@3", "quality", True),
-    Metric("precision_at_5", "P@5", "quality", True),
-    Metric("rp_at_5", "RP@5", "quality", True),
-    Metric("ndcg_at_5", "nDCG@5", "quality", True),
+    Metric("micro_f1", "micro-F1", "quality", True, SCORE_FLOOR),
+    Metric("macro_f1", "macro-F1 (all labels)", "quality", True, SCORE_FLOOR),
+    Metric("macro_f1_present_labels", "macro-F1 (labels with gold)", "quality", True, SCORE_FLOOR),
+    Metric("precision_at_1", "P@1", "quality", True, SCORE_FLOOR),
+    Metric("precision_at_3", "P@3", "quality", True, SCORE_FLOOR),
+    Metric("precision_at_5", "P@5", "quality", True, SCORE_FLOOR),
+    Metric("rp_at_5", "RP@5", "quality", True, SCORE_FLOOR),
+    Metric("ndcg_at_5", "nDCG@5", "quality", True, SCORE_FLOOR),
     Metric("val_loss", "validation loss", "quality", False),
     Metric("perplexity", "validation perplexity", "quality", False),
     Metric("train_wall_seconds", "training wall time (s)", "time", False),

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
+from matplotlib.transforms import Bbox, blended_transform_factory  # noqa: E402
 
 from analysis.experiment_data import ACT_GRAD_FLUSHED, BASELINE, Experiment, Metric, Style, devices  # noqa: E402
 from analysis.stats import ConfigSummary  # noqa: E402
@@ -126,6 +126,40 @@ def _config_handles(configs, styles: dict[str, Style], *, marker: bool) -> dict[
             for c in configs}
 
 
+LABEL_OFFSETS = ((4, 4, "left"), (-4, 4, "right"), (4, -12, "left"), (-4, -12, "right"), (4, 14, "left"),
+                 (-4, 14, "right"), (4, -22, "left"), (-4, -22, "right"), (0, 24, "center"), (0, -32, "center"))
+"""Where a point's name may go, in points from the point (x, y, alignment), tried in order."""
+
+
+def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 7) -> None:
+    """Name each (name, x, y) point beside it at the first of LABEL_OFFSETS where the name stays inside the panel
+    and overlaps neither another name nor a point (the first offset when none is free). Call after the figure's
+    layout is final (legends added): it measures the names as drawn."""
+    fig = ax.figure
+    fig.canvas.draw()  # settles the constrained layout, so the positions measured below are the saved ones
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform([(x, y) for _, x, y in labels])]
+    for name, x, y in labels:
+        placed = None
+        for dx, dy, ha in LABEL_OFFSETS:
+            text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, ha=ha,
+                               va="bottom")
+            text.set_in_layout(False)
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                placed = text, box
+                break
+            if placed is None and (dx, dy, ha) == LABEL_OFFSETS[0]:
+                first = text, box  # nowhere free: the first place
+            text.remove()
+        text, box = placed or first
+        if placed is None:
+            ax.add_artist(text)
+        taken.append(box)
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -197,44 +231,57 @@ def relative_bars(exp: Experiment, summaries: list[ConfigSummary], styles: dict[
 
 
 def pareto(summaries: list[ConfigSummary], styles: dict[str, Style], quality: Metric,
-           panels: list[tuple[Metric, list[str]]], path: Path) -> Path | None:
+           panels: list[tuple[Metric, list[str]]], margin: float, path: Path) -> Path | None:
     """Per panel (x metric, its frontier): quality vs x, means with min..max over seeds as error bars (95%
-    t-intervals of 2-3 seeds are too wide to read; they are in the summary table); the frontier joined by a line."""
+    t-intervals of 2-3 seeds are too wide to read; they are in the summary table); the frontier joined by a line.
+    The quality axis spans at least fp32's mean ± `margin` (relative), shaded, so configs the verdicts call
+    equivalent are drawn inside one band instead of far apart on a range magnified to the seed noise."""
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False, layout="constrained")
     drawn: set[str] = set()  # configs with a point in some panel
+    labels: dict = {}  # panel -> its points' (name, x, y), placed once the layout is final
+    baseline = next((s.estimates[quality.key].mean for s in summaries if s.config == BASELINE), None)
+    band = (None if baseline is None or not math.isfinite(baseline)
+            else (baseline - margin * abs(baseline), baseline + margin * abs(baseline)))
     for ax, (x_metric, front) in zip(axes[0], panels):
-        # neighbours along x get labels at different heights, so close points' names do not overlap
-        by_x = sorted(summaries, key=lambda s: s.estimates[x_metric.key].mean
-                      if s.estimates[x_metric.key].mean is not None and math.isfinite(s.estimates[x_metric.key].mean)
-                      else math.inf)
-        label_rank = {s.config: i for i, s in enumerate(by_x)}
-        for s in summaries:
+        shown = [s for s in summaries if all(
+            s.estimates[k].mean is not None and math.isfinite(s.estimates[k].mean) for k in (x_metric.key, quality.key))]
+        if not shown:
+            continue
+        labels[ax] = []
+        y_lo, y_hi = band or (math.inf, -math.inf)
+        for s in shown:
             ex, ey = s.estimates[x_metric.key], s.estimates[quality.key]
-            if ex.mean is None or ey.mean is None or not (math.isfinite(ex.mean) and math.isfinite(ey.mean)):
-                continue
             drawn.add(s.config)
             style = styles[s.config]
             xerr = [[ex.mean - min(ex.values)], [max(ex.values) - ex.mean]]
             yerr = [[ey.mean - min(ey.values)], [max(ey.values) - ey.mean]]
+            y_lo, y_hi = min(y_lo, min(ey.values)), max(y_hi, max(ey.values))
             on_front = s.config in front
             container = ax.errorbar(ex.mean, ey.mean, xerr=xerr, yerr=yerr, fmt=style.marker, color=style.colour,
                                     markersize=9 if on_front else 6, alpha=1.0 if on_front else 0.5, capsize=2,
                                     markerfacecolor="none" if style.eight_bit else style.colour)
             for bar in container[2]:
                 bar.set_linestyle(style.linestyle)
-            ax.annotate(s.config, (ex.mean, ey.mean), fontsize=7, xytext=(4, 4 + 9 * (label_rank[s.config] % 3)),
-                        textcoords="offset points")
+            labels[ax].append((s.config, ex.mean, ey.mean))
         points = sorted((s.estimates[x_metric.key].mean, s.estimates[quality.key].mean)
-                        for s in summaries if s.config in front)
+                        for s in shown if s.config in front)
         if len(points) > 1:
             ax.plot(*zip(*points), color="black", linewidth=0.8, linestyle="-", zorder=0)
+        if band:
+            ax.axhspan(*band, color="grey", alpha=0.15, zorder=-1, linewidth=0)
+        pad = 0.05 * (y_hi - y_lo) if y_hi > y_lo else 0.05 * abs(y_hi) or 0.05
+        ax.set_ylim(y_lo - 2 * pad, y_hi + 2 * pad)  # room for names above and below the outermost points
+        ax.margins(x=0.1)
         better = lambda m: "higher is better" if m.higher_is_better else "lower is better"  # noqa: E731
         ax.set(xlabel=f"{x_metric.label} ({better(x_metric)})", ylabel=f"{quality.label} ({better(quality)})",
-               title=f"{quality.label} vs {x_metric.label}: frontier = black line (faded: dominated)")
+               title=f"{quality.label} vs {x_metric.label}\nfrontier = black line (faded: dominated)"
+                     + (f"; grey: fp32 mean ± {margin:.0%}" if band else ""))
     if not drawn:
         plt.close(fig)
         return None
     legend_below(fig, _config_handles([s.config for s in summaries if s.config in drawn], styles, marker=True))
+    for ax, points in labels.items():
+        place_labels(ax, points)
     return _save(fig, path)
 
 

@@ -6,7 +6,7 @@ import math
 from collections import Counter
 
 from analysis import hypotheses
-from analysis.experiment_data import Experiment, is_cpu_rss, memory_kind_text
+from analysis.experiment_data import Experiment, Metric, is_cpu_rss, memory_kind_text
 from analysis.stats import Difference, Estimate
 
 NOT_SETUP = ("output_dir",)  # where the rows went says nothing about how they were made
@@ -23,6 +23,18 @@ def fmt(x: float | None, digits: int = 4) -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return f"{x:.{digits}g}"
+
+
+def floor_flag(metric: Metric, mean: float | None) -> str:
+    """' (near the floor: says little)' for a score whose mean is below its floor, else ''."""
+    return " (near the floor: says little)" if metric.near_floor(mean) else ""
+
+
+def fmt_mean_std(est: Estimate) -> str:
+    """'mean ± std', 'mean (n=1)' for a single seed, '-' for none."""
+    if est.mean is None:
+        return "-"
+    return f"{fmt(est.mean)} (n={est.n})" if est.std is None else f"{fmt(est.mean)} ± {fmt(est.std, 2)}"
 
 
 def fmt_estimate(est: Estimate) -> str:

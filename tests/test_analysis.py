@@ -315,6 +315,10 @@ def check_comparison(results: dict[str, Path], out: Path) -> None:
     assert "not run: amp_bf16_fp32_head" in verdicts["H1 output-layer precision"]["reason"]
     assert all(re.search(r"\d", r) for r in comparison["recommendations"]["universal"])
     report = (out / "report.md").read_text()
+    # the first screen is the recommendations; the per-task hypotheses come after them
+    assert report.splitlines()[2] == "## Recommendations"
+    assert comparison["recommendations"]["universal"][0] in report.split("## ", 2)[1]
+    assert report.index("## Recommendations") < report.index("## Hypotheses")
     assert "(lm/report.md)" in report and (out / "lm" / "report.md").exists()
     assert (out / "classification" / "report.md").exists() and "![config ranks in both tasks](ranks.png)" in report
     assert (out / "ranks.png").stat().st_size > 10_000
@@ -373,7 +377,7 @@ def draw_every_plot(exp, output_dir: Path, monkeypatch) -> dict[str, dict]:
         plots.loss_curves(exp, style, output_dir / "loss_curves.png")
         plots.relative_bars(exp, summaries, style, throughput, memory, output_dir / "relative_to_fp32.png")
         plots.pareto(summaries, style, quality, [(throughput, configs[:2]), (memory, configs[:1])],
-                     output_dir / "pareto.png")
+                     0.02, output_dir / "pareto.png")
         plots.step_signal(exp, style, "grad_norm", "grad norm", "norm", output_dir / "grad_norm.png")
         plots.step_signal(exp, style, "max_abs_logit", "max |logit|", "max |logit|", output_dir / "max_logit.png",
                           reference=(65504.0, "fp16 max"))
