@@ -24,10 +24,12 @@ if not __package__:  # run as a file (python analysis/analyze_experiment.py): th
 import dtype_bench  # noqa: E402,F401  (first: where the dependencies are missing it says so in one line)
 
 from analysis import plots
-from analysis.experiment_data import BASELINE, METRIC_BY_KEY, Experiment, Metric, SCORE_FLOOR, devices, load_experiment, styles
+from analysis.experiment_data import (
+    BASELINE, METRIC_BY_KEY, SCORE_FLOOR, Experiment, Metric, devices, load_experiment, styles,
+)
 from analysis.report import (
-    caveats, floor_flag, fmt, fmt_difference, fmt_estimate, fmt_mean_std, hypotheses_section, md_table, memory_kind, precision_table,
-    setup_section,
+    caveats, floor_flag, fmt, fmt_difference, fmt_estimate, fmt_mean_std, hypotheses_section, md_table, memory_kind,
+    precision_table, setup_section,
 )
 from analysis import hypotheses
 from analysis import verdicts

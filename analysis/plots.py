@@ -139,7 +139,8 @@ def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 7
     fig.canvas.draw()  # settles the constrained layout, so the positions measured below are the saved ones
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    taken = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform([(x, y) for _, x, y in labels])]
+    points = ax.transData.transform([(x, y) for _, x, y in labels])
+    taken = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in points]  # the markers
     for name, x, y in labels:
         placed = None
         for dx, dy, ha in LABEL_OFFSETS:
