@@ -317,14 +317,16 @@ def _analyze_into(output_dir: Path, results_dir: str | Path, quality_margin: flo
 FIGURE_TEXT = {
     "loss_curves": ("Loss curves", "Training loss per optimizer step (mean over seeds; with more than 50 steps a centred moving average "
                     "over ~4% of them, else the raw mean with a min..max band over seeds) "
-                    "and validation loss at each evaluation. Dotted verticals: divergence."),
+                    "and validation loss at each evaluation. Dotted verticals: divergence. Line widths fall in legend "
+                    "order, so configs whose curves coincide show as nested bands of their colours."),
     "relative_to_fp32": ("Throughput and memory relative to fp32", "Bars: the config's mean / fp32_baseline's mean; "
                          "dots: single seeds. Hatched: 8-bit optimizer states."),
     "pareto": ("Quality vs throughput and vs memory", "Means; error bars span min..max over seeds (the 95% intervals "
                "are in the summary); grey band: fp32's mean ± the equivalence margin, which the quality axis always "
                "spans. Large markers: on the frontier; faded: dominated. Hollow markers: 8-bit optimizer "
                "states."),
-    "grad_norm": ("Gradient-norm heartbeat", "Global gradient norm before clipping, log scale."),
+    "grad_norm": ("Gradient-norm heartbeat", "Global gradient norm before clipping, log scale; line widths as in the "
+                  "loss curves."),
     "max_logit": ("Max |logit| against the fp16 maximum", "Largest absolute logit per step, log scale; the dashed "
                   "line is fp16's largest finite value."),
     "loss_scale": ("Loss scale and skipped steps", "GradScaler's scale (logged at flush steps) and cumulative "

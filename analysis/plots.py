@@ -161,6 +161,13 @@ def place_labels(ax, labels: list[tuple[str, float, float]], fontsize: float = 7
         taken.append(box)
 
 
+def nested_widths(configs: list[str], thinnest: float = 1.0, widest: float = 3.5) -> dict[str, float]:
+    """Line width per config, widest drawn first: curves that coincide (configs that train alike) show as nested
+    bands of their colours instead of only the last one drawn."""
+    step = (widest - thinnest) / max(len(configs) - 1, 1)
+    return {c: widest - i * step for i, c in enumerate(configs)}
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -170,7 +177,7 @@ def _save(fig, path: Path) -> Path:
 def loss_curves(exp: Experiment, styles: dict[str, Style], path: Path) -> Path | None:
     """Training loss (mean over seeds, band = min..max) and validation loss; diverged runs marked at their step."""
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    drawn = False
+    drawn, width_of = False, nested_widths(exp.configs)
     for config in exp.configs:
         style = styles[config]
         steps, mean, lo, hi = series(exp, config, "loss")
@@ -178,14 +185,15 @@ def loss_curves(exp: Experiment, styles: dict[str, Style], path: Path) -> Path |
             drawn = True
             width = max(1, len(steps) // 25)  # a centred moving average: a config's trend, not its step noise
             smooth = np.convolve(mean, np.ones(width) / width, mode="valid")
-            _line(train_ax, steps[(width - 1) // 2:][:len(smooth)], smooth, style, config, linewidth=1.5)
+            _line(train_ax, steps[(width - 1) // 2:][:len(smooth)], smooth, style, config,
+                  linewidth=width_of[config])
             if width == 1:
                 train_ax.fill_between(steps, lo, hi, color=style.colour, alpha=0.15, linewidth=0)
         key = "loss" if any("loss" in r for row in exp.runs(config) for r in exp.eval_records(row.get("run_id"))) \
             else "val_loss"
         steps, mean, _, _ = series(exp, config, key, evaluation=True)
         if len(steps):
-            _line(val_ax, steps, mean, style, config, marker=style.marker, markersize=4)
+            _line(val_ax, steps, mean, style, config, marker=style.marker, markersize=4, linewidth=width_of[config])
         for row in exp.runs(config, "diverged"):
             step = row.get("diverged_at_step")
             if step is not None:
@@ -290,12 +298,12 @@ def step_signal(exp: Experiment, styles: dict[str, Style], key: str, title: str,
                 log: bool = True, reference: tuple[float, str] | None = None) -> Path | None:
     """One training-log signal per config (mean over seeds) against the optimizer step."""
     fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
-    drawn = False
+    drawn, width_of = False, nested_widths(exp.configs)
     for config in exp.configs:
         steps, mean, _, _ = series(exp, config, key)
         if len(steps):
             drawn = True
-            _line(ax, steps, mean, styles[config], config, linewidth=1)
+            _line(ax, steps, mean, styles[config], config, linewidth=width_of[config])
     if not drawn:
         plt.close(fig)
         return None

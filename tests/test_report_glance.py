@@ -84,3 +84,9 @@ def test_pareto_quality_axis_spans_fp32s_margin_and_names_do_not_collide(results
         frame = ax.get_window_extent(renderer)
         assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
         assert not boxes[0].overlaps(boxes[1])
+
+
+def test_coinciding_curves_are_drawn_widest_first():
+    widths = plots.nested_widths(["fp32_baseline", "amp_bf16", "bf16_naive"])
+    assert list(widths.values()) == sorted(widths.values(), reverse=True) and len(set(widths.values())) == 3
+    assert plots.nested_widths(["fp32_baseline"]) == {"fp32_baseline": 3.5}
