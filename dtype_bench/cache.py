@@ -5,10 +5,11 @@ per process) and checked again after the run has opened its files (`check_cache_
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dtype_bench.io import (
     atomic_directory, atomic_write_json, claim_folder, damaged_file, file_checksums, lock, recover_interrupted_writes,
@@ -40,10 +41,11 @@ def read_cache_meta(data_dir: Path, format_version: int) -> dict:
 _VERIFIED_CACHES: set[tuple] = set()  # caches this process hashed, by folder, recorded checksums and file stats
 
 
-def check_cache_files(data_dir: Path, meta: dict) -> None:
+def check_cache_files(data_dir: Path, meta: dict, check_content: Callable[[], None] | None = None) -> None:
     """Refuse (CacheError) a cache whose files differ from the sizes and SHA-256 recorded in its meta.json when
     it was written (a file overwritten in place with its size unchanged included): a damaged cache is never
-    used. Each cache is hashed once per process (seconds for EURLEX57K); a file changed since is hashed again."""
+    used. Then `check_content` (raising CacheError: token ids outside the vocabulary, say) runs. Each cache is
+    checked once per process (seconds for EURLEX57K); a file changed since is checked again."""
     files = meta.get("files", {})
     try:
         stats = tuple((name, (data_dir / name).stat().st_size, (data_dir / name).stat().st_mtime_ns) for name in files)
@@ -55,6 +57,8 @@ def check_cache_files(data_dir: Path, meta: dict) -> None:
     damaged = damaged_file(data_dir, files)
     if damaged:
         raise CacheError(f"cache {data_dir} is damaged: {damaged}")
+    if check_content is not None:
+        check_content()
     _VERIFIED_CACHES.add(key)
 
 
@@ -81,7 +85,8 @@ def building_cache(output_dir: Path, cache_fingerprint: str, format_version: int
     builds, then yield None if the cache in `output_dir` has this fingerprint and every file matches its
     recorded size and SHA-256 (unless `force`), else a temporary folder to build into, which replaces
     `output_dir` (if ours) when the block ends without error. The block writes meta.json there; the
-    checksums of the other files are added to it here."""
+    checksums of the other files are added to it here. A full disk (or quota) while building raises CacheError
+    (one line) after the temporary folder is removed: the previous cache, if any, stays as it was."""
     output_dir = claim_folder(output_dir, CACHE_MARKER, "fingerprint")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with lock(output_dir.parent / f".{output_dir.name}.lock"):
@@ -99,9 +104,15 @@ def building_cache(output_dir: Path, cache_fingerprint: str, format_version: int
                 print(f"reusing cache {output_dir} (fingerprint {cache_fingerprint})")
                 yield None
                 return
-        with atomic_directory(output_dir, CACHE_MARKER, "fingerprint") as tmp:
-            yield tmp
-            meta = json.loads((tmp / CACHE_MARKER).read_text(encoding="utf-8"))
-            checksums = file_checksums(tmp)
-            del checksums[CACHE_MARKER]
-            atomic_write_json(tmp / CACHE_MARKER, {**meta, "files": checksums})
+        try:
+            with atomic_directory(output_dir, CACHE_MARKER, "fingerprint") as tmp:
+                yield tmp
+                meta = json.loads((tmp / CACHE_MARKER).read_text(encoding="utf-8"))
+                checksums = file_checksums(tmp)
+                del checksums[CACHE_MARKER]
+                atomic_write_json(tmp / CACHE_MARKER, {**meta, "files": checksums})
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise CacheError(f"cannot write the cache {output_dir}: {e.strerror}; nothing was left behind (free "
+                             "space there, or pass another output folder)") from None

@@ -53,10 +53,11 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         for suffix in ARRAYS:
             if not (data_dir / f"{split}.{suffix}.npy").exists():
                 raise CacheError(f"cache {data_dir} is incomplete: {split}.{suffix}.npy missing; prepare it again")
-    check_cache_files(data_dir, meta)
     if int(meta["num_labels"]) < 1:
         raise CacheError(f"cache {data_dir} has no labels (no training document has one): nothing to classify")
     tok = meta["tokenizer"]
+    check_cache_files(data_dir, meta, lambda: check_ids_in_range(data_dir, int(tok["vocab_size"]),
+                                                                 int(meta["num_labels"])))
     return CacheMeta(
         path=data_dir,
         fingerprint=meta["fingerprint"],
@@ -66,6 +67,17 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         max_length=int(meta["options"]["max_length"]),
         raw=meta,
     )
+
+
+def check_ids_in_range(data_dir: Path, vocab_size: int, num_labels: int) -> None:
+    """Refuse (CacheError) a cache with a token id outside [0, vocab_size) or a label index outside
+    [0, num_labels) (one pass over each memory-mapped array): the model's embedding would fail mid-run."""
+    for split in SPLITS:
+        for suffix, bound, what in (("input_ids", vocab_size, "token ids"), ("label_ids", num_labels, "label indices")):
+            ids = np.load(data_dir / f"{split}.{suffix}.npy", mmap_mode="r")
+            if len(ids) and not (0 <= ids.min() and ids.max() < bound):
+                raise CacheError(f"cache {data_dir} is damaged: {split}.{suffix}.npy has {what} in [{ids.min()}, "
+                                 f"{ids.max()}], outside [0, {bound}) of its meta.json; prepare it again")
 
 
 class TokenizedSplit:

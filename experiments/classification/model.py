@@ -23,7 +23,12 @@ class EncoderNotFound(ValueError):
 
 def pretrained_config(model_name: str) -> PretrainedConfig:
     """The config of a hub id or local save_pretrained directory, or EncoderNotFound saying how to point at a
-    local copy (offline, a hub id resolves only from the local Hugging Face cache)."""
+    local copy (offline, a hub id resolves only from the local Hugging Face cache). A name that can only be a
+    path (starting with /, . or ~, or more than owner/name) and does not exist is refused as such."""
+    if model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1:
+        if not Path(model_name).expanduser().exists():
+            raise EncoderNotFound(f"--model_name {model_name}: no such directory (a path, not a hub id owner/name); "
+                                  "pass a directory written by save_pretrained")
     try:
         return AutoConfig.from_pretrained(model_name)
     except (OSError, ValueError) as e:

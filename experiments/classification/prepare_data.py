@@ -47,8 +47,7 @@ from experiments.classification.sources import (
     DEFAULT_ZONES, TOKEN_ID_SOURCES, ZONES, Document, InputLimits, PrepareError, Splits, open_source,
 )
 from dtype_bench import synthetic
-from dtype_bench.configs import field_docs
-from dtype_bench.cache import CACHE_MARKER, building_cache
+from dtype_bench.cache import CACHE_MARKER, CacheError, building_cache
 from dtype_bench.io import FolderRefused, atomic_write_json, atomic_write_text, claim_folder, fingerprint
 from dtype_bench.tokenization import (
     TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, tokenizer_fingerprint, train_bpe_tokenizer,
@@ -320,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="synthetic source: number of concepts")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="synthetic source: generator seed")
     parser.add_argument("--sha256", help="expected SHA-256 of the zip archive or download (refused if different)")
-    for name, doc in field_docs(InputLimits).items():
-        parser.add_argument(f"--{name}", type=type(getattr(InputLimits, name)), default=getattr(InputLimits, name),
-                            help=doc)
+    InputLimits.add_flags(parser)
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
     args = parser.parse_args(argv)
     # Batch encoding and BPE training run on all cores; this process never forks after using them.
@@ -332,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                 zones=[z.strip() for z in args.zones.split(",") if z.strip()], force=args.force,
                 download_dir=args.download_dir, synthetic_docs=args.synthetic_docs,
                 synthetic_labels=args.synthetic_labels, synthetic_seed=args.synthetic_seed, sha256=args.sha256,
-                limits=InputLimits(**{name: getattr(args, name) for name in field_docs(InputLimits)}))
-    except (PrepareError, TokenizerError, FolderRefused) as e:
+                limits=InputLimits.from_flags(args))
+    except (PrepareError, TokenizerError, FolderRefused, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -29,8 +29,13 @@ from dtype_bench.runner import UserError
 EXPERIMENT = "classification"
 
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
-    """The prepared cache (the offline presets build their synthetic one on first use, seconds); then checks that
-    a pretrained encoder's config can be loaded."""
+    """Checks that a pretrained encoder's config can be loaded; then the prepared cache (the offline presets build
+    their synthetic one on first use, seconds)."""
+    if cfg.model_name != "tiny":  # before anything is written: a hub id offline is one line saying what to pass
+        try:
+            model_lib.pretrained_config(cfg.model_name)
+        except model_lib.EncoderNotFound as e:
+            raise UserError(str(e)) from e
     if cfg.preset != "full" and cfg.data_dir is None:
         from experiments.classification.prepare_data import prepare_preset
 
@@ -42,11 +47,6 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
             f"{e}. Prepare it with `python experiments/classification/prepare_data.py --source "
             f"<dataset.zip|folder|URL|hub id> --output_dir {cfg.cache_dir}`, or run offline with --preset tiny"
         ) from e
-    if cfg.model_name != "tiny":  # before training: a hub id offline is one line saying how to point at a copy
-        try:
-            model_lib.pretrained_config(cfg.model_name)
-        except model_lib.EncoderNotFound as e:
-            raise UserError(str(e)) from e
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise UserError(f"--init_weights {cfg.init_weights}: no such file (a run's checkpoints/<run id>/best-step*/"
                         "model.safetensors)")

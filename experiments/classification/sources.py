@@ -11,6 +11,7 @@ Bad input raises `PrepareError` with a one-line message.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import http.client
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from dtype_bench import synthetic
 from dtype_bench.configs import field_docs
 from experiments.classification.data import SPLITS
-from dtype_bench.io import atomic_write_text, sha256_file
+from dtype_bench.io import atomic_write_json, atomic_write_text, claim_folder, sha256_file
 from dtype_bench.tokenization import parse_words_spec
 
 ZONES = ("title", "header", "recitals", "main_body", "attachments")
@@ -75,7 +76,7 @@ class InputLimits:
     max_file_bytes: int = 16 << 30
     """Decompressed bytes of one file or zip member, and bytes of one download."""
     max_line_bytes: int = 64 << 20
-    """Bytes of one jsonl line (one record); a longer line is never held in memory whole."""
+    """Bytes of one line (a jsonl record, a line of a text file); a longer line is never held in memory whole."""
     max_compression_ratio: float = 100.0
     """Decompressed / compressed bytes of one zip member (text compresses 3-10x; a bomb 1,000x)."""
 
@@ -83,6 +84,17 @@ class InputLimits:
         for name in field_docs(InputLimits):
             if not getattr(self, name) > 0:
                 raise PrepareError(f"--{name} must be positive, got {getattr(self, name)}")
+
+    @staticmethod
+    def add_flags(parser: argparse.ArgumentParser) -> None:
+        """A flag of the same name per field (a prepare_data.py's command line)."""
+        for name, doc in field_docs(InputLimits).items():
+            parser.add_argument(f"--{name}", type=type(getattr(InputLimits, name)),
+                                default=getattr(InputLimits, name), help=doc)
+
+    @staticmethod
+    def from_flags(args: argparse.Namespace) -> "InputLimits":
+        return InputLimits(**{name: getattr(args, name) for name in field_docs(InputLimits)})
 
 
 READ_CHUNK_BYTES = 1 << 20
@@ -159,6 +171,27 @@ def bounded_lines(stream: IO[bytes], name: str, limits: InputLimits, compressed_
         check_line_length(pending, f"{name}:{lineno + 1}", limits)
     if pending:
         yield pending
+
+
+def check_text_file(path: Path, limits: InputLimits) -> None:
+    """Refuse (PrepareError, one line) a text file past `limits` or not UTF-8, reading it in chunks (memory
+    within one line): a source's files are checked whole before anything is written."""
+    try:
+        with open(path, "rb") as stream:
+            for lineno, line in enumerate(bounded_lines(stream, str(path), limits), 1):
+                line.decode("utf-8")  # a line break never falls inside a UTF-8 character
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}:{lineno}: not UTF-8 text ({e.reason}, byte {e.object[e.start]:#04x})") from None
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+
+
+def regular_path(path: Path) -> Path:
+    """`path` if it is a regular file or a folder; a device (/dev/zero), pipe or socket is refused (PrepareError):
+    reading one may never end."""
+    if not (path.is_file() or path.is_dir()):
+        raise PrepareError(f"{path} is not a regular file or folder (a device, pipe or socket): pass a file or folder")
+    return path
 
 
 def check_line_length(line: bytes, where: str, limits: InputLimits) -> None:
@@ -286,10 +319,18 @@ def open_zip_member(zip_path: Path, member: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def check_zip_sizes(zip_path: Path, member: zipfile.ZipInfo, limits: InputLimits) -> None:
-    """The sizes a member declares, before reading it (zipfile never yields more than the declared size;
-    bounded_lines counts what is read as well)."""
+def check_zip_member(zip_path: Path, member: zipfile.ZipInfo, limits: InputLimits) -> None:
+    """What a member declares, before reading it: not encrypted, a compression method zipfile reads, sizes
+    within `limits` (zipfile never yields more than the declared size; bounded_lines counts what is read too)."""
     where = f"{zip_path}!{member.filename}"
+    if member.flag_bits & 0x1:
+        raise PrepareError(f"{where} is encrypted: pass an archive without a password")
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            archive.open(member).close()  # reads the member's header only
+    except (NotImplementedError, RuntimeError) as e:
+        raise PrepareError(f"{where} uses compression method {member.compress_type}, which cannot be read here "
+                           f"({e}): repack it with deflate") from None
     if member.file_size > limits.max_file_bytes:
         raise PrepareError(f"{where} decompresses to {member.file_size:,} bytes, more than {limits.max_file_bytes:,} "
                            "(--max_file_bytes raises the limit)")
@@ -315,7 +356,7 @@ def zip_corpus(zip_path: Path, description: dict, limits: InputLimits, digest: s
         if len(matches) > 1:
             raise PrepareError(f"{zip_path} holds several {filename}: {matches}")
         if matches:
-            check_zip_sizes(zip_path, members[matches[0]], limits)
+            check_zip_member(zip_path, members[matches[0]], limits)
             files[split] = SplitFile(f"{zip_path}!{matches[0]}", lambda m=matches[0]: open_zip_member(zip_path, m),
                                      members[matches[0]].compress_size)
     if "train" not in files:
@@ -331,7 +372,7 @@ def zip_corpus(zip_path: Path, description: dict, limits: InputLimits, digest: s
 
 
 def local_corpus(path: Path, limits: InputLimits, sha256: str | None) -> Corpus:
-    if path.is_dir():
+    if regular_path(path).is_dir():
         if sha256:
             raise PrepareError("--sha256 checks a zip archive or a download, not a folder")
         return folder_corpus(path, limits)
@@ -391,9 +432,16 @@ def download(url: str, dest: Path, max_bytes: int) -> Path:
     return dest
 
 
+DOWNLOADS_MARKER = ".dtype-bench-downloads.json"  # what makes a downloads folder ours (claim_folder)
+
+
 def url_corpus(url: str, download_dir: Path, limits: InputLimits, sha256: str | None) -> Corpus:
     """A downloaded archive, stored with its SHA-256 beside it (`<file>.sha256`) and reused only while the
-    file still has it (and the one given with --sha256, if any)."""
+    file still has it (and the one given with --sha256, if any). `download_dir` must be absent, empty or
+    ours (it holds DOWNLOADS_MARKER): a user's folder of that name is refused, never written into."""
+    download_dir = claim_folder(download_dir, DOWNLOADS_MARKER, "dtype_bench_downloads")
+    if not (download_dir / DOWNLOADS_MARKER).exists():
+        atomic_write_json(download_dir / DOWNLOADS_MARKER, {"dtype_bench_downloads": "prepare_data.py URL sources"})
     if url.startswith("http://"):
         print(f"warning: {url} is plain http, which anyone on the way can alter: prefer https"
               + ("" if sha256 else ", or pass --sha256 to verify the download"), file=sys.stderr)

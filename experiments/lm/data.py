@@ -49,8 +49,17 @@ def read_meta(data_dir: str | Path) -> CacheMeta:
         if not path.exists() or path.stat().st_size != expected:
             raise CacheError(f"cache {data_dir} is incomplete: {path.name} missing or not {expected} bytes; "
                              "prepare it again")
-    check_cache_files(data_dir, meta)
-    return CacheMeta(path=data_dir, fingerprint=meta["fingerprint"], vocab_size=int(meta["tokenizer"]["vocab_size"]),
+    vocab_size = int(meta["tokenizer"]["vocab_size"])
+
+    def check_ids_in_range() -> None:  # one pass over each memory-mapped stream: the embedding would fail mid-run
+        for split in SPLITS:
+            tokens = np.memmap(bin_path(data_dir, split), dtype=TOKEN_DTYPE, mode="r")
+            if len(tokens) and tokens.max() >= vocab_size:
+                raise CacheError(f"cache {data_dir} is damaged: {split}.bin has token id {tokens.max()}, outside "
+                                 f"the vocabulary of {vocab_size} in its meta.json; prepare it again")
+
+    check_cache_files(data_dir, meta, check_ids_in_range)
+    return CacheMeta(path=data_dir, fingerprint=meta["fingerprint"], vocab_size=vocab_size,
                      eos_token_id=int(meta["tokenizer"]["eos_token_id"]),
                      tokens={s: int(meta["tokens"][s]) for s in SPLITS}, raw=meta)
 

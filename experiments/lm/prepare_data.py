@@ -41,9 +41,10 @@ import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from experiments.classification.sources import InputLimits, PrepareError, check_text_file, regular_path
 from experiments.lm.data import CACHE_FORMAT_VERSION, SPLITS, TOKEN_DTYPE, bin_path
 from dtype_bench import synthetic
-from dtype_bench.cache import CACHE_MARKER, building_cache
+from dtype_bench.cache import CACHE_MARKER, CacheError, building_cache
 from dtype_bench.io import FolderRefused, atomic_write_json, claim_folder, fingerprint, sha256_file
 from dtype_bench.tokenization import (
     SPECIAL_TOKENS, TokenizerError, bpe_identity, load_tokenizer, parse_bpe_spec, parse_words_spec,
@@ -54,10 +55,6 @@ SPLIT_SEED = 2357  # nanoGPT's, for the held-out validation documents
 OWT_VAL_FRACTION = 0.0005  # nanoGPT's OpenWebText split: ~4k of 8M documents
 WRITE_SHARD_DOCS = 8192  # documents per contiguous piece of the token stream written at once (bounded memory)
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?(@[\w./-]+)?")
-
-
-class PrepareError(RuntimeError):
-    """The source or options cannot be prepared; the message says why."""
 
 
 @dataclass
@@ -102,12 +99,15 @@ def token_id_corpus(tokenizer: str, n_docs: int, seed: int) -> Corpus:
                    "generator_version": synthetic.GENERATOR_VERSION, "writer": "numpy"}, None, token_ids)
 
 
-def local_corpus(path: Path) -> Corpus:
+def local_corpus(path: Path, limits: InputLimits) -> Corpus:
+    """Every file checked (within `limits`, UTF-8) and hashed now, before anything is written; read later."""
     from datasets import Dataset
 
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    files = sorted(f for f in path.rglob("*.txt") if f.is_file()) if regular_path(path).is_dir() else [path]
     if not files:
         raise PrepareError(f"no .txt files under {path}")
+    for f in files:
+        check_text_file(f, limits)
     identity = {"kind": "local", "files": {str(f.relative_to(path) if path.is_dir() else f.name): sha256_file(f)
                                            for f in files}}
     return Corpus(identity, lambda: Dataset.from_dict({"text": [f.read_text(encoding="utf-8") for f in files]}))
@@ -130,14 +130,15 @@ def hub_corpus(spec: str, num_proc: int) -> Corpus:
     return Corpus(identity, lambda: documents.select_columns(["text"]))
 
 
-def open_source(source: str, *, synthetic_docs: int, synthetic_seed: int, num_proc: int, tokenizer: str) -> Corpus:
+def open_source(source: str, *, synthetic_docs: int, synthetic_seed: int, num_proc: int, tokenizer: str,
+                limits: InputLimits) -> Corpus:
     if source == "synthetic":
         return synthetic_corpus(synthetic_docs, synthetic_seed)
     if source == "synthetic-ids":
         return token_id_corpus(tokenizer, synthetic_docs, synthetic_seed)
     path = Path(source).expanduser()
     if path.exists():
-        return local_corpus(path)
+        return local_corpus(path, limits)
     if HUB_ID.fullmatch(source) and not source.startswith("."):
         return hub_corpus(source, num_proc)
     raise PrepareError(f"source {source!r} is not an existing path, a hub id or 'synthetic'")
@@ -171,9 +172,12 @@ def tokenize(documents: "datasets.Dataset", tokenizer: PreTrainedTokenizerFast, 
 
 
 def write_tokens(tokens: "datasets.Dataset", path: Path, split: str) -> int:  # noqa: F821
-    """Concatenate every document's ids into a uint16 memmap, shard by shard; returns the token count."""
+    """Concatenate every document's ids into a uint16 memmap, shard by shard; returns the token count. The file
+    is allocated first, so that a full disk is an OSError (ENOSPC) here, not a SIGBUS while writing the map."""
     total = int(np.sum(tokens["len"], dtype=np.uint64))
-    stream = np.memmap(path, dtype=TOKEN_DTYPE, mode="w+", shape=(total,))
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, total * np.dtype(TOKEN_DTYPE).itemsize)
+    stream = np.memmap(path, dtype=TOKEN_DTYPE, mode="r+", shape=(total,))
     shards, position = -(-len(tokens) // WRITE_SHARD_DOCS), 0
     for index in tqdm(range(shards), desc=f"writing {split}.bin", unit="shard"):
         shard = tokens.shard(num_shards=shards, index=index, contiguous=True).with_format("numpy")
@@ -224,9 +228,11 @@ def tokenized_splits(corpus: Corpus, tokenizer: str, loaded_tokenizer: PreTraine
 
 
 def prepare(source: str, output_dir: str | Path, *, tokenizer: str = "gpt2", val_fraction: float = OWT_VAL_FRACTION,
-            num_proc: int = 1, synthetic_docs: int = 3000, synthetic_seed: int = 0, force: bool = False) -> Path:
+            num_proc: int = 1, synthetic_docs: int = 3000, synthetic_seed: int = 0, force: bool = False,
+            limits: InputLimits = InputLimits()) -> Path:
     """Build (or reuse) the cache for `source` in `output_dir` and return its path. A `bpe:SIZE` tokenizer
-    is trained on the train split; the synthetic_* options apply to the `synthetic` source only."""
+    is trained on the train split; the synthetic_* options apply to the `synthetic` source only; a local
+    source's files are read within `limits`."""
     output_dir = claim_folder(output_dir, CACHE_MARKER, "fingerprint")  # never replace what is not ours
     if not 0 < val_fraction < 1:
         raise PrepareError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -238,7 +244,7 @@ def prepare(source: str, output_dir: str | Path, *, tokenizer: str = "gpt2", val
     loaded_tokenizer = None if bpe_size is not None else load_tokenizer(tokenizer)
     token_identity = bpe_identity(bpe_size) if loaded_tokenizer is None else tokenizer_fingerprint(loaded_tokenizer)
     corpus = open_source(source, synthetic_docs=synthetic_docs, synthetic_seed=synthetic_seed, num_proc=num_proc,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, limits=limits)
     options = {"val_fraction": val_fraction, "split_seed": SPLIT_SEED, "separator": "eos_after_each_document"}
     cache_fingerprint = fingerprint(CACHE_FORMAT_VERSION, corpus.identity, token_identity, options)
 
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes for loading and tokenizing (e.g. the number of cores for OpenWebText)")
     parser.add_argument("--synthetic_docs", type=int, default=3000, help="synthetic source: documents")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="synthetic source: generator seed")
+    InputLimits.add_flags(parser)
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
     args = parser.parse_args(argv)
     # Batch encoding and BPE training run on all cores in this process.
@@ -311,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(args.source, args.output_dir, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                 num_proc=args.num_proc, synthetic_docs=args.synthetic_docs, synthetic_seed=args.synthetic_seed,
-                force=args.force)
-    except (PrepareError, TokenizerError, FolderRefused) as e:
+                force=args.force, limits=InputLimits.from_flags(args))
+    except (PrepareError, TokenizerError, FolderRefused, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
