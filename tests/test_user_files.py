@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,18 +121,6 @@ def test_look_alike_leftovers_of_a_user_are_never_removed_or_renamed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".c2.old-mybackup", ".c2.tmp-draft", ".c9.old-2024", "c2"]
     for name in (".c2.old-mybackup", ".c9.old-2024", ".c2.tmp-draft"):
         assert (tmp_path / name / "data.bin").read_bytes() == USER_BYTES
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs (root only: skipped where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_during_the_append_leaves_results_byte_identical(small_disk):
