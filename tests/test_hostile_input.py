@@ -72,6 +72,13 @@ def damaged_lm_cache(tmp_path: Path) -> Path:
     return cache
 
 
+def missing_model_name(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Callable[[list[str]], int], list[str]]:
+    """Refused before the tiny preset builds its cache under the working directory."""
+    request.getfixturevalue("monkeypatch").chdir(tmp_path)
+    return cls_run.main, [*tiny_run.SMALL, "--config", "fp32_baseline", "--model_name", str(tmp_path / "nonexistent"),
+                          "--output_dir", str(tmp_path / "out")]
+
+
 Case = Callable[[Path, pytest.FixtureRequest], tuple[Callable[[list[str]], int], list[str]]]
 CASES: dict[str, Case] = {
     "lm prepare of /dev/zero": lambda t, r: (lm_prepare.main, ["--source", "/dev/zero", "--output_dir", str(t / "c")]),
@@ -85,12 +92,7 @@ CASES: dict[str, Case] = {
     "lm prepare of a line past the default --max_line_bytes": lambda t, r: (lm_prepare.main, [
         "--source", str(written(t / "long.txt", b"a" * (InputLimits.max_line_bytes + 1))),
         "--output_dir", str(t / "c"), "--tokenizer", "bpe:300"]),
-    "a path-looking --model_name that does not exist": lambda t, r: (cls_run.main, [
-        *tiny_run.SMALL, "--config", "fp32_baseline", "--model_name", str(t / "nonexistent"),
-        "--output_dir", str(t / "out")]),
-    "a user's downloads folder beside the cache": lambda t, r: (cls_prepare.main, [
-        "--source", "https://example.invalid/dataset.zip", "--tokenizer", "bpe:300",
-        "--output_dir", str(written(t / "downloads" / "mine.txt", b"a user's file").parents[1] / "c")]),
+    "a path-looking --model_name that does not exist": lambda t, r: missing_model_name(t, r),
     "classification token ids outside the vocabulary": lambda t, r: (cls_run.main, [
         *tiny_run.SMALL, "--config", "fp32_baseline", "--output_dir", str(t / "out"),
         "--data_dir", str(damaged_cls_cache(t, r.getfixturevalue("small_cache_dir"), "vocab_size"))]),

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 from experiments.classification import data
 from experiments.classification import prepare_data
 from experiments.classification.prepare_data import PrepareError, prepare
+from experiments.classification.prepare_data import main as prepare_main
+from experiments.classification.sources import DOWNLOADS_MARKER
 
 SMALL_BPE = "bpe:2000"
 
@@ -425,6 +427,19 @@ def test_url_download_interrupted_then_resumed(tmp_path, archive_server):
     assert len(state["ranges"]) == 2
 
 
+def test_a_downloads_folder_that_is_not_ours_is_never_written_into(tmp_path, archive_server, capsys):
+    """The default download folder (beside the cache) holds a user's file: one line, exit 2, no request made."""
+    base_url, state = archive_server
+    state["payload"] = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip").read_bytes()
+    (tmp_path / "out" / "downloads").mkdir(parents=True)
+    (tmp_path / "out" / "downloads" / "mine.zip").write_bytes(b"a user's file")
+    assert prepare_main(["--source", f"{base_url}/dataset.zip", "--output_dir", str(tmp_path / "out" / "cache"),
+                         "--tokenizer", SMALL_BPE]) == 2
+    assert "holds no .dtype-bench-downloads.json of ours" in capsys.readouterr().err
+    assert state["ranges"] == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["downloads"]
+    assert [p.name for p in (tmp_path / "out" / "downloads").iterdir()] == ["mine.zip"]
+
+
 # ------------------------------------------------------------------------------ folders that are not ours
 
 
@@ -563,7 +578,7 @@ def test_download_is_verified_stored_with_its_checksum_and_reused_only_while_it_
 
     with pytest.raises(PrepareError, match=f"has SHA-256 {digest}, not the {'0' * 64} given with --sha256"):
         prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads, sha256="0" * 64)
-    assert list(downloads.iterdir()) == []  # the wrong file is not kept
+    assert [p.name for p in downloads.iterdir()] == [DOWNLOADS_MARKER]  # the wrong file is not kept
     assert "plain http" in capsys.readouterr().err
 
     prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads, sha256=digest)
