@@ -38,7 +38,7 @@ def read_cache_meta(data_dir: Path, format_version: int) -> dict:
     return meta
 
 
-_VERIFIED_CACHES: set[tuple] = set()  # caches this process hashed, by folder, recorded checksums and file stats
+_VERIFIED_CACHES: set[tuple] = set()  # caches this process checked, by folder, meta.json and file stats
 
 
 def check_cache_files(data_dir: Path, meta: dict, check_content: Callable[[], None] | None = None) -> None:
@@ -51,7 +51,7 @@ def check_cache_files(data_dir: Path, meta: dict, check_content: Callable[[], No
         stats = tuple((name, (data_dir / name).stat().st_size, (data_dir / name).stat().st_mtime_ns) for name in files)
     except OSError:
         stats = None  # a missing file: damaged_file names it
-    key = (str(Path(data_dir).resolve()), json.dumps(files, sort_keys=True), stats)
+    key = (str(Path(data_dir).resolve()), json.dumps(meta, sort_keys=True), stats)
     if stats is not None and key in _VERIFIED_CACHES:
         return
     damaged = damaged_file(data_dir, files)

@@ -79,6 +79,15 @@ def missing_model_name(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[
                           "--output_dir", str(tmp_path / "out")]
 
 
+def small_vocabulary_encoder(tmp_path: Path) -> Path:
+    """A save_pretrained encoder config of 50 tokens, fewer than the small cache's tokenizer has."""
+    from transformers import RobertaConfig
+
+    RobertaConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                  intermediate_size=128).save_pretrained(tmp_path / "encoder")
+    return tmp_path / "encoder"
+
+
 Case = Callable[[Path, pytest.FixtureRequest], tuple[Callable[[list[str]], int], list[str]]]
 CASES: dict[str, Case] = {
     "lm prepare of /dev/zero": lambda t, r: (lm_prepare.main, ["--source", "/dev/zero", "--output_dir", str(t / "c")]),
@@ -99,6 +108,9 @@ CASES: dict[str, Case] = {
     "classification label ids outside the label space": lambda t, r: (cls_run.main, [
         *tiny_run.SMALL, "--config", "fp32_baseline", "--output_dir", str(t / "out"),
         "--data_dir", str(damaged_cls_cache(t, r.getfixturevalue("small_cache_dir"), "num_labels"))]),
+    "a pretrained encoder with a smaller vocabulary than the cache": lambda t, r: (cls_run.main, [
+        *tiny_run.SMALL, "--config", "fp32_baseline", "--output_dir", str(t / "out"), "--model_name",
+        str(small_vocabulary_encoder(t)), "--data_dir", str(r.getfixturevalue("small_cache_dir"))]),
     "lm token ids outside the vocabulary": lambda t, r: (lm_run.main, [
         *LM_SMALL, "--config", "fp32_baseline", "--output_dir", str(t / "out"), "--data_dir", str(damaged_lm_cache(t))]),
     "disk full while preparing the classification cache": lambda t, r: (cls_prepare.main, [

@@ -75,9 +75,10 @@ def check_ids_in_range(data_dir: Path, vocab_size: int, num_labels: int) -> None
     for split in SPLITS:
         for suffix, bound, what in (("input_ids", vocab_size, "token ids"), ("label_ids", num_labels, "label indices")):
             ids = np.load(data_dir / f"{split}.{suffix}.npy", mmap_mode="r")
-            if len(ids) and not (0 <= ids.min() and ids.max() < bound):
-                raise CacheError(f"cache {data_dir} is damaged: {split}.{suffix}.npy has {what} in [{ids.min()}, "
-                                 f"{ids.max()}], outside [0, {bound}) of its meta.json; prepare it again")
+            low, high = (int(ids.min()), int(ids.max())) if len(ids) else (0, -1)
+            if low < 0 or high >= bound:
+                raise CacheError(f"cache {data_dir} is damaged: {split}.{suffix}.npy has {what} in [{low}, {high}], "
+                                 f"outside [0, {bound}) of its meta.json; prepare it again")
 
 
 class TokenizedSplit:

@@ -33,7 +33,7 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
     their synthetic one on first use, seconds)."""
     if cfg.model_name != "tiny":  # before anything is written: a hub id offline is one line saying what to pass
         try:
-            model_lib.pretrained_config(cfg.model_name)
+            encoder_config = model_lib.pretrained_config(cfg.model_name)
         except model_lib.EncoderNotFound as e:
             raise UserError(str(e)) from e
     if cfg.preset != "full" and cfg.data_dir is None:
@@ -47,6 +47,9 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
             f"{e}. Prepare it with `python experiments/classification/prepare_data.py --source "
             f"<dataset.zip|folder|URL|hub id> --output_dir {cfg.cache_dir}`, or run offline with --preset tiny"
         ) from e
+    if cfg.model_name != "tiny" and meta.vocab_size > encoder_config.vocab_size:
+        raise UserError(f"the cache's tokenizer has {meta.vocab_size} tokens, --model_name {cfg.model_name} only "
+                        f"{encoder_config.vocab_size}: prepare the cache with the model's tokenizer")
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise UserError(f"--init_weights {cfg.init_weights}: no such file (a run's checkpoints/<run id>/best-step*/"
                         "model.safetensors)")

@@ -9,7 +9,8 @@ train.bin / val.bin (uint16 token streams) and meta.json.
 SOURCE is one of
   * a Hugging Face hub dataset id, `owner/name[@revision]`, loaded with `datasets.load_dataset`: its
     `train` split's `text` column (OpenWebText has no validation split: one is held out, as below);
-  * a local `.txt` file or a folder of them (searched recursively): each file is one document;
+  * a local `.txt` file or a folder of them (searched recursively): each file is one document; every file is
+    checked first (UTF-8, within --max_file_bytes and --max_line_bytes, as the classification prepare reads);
   * `synthetic`: legal-style documents from dtype_bench.synthetic (the EUR-Lex-like corpus the
     classification experiment uses), so everything runs offline;
   * `synthetic-ids`: uniformly random token ids at the vocabulary size of `--tokenizer words:SIZE` (e.g.
