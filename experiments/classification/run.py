@@ -28,15 +28,23 @@ from dtype_bench.runner import UserError
 
 EXPERIMENT = "classification"
 
+def encoder_config(cfg: TrainConfig):
+    """A pretrained encoder's config (None for --model_name tiny); one line saying what to pass if it cannot be
+    loaded (a hub id offline, a path that does not exist)."""
+    if cfg.model_name == "tiny":
+        return None
+    try:
+        return model_lib.pretrained_config(cfg.model_name)
+    except model_lib.EncoderNotFound as e:
+        raise UserError(str(e)) from e
+
 def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
-    """Checks that a pretrained encoder's config can be loaded; then the prepared cache (the offline presets build
-    their synthetic one on first use, seconds)."""
-    if cfg.model_name != "tiny":  # before anything is written: a hub id offline is one line saying what to pass
-        try:
-            encoder_config = model_lib.pretrained_config(cfg.model_name)
-        except model_lib.EncoderNotFound as e:
-            raise UserError(str(e)) from e
-    if cfg.preset != "full" and cfg.data_dir is None:
+    """The prepared cache (the offline presets build their synthetic one on first use, seconds), and checks that
+    a pretrained encoder's config can be loaded and covers the cache's tokens: before a preset's cache is built
+    (nothing is written for a bad --model_name), else after the cache is found (a missing cache is said first)."""
+    builds = cfg.preset != "full" and cfg.data_dir is None
+    encoder = encoder_config(cfg) if builds else None
+    if builds:
         from experiments.classification.prepare_data import prepare_preset
 
         prepare_preset(cfg.preset, cfg.cache_dir)
@@ -47,9 +55,10 @@ def load_cache(cfg: TrainConfig) -> data_lib.CacheMeta:
             f"{e}. Prepare it with `python experiments/classification/prepare_data.py --source "
             f"<dataset.zip|folder|URL|hub id> --output_dir {cfg.cache_dir}`, or run offline with --preset tiny"
         ) from e
-    if cfg.model_name != "tiny" and meta.vocab_size > encoder_config.vocab_size:
+    encoder = encoder or encoder_config(cfg)
+    if encoder is not None and meta.vocab_size > encoder.vocab_size:
         raise UserError(f"the cache's tokenizer has {meta.vocab_size} tokens, --model_name {cfg.model_name} only "
-                        f"{encoder_config.vocab_size}: prepare the cache with the model's tokenizer")
+                        f"{encoder.vocab_size}: prepare the cache with the model's tokenizer")
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise UserError(f"--init_weights {cfg.init_weights}: no such file (a run's checkpoints/<run id>/best-step*/"
                         "model.safetensors)")
