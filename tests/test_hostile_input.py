@@ -112,7 +112,8 @@ CASES: dict[str, Case] = {
         *tiny_run.SMALL, "--config", "fp32_baseline", "--output_dir", str(t / "out"), "--model_name",
         str(small_vocabulary_encoder(t)), "--data_dir", str(r.getfixturevalue("small_cache_dir"))]),
     "lm token ids outside the vocabulary": lambda t, r: (lm_run.main, [
-        *LM_SMALL, "--config", "fp32_baseline", "--output_dir", str(t / "out"), "--data_dir", str(damaged_lm_cache(t))]),
+        *LM_SMALL, "--config", "fp32_baseline", "--output_dir", str(t / "out"),
+        "--data_dir", str(damaged_lm_cache(t))]),
     "disk full while preparing the classification cache": lambda t, r: (cls_prepare.main, [
         "--source", "synthetic", "--synthetic_docs", "600", "--synthetic_labels", "300", "--tokenizer", "bpe:1000",
         "--max_length", "64", "--output_dir", str(r.getfixturevalue("small_disk") / "c")]),
