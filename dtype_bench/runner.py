@@ -28,6 +28,7 @@ import torch
 
 from dtype_bench import checkpoint, cpu, distributed, launchers, plan, precision, results, signals, sweep
 from dtype_bench.configs import HelpFormatter, add_flags, resolve
+from dtype_bench.cache import CacheError
 from dtype_bench.io import FolderRefused, claim_folder, fingerprint, recover_interrupted_writes
 
 TrainFn = Callable[[Any, precision.PrecisionConfig, int, Any, torch.device, str], dict]
@@ -197,7 +198,7 @@ def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], 
             return plan.print_plan(args.config_names, args.seeds, todo, cfg, device,
                                    lambda short, pc, rid: train(short, pc, args.seed, data, device, rid))
         results.claim_output_dir(cfg.output_dir, setup_fp, setup)
-    except (UserError, results.SetupMismatch, FolderRefused) as e:
+    except (UserError, results.SetupMismatch, FolderRefused, CacheError) as e:  # CacheError: a preset cache not built
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(runs) == 1 and args.launcher == "local":

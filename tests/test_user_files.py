@@ -145,3 +145,14 @@ def test_a_full_disk_during_the_append_leaves_results_byte_identical(small_disk)
     os.unlink(filler)
     append_jsonl(path, big_row)
     assert path.read_bytes().startswith(before) and path.read_bytes().endswith(b'"' + b"x" * 6000 + b'"}\n')
+
+
+def test_a_full_disk_while_run_py_builds_its_preset_cache_is_one_line(small_disk, monkeypatch, capsys):
+    """`run.py --preset tiny` builds its cache on first use: a full disk there ends in one line and exit 2."""
+    from experiments.classification.run import main
+
+    monkeypatch.chdir(small_disk)
+    code = main(["--config", "fp32_baseline", "--preset", "tiny", "--output_dir", str(small_disk / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "space" in err[0], err
+    assert not (small_disk / "out").exists()
