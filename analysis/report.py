@@ -6,7 +6,7 @@ import math
 from collections import Counter
 
 from analysis import hypotheses
-from analysis.experiment_data import Experiment, Metric, is_cpu_rss, memory_kind_text
+from analysis.experiment_data import Experiment, Metric, devices, is_cpu_rss, memory_kind_text
 from analysis.stats import Difference, Estimate
 
 NOT_SETUP = ("output_dir",)  # where the rows went says nothing about how they were made
@@ -152,8 +152,7 @@ def caveats(exp: Experiment) -> list[str]:
         out.append(f"These are offline `--preset {'/'.join(offline)}` runs: a small model on a synthetic corpus (`demo`: "
                    "fine-tuning a checkpoint trained on that corpus, every seed from the same weights). Their quality "
                    "numbers say how configs compare at this scale; they are not EURLEX57K (or OpenWebText) numbers.")
-    devices = {(r.get("env") or {}).get("device") for r in exp.rows} - {None}
-    if any(not str(d).startswith("cuda") for d in devices):
+    if devices(exp) - {"cuda"}:
         out.append("Runs on CPU: bf16/fp16 matmuls are emulated or run on kernels unlike a GPU's, so throughput ratios "
                    "here say nothing about tensor-core speed-ups; fp16 in particular is far slower on most x86 CPUs.")
     if any(is_cpu_rss(r.get("peak_memory_kind")) for r in exp.rows):

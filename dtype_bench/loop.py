@@ -17,7 +17,7 @@ unscale/clip -> optimizer step) and hands everything else to a `TrainingRun`:
         run.end_step(grad_norm, lr, validate)                      # count, time, log, evaluate, checkpoint
     fields = run.finish()                                          # throughput, diagnostics, compile counters
 
-The ordering rules it enforces (each was a comment in two run.py files before):
+The ordering rules it enforces:
 - peak calibration after the TF32 flags (set before the model is built) and before the memory reset, so that
   neither the calibration's buffers nor the build count as training memory;
 - diagnostics built before the checkpoint restore (they keep the initial weights and take restored history);

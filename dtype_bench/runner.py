@@ -103,8 +103,9 @@ def run_single(experiment: str, config_name: str, seed: int, cfg: Any, device: t
     it resumes from its checkpoint if it has one, unless `fresh`."""
     pc = precision.get(config_name)
     rid = results.run_id(experiment, pc.name, seed, setup_fp)
+    reason = cpu.skip_reason(pc, device, cfg.max_cpu_slowdown)
     with sweep.run_gate(cfg.output_dir, setup_fp, rid, retry_failed=retry_failed, fresh=fresh, world=world,
-                        skip_reason=cpu.skip_reason(pc, device, cfg.max_cpu_slowdown)) as exit_code:
+                        skip_reason=reason) as exit_code:
         if exit_code is not None:
             return exit_code
         if world.is_main:  # the run's lock is held: nobody else writes its checkpoints
@@ -115,22 +116,20 @@ def run_single(experiment: str, config_name: str, seed: int, cfg: Any, device: t
             shutil.rmtree(checkpoint.run_dir(cfg.output_dir, rid))
         distributed.barrier()  # no rank looks for a checkpoint before it is gone
         with signals.signal_handlers_restored():
-            return _train_and_record(experiment, config_name, seed, cfg, device, setup_fp, train, metrics, world)
+            return _train_and_record(experiment, pc, seed, cfg, device, setup_fp, train, metrics, world, reason)
 
 
-def _train_and_record(experiment: str, config_name: str, seed: int, cfg: Any, device: torch.device,
+def _train_and_record(experiment: str, pc: precision.PrecisionConfig, seed: int, cfg: Any, device: torch.device,
                       setup_fp: str, train: Callable[[precision.PrecisionConfig, str], dict],
-                      metrics: tuple[str, ...], world: distributed.World) -> int:
+                      metrics: tuple[str, ...], world: distributed.World, reason: str | None) -> int:
     """Train and append the row (rank 0), whatever happens: completed/diverged from `train`, `skipped` with
-    the reason if the hardware cannot run the config, `failed` with the error. Interrupted by SIGTERM/SIGINT,
-    the run has checkpointed and writes no row."""
-    pc = precision.get(config_name)
+    `reason` (cpu.skip_reason) if there is one, `failed` with the error. Interrupted by SIGTERM/SIGINT, the run has
+    checkpointed and writes no row."""
     rid = results.run_id(experiment, pc.name, seed, setup_fp)
     row = {"experiment": experiment, "run_id": rid, "config": pc.name, "seed": seed,
            "setup_fingerprint": setup_fp, "precision": pc.to_record(), "train_config": cfg.to_record(),
            "recipe_departures": cfg.recipe_departures(), "env": results.environment(device)}
     started = time.perf_counter()
-    reason = cpu.skip_reason(pc, device, cfg.max_cpu_slowdown)
     exit_code = 0
     if reason:
         row.update(status="skipped", reason=reason)
