@@ -394,7 +394,7 @@ def which_config(analysis: Analysis) -> list[str]:
         if v is None:
             label, evidence = "no verdict", "-"
         elif not s.status_counts["completed"] and s.status_counts["skipped"] and not v.unstable:
-            label, evidence = "not run here (skipped: see Stability)", "-"
+            label, evidence = f"not run here: {skip_summary(exp, s.config)}", "-"
         else:
             label = v.label + (floor_flag(q, s.estimates[q.key].mean) if q else "")
             evidence = "reference" if v.kind == "reference" else (
@@ -455,12 +455,23 @@ def runs_table(exp: Experiment) -> str:
 FIRST_PLOTS = ("relative_to_fp32", "pareto", "loss_curves")  # on the first screen, after the decision table
 
 
+def skip_summary(exp: Experiment, config: str) -> str:
+    """Why a config's runs were skipped, from their rows' `reason` (the first run's; its remedy clause dropped),
+    e.g. "float16 matmuls measured 42.4x slower than float32 on this CPU (emulated, ...), above --max_cpu_slowdown 4"."""
+    reasons = [r.get("reason") for r in exp.runs(config, "skipped")]
+    return (reasons[0] or "no reason recorded").split("; pass ")[0] if reasons else "no run"
+
+
 def device_note(exp: Experiment) -> str | None:
-    """What the speed and memory numbers are of, when that is not a GPU: read before comparing them."""
-    if devices(exp) == {"cpu"}:
-        return ("**Measured on a CPU**: speed and memory ratios say how these configs run on this CPU (fp16/bf16 "
-                "may be emulated), nothing about a GPU; the quality verdicts carry over.")
-    return None
+    """What the speed and memory numbers are of, when that is not a GPU: read before comparing them, and which
+    configs this CPU did not run (every run of theirs skipped), said before the table that lists them."""
+    if devices(exp) != {"cpu"}:
+        return None
+    not_run = [c for c in exp.configs if exp.runs(c) and len(exp.runs(c, "skipped")) == len(exp.runs(c))]
+    missing = (f" Not run on this CPU: {', '.join(f'`{c}`' for c in not_run)} ({skip_summary(exp, not_run[0])}); "
+               "their verdicts need a machine that computes that dtype natively." if not_run else "")
+    return ("**Measured on a CPU**: speed and memory ratios say how these configs run on this CPU, nothing about a "
+            "GPU; the quality verdicts carry over." + missing)
 
 
 def render_report(analysis: Analysis) -> str:
