@@ -143,6 +143,17 @@ def first_nonfinite_origin(exp: Experiment, row: dict) -> str | None:
     return None
 
 
+def origins_summary(exp: Experiment, config: str) -> str:
+    """Where the config's diverged runs first produced a non-finite value, e.g. "; first non-finite value:
+    optimizer:embeddings (step 1) in 3 of 3 diverged runs"; "" when no diverged run recorded one."""
+    diverged = exp.runs(config, "diverged")
+    origins = [o for o in (first_nonfinite_origin(exp, row) for row in diverged) if o]
+    if not origins:
+        return ""
+    most = max(set(origins), key=origins.count)
+    return f"; first non-finite value: {most} in {origins.count(most)} of {len(diverged)} diverged runs"
+
+
 def stability_matrix(exp: Experiment) -> list[dict]:
     """One entry per run: status, the step it stopped at, why, and the stress signals of its step log."""
     out = []
@@ -400,6 +411,8 @@ def which_config(analysis: Analysis) -> list[str]:
             evidence = "reference" if v.kind == "reference" else (
                 v.evidence(v.deciding_claim) if v.comparison is not None and v.comparison.delta is not None
                 or v.unstable else "-")
+            if v.unstable:
+                evidence += origins_summary(exp, s.config)
         rows.append([s.config, label, evidence, fmt(speed[s.config], 3),
                      fmt(s.vs_baseline.get(mem.key), 3) if mem in exp.metrics else "-", stability])
     header = ["config", "verdict", f"Δ{q.label if q else 'quality'} vs fp32 (of fp32's mean) [interval at the "

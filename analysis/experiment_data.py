@@ -174,7 +174,7 @@ def load_experiment(results_dir: str | Path) -> Experiment:
             problems.append(f"row {lineno}: unusable (missing {missing or 'a valid status'}): {str(row)[:80]}")
             continue
         key = (row["config"], row["seed"])
-        if key in by_run:
+        if key in by_run and by_run[key]["status"] != "skipped":  # a skipped run trained later is not a duplicate
             problems.append(f"{row['config']} seed {row['seed']}: recorded more than once; the last row is used")
         by_run[key] = row
     rows = list(by_run.values())

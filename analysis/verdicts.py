@@ -118,6 +118,8 @@ class Verdict:
         test = "TOST" if claim == "equivalence" else {"loss": "one-sided", "gain": "one-sided",
                                                       "beyond": "beyond-margin"}[claim]
         tests = f"{c.test}, n={c.n}" if c.n >= 2 else f"n={c.n}, no interval"
+        if c.paired and c.n >= 2 and c.spreads and c.spreads[0] == 0:
+            tests += "; the paired differences are all equal: zero spread, so the interval is a point and p its limit"
         if self.unstable and claim in ("loss", "beyond"):
             test = f"{test} with divergences counted"
             tests = f"Bonferroni of the completed runs' {c.test} (n={c.n}) and a {fisher}"

@@ -137,3 +137,32 @@ def test_a_cpu_report_names_the_configs_this_cpu_did_not_run_before_the_table(tm
     before_table = report.split("## Which config should I use")[0]
     assert f"Not run on this CPU: `fp16_naive` ({slow})" in before_table
     assert f"| fp16_naive | not run here: {slow} |" in report
+
+
+def test_a_run_recorded_twice_is_a_note_unless_the_first_row_was_a_skip(tmp_path):
+    from analysis.experiment_data import load_experiment
+
+    skipped = {**row("amp_bf16", 0), "status": "skipped", "reason": "emulated"}
+    del skipped["micro_f1"]
+    rows = [row("fp32_baseline", 0), row("fp32_baseline", 0), skipped, row("amp_bf16", 0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exp = load_experiment(tmp_path)
+    assert [p for p in exp.problems if "more than once" in p] == [
+        "fp32_baseline seed 0: recorded more than once; the last row is used"]
+    assert [r["status"] for r in exp.runs("amp_bf16")] == ["completed"]  # the later training supersedes the skip
+
+
+def test_an_unstable_verdict_names_where_its_runs_first_went_non_finite():
+    from analysis.experiment_data import Experiment
+
+    rows = [row("fp32_baseline", s) for s in SEEDS]
+    logs = {}
+    for s in SEEDS:
+        rid = f"classification-fp16_naive-seed{s}-abcdef12"
+        rows.append({**row("fp16_naive", s), "run_id": rid, "status": "diverged", "diverged_at_step": 2})
+        origin = "optimizer:embeddings" if s else "forward:head"
+        logs[rid] = [{"step": 1, "loss": 0.1, "nonfinite_origin": origin}, {"step": 2, "loss": float("nan")}]
+    exp = Experiment("classification", Path("results"), rows, [], logs)
+    assert analyze_experiment.origins_summary(exp, "fp16_naive") == (
+        "; first non-finite value: optimizer:embeddings (step 1) in 2 of 3 diverged runs")
+    assert analyze_experiment.origins_summary(exp, "fp32_baseline") == ""

@@ -277,3 +277,12 @@ def test_random_results_keep_the_table_and_the_claims_consistent():
                 assert outcome == ("refuted" if claim.kind == "worse" else "supported")
             if v.kind == "undecided":
                 assert outcome == "inconclusive"
+
+
+def test_identical_seed_pairs_say_why_the_interval_is_a_point():
+    fp32 = (0.50, 0.51, 0.52)
+    exp = experiment(rows_of("fp32_baseline", fp32) + rows_of("amp_fp16", fp32) + rows_of("amp_bf16", (0.501, 0.509, 0.52)))
+    decided = verdicts.table(exp, "micro_f1")
+    same, close = decided[("amp_fp16", "fp32_baseline")], decided[("amp_bf16", "fp32_baseline")]
+    assert same.kind == "equivalent" and "the paired differences are all equal" in same.evidence("equivalence")
+    assert "all equal" not in close.evidence("equivalence")
