@@ -112,13 +112,13 @@ def building_cache(output_dir: Path, cache_fingerprint: str, format_version: int
                 del checksums[CACHE_MARKER]
                 atomic_write_json(tmp / CACHE_MARKER, {**meta, "files": checksums})
         except Exception as e:  # tokenizers' Rust writer raises a plain Exception naming the OS error
-            if not _disk_full(e):
+            if not disk_full(e):
                 raise
             raise CacheError(f"cannot write the cache {output_dir}: No space left on device (or quota exceeded); "
                              "nothing was left behind (free space there, or pass another output folder)") from None
 
 
-def _disk_full(e: BaseException) -> bool:
+def disk_full(e: BaseException) -> bool:
     """A full disk or exhausted quota: an OSError with ENOSPC/EDQUOT, or a native library's error naming them."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
+import socket
+import stat
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from experiments.classification import data
 from experiments.classification import prepare_data
 from experiments.classification.prepare_data import PrepareError, prepare
 from experiments.classification.prepare_data import main as prepare_main
+from experiments.classification import sources
 from experiments.classification.sources import DOWNLOADS_MARKER
 
 SMALL_BPE = "bpe:2000"
@@ -370,25 +375,23 @@ def test_cli_runs_as_a_script_from_the_repo_root(tmp_path):
 
 @pytest.fixture
 def archive_server(monkeypatch):
-    """An HTTP server on 127.0.0.1 serving state["payload"], honouring `Range: bytes=N-`; when
-    state["drop_after"] is set, the next response sends that many bytes and then drops the connection."""
+    """An HTTP server on 127.0.0.1 serving state["payload"] with its Content-Length, recording each request's
+    Range header (None: the whole file) in state["ranges"]; when state["drop_after"] is set, the next response
+    sends that many bytes and then drops the connection; state["status"] answers every request with that HTTP
+    status; state["stall_s"] waits that long before answering."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    state: dict = {"payload": b"", "drop_after": None, "ranges": []}
+    state: dict = {"payload": b"", "drop_after": None, "ranges": [], "status": 200, "stall_s": 0.0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            requested = self.headers.get("Range")
-            state["ranges"].append(requested)
-            start = int(re.fullmatch(r"bytes=(\d+)-", requested).group(1)) if requested else 0
-            body = state["payload"][start:]
-            self.send_response(206 if requested else 200)
-            if requested:
-                self.send_header("Content-Range", f"bytes {start}-{len(state['payload']) - 1}/{len(state['payload'])}")
-            self.send_header("Content-Length", str(len(body)))
+            state["ranges"].append(self.headers.get("Range"))
+            time.sleep(state["stall_s"])
+            self.send_response(state["status"])
+            self.send_header("Content-Length", str(len(state["payload"])))
             self.end_headers()
             drop_after, state["drop_after"] = state["drop_after"], None
-            self.wfile.write(body if drop_after is None else body[:drop_after])
+            self.wfile.write(state["payload"] if drop_after is None else state["payload"][:drop_after])
             self.close_connection = True
 
         def log_message(self, *args) -> None:  # keep test output clean
@@ -402,25 +405,36 @@ def archive_server(monkeypatch):
     server.server_close()
 
 
-def test_url_download_interrupted_then_resumed(tmp_path, archive_server):
+def error_lines(err: str) -> list[str]:
+    """The `error: ...` lines of prepare_data.py's stderr (the plain-http warning and progress bars aside)."""
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_an_interrupted_download_leaves_nothing_and_the_next_run_downloads_it_whole(tmp_path, archive_server,
+                                                                                    capsys):
     base_url, state = archive_server
     zip_path = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip")
     state["payload"] = zip_path.read_bytes()
     state["drop_after"] = len(state["payload"]) // 3
     out, downloads = tmp_path / "out" / "cache", tmp_path / "downloads"
+    args = ["--source", f"{base_url}/dataset.zip", "--output_dir", str(out), "--tokenizer", SMALL_BPE,
+            "--max_length", "64", "--download_dir", str(downloads)]
 
-    with pytest.raises(PrepareError, match="stopped at .* run again to resume"):
-        prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert prepare_main(args) == 2
+    (error,) = error_lines(capsys.readouterr().err)
+    assert f"broke off (IncompleteRead(" in error and "nothing was kept: run again" in error, error
     assert_no_cache(out)
-    (part,) = downloads.glob("*.part")
-    assert part.stat().st_size == len(state["payload"]) // 3
+    assert [p.name for p in downloads.iterdir()] == [DOWNLOADS_MARKER]  # no partial file
 
-    cache = prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
-    assert state["ranges"] == [None, f"bytes={len(state['payload']) // 3}-"]
-    assert not part.exists()
-    meta = assert_consistent_cache(cache)
-    assert meta.raw["source"]["sha256"] == sha256_file(zip_path)
+    assert prepare_main(args) == 0
+    assert state["ranges"] == [None, None]  # pooch does not resume: the second request asks for the whole file
+    digest = sha256_file(zip_path)
+    assert f"SHA-256 {digest} (pass --sha256 {digest} to verify it next time)" in capsys.readouterr().out
+    meta = assert_consistent_cache(out)
+    assert meta.raw["source"]["sha256"] == digest
     assert meta.raw["source"]["url"] == f"{base_url}/dataset.zip"
+    (stored,) = downloads.glob("*.zip")
+    assert stat.S_IMODE(stored.stat().st_mode) == stat.S_IMODE((downloads / DOWNLOADS_MARKER).stat().st_mode)
 
     # The completed download is kept: preparing again reuses it and the cache without another request.
     prepare(f"{base_url}/dataset.zip", out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
@@ -438,6 +452,85 @@ def test_a_downloads_folder_that_is_not_ours_is_never_written_into(tmp_path, arc
     assert "holds no .dtype-bench-downloads.json of ours" in capsys.readouterr().err
     assert state["ranges"] == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["downloads"]
     assert [p.name for p in (tmp_path / "out" / "downloads").iterdir()] == ["mine.zip"]
+
+
+def test_unreachable_urls_and_http_errors_are_one_line_and_exit_2(tmp_path, archive_server, capsys, monkeypatch):
+    base_url, state = archive_server
+    downloads = tmp_path / "downloads"
+
+    def fails(url: str) -> str:
+        code = prepare_main(["--source", url, "--output_dir", str(tmp_path / "cache"), "--tokenizer", SMALL_BPE,
+                             "--download_dir", str(downloads)])
+        (error,) = error_lines(capsys.readouterr().err)
+        assert code == 2 and [p.name for p in downloads.iterdir()] == [DOWNLOADS_MARKER], error
+        assert_no_cache(tmp_path / "cache")
+        return error
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    assert fails(f"http://127.0.0.1:{closed_port}/dataset.zip") == \
+        f"error: cannot download http://127.0.0.1:{closed_port}/dataset.zip: Connection refused"
+    state["status"] = 404
+    assert fails(f"{base_url}/missing.zip") == f"error: cannot download {base_url}/missing.zip: HTTP 404 Not Found"
+    state["status"], state["stall_s"] = 200, 2.0
+    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT_S", 0.5)
+    assert fails(f"{base_url}/slow.zip") == f"error: cannot download {base_url}/slow.zip: no answer within 0.5 s"
+
+
+def test_a_download_past_max_file_bytes_is_stopped_and_deleted(tmp_path, archive_server, capsys):
+    base_url, state = archive_server
+    state["payload"] = os.urandom(3 * sources.DOWNLOAD_CHUNK_BYTES)
+    downloads = tmp_path / "downloads"
+    assert prepare_main(["--source", f"{base_url}/dataset.zip", "--output_dir", str(tmp_path / "cache"),
+                         "--tokenizer", SMALL_BPE, "--download_dir", str(downloads),
+                         "--max_file_bytes", str(sources.DOWNLOAD_CHUNK_BYTES)]) == 2
+    (error,) = error_lines(capsys.readouterr().err)
+    assert f"is larger than {sources.DOWNLOAD_CHUNK_BYTES:,} bytes; stopped and deleted" in error
+    assert [p.name for p in downloads.iterdir()] == [DOWNLOADS_MARKER]
+
+
+def test_a_response_that_is_not_a_zip_archive_is_deleted_and_not_recorded(tmp_path, archive_server, capsys):
+    base_url, state = archive_server
+    state["payload"] = b"<html>a login page</html>"
+    downloads = tmp_path / "downloads"
+    args = ["--source", f"{base_url}/dataset.zip", "--output_dir", str(tmp_path / "cache"), "--tokenizer", SMALL_BPE,
+            "--download_dir", str(downloads)]
+    assert prepare_main(args) == 2
+    (error,) = error_lines(capsys.readouterr().err)
+    assert error.endswith("did not return a zip archive (25 bytes, deleted): expected the EURLEX57K dataset.zip")
+    assert [p.name for p in downloads.iterdir()] == [DOWNLOADS_MARKER]
+    state["payload"] = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip").read_bytes()
+    assert prepare_main([*args, "--max_length", "64"]) == 0  # nothing recorded pins the wrong file
+
+
+def test_a_full_disk_while_downloading_is_one_line_and_leaves_no_partial_file(small_disk, tmp_path, archive_server,
+                                                                             capsys):
+    base_url, state = archive_server
+    state["payload"] = os.urandom(256 << 10)  # four times the disk
+    downloads = small_disk / "downloads"
+    assert prepare_main(["--source", f"{base_url}/dataset.zip", "--output_dir", str(tmp_path / "cache"),
+                         "--tokenizer", SMALL_BPE, "--download_dir", str(downloads)]) == 2
+    (error,) = error_lines(capsys.readouterr().err)
+    assert "No space left on device" in error and "nothing was kept" in error, error
+    assert [p.name for p in downloads.iterdir()] == [DOWNLOADS_MARKER]
+
+
+def test_a_link_in_the_downloads_folder_is_replaced_never_written_through(tmp_path, archive_server):
+    base_url, state = archive_server
+    zip_path = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip")
+    state["payload"] = zip_path.read_bytes()
+    out, downloads = tmp_path / "out" / "cache", tmp_path / "downloads"
+    url = f"{base_url}/dataset.zip"
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    (stored,) = downloads.glob("*.zip")
+    users_file = tmp_path / "users-file.zip"
+    users_file.write_bytes(b"a user's file")
+    stored.unlink()
+    stored.symlink_to(users_file)
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert len(state["ranges"]) == 2 and users_file.read_bytes() == b"a user's file"
+    assert not stored.is_symlink() and sha256_file(stored) == sha256_file(zip_path)
 
 
 # ------------------------------------------------------------------------------ folders that are not ours
@@ -593,6 +686,31 @@ def test_download_is_verified_stored_with_its_checksum_and_reused_only_while_it_
     prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
     assert len(state["ranges"]) == 3 and "does not match its recorded SHA-256" in capsys.readouterr().out
     assert sha256_file(stored) == digest
+
+    (downloads / f"{stored.name}.sha256").unlink()  # a file without its record is not known to be whole
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert len(state["ranges"]) == 4 and "has no recorded SHA-256: downloading again" in capsys.readouterr().out
+
+
+def test_a_file_that_changed_at_its_url_is_refused_until_its_new_checksum_is_given(tmp_path, archive_server):
+    base_url, state = archive_server
+    first = zip_folder(small_archive(tmp_path / "src"), tmp_path / "first.zip")
+    state["payload"] = first.read_bytes()
+    out, downloads = tmp_path / "out" / "cache", tmp_path / "downloads"
+    url = f"{base_url}/dataset.zip"
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    (stored,) = downloads.glob("*.zip")
+    stored.unlink()
+    changed = zip_folder(small_archive(tmp_path / "src2", n_train=41), tmp_path / "changed.zip")
+    state["payload"] = changed.read_bytes()
+    new_digest = sha256_file(changed)
+    with pytest.raises(PrepareError, match=f"has SHA-256 {new_digest}, not the {sha256_file(first)} recorded in .* "
+                                           f"the file at that URL changed \\(pass --sha256 {new_digest} to accept"):
+        prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
+    assert not stored.exists()
+    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads, sha256=new_digest)
+    assert data.read_meta(out).raw["source"]["sha256"] == new_digest
+    assert (downloads / f"{stored.name}.sha256").read_text().strip() == new_digest
 
 
 # ------------------------------------------------------------------------------ corpora refused or warned about

@@ -6,7 +6,7 @@
 
 SOURCE is one of
   * the EURLEX57K archive: its `dataset.zip` (train.jsonl, dev.jsonl, test.jsonl, possibly inside a folder),
-    as a local path, an http(s) URL (downloaded resumably into --download_dir), or an extracted folder;
+    as a local path, an http(s) URL (downloaded with pooch into --download_dir), or an extracted folder;
   * any folder of jsonl files in the archive's schema (see dtype_bench.synthetic.ARCHIVE_FIELDS);
   * a Hugging Face hub dataset id, `owner/name[@revision]`, loaded with `datasets.load_dataset`;
   * `synthetic`: a generated corpus (dtype_bench.synthetic), written as jsonl and read like the archive;
@@ -28,7 +28,6 @@ import argparse
 import os
 import sys
 import time
-import urllib.error
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """Where the EUR-Lex documents come from: every source prepare_data.py accepts, read into one `Corpus`.
 
   * the EURLEX57K archive's `dataset.zip` (train.jsonl, dev.jsonl, test.jsonl, possibly inside a folder), as a
-    local path, an http(s) URL (downloaded resumably, size-bounded, optionally sha256-checked) or an extracted
+    local path, an http(s) URL (downloaded with pooch, size-bounded, sha256-checked) or an extracted
     folder; any folder of jsonl files in the archive's schema (dtype_bench.synthetic.ARCHIVE_FIELDS);
   * a Hugging Face hub dataset id, `owner/name[@revision]` (`datasets.load_dataset`, column aliases below);
   * `synthetic`, and the token-id corpora `synthetic-ids[-eurlex-lengths]` (dtype_bench.synthetic).
@@ -14,28 +14,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import http.client
 import json
+import logging
 import os
 import re
 import sys
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from types import SimpleNamespace
 from typing import IO
 
 import numpy as np
+import pooch
+import requests
 from tqdm import tqdm
 
 from dtype_bench import synthetic
 from dtype_bench.configs import field_docs
 from experiments.classification.data import SPLITS
-from dtype_bench.io import atomic_write_json, atomic_write_text, claim_folder, sha256_file
+from dtype_bench.cache import disk_full
+from dtype_bench.io import (
+    _umask, atomic_write_json, atomic_write_text, claim_folder, open_no_link, sha256_file,
+)
 from dtype_bench.tokenization import parse_words_spec
 
 ZONES = ("title", "header", "recitals", "main_body", "attachments")
@@ -388,57 +392,76 @@ def local_corpus(path: Path, limits: InputLimits, sha256: str | None) -> Corpus:
 # ------------------------------------------------------------------------------------------ download
 
 
-def download(url: str, dest: Path, max_bytes: int) -> Path:
-    """Fetch `url` to `dest` through `dest.part`, resuming a previous partial download with an HTTP Range
-    request. An interrupted transfer raises PrepareError and keeps the .part for the next attempt; a
-    download past `max_bytes` is stopped and deleted."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    stopped = f"the partial file {part} is kept: run again to resume"
-    try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            if offset and response.status != 206:  # the server ignored the range: start over
-                offset = 0
-            total = None if response.length is None else offset + response.length
-            with open(part, "ab" if offset else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=f"download {dest.name}"
-            ) as progress:
-                while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
-                    out.write(chunk)
-                    progress.update(len(chunk))
-                    if out.tell() > max_bytes:
-                        break
-                out.flush()
-                os.fsync(out.fileno())
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:  # the .part is already as long as the file (or longer): start over
-            part.unlink()
-            return download(url, dest, max_bytes)
-        raise PrepareError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise PrepareError(f"cannot download {url}: {e.reason}") from e
-    except (OSError, http.client.HTTPException) as e:  # connection reset, timeout, short read
-        raise PrepareError(f"download of {url} failed ({type(e).__name__}); {stopped}") from e
-    size = part.stat().st_size
-    if size > max_bytes:
-        part.unlink()
-        raise PrepareError(f"download of {url} is larger than {max_bytes:,} bytes; stopped and deleted "
-                           "(--max_file_bytes raises the limit)")
-    if total is not None and size != total:
-        raise PrepareError(f"download of {url} stopped at {size} of {total} bytes; {stopped}")
-    os.replace(part, dest)
-    return dest
-
-
 DOWNLOADS_MARKER = ".dtype-bench-downloads.json"  # what makes a downloads folder ours (claim_folder)
 
 
+class DownloadProgress(tqdm):
+    """A byte progress bar for pooch.HTTPDownloader(progressbar=...), which tests the bar's truth (tqdm's is
+    undefined before a total is known) before it sets the total from Content-Length."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class BoundedDownloader:
+    """pooch's downloader for `url_corpus`: pooch.HTTPDownloader (requests, a timeout, a progress bar) writing
+    into pooch's temporary file beside `dest`, never through a symbolic link, with the permissions of any file
+    this user creates, fsynced before pooch moves it into place. A download past `max_bytes` is stopped as it
+    streams (PrepareError; pooch deletes the temporary file). What was written is counted and hashed on the
+    way: `size`, and `sha256` once a download completed (None while pooch reuses the file already at `dest`).
+    pooch does not resume: an interrupted download is deleted, and the next attempt fetches the whole file."""
+
+    def __init__(self, dest: Path, max_bytes: int) -> None:
+        self.dest, self.max_bytes, self.size, self.sha256 = dest, max_bytes, 0, None
+
+    def __call__(self, url: str, output_file: str, pooch_instance: object) -> None:
+        print(f"note: the earlier download {self.dest} does not match its recorded SHA-256 or --sha256: "
+              "downloading again" if self.dest.exists() else f"downloading {url} to {self.dest}")
+        digest = hashlib.sha256()
+        with os.fdopen(open_no_link(output_file, os.O_WRONLY | os.O_TRUNC), "wb") as out:
+            os.fchmod(out.fileno(), 0o666 & ~_umask())  # pooch's temporary file is 0600; downloads are shared
+            def write(chunk: bytes) -> None:
+                self.size += len(chunk)
+                if self.size > self.max_bytes:
+                    raise PrepareError(f"download of {url} is larger than {self.max_bytes:,} bytes; stopped and "
+                                       "deleted (--max_file_bytes raises the limit)")
+                digest.update(chunk)
+                out.write(chunk)
+
+            # Our progress bar, not pooch's: closed (its line ended) before an error is printed.
+            with DownloadProgress(unit="B", unit_scale=True, desc=f"download {self.dest.name}") as progress:
+                http = pooch.HTTPDownloader(progressbar=progress, chunk_size=DOWNLOAD_CHUNK_BYTES,
+                                            timeout=DOWNLOAD_TIMEOUT_S)
+                http(url, SimpleNamespace(write=write, flush=out.flush), pooch_instance)
+            out.flush()
+            os.fsync(out.fileno())
+        self.sha256 = digest.hexdigest()
+
+
+def failure_reason(e: requests.RequestException) -> str:
+    """Why a request failed, in a few words: the timeout, the operating system's reason (Connection refused,
+    Name or service not known), or the innermost error (IncompleteRead(300 bytes read, 700 more expected))."""
+    cause: BaseException = e
+    while True:
+        if isinstance(cause, (TimeoutError, requests.Timeout)):
+            return f"no answer within {DOWNLOAD_TIMEOUT_S} s"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        inner = cause.__cause__ or cause.__context__
+        if inner is None:
+            return str(cause) or type(cause).__name__
+        cause = inner
+
+
 def url_corpus(url: str, download_dir: Path, limits: InputLimits, sha256: str | None) -> Corpus:
-    """A downloaded archive, stored with its SHA-256 beside it (`<file>.sha256`) and reused only while the
-    file still has it (and the one given with --sha256, if any). `download_dir` must be absent, empty or
-    ours (it holds DOWNLOADS_MARKER): a user's folder of that name is refused, never written into."""
+    """An archive downloaded with pooch (`BoundedDownloader`) into `download_dir`, stored with its SHA-256
+    beside it (`<file>.sha256`). That recorded SHA-256, or the one given with --sha256, is pooch's known hash:
+    the stored file is reused only while it has it, else downloaded again, and a download without it is
+    refused and deleted (a file at the URL that changed since its first download included: --sha256 with the
+    new digest accepts it). Without --sha256 the first download is trusted and its SHA-256 printed, to be
+    pinned with --sha256 next time. `download_dir` must be absent, empty or ours (it holds DOWNLOADS_MARKER):
+    a user's folder of that name is refused, never written into. Unreachable URLs, HTTP errors, broken
+    transfers and a full disk raise PrepareError (one line) and leave no partial file."""
     download_dir = claim_folder(download_dir, DOWNLOADS_MARKER, "dtype_bench_downloads")
     if not (download_dir / DOWNLOADS_MARKER).exists():
         atomic_write_json(download_dir / DOWNLOADS_MARKER, {"dtype_bench_downloads": "prepare_data.py URL sources"})
@@ -449,26 +472,48 @@ def url_corpus(url: str, download_dir: Path, limits: InputLimits, sha256: str | 
     # The url's hash in the name keeps two sources with the same basename apart.
     dest = download_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{basename}"
     recorded = dest.with_name(dest.name + ".sha256")
-    if dest.exists():
-        digest = sha256_file(dest)
-        expected = recorded.read_text().strip() if recorded.exists() else None
-        if digest == expected and sha256 in (None, digest):
-            print(f"reusing download {dest} (SHA-256 {digest})")
-        else:
-            print(f"note: the earlier download {dest} does not match its recorded SHA-256"
-                  + (" or --sha256" if sha256 else "") + ": downloading again")
+    known = sha256 or (recorded.read_text().strip() if recorded.exists() else None)
+    if known is None and dest.exists():  # no record: not known to be the whole file
+        print(f"note: the earlier download {dest} has no recorded SHA-256: downloading again")
+        dest.unlink()
+    downloader = BoundedDownloader(dest, limits.max_file_bytes)
+    logger = pooch.get_logger()  # its lines name pooch.retrieve's arguments; ours below name the flags
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        pooch.retrieve(url, known_hash=known and f"sha256:{known}", fname=dest.name, path=download_dir,
+                       downloader=downloader)
+    except ValueError:
+        if downloader.sha256 in (None, known):
+            raise
+        given = ("given with --sha256" if sha256 else f"recorded in {recorded} at the first download: the file at "
+                 f"that URL changed (pass --sha256 {downloader.sha256} to accept it)")
+        raise PrepareError(f"download of {url} has SHA-256 {downloader.sha256}, not the {known} {given}; "
+                           "deleted it") from None
+    except requests.HTTPError as e:
+        raise PrepareError(f"cannot download {url}: HTTP {e.response.status_code} {e.response.reason}") from None
+    except requests.RequestException as e:
+        if downloader.size or isinstance(e, requests.exceptions.ChunkedEncodingError):
+            raise PrepareError(f"download of {url} broke off ({failure_reason(e)}); nothing was kept: run again to "
+                               "download it whole") from None
+        raise PrepareError(f"cannot download {url}: {failure_reason(e)}") from None
+    except OSError as e:
+        reason = "No space left on device (or quota exceeded)" if disk_full(e) else e.strerror
+        raise PrepareError(f"cannot write the download {dest}: {reason}; nothing was kept") from None
+    finally:
+        logger.setLevel(level)
+    if downloader.sha256 is None:
+        digest = known
+        print(f"reusing download {dest} (SHA-256 {digest})")
+    else:
+        digest = downloader.sha256
+        if not zipfile.is_zipfile(dest):
             dest.unlink()
-    if not dest.exists():
-        download(url, dest, limits.max_file_bytes)
-        digest = sha256_file(dest)
-        if sha256 and digest != sha256:
-            dest.unlink()
-            raise PrepareError(f"download of {url} has SHA-256 {digest}, not the {sha256} given with --sha256; "
-                               "deleted it")
+            raise PrepareError(f"{url} did not return a zip archive ({downloader.size:,} bytes, deleted): expected "
+                               "the EURLEX57K dataset.zip")
         atomic_write_text(recorded, digest + "\n")
-    if not zipfile.is_zipfile(dest):
-        raise PrepareError(f"{url} did not return a zip archive (saved as {dest}, delete it to download again); "
-                           "expected the EURLEX57K dataset.zip")
+        print(f"downloaded {downloader.size:,} bytes, SHA-256 {digest}"
+              + ("" if sha256 else f" (pass --sha256 {digest} to verify it next time)"))
     return zip_corpus(dest, {"kind": "url", "url": url, "location": str(dest.resolve())}, limits, digest)
 
 
