@@ -516,7 +516,9 @@ def test_a_full_disk_while_downloading_is_one_line_and_leaves_no_partial_file(sm
     assert [p.name for p in downloads.iterdir()] == [DOWNLOADS_MARKER]
 
 
-def test_a_link_in_the_downloads_folder_is_replaced_never_written_through(tmp_path, archive_server):
+def prepared_by_url(tmp_path: Path, archive_server) -> tuple[str, Path, Path, Path, Path]:
+    """A small archive served and prepared by URL: the URL, the archive, the cache, the downloads folder and
+    the download stored there."""
     base_url, state = archive_server
     zip_path = zip_folder(small_archive(tmp_path / "src"), tmp_path / "dataset.zip")
     state["payload"] = zip_path.read_bytes()
@@ -524,6 +526,12 @@ def test_a_link_in_the_downloads_folder_is_replaced_never_written_through(tmp_pa
     url = f"{base_url}/dataset.zip"
     prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
     (stored,) = downloads.glob("*.zip")
+    return url, zip_path, out, downloads, stored
+
+
+def test_a_link_in_the_downloads_folder_is_replaced_never_written_through(tmp_path, archive_server):
+    url, zip_path, out, downloads, stored = prepared_by_url(tmp_path, archive_server)
+    state = archive_server[1]
     users_file = tmp_path / "users-file.zip"
     users_file.write_bytes(b"a user's file")
     stored.unlink()
@@ -693,13 +701,8 @@ def test_download_is_verified_stored_with_its_checksum_and_reused_only_while_it_
 
 
 def test_a_file_that_changed_at_its_url_is_refused_until_its_new_checksum_is_given(tmp_path, archive_server):
-    base_url, state = archive_server
-    first = zip_folder(small_archive(tmp_path / "src"), tmp_path / "first.zip")
-    state["payload"] = first.read_bytes()
-    out, downloads = tmp_path / "out" / "cache", tmp_path / "downloads"
-    url = f"{base_url}/dataset.zip"
-    prepare(url, out, tokenizer=SMALL_BPE, max_length=64, download_dir=downloads)
-    (stored,) = downloads.glob("*.zip")
+    url, first, out, downloads, stored = prepared_by_url(tmp_path, archive_server)
+    state = archive_server[1]
     stored.unlink()
     changed = zip_folder(small_archive(tmp_path / "src2", n_train=41), tmp_path / "changed.zip")
     state["payload"] = changed.read_bytes()
