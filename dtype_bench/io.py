@@ -163,7 +163,8 @@ def recover_interrupted_writes(parent: str | Path, names: str) -> list[str]:
     return done
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -174,7 +175,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results and caches are meant to be shared
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; results and caches are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -208,7 +209,7 @@ def atomic_directory(final: str | Path, marker: str, key: str) -> Iterator[Path]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
         _mark_leftover(tmp, f"a temporary build of {final.name}")
         yield tmp
         fsync_tree(tmp)

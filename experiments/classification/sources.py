@@ -38,7 +38,7 @@ from dtype_bench.configs import field_docs
 from experiments.classification.data import SPLITS
 from dtype_bench.cache import disk_full
 from dtype_bench.io import (
-    _umask, atomic_write_json, atomic_write_text, claim_folder, open_no_link, sha256_file,
+    atomic_write_json, atomic_write_text, claim_folder, current_umask, open_no_link, sha256_file,
 )
 from dtype_bench.tokenization import parse_words_spec
 
@@ -419,7 +419,7 @@ class BoundedDownloader:
               "downloading again" if self.dest.exists() else f"downloading {url} to {self.dest}")
         digest = hashlib.sha256()
         with os.fdopen(open_no_link(output_file, os.O_WRONLY | os.O_TRUNC), "wb") as out:
-            os.fchmod(out.fileno(), 0o666 & ~_umask())  # pooch's temporary file is 0600; downloads are shared
+            os.fchmod(out.fileno(), 0o666 & ~current_umask())  # pooch's temporary file is 0600; downloads are shared
             def write(chunk: bytes) -> None:
                 self.size += len(chunk)
                 if self.size > self.max_bytes:
