@@ -246,13 +246,13 @@ class TrainingRun:
             self.checkpoints.load_best(self.state.best_dir)
         return self.state.best
 
-    def finish(self) -> dict:
+    def finish(self) -> results.ResultRow:
         """Close the progress display and the step log; the result fields every experiment reports (rank 0 gets
         the full set, other ranks status and steps), `compile` among them (`compilation.CompileWatch.record`;
         a line says so when torch.compile recompiled or fell back to eager). Memory fields come from
         `memory_fields()`, after any evaluation that follows."""
         self._progress.close()
-        out = {"status": self.status, "steps": self.state.step}
+        out = results.row_fields(status=self.status, steps=self.state.step)
         if not self.world.is_main:
             return out
         self.log.close()
@@ -261,16 +261,16 @@ class TrainingRun:
         trouble = compilation.summary_line(compiled)
         if trouble:
             print(f"{self.name}: {trouble}", flush=True)
-        out.update(resumed_from_steps=self.state.resumed_from_steps, segments=self.state.segments,
-                   skipped_steps=self.monitor.skipped_steps,
-                   micro_batches=self.state.micro_batches, train_wall_seconds=self.state.train_seconds,
-                   sdpa_ops=self.sdpa_ops,
-                   eval_wall_seconds=self.eval_seconds, evaluations=self.evaluations, compile=compiled,
-                   **throughput.throughput_record(self.timer.summary(), self.peaks, self.world.world_size),
-                   **self.diagnostics.summary())
+        out.update(results.row_fields(
+            resumed_from_steps=self.state.resumed_from_steps, segments=self.state.segments,
+            skipped_steps=self.monitor.skipped_steps, micro_batches=self.state.micro_batches,
+            train_wall_seconds=self.state.train_seconds, sdpa_ops=self.sdpa_ops, eval_wall_seconds=self.eval_seconds,
+            evaluations=self.evaluations, compile=compiled,
+            **throughput.throughput_record(self.timer.summary(), self.peaks, self.world.world_size),
+            **self.diagnostics.summary()))
         if self.monitor.diverged:
-            out.update(diverged_at_step=self.monitor.diverged_at,
-                       first_nonfinite_step=self.monitor.first_nonfinite_step)
+            out.update(results.row_fields(diverged_at_step=self.monitor.diverged_at,
+                                          first_nonfinite_step=self.monitor.first_nonfinite_step))
         return out
 
     def _keep_threads(self, before: int) -> None:
@@ -286,5 +286,5 @@ class TrainingRun:
             print(f"warning: {self.name}: resumed with --threads {now}, its checkpoint was trained with {before}: "
                   "from here the run is not bit-identical to an uninterrupted one (`segments` in the row)")
 
-    def memory_fields(self) -> dict:
+    def memory_fields(self) -> results.ResultRow:
         return self.memory.summary(trained=self.state.trained)

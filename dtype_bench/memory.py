@@ -20,6 +20,7 @@ import torch
 
 from dtype_bench.adamw_state import BNB_BLOCK_SIZE
 from dtype_bench.precision import PrecisionConfig
+from dtype_bench.results import ResultRow, row_fields
 
 GIB = 2**30
 
@@ -98,7 +99,7 @@ class PeakMemory:
     def load_state_dict(self, state: dict) -> None:
         self.earlier = {phase: dict(state[phase]) for phase in ("train", "eval")}
 
-    def summary(self, trained: bool = True) -> dict:
+    def summary(self, trained: bool = True) -> ResultRow:
         """Results-row fields over the run's processes that trained (`trained`: did this one? A process resumed
         after the last checkpoint that only evaluates contributes its evaluation peak, not a training peak).
         `peak_memory_gb` is the larger of the two phases' peaks (allocated on CUDA, RSS on CPU). Without a
@@ -118,7 +119,7 @@ class PeakMemory:
         if "reserved" in train:
             out.update(train_peak_memory_reserved_gb=train["reserved"],
                        eval_peak_memory_reserved_gb=evaluation.get("reserved"))
-        return out
+        return row_fields(**out)
 
 
 # ---------------------------------------------------------------- static memory

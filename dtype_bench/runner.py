@@ -1,15 +1,16 @@
-"""What every experiment's run.py does around its training loop, written once.
+"""The steps every experiment's run.py `main()` calls, in its order, each a plain function.
 
-Parse the flags (precision config, seeds, preset, one flag per training field), pick the device, load the
-prepared data, claim the output directory for this setup, then either train one (config, seed) in this
-process or sweep: one subprocess per run (see sweep.py). A run that fails is a `failed` row, a config the
-hardware cannot run a `skipped` row; neither stops a sweep.
+    args, cfg = parse_args(...)                  # flags -> (namespace, training config); UserError on bad input
+    claim_folder(...)                            # a file or a user's folder at --output_dir: refused before any work
+    world, device = join_world(cfg, runs)        # torchrun's process group, or one process
+    threads, busy_warning = pick_threads(...)    # decided once: a sweep passes them to every run
+    setup_fp, setup = setup_of(...)              # what makes runs comparable
+    skip_reasons(...)                            # config -> why it does not train here (None: it trains)
+    prepare_run_dir(...); with RecordedRun(...)  # one run: resume or --fresh, then train_one and its row
+    child_flags(...)                             # a sweep: the flags each run's process gets
 
-A run.py hands in its training-config dataclass and presets, `load_data(cfg)` (returning an object with a
-`.fingerprint` of the prepared data) and `train(cfg, pc, seed, data, device, run_id) -> dict` (the result
-fields). The training loop itself stays in run.py, where it can be read; its per-step bookkeeping is
-`loop.TrainingRun`'s. The config dataclass must have the fields `output_dir`, `device` and `threads`, and a
-`to_record()` method.
+A run that fails is a `failed` row, a config the hardware cannot run a `skipped` row; neither stops a sweep.
+Bad input is one line and exit code 2 (`BAD_INPUT`), with nothing written.
 """
 from __future__ import annotations
 
@@ -20,22 +21,23 @@ import shutil
 import sys
 import time
 import traceback
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from dtype_bench import checkpoint, cpu, distributed, launchers, plan, precision, results, signals, sweep
+from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, signals, sweep
 from dtype_bench.configs import HelpFormatter, add_flags, resolve
 from dtype_bench.cache import CacheError
-from dtype_bench.io import FolderRefused, claim_folder, fingerprint, recover_interrupted_writes
-
-TrainFn = Callable[[Any, precision.PrecisionConfig, int, Any, torch.device, str], dict]
+from dtype_bench.io import FolderRefused, fingerprint, recover_interrupted_writes
 
 
 class UserError(Exception):
     """Bad input: reported as one line, exit code 2, nothing written."""
+
+
+BAD_INPUT = (UserError, results.SetupMismatch, FolderRefused, CacheError)  # CacheError: a preset cache not built
+"""What a run.py reports as `error: <one line>` with exit code 2."""
 
 
 def seed_everything(seed: int) -> None:
@@ -85,6 +87,31 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
     return args, cfg
 
 
+def join_world(cfg: Any, runs: list[sweep.RunSpec]) -> tuple[distributed.World, torch.device]:
+    """The process group torchrun describes (a single process without it) and this rank's device. UserError
+    before joining for a world size that does not divide the gradient accumulation, after it for a sweep under
+    torchrun."""
+    try:
+        distributed.World(world_size=int(os.environ.get("WORLD_SIZE", "1"))).local_accumulation(
+            cfg.gradient_accumulation_steps)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    world, device = distributed.init_from_env(pick_device(cfg.device))
+    if world.distributed and len(runs) > 1:
+        raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
+                        "`run.py --config all --seeds 3 --list_runs | xargs -L1 torchrun ... run.py <flags>`")
+    return world, device
+
+
+def pick_threads(requested: int | None, device: torch.device) -> tuple[int | None, str | None]:
+    """Set this process's torch threads (`cpu.pick_threads` on CPU; `--threads` or torch's own elsewhere) and
+    return them with the busy-machine warning to print, if any."""
+    threads, busy_warning = cpu.pick_threads(requested) if device.type == "cpu" else (requested, None)
+    if threads:
+        torch.set_num_threads(threads)
+    return threads, busy_warning
+
+
 def setup_of(cfg_record: dict, data_fingerprint: str, device: torch.device) -> tuple[str, dict]:
     """Everything that makes runs comparable except config and seed. Left out: where results and live views go,
     which configs a slow CPU skips, and the device index and thread count (each row's environment record keeps
@@ -95,125 +122,108 @@ def setup_of(cfg_record: dict, data_fingerprint: str, device: torch.device) -> t
     return fingerprint(setup), setup
 
 
-def run_single(experiment: str, config_name: str, seed: int, cfg: Any, device: torch.device, setup_fp: str,
-               train: Callable[[precision.PrecisionConfig, str], dict], metrics: tuple[str, ...], *,
-               world: distributed.World = distributed.SINGLE_PROCESS, fresh: bool = False,
-               retry_failed: bool = False) -> int:
-    """Train one (config, seed) here unless it is done or another process is training it (sweep.run_gate);
-    it resumes from its checkpoint if it has one, unless `fresh`."""
-    pc = precision.get(config_name)
-    rid = results.run_id(experiment, pc.name, seed, setup_fp)
-    reason = cpu.skip_reason(pc, device, cfg.max_cpu_slowdown)
-    with sweep.run_gate(cfg.output_dir, setup_fp, rid, retry_failed=retry_failed, fresh=fresh, world=world,
-                        skip_reason=reason) as exit_code:
-        if exit_code is not None:
-            return exit_code
-        if world.is_main:  # the run's lock is held: nobody else writes its checkpoints
-            for done in recover_interrupted_writes(checkpoint.run_dir(cfg.output_dir, rid), "*"):
-                print(f"{rid}: {done}")
-        if fresh and world.is_main and checkpoint.run_dir(cfg.output_dir, rid).exists():
+def skip_reasons(config_names: list[str], device: torch.device, max_cpu_slowdown: float | None) -> dict[str, str | None]:
+    """config -> why it does not train on `device` (`cpu.skip_reason`), None where it trains: decided in the
+    process that starts the runs, as each run decides it (a launcher's node may differ)."""
+    return {name: cpu.skip_reason(precision.get(name), device, max_cpu_slowdown) for name in config_names}
+
+
+def prepare_run_dir(output_dir: str, rid: str, world: distributed.World, *, fresh: bool) -> None:
+    """Under the run's lock (sweep.run_gate): finish writes an earlier process left half done, or with `fresh`
+    discard the run's checkpoints; no rank goes on before that is done."""
+    run_dir = checkpoint.run_dir(output_dir, rid)
+    if world.is_main:
+        for done in recover_interrupted_writes(run_dir, "*"):
+            print(f"{rid}: {done}")
+        if fresh and run_dir.exists():
             print(f"{rid}: --fresh, discarding its checkpoints")
-            shutil.rmtree(checkpoint.run_dir(cfg.output_dir, rid))
-        distributed.barrier()  # no rank looks for a checkpoint before it is gone
-        with signals.signal_handlers_restored():
-            return _train_and_record(experiment, pc, seed, cfg, device, setup_fp, train, metrics, world, reason)
+            shutil.rmtree(run_dir)
+    distributed.barrier()
 
 
-def _train_and_record(experiment: str, pc: precision.PrecisionConfig, seed: int, cfg: Any, device: torch.device,
-                      setup_fp: str, train: Callable[[precision.PrecisionConfig, str], dict],
-                      metrics: tuple[str, ...], world: distributed.World, reason: str | None) -> int:
-    """Train and append the row (rank 0), whatever happens: completed/diverged from `train`, `skipped` with
-    `reason` (cpu.skip_reason) if there is one, `failed` with the error. Interrupted by SIGTERM/SIGINT, the run has
-    checkpointed and writes no row."""
-    rid = results.run_id(experiment, pc.name, seed, setup_fp)
-    row = {"experiment": experiment, "run_id": rid, "config": pc.name, "seed": seed,
-           "setup_fingerprint": setup_fp, "precision": pc.to_record(), "train_config": cfg.to_record(),
-           "recipe_departures": cfg.recipe_departures(), "env": results.environment(device)}
-    started = time.perf_counter()
-    exit_code = 0
-    if reason:
-        row.update(status="skipped", reason=reason)
-        print(f"{pc.name}: skipped — {reason}")
-    else:
+def first_fields(experiment: str, pc: precision.PrecisionConfig, seed: int, setup_fp: str, cfg: Any,
+                 device: torch.device) -> results.ResultRow:
+    """The fields every row of a run starts with: what ran, under which configs, where."""
+    return results.row_fields(
+        experiment=experiment, run_id=results.run_id(experiment, pc.name, seed, setup_fp), config=pc.name,
+        seed=seed, setup_fingerprint=setup_fp, precision=pc.to_record(), train_config=cfg.to_record(),
+        recipe_departures=cfg.recipe_departures(), env=results.environment(device))
+
+
+class RecordedRun:
+    """Around one run's training; on leaving the block rank 0 appends `row`, whatever happened:
+
+        with RecordedRun(first_fields(...), cfg.output_dir, world, METRICS) as recorded:
+            if reason:
+                recorded.skip(reason)
+            else:
+                recorded.row.update(train_one(...))
+        return recorded.exit_code
+
+    The block's fields (completed or diverged), `skipped` with the reason, or `failed` with the error (a
+    `CheckpointError` as its one line, anything else with its traceback; exit code 1). Interrupted by
+    SIGTERM/SIGINT, the run has checkpointed and no row is written (exit code 128 + signal). A row that
+    `results.append_result` would refuse (a field `ResultRow` does not define) is written as `failed` saying so.
+    The SIGTERM/SIGINT handlers the run installs end with the block. `metrics`: the fields the one-line summary
+    prints."""
+
+    def __init__(self, row: results.ResultRow, output_dir: str, world: distributed.World,
+                 metrics: tuple[str, ...]):
+        self.row, self.output_dir, self.world, self.metrics = row, output_dir, world, metrics
+        self.exit_code = 0
+        self._handlers = signals.signal_handlers_restored()
+
+    def __enter__(self) -> RecordedRun:
+        self._started = time.perf_counter()
+        self._handlers.__enter__()
+        return self
+
+    def skip(self, reason: str) -> None:
+        self.row.update(status="skipped", reason=reason)
+        print(f"{self.row['config']}: skipped — {reason}")
+
+    def __exit__(self, kind, error, tb) -> bool:
+        self._handlers.__exit__(kind, error, tb)
+        rid = self.row["run_id"]
+        if isinstance(error, signals.Interrupted):
+            print(f"{rid}: {error}; checkpoint saved, run the same command again to resume", file=sys.stderr)
+            self.exit_code = error.exit_code
+            return True
+        if error is not None and not isinstance(error, Exception):
+            return False  # KeyboardInterrupt outside the run's deferred signals, SystemExit: not a result
+        if isinstance(error, checkpoint.CheckpointError):  # one line with the remedy, no traceback; the row says why
+            print(f"error: {error}", file=sys.stderr)
+        elif error is not None:  # one run's failure is a result, not a crash of the sweep
+            traceback.print_exception(kind, error, tb)
+        if error is not None:
+            self.row.update(status="failed", error=f"{type(error).__name__}: {error}")
+            self.exit_code = 1
+        self.row["wall_seconds"] = time.perf_counter() - self._started
+        if self.world.is_main:
+            self._append()
+        return True
+
+    def _append(self) -> None:
+        self.row["world_size"] = self.world.world_size
         try:
-            row.update(train(pc, rid))
-        except signals.Interrupted as e:
-            print(f"{rid}: {e}; checkpoint saved, run the same command again to resume", file=sys.stderr)
-            return e.exit_code
-        except checkpoint.CheckpointError as e:  # one line with the remedy, no traceback; the row says why
+            results.append_result(self.output_dir, self.row)
+        except ValueError as e:  # the fields of a finished run; the row still records that it ran
             print(f"error: {e}", file=sys.stderr)
-            row.update(status="failed", error=f"{type(e).__name__}: {e}")
-            exit_code = 1
-        except Exception as e:  # one run's failure is a result, not a crash of the sweep
-            traceback.print_exc()
-            row.update(status="failed", error=f"{type(e).__name__}: {e}")
-            exit_code = 1
-    row["wall_seconds"] = time.perf_counter() - started
-    if not world.is_main:
-        return exit_code
-    row["world_size"] = world.world_size
-    results.append_result(cfg.output_dir, row)
-    print(f"{rid}: {row['status']}" + "".join(
-        f"  {k}={row[k]:.4g}" for k in metrics if isinstance(row.get(k), (int, float))))
-    return exit_code
+            kept = ("experiment", "run_id", "config", "seed", "setup_fingerprint", "precision", "train_config",
+                    "recipe_departures", "env", "wall_seconds", "world_size")
+            self.row = results.row_fields(**{k: self.row[k] for k in kept if k in self.row}, status="failed",
+                                          error=f"ValueError: {e}")
+            self.exit_code = 1
+            results.append_result(self.output_dir, self.row)
+        row = self.row
+        print(f"{row['run_id']}: {row['status']}" + "".join(
+            f"  {k}={row[k]:.4g}" for k in self.metrics if isinstance(row.get(k), (int, float))))
 
 
-def main(script: str, experiment: str, cfg_cls: type, presets: dict[str, dict], *,
-         load_data: Callable[[Any], Any], train: TrainFn, metrics: tuple[str, ...],
-         description: str | None = None, argv: list[str] | None = None) -> int:
-    """The whole command line of an experiment's run.py; returns the process exit code."""
-    try:
-        args, cfg = parse_args(description, cfg_cls, presets, argv)
-        runs = sweep.grid(args.config_names, args.seed, args.seeds)
-        if args.list_runs:
-            print(sweep.list_runs(runs))
-            return 0
-        if not args.plan:  # a plan writes nothing there
-            claim_folder(cfg.output_dir, results.SETUP_FILE, "fingerprint")  # a file, a user's folder: before any work
-        try:  # before joining the process group: a torchrun world size that does not divide the accumulation
-            distributed.World(world_size=int(os.environ.get("WORLD_SIZE", "1"))).local_accumulation(
-                cfg.gradient_accumulation_steps)
-        except ValueError as e:
-            raise UserError(str(e)) from e
-        world, device = distributed.init_from_env(pick_device(cfg.device))
-        if world.distributed and len(runs) > 1:
-            raise UserError("a sweep does not run under torchrun: launch one torchrun per run, e.g. "
-                            "`run.py --config all --seeds 3 --list_runs | xargs -L1 torchrun ... run.py <flags>`")
-        threads, busy_warning = cpu.pick_threads(cfg.threads) if device.type == "cpu" else (cfg.threads, None)
-        if threads:
-            torch.set_num_threads(threads)
-        with distributed.main_process_first(world):  # rank 0 prepares a missing cache alone
-            data = load_data(cfg)
-        if busy_warning and world.is_main:  # after the data: a command without prepared data ends on its one error line
-            print(busy_warning)
-        setup_fp, setup = setup_of(cfg.to_record(), data.fingerprint, device)
-
-        def skip_reason(config: str) -> str | None:  # decided here as each run would (a launcher's node may differ)
-            return cpu.skip_reason(precision.get(config), device, cfg.max_cpu_slowdown)
-
-        if args.plan:
-            todo = plan.pending(runs, cfg.output_dir, setup_fp, experiment, skip_reason=skip_reason,
-                                retry_failed=args.retry_failed, fresh=args.fresh)
-            return plan.print_plan(args.config_names, args.seeds, todo, cfg, device,
-                                   lambda short, pc, rid: train(short, pc, args.seed, data, device, rid))
-        results.claim_output_dir(cfg.output_dir, setup_fp, setup)
-    except (UserError, results.SetupMismatch, FolderRefused, CacheError) as e:  # CacheError: a preset cache not built
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(runs) == 1 and args.launcher == "local":
-        try:
-            return run_single(experiment, args.config_names[0], args.seed, cfg, device, setup_fp,
-                              lambda pc, rid: train(cfg, pc, args.seed, data, device, rid), metrics,
-                              world=world, fresh=args.fresh, retry_failed=args.retry_failed)
-        finally:
-            distributed.shutdown()
-    passthrough = sweep.strip_flags(sys.argv[1:] if argv is None else argv,
-                                    ("--config", "--seed", "--seeds", "--launcher", *launchers.SLURM_FLAGS))
-    if args.launcher != "local":  # each job picks the threads of the node it lands on
-        return sweep.launch_sweep(args, str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp,
-                                  experiment, skip_reason=skip_reason, retry_failed=args.retry_failed,
-                                  fresh=args.fresh, metrics=metrics)
-    if threads and not cfg.threads:  # decided once: every run of the sweep is timed with the same threads
-        passthrough += ["--threads", str(threads)]
-    return sweep.run_sweep(str(Path(script).resolve()), runs, passthrough, cfg.output_dir, setup_fp, experiment,
-                           skip_reason=skip_reason, retry_failed=args.retry_failed, fresh=args.fresh, metrics=metrics)
+def child_flags(argv: list[str] | None, threads: int | None) -> list[str]:
+    """The command's flags for each run a sweep starts, less the grid's and the launcher's (each run gets its own
+    `--config C --seed S`); `threads`: pinned with `--threads` (decided once: every run of a local sweep is
+    timed with the same threads; a launcher's job picks the threads of the node it lands on)."""
+    flags = sweep.strip_flags(sys.argv[1:] if argv is None else argv,
+                              ("--config", "--seed", "--seeds", "--launcher", *launchers.SLURM_FLAGS))
+    return [*flags, "--threads", str(threads)] if threads else flags

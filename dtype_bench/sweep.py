@@ -28,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -181,10 +181,10 @@ def _run_child(command: list[str]) -> tuple[int, int | None]:
 
 
 def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_dir: str | Path,
-              setup_fingerprint: str, experiment: str, *, skip_reason: Callable[[str], str | None],
+              setup_fingerprint: str, experiment: str, *, skip_reasons: dict[str, str | None],
               retry_failed: bool = False, fresh: bool = False, metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
-    """Run each spec that `needs_run` as `python script <passthrough> --config C --seed S` (`skip_reason`: why a
-    config would be skipped here now); print the table; return the exit code (1 if any run of the grid failed
+    """Run each spec that `needs_run` as `python script <passthrough> --config C --seed S` (`skip_reasons`: config
+    -> why it would be skipped here now, None where it trains); print the table; return the exit code (1 if any run of the grid failed
     or was killed, 128 + signal if the sweep itself was interrupted)."""
     busy: list[str] = []
     killed: dict[str, int] = {}
@@ -193,7 +193,7 @@ def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_d
         rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
         before = rows[-1] if rows else None
         where = f"[{i}/{len(runs)}] {spec.config} seed {spec.seed}"
-        reason = skip_reason(spec.config)
+        reason = skip_reasons[spec.config]
         if not needs_run(before, retry_failed=retry_failed, fresh=fresh, skip_reason=reason):
             print(f"{where}: {why_not(before, reason)}, skipping")
             continue
@@ -286,7 +286,7 @@ def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str,
 
 def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunSpec], passthrough: list[str],
                  output_dir: str | Path, setup_fingerprint: str, experiment: str, *,
-                 skip_reason: Callable[[str], str | None], retry_failed: bool = False, fresh: bool = False,
+                 skip_reasons: dict[str, str | None], retry_failed: bool = False, fresh: bool = False,
                  metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
     """The runs that `needs_run` as jobs of another launcher (dtype_bench.launchers), each running
     `python script <passthrough> --config C --seed S` as the local launcher's children do."""
@@ -296,7 +296,7 @@ def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunS
     for spec in runs:
         rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
         rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
-        reason = skip_reason(spec.config)
+        reason = skip_reasons[spec.config]
         if not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh, skip_reason=reason):
             print(f"{spec.config} seed {spec.seed}: {why_not(rows[-1], reason)}, not submitted")
         else:

@@ -30,22 +30,22 @@ def test_run_py_without_threads_keeps_torchs_count_on_a_busy_machine_and_a_sweep
     """run.py's main in-process on a machine sampled fully busy: the run keeps this process's torch thread count
     and prints the warning; a sweep passes that count to every run it starts (the run or sweep itself is replaced
     by a stub that records what it was given)."""
-    from dtype_bench import runner
-    from experiments.classification.run import main
+    from dtype_bench import sweep
+    from experiments.classification import run
 
     seen = {}
 
-    def run_single(*args, **kwargs):
+    def train_one(*args, **kwargs):
         seen["threads"] = torch.get_num_threads()
-        return 0
+        return {"status": "completed", "steps": 0}
 
     def run_sweep(script, runs, passthrough, *args, **kwargs):
         seen["passthrough"] = passthrough
         return 0
 
     monkeypatch.setattr(cpu, "busy_cores", lambda: float(os.cpu_count() or 1))
-    monkeypatch.setattr(runner, "run_single", run_single)
-    monkeypatch.setattr(runner.sweep, "run_sweep", run_sweep)
+    monkeypatch.setattr(run, "train_one", train_one)
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
     argv = [*tiny_run.SMALL, "--data_dir", str(small_cache_dir), "--output_dir", str(tmp_path / "out"),
             "--config", configs]
     at = argv.index("--threads")
@@ -53,7 +53,7 @@ def test_run_py_without_threads_keeps_torchs_count_on_a_busy_machine_and_a_sweep
     expected, pinned = 2, torch.get_num_threads()  # two, so that a load-based choice (one, here) would show
     torch.set_num_threads(expected)
     try:
-        assert main(argv) == 0
+        assert run.main(argv) == 0
     finally:
         torch.set_num_threads(pinned)
     out = capsys.readouterr().out

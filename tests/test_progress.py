@@ -145,14 +145,14 @@ def test_plan_calibrates_only_configs_with_runs_left_and_nothing_when_all_are_do
         for seed, status in enumerate(statuses):
             results.append_result(tmp_path, {"run_id": results.run_id(experiment, config, seed, setup),
                                              "setup_fingerprint": setup, "status": status})
-    still_skipped = lambda config: "too slow here" if config == "fp32_baseline" else None  # noqa: E731
+    still_skipped = {"fp32_baseline": "too slow here", "amp_bf16": None}
     pending = functools.partial(plan.pending, runs, str(tmp_path), setup, experiment)
-    assert pending(skip_reason=still_skipped, retry_failed=False, fresh=False) == []
-    todo = pending(skip_reason=still_skipped, retry_failed=True, fresh=False)
+    assert pending(skip_reasons=still_skipped, retry_failed=False, fresh=False) == []
+    todo = pending(skip_reasons=still_skipped, retry_failed=True, fresh=False)
     assert todo == [sweep.RunSpec("amp_bf16", 1)]
-    assert pending(skip_reason=lambda config: None, retry_failed=False, fresh=False) == [
+    assert pending(skip_reasons=dict.fromkeys(still_skipped), retry_failed=False, fresh=False) == [
         sweep.RunSpec("fp32_baseline", 1)]  # its skip no longer applies: it would train now
-    assert len(pending(skip_reason=still_skipped, retry_failed=False, fresh=True)) == 4
+    assert len(pending(skip_reasons=still_skipped, retry_failed=False, fresh=True)) == 4
 
     calls: list[str] = []
     cfg = Cfg(str(tmp_path))

@@ -4,7 +4,8 @@
     python experiments/classification/run.py --config all --seeds 3              # sweep, one process per run
     python experiments/classification/run.py --config core --preset tiny         # offline, CPU-sized
 
-Reads top to bottom: parse -> data -> model under the precision config -> train loop -> evaluate -> row.
+Reads top to bottom: data -> model under the precision config -> train loop -> evaluate -> row; `main` at the
+end: parse -> plan or claim the output folder -> data -> one run under its gate, or a sweep.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from experiments.classification import data as data_lib
 from experiments.classification import metrics as metrics_lib
 from experiments.classification import model as model_lib
 from experiments.classification.config import PRESETS, TrainConfig
-from dtype_bench import distributed, flops, loop, optimizers, precision, progress, results, runner
+from dtype_bench import distributed, flops, loop, optimizers, plan, precision, progress, results, runner, sweep
+from dtype_bench.io import claim_folder
 from dtype_bench.runner import UserError
 
 EXPERIMENT = "classification"
@@ -181,8 +183,59 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     return out
 
 def main(argv: list[str] | None = None) -> int:
-    return runner.main(__file__, EXPERIMENT, TrainConfig, PRESETS, load_data=load_cache, train=train_one,
-                       metrics=results.REPORTED_METRICS, description=__doc__, argv=argv)
+    """The command line (module docstring); returns the process exit code."""
+    try:
+        args, cfg = runner.parse_args(__doc__, TrainConfig, PRESETS, argv)
+        runs = sweep.grid(args.config_names, args.seed, args.seeds)
+        if args.list_runs:
+            print(sweep.list_runs(runs))
+            return 0
+        if not args.plan:  # a file or a user's folder at --output_dir: refused before any work (a plan writes none)
+            claim_folder(cfg.output_dir, results.SETUP_FILE, "fingerprint")
+        world, device = runner.join_world(cfg, runs)
+        threads, busy_warning = runner.pick_threads(cfg.threads, device)
+        with distributed.main_process_first(world):  # rank 0 prepares a missing cache alone
+            meta = load_cache(cfg)
+        if busy_warning and world.is_main:  # after the data: a command without prepared data ends on its one error
+            print(busy_warning)
+        setup_fp, setup = runner.setup_of(cfg.to_record(), meta.fingerprint, device)
+        skip_reasons = runner.skip_reasons(args.config_names, device, cfg.max_cpu_slowdown)
+        if args.plan:
+            todo = plan.pending(runs, cfg.output_dir, setup_fp, EXPERIMENT, skip_reasons=skip_reasons,
+                                retry_failed=args.retry_failed, fresh=args.fresh)
+            return plan.print_plan(args.config_names, args.seeds, todo, cfg, device,
+                                   lambda short, pc, rid: train_one(short, pc, args.seed, meta, device, rid))
+        results.claim_output_dir(cfg.output_dir, setup_fp, setup)
+    except runner.BAD_INPUT as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    script = str(Path(__file__).resolve())
+    if args.launcher != "local":  # one job per run; each picks the threads of the node it lands on
+        return sweep.launch_sweep(args, script, runs, runner.child_flags(argv, None), cfg.output_dir, setup_fp,
+                                  EXPERIMENT, skip_reasons=skip_reasons, retry_failed=args.retry_failed,
+                                  fresh=args.fresh, metrics=results.REPORTED_METRICS)
+    if len(runs) > 1:  # one process per run, all timed with the threads decided here
+        return sweep.run_sweep(script, runs, runner.child_flags(argv, None if cfg.threads else threads),
+                               cfg.output_dir, setup_fp, EXPERIMENT, skip_reasons=skip_reasons,
+                               retry_failed=args.retry_failed, fresh=args.fresh, metrics=results.REPORTED_METRICS)
+    pc, seed = precision.get(args.config_names[0]), args.seed
+    rid, reason = results.run_id(EXPERIMENT, pc.name, seed, setup_fp), skip_reasons[pc.name]
+    try:
+        with sweep.run_gate(cfg.output_dir, setup_fp, rid, retry_failed=args.retry_failed, fresh=args.fresh,
+                            world=world, skip_reason=reason) as done:
+            if done is not None:  # done already, or another process holds its lock
+                return done
+            runner.prepare_run_dir(cfg.output_dir, rid, world, fresh=args.fresh)
+            with runner.RecordedRun(runner.first_fields(EXPERIMENT, pc, seed, setup_fp, cfg, device), cfg.output_dir,
+                                    world, results.REPORTED_METRICS) as recorded:
+                if reason:
+                    recorded.skip(reason)
+                else:
+                    recorded.row.update(train_one(cfg, pc, seed, meta, device, rid))
+            return recorded.exit_code
+    finally:
+        distributed.shutdown()
+
 
 if __name__ == "__main__":
     sys.exit(main())
