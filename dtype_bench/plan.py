@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from dtype_bench import cpu, precision, results, signals, sweep
+from dtype_bench import cpu, precision, signals, sweep
 from dtype_bench.results import cpu_name
 
 CALIBRATION_STEPS = 4
@@ -55,16 +55,6 @@ def calibrate(cfg: Any, pc: precision.PrecisionConfig, train: Callable[..., dict
     evaluation = row["eval_wall_seconds"] / row["evaluations"]
     fixed = wall - CALIBRATION_STEPS * seconds_per_step - row["evaluations"] * evaluation
     return Estimate(seconds_per_step, evaluation, max(fixed, 0.0), wall)
-
-
-def pending(runs: list[sweep.RunSpec], output_dir: str, setup_fingerprint: str, experiment: str, *,
-            skip_reasons: dict[str, str | None], retry_failed: bool, fresh: bool) -> list[sweep.RunSpec]:
-    """The runs of the grid the command would train or record as skipped (`sweep.needs_run`), given what
-    `output_dir` holds; `skip_reasons`: config -> why it would be skipped, as the sweep decides it."""
-    newest = results.latest_per_run(sweep.setup_rows(output_dir, setup_fingerprint))
-    return [spec for spec in runs if sweep.needs_run(
-        newest.get(results.run_id(experiment, spec.config, spec.seed, setup_fingerprint)),
-        retry_failed=retry_failed, fresh=fresh, skip_reason=skip_reasons[spec.config])]
 
 
 def minutes(seconds: float) -> str:

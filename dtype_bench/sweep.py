@@ -50,6 +50,42 @@ class RunSpec:
         return ["--config", self.config, "--seed", str(self.seed)]
 
 
+@dataclass(frozen=True)
+class Grid:
+    """A command's runs (configs x seeds) and what decides which of them run now (`needs_run`): the rows of its
+    setup in `output_dir`, `skip_reasons` (config -> why it would be skipped here now, None where it trains),
+    `retry_failed` and `fresh`."""
+    runs: list[RunSpec]
+    output_dir: str
+    setup_fingerprint: str
+    experiment: str
+    skip_reasons: dict[str, str | None]
+    retry_failed: bool = False
+    fresh: bool = False
+
+    def run_id(self, spec: RunSpec) -> str:
+        return run_id(self.experiment, spec.config, spec.seed, self.setup_fingerprint)
+
+    def rows(self, spec: RunSpec) -> list[dict]:
+        """The run's rows, oldest first."""
+        rid = self.run_id(spec)
+        return [r for r in setup_rows(self.output_dir, self.setup_fingerprint) if r.get("run_id") == rid]
+
+    def why_not_now(self, spec: RunSpec, rows: list[dict]) -> str | None:
+        """None if the run with these rows trains (or records its skip) now; otherwise why not (`why_not`)."""
+        reason = self.skip_reasons[spec.config]
+        if needs_run(rows[-1] if rows else None, retry_failed=self.retry_failed, fresh=self.fresh, skip_reason=reason):
+            return None
+        return why_not(rows[-1], reason)
+
+    def pending(self) -> list[RunSpec]:
+        """The runs the command would train or record as skipped, given what `output_dir` holds."""
+        newest = latest_per_run(setup_rows(self.output_dir, self.setup_fingerprint))
+        return [spec for spec in self.runs if needs_run(
+            newest.get(self.run_id(spec)), retry_failed=self.retry_failed, fresh=self.fresh,
+            skip_reason=self.skip_reasons[spec.config])]
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sweeps and resuming")
     group.add_argument("--fresh", action="store_true",
@@ -180,24 +216,20 @@ def _run_child(command: list[str]) -> tuple[int, int | None]:
     return returncode, (received[0] if received else None)
 
 
-def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_dir: str | Path,
-              setup_fingerprint: str, experiment: str, *, skip_reasons: dict[str, str | None],
-              retry_failed: bool = False, fresh: bool = False, metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
-    """Run each spec that `needs_run` as `python script <passthrough> --config C --seed S` (`skip_reasons`: config
-    -> why it would be skipped here now, None where it trains); print the table; return the exit code (1 if any run of the grid failed
-    or was killed, 128 + signal if the sweep itself was interrupted)."""
+def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
+    """Run each run of the grid that `needs_run` as `python script <passthrough> --config C --seed S`, one after
+    the other; print the table; return the exit code (1 if any run of the grid failed or was killed, 128 + signal
+    if the sweep itself was interrupted)."""
     busy: list[str] = []
     killed: dict[str, int] = {}
-    for i, spec in enumerate(runs, 1):
-        rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
-        rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
-        before = rows[-1] if rows else None
-        where = f"[{i}/{len(runs)}] {spec.config} seed {spec.seed}"
-        reason = skip_reasons[spec.config]
-        if not needs_run(before, retry_failed=retry_failed, fresh=fresh, skip_reason=reason):
-            print(f"{where}: {why_not(before, reason)}, skipping")
+    for i, spec in enumerate(grid.runs, 1):
+        rid, rows = grid.run_id(spec), grid.rows(spec)
+        where = f"[{i}/{len(grid.runs)}] {spec.config} seed {spec.seed}"
+        why_not_now = grid.why_not_now(spec, rows)
+        if why_not_now:
+            print(f"{where}: {why_not_now}, skipping")
             continue
-        if is_claimed(output_dir, rid):
+        if is_claimed(grid.output_dir, rid):
             print(f"{where}: running in another process, skipping")
             busy.append(rid)
             continue
@@ -213,19 +245,17 @@ def run_sweep(script: str, runs: list[RunSpec], passthrough: list[str], output_d
             print(f"{rid}: killed by {signal.Signals(-returncode).name}; run the same command again to resume it",
                   file=sys.stderr)
         else:
-            record_silent_exit(output_dir, setup_fingerprint, experiment, spec, len(rows), returncode)
-    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics, killed)
+            record_silent_exit(grid, spec, len(rows), returncode)
+    return sweep_table(grid, busy, metrics, killed)
 
 
-def record_silent_exit(output_dir: str | Path, setup_fingerprint: str, experiment: str, spec: RunSpec,
-                       rows_before: int, returncode: int) -> None:
+def record_silent_exit(grid: Grid, spec: RunSpec, rows_before: int, returncode: int) -> None:
     """A run process that exited with an error code without appending a row (it crashed before its handler)
     gets a `failed` row saying so. A process killed by a signal gets none: it was interrupted, not failed."""
-    rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
-    if sum(r.get("run_id") == rid for r in setup_rows(output_dir, setup_fingerprint)) == rows_before:
-        append_result(output_dir, {
-            "experiment": experiment, "run_id": rid, "config": spec.config, "seed": spec.seed,
-            "status": "failed", "setup_fingerprint": setup_fingerprint,
+    if len(grid.rows(spec)) == rows_before:
+        append_result(grid.output_dir, {
+            "experiment": grid.experiment, "run_id": grid.run_id(spec), "config": spec.config, "seed": spec.seed,
+            "status": "failed", "setup_fingerprint": grid.setup_fingerprint,
             "error": f"run process exited with code {returncode} without writing a result",
         })
 
@@ -265,13 +295,11 @@ def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
     return "\n".join(out + ([""] + notes if notes else []))
 
 
-def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str, runs: list[RunSpec],
-                busy: list[str], metrics: tuple[str, ...], killed: dict[str, int] | None = None) -> int:
+def sweep_table(grid: Grid, busy: list[str], metrics: tuple[str, ...], killed: dict[str, int] | None = None) -> int:
     """Print the grid's newest rows as a table; the sweep's exit code (1 if any run of the grid failed or was
     killed: `killed`, run id -> signal)."""
-    newest = latest_per_run(setup_rows(output_dir, setup_fingerprint))
-    grid_rows = [newest[r] for r in (run_id(experiment, s.config, s.seed, setup_fingerprint) for s in runs)
-                 if r in newest]
+    newest = latest_per_run(setup_rows(grid.output_dir, grid.setup_fingerprint))
+    grid_rows = [newest[r] for r in map(grid.run_id, grid.runs) if r in newest]
     print("\n" + seed_summary_table(grid_rows, metrics))
     if busy:
         print(f"\n{len(busy)} run(s) were running in another process: {', '.join(busy)}")
@@ -284,30 +312,28 @@ def sweep_table(output_dir: str | Path, setup_fingerprint: str, experiment: str,
     return 1 if failed or killed else 0
 
 
-def launch_sweep(launcher_args: argparse.Namespace, script: str, runs: list[RunSpec], passthrough: list[str],
-                 output_dir: str | Path, setup_fingerprint: str, experiment: str, *,
-                 skip_reasons: dict[str, str | None], retry_failed: bool = False, fresh: bool = False,
+def launch_sweep(launcher_args: argparse.Namespace, script: str, grid: Grid, passthrough: list[str],
                  metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
-    """The runs that `needs_run` as jobs of another launcher (dtype_bench.launchers), each running
+    """The runs of the grid that `needs_run` as jobs of another launcher (dtype_bench.launchers), each running
     `python script <passthrough> --config C --seed S` as the local launcher's children do."""
     from dtype_bench import launchers
 
     pending: dict[str, tuple[RunSpec, int]] = {}
-    for spec in runs:
-        rid = run_id(experiment, spec.config, spec.seed, setup_fingerprint)
-        rows = [r for r in setup_rows(output_dir, setup_fingerprint) if r.get("run_id") == rid]
-        reason = skip_reasons[spec.config]
-        if not needs_run(rows[-1] if rows else None, retry_failed=retry_failed, fresh=fresh, skip_reason=reason):
-            print(f"{spec.config} seed {spec.seed}: {why_not(rows[-1], reason)}, not submitted")
+    for spec in grid.runs:
+        rows = grid.rows(spec)
+        why_not_now = grid.why_not_now(spec, rows)
+        if why_not_now:
+            print(f"{spec.config} seed {spec.seed}: {why_not_now}, not submitted")
         else:
-            pending[rid] = (spec, len(rows))
+            pending[grid.run_id(spec)] = (spec, len(rows))
     commands = {rid: [sys.executable, script, *passthrough, *spec.flags()] for rid, (spec, _) in pending.items()}
-    codes = launchers.launch(launcher_args.launcher, launcher_args, script, commands, Path(output_dir)) if commands else {}
+    codes = (launchers.launch(launcher_args.launcher, launcher_args, script, commands, Path(grid.output_dir))
+             if commands else {})
     if launcher_args.launcher == "slurm":
         return 0
     busy = [rid for rid, code in codes.items() if code == EXIT_BUSY]
     killed = {rid: -code for rid, code in codes.items() if code < 0}
     for rid, code in codes.items():
         if code != EXIT_BUSY and code >= 0:
-            record_silent_exit(output_dir, setup_fingerprint, experiment, pending[rid][0], pending[rid][1], code)
-    return sweep_table(output_dir, setup_fingerprint, experiment, runs, busy, metrics, killed)
+            record_silent_exit(grid, *pending[rid], code)
+    return sweep_table(grid, busy, metrics, killed)

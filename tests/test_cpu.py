@@ -39,7 +39,7 @@ def test_run_py_without_threads_keeps_torchs_count_on_a_busy_machine_and_a_sweep
         seen["threads"] = torch.get_num_threads()
         return {"status": "completed", "steps": 0}
 
-    def run_sweep(script, runs, passthrough, *args, **kwargs):
+    def run_sweep(script, grid, passthrough, *args, **kwargs):
         seen["passthrough"] = passthrough
         return 0
 

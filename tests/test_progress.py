@@ -3,7 +3,6 @@ third-party notice is filtered: a fake clock drives the progress lines, a fake `
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import logging
 import math
@@ -146,7 +145,10 @@ def test_plan_calibrates_only_configs_with_runs_left_and_nothing_when_all_are_do
             results.append_result(tmp_path, {"run_id": results.run_id(experiment, config, seed, setup),
                                              "setup_fingerprint": setup, "status": status})
     still_skipped = {"fp32_baseline": "too slow here", "amp_bf16": None}
-    pending = functools.partial(plan.pending, runs, str(tmp_path), setup, experiment)
+
+    def pending(**rules) -> list[sweep.RunSpec]:
+        return sweep.Grid(runs, str(tmp_path), setup, experiment, **rules).pending()
+
     assert pending(skip_reasons=still_skipped, retry_failed=False, fresh=False) == []
     todo = pending(skip_reasons=still_skipped, retry_failed=True, fresh=False)
     assert todo == [sweep.RunSpec("amp_bf16", 1)]

@@ -248,10 +248,10 @@ def test_a_sweep_child_killed_by_a_signal_is_interrupted_not_failed(tmp_path, ca
     out = tmp_path / "out"
     script = _fake_run_script(tmp_path, "os.kill(os.getpid(), signal.SIGKILL)\n")
     runs = sweep.grid(["fp32_baseline"], 0, 1)
-    kwargs = dict(skip_reasons={"fp32_baseline": None})
-    assert sweep.run_sweep(str(script), runs, [], out, "s", "e", **kwargs) == 1
+    grid = sweep.Grid(runs, str(out), "s", "e", skip_reasons={"fp32_baseline": None})
+    assert sweep.run_sweep(str(script), grid, []) == 1
     assert "killed by SIGKILL" in capsys.readouterr().err and results.read_results(out) == ([], [])
-    assert sweep.run_sweep(str(script), runs, [], out, "s", "e", **kwargs) == 1
+    assert sweep.run_sweep(str(script), grid, []) == 1
     assert _ran(tmp_path) == ["fp32_baseline 0", "fp32_baseline 0"]
 
 
@@ -263,9 +263,9 @@ def test_a_skip_is_re_evaluated_when_its_reason_no_longer_applies(tmp_path, caps
                                 "status": "skipped", "reason": "bfloat16 70x slower", "setup_fingerprint": "s"})
     script = _fake_run_script(tmp_path, "")
     runs = sweep.grid(["amp_bf16"], 0, 1)
-    sweep.run_sweep(str(script), runs, [], out, "s", "e", skip_reasons={"amp_bf16": "bfloat16 71x slower"})
+    sweep.run_sweep(str(script), sweep.Grid(runs, str(out), "s", "e", skip_reasons={"amp_bf16": "bfloat16 71x slower"}), [])
     assert _ran(tmp_path) == [] and "still skipped (bfloat16 71x slower)" in capsys.readouterr().out
-    sweep.run_sweep(str(script), runs, [], out, "s", "e", skip_reasons={"amp_bf16": None})
+    sweep.run_sweep(str(script), sweep.Grid(runs, str(out), "s", "e", skip_reasons={"amp_bf16": None}), [])
     assert _ran(tmp_path) == ["amp_bf16 0"]
 
 

@@ -166,11 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if busy_warning and world.is_main:  # after the data: a command without prepared data ends on its one error
             print(busy_warning)
         setup_fp, setup = runner.setup_of(cfg.to_record(), meta.fingerprint, device)
-        skip_reasons = runner.skip_reasons(args.config_names, device, cfg.max_cpu_slowdown)
+        grid = sweep.Grid(runs, cfg.output_dir, setup_fp, EXPERIMENT, retry_failed=args.retry_failed, fresh=args.fresh,
+                          skip_reasons=runner.skip_reasons(args.config_names, device, cfg.max_cpu_slowdown))
         if args.plan:
-            todo = plan.pending(runs, cfg.output_dir, setup_fp, EXPERIMENT, skip_reasons=skip_reasons,
-                                retry_failed=args.retry_failed, fresh=args.fresh)
-            return plan.print_plan(args.config_names, args.seeds, todo, cfg, device,
+            return plan.print_plan(args.config_names, args.seeds, grid.pending(), cfg, device,
                                    lambda short, pc, rid: train_one(short, pc, args.seed, meta, device, rid))
         results.claim_output_dir(cfg.output_dir, setup_fp, setup)
     except runner.BAD_INPUT as e:
@@ -178,15 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     script = str(Path(__file__).resolve())
     if args.launcher != "local":  # one job per run; each picks the threads of the node it lands on
-        return sweep.launch_sweep(args, script, runs, runner.child_flags(argv, None), cfg.output_dir, setup_fp,
-                                  EXPERIMENT, skip_reasons=skip_reasons, retry_failed=args.retry_failed,
-                                  fresh=args.fresh, metrics=METRICS)
+        return sweep.launch_sweep(args, script, grid, runner.child_flags(argv, None), METRICS)
     if len(runs) > 1:  # one process per run, all timed with the threads decided here
-        return sweep.run_sweep(script, runs, runner.child_flags(argv, None if cfg.threads else threads),
-                               cfg.output_dir, setup_fp, EXPERIMENT, skip_reasons=skip_reasons,
-                               retry_failed=args.retry_failed, fresh=args.fresh, metrics=METRICS)
+        return sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads), METRICS)
     pc, seed = precision.get(args.config_names[0]), args.seed
-    rid, reason = results.run_id(EXPERIMENT, pc.name, seed, setup_fp), skip_reasons[pc.name]
+    rid, reason = grid.run_id(runs[0]), grid.skip_reasons[pc.name]
     try:
         with sweep.run_gate(cfg.output_dir, setup_fp, rid, retry_failed=args.retry_failed, fresh=args.fresh,
                             world=world, skip_reason=reason) as done:
