@@ -227,7 +227,8 @@ class ResultRow(TypedDict, total=False):
 
     # ---- classification quality: test split, best-validation weights (rules: experiments/classification/metrics.py)
     micro_f1: float
-    """Micro-F1 over all (document, label) pairs; unseen gold labels count as missed."""
+    """Test split with the best validation's weights, as every classification metric below without `val_`:
+    micro-F1 over all (document, label) pairs; unseen gold labels count as missed."""
     macro_f1: float
     """The plan's "average across all labels": mean F1 over every label of the label space, 0/0 -> 0
     (scikit-learn's `f1_score(average="macro", zero_division=0)`)."""
@@ -293,7 +294,8 @@ FIELD_TYPES: dict[str, type] = get_type_hints(ResultRow)
 REQUIRED = tuple(key for key, hint in get_type_hints(ResultRow, include_extras=True).items()
                  if get_origin(hint) is Required)
 README = Path(__file__).resolve().parents[1] / "README.md"
-SCHEMA_BEGIN = "<!-- results schema: generated from dtype_bench.results.ResultRow by `python -m dtype_bench.results --readme` -->"
+SCHEMA_BEGIN = ("<!-- results schema: generated from dtype_bench.results.ResultRow by "
+                "`python -m dtype_bench.results --readme` -->")
 SCHEMA_END = "<!-- end of results schema -->"
 
 

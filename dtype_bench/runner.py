@@ -122,7 +122,8 @@ def setup_of(cfg_record: dict, data_fingerprint: str, device: torch.device) -> t
     return fingerprint(setup), setup
 
 
-def skip_reasons(config_names: list[str], device: torch.device, max_cpu_slowdown: float | None) -> dict[str, str | None]:
+def skip_reasons(config_names: list[str], device: torch.device,
+                 max_cpu_slowdown: float | None) -> dict[str, str | None]:
     """config -> why it does not train on `device` (`cpu.skip_reason`), None where it trains: decided in the
     process that starts the runs, as each run decides it (a launcher's node may differ)."""
     return {name: cpu.skip_reason(precision.get(name), device, max_cpu_slowdown) for name in config_names}

@@ -25,7 +25,8 @@ def rows(output_dir: Path) -> list[dict]:
 def test_readme_schema_table_is_the_generated_one():
     readme = results.README.read_text(encoding="utf-8")
     assert results.readme_with_schema(readme) == readme, (
-        "README's results schema differs from dtype_bench.results.ResultRow: run `python -m dtype_bench.results --readme`")
+        "README's results schema differs from dtype_bench.results.ResultRow: "
+        "run `python -m dtype_bench.results --readme`")
     assert results.schema_table() in readme
 
 

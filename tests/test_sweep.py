@@ -263,7 +263,8 @@ def test_a_skip_is_re_evaluated_when_its_reason_no_longer_applies(tmp_path, caps
                                 "status": "skipped", "reason": "bfloat16 70x slower", "setup_fingerprint": "s"})
     script = _fake_run_script(tmp_path, "")
     runs = sweep.grid(["amp_bf16"], 0, 1)
-    sweep.run_sweep(str(script), sweep.Grid(runs, str(out), "s", "e", skip_reasons={"amp_bf16": "bfloat16 71x slower"}), [])
+    too_slow = sweep.Grid(runs, str(out), "s", "e", skip_reasons={"amp_bf16": "bfloat16 71x slower"})
+    sweep.run_sweep(str(script), too_slow, [])
     assert _ran(tmp_path) == [] and "still skipped (bfloat16 71x slower)" in capsys.readouterr().out
     sweep.run_sweep(str(script), sweep.Grid(runs, str(out), "s", "e", skip_reasons={"amp_bf16": None}), [])
     assert _ran(tmp_path) == ["amp_bf16 0"]

@@ -103,7 +103,7 @@ def _targets(split: data_lib.TokenizedSplit, n: int, num_labels: int) -> torch.T
     return targets
 
 def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: data_lib.CacheMeta,
-              device: torch.device, rid: str) -> dict:
+              device: torch.device, rid: str) -> results.ResultRow:
     """One run: returns the result fields (status, metrics, timing, memory, dtypes)."""
     precision.apply_matmul_precision(pc)
     runner.seed_everything(seed)
@@ -168,18 +168,19 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     out = run.finish()
     if not world.is_main:  # rank 0 evaluates and reports
         return out
-    out.update(samples_seen=out["micro_batches"] * cfg.batch_size, padding_fraction=batches.padding_fraction,
-               compiled=compiled, optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device),
-               dtypes=dtypes, eval_dtypes=run.eval_dtypes, eval_precision=cfg.eval_precision,
-               data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
-               model_source=model_lib.encoder_source(cfg.model_name, model.encoder), init_weights_sha256=init_sha256)
+    out.update(results.row_fields(
+        samples_seen=out["micro_batches"] * cfg.batch_size, padding_fraction=batches.padding_fraction,
+        compiled=compiled, optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device),
+        dtypes=dtypes, eval_dtypes=run.eval_dtypes, eval_precision=cfg.eval_precision,
+        data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
+        model_source=model_lib.encoder_source(cfg.model_name, model.encoder), init_weights_sha256=init_sha256))
     if out["status"] == "diverged":
         return {**out, **run.memory_fields()}
     best = run.load_best()
     with run.evaluating():
         test, _ = evaluate(model, splits["test"], cfg, pc, meta, device)
-    out.update(best_val_step=best["step"], **{f"val_{k}": v for k, v in best["metrics"].items()},
-               **test, **run.memory_fields())
+    out.update(results.row_fields(best_val_step=best["step"], **{f"val_{k}": v for k, v in best["metrics"].items()},
+                                  **test, **run.memory_fields()))
     return out
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.launcher != "local":  # one job per run; each picks the threads of the node it lands on
         return sweep.launch_sweep(args, script, grid, runner.child_flags(argv, None), results.REPORTED_METRICS)
     if len(runs) > 1:  # one process per run, all timed with the threads decided here
-        return sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads), results.REPORTED_METRICS)
+        return sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads),
+                               results.REPORTED_METRICS)
     pc, seed = precision.get(args.config_names[0]), args.seed
     rid, reason = grid.run_id(runs[0]), grid.skip_reasons[pc.name]
     try:

@@ -73,7 +73,7 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, pc: precision.Pre
 
 
 def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: data_lib.CacheMeta,
-              device: torch.device, rid: str) -> dict:
+              device: torch.device, rid: str) -> results.ResultRow:
     """One run: returns the result fields (status, validation loss, timing, memory, dtypes)."""
     precision.apply_matmul_precision(pc)
     runner.seed_everything(seed)
@@ -133,19 +133,20 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     if not world.is_main:  # rank 0 evaluates and reports
         return out
     samples_per_second = out["samples_per_second"]
-    out.update(samples_seen=out["micro_batches"] * cfg.batch_size,
-               tokens_seen=out["micro_batches"] * cfg.batch_size * cfg.block_size,
-               n_params=model_lib.count_parameters(model), compiled=compiled,
-               optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device), dtypes=dtypes,
-               eval_dtypes=run.eval_dtypes,
-               data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
-               # every training sequence is exactly block_size tokens long
-               tokens_per_second=None if samples_per_second is None else samples_per_second * cfg.block_size,
-               **run.memory_fields())
+    out.update(results.row_fields(
+        samples_seen=out["micro_batches"] * cfg.batch_size,
+        tokens_seen=out["micro_batches"] * cfg.batch_size * cfg.block_size,
+        n_params=model_lib.count_parameters(model), compiled=compiled,
+        optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device), dtypes=dtypes,
+        eval_dtypes=run.eval_dtypes,
+        data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
+        # every training sequence is exactly block_size tokens long
+        tokens_per_second=None if samples_per_second is None else samples_per_second * cfg.block_size,
+        **run.memory_fields()))
     if out["status"] == "completed":  # the LM reports its last evaluation and keeps no best weights
         evals = run.state.evals
-        out.update(val_loss=evals[-1]["loss"], perplexity=evals[-1]["perplexity"],
-                   val_loss_curve=[[e["step"], e["loss"]] for e in evals])
+        out.update(results.row_fields(val_loss=evals[-1]["loss"], perplexity=evals[-1]["perplexity"],
+                                      val_loss_curve=[[e["step"], e["loss"]] for e in evals]))
     return out
 
 
