@@ -26,6 +26,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,7 @@ from filelock import FileLock, Timeout
 
 from dtype_bench.distributed import World, broadcast_from_main
 from dtype_bench.io import lock
+from dtype_bench.progress import duration
 from dtype_bench.results import REPORTED_METRICS, append_result, latest_per_run, mean_std, read_results, run_id
 
 MAX_SEEDS = 1000  # seeds of one sweep: far above any paired comparison's need, far below a grid that fills memory
@@ -222,6 +224,7 @@ def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[st
     if the sweep itself was interrupted)."""
     busy: list[str] = []
     killed: dict[str, int] = {}
+    to_go, started, took = len(grid.pending()), time.monotonic(), []
     for i, spec in enumerate(grid.runs, 1):
         rid, rows = grid.run_id(spec), grid.rows(spec)
         where = f"[{i}/{len(grid.runs)}] {spec.config} seed {spec.seed}"
@@ -233,8 +236,11 @@ def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[st
             print(f"{where}: running in another process, skipping")
             busy.append(rid)
             continue
-        print(where, flush=True)
+        print(where + sweep_time(time.monotonic() - started, took, to_go), flush=True)
+        child_started = time.monotonic()
         returncode, interrupted = _run_child([sys.executable, script, *passthrough, *spec.flags()])
+        took.append(time.monotonic() - child_started)
+        to_go = max(to_go - 1, 0)
         if interrupted:
             print(f"sweep interrupted during {rid}; run the same command again to resume", file=sys.stderr)
             return 128 + interrupted
@@ -247,6 +253,13 @@ def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[st
         else:
             record_silent_exit(grid, spec, len(rows), returncode)
     return sweep_table(grid, busy, metrics, killed)
+
+
+def sweep_time(elapsed: float, took: list[float], to_go: int) -> str:
+    """The sweep's progress for its per-run line: time so far and, once a run has finished, the time left
+    estimated as the runs still to go (this one included) times the mean wall time of those finished here."""
+    left = f", ~{duration(to_go * sum(took) / len(took))} left ({to_go} to go)" if took else ""
+    return f" (sweep {duration(elapsed)}{left})"
 
 
 def record_silent_exit(grid: Grid, spec: RunSpec, rows_before: int, returncode: int) -> None:

@@ -286,3 +286,10 @@ def test_hostile_or_wrong_typed_rows_are_reported_like_torn_lines(tmp_path):
     rows, problems = results.read_results(tmp_path)
     assert [r["run_id"] for r in rows] == ["r1", "r2"]
     assert len(problems) == len(bad) and all("malformed line" in p for p in problems), problems
+
+
+def test_the_sweep_line_says_its_time_so_far_and_left_once_a_run_has_finished():
+    from dtype_bench.sweep import sweep_time
+
+    assert sweep_time(5.0, [], 4) == " (sweep 5s)"  # no finished run to estimate from
+    assert sweep_time(70.0, [20.0, 40.0], 3) == " (sweep 1m10s, ~1m30s left (3 to go))"
