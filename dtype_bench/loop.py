@@ -32,6 +32,7 @@ Under DDP every rank runs all of it; rank 0 alone writes logs, evaluates and sav
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -48,6 +49,13 @@ from dtype_bench.progress import Progress
 from dtype_bench.run_state import RunState
 
 Validate = Callable[[], "tuple[dict, dict | None]"]  # () -> (validation metrics, dtypes checked on it)
+
+
+def stop_step(cfg: Any) -> int:
+    """The step a run stops after: max_steps, or ceil(forecast x max_steps) for a forecast run (which follows the
+    full run's schedule, so its steps are the full run's first ones)."""
+    fraction = getattr(cfg, "forecast", None)
+    return cfg.max_steps if fraction is None else max(1, math.ceil(fraction * cfg.max_steps))
 
 
 @contextlib.contextmanager
@@ -80,12 +88,13 @@ class TrainingRun:
                  experiment: str, device: torch.device, world: distributed.World, batches: Any,
                  data_fingerprint: str, group_of: Callable[[str], str], best_metric: str | None = None):
         self.cfg, self.seed, self.world, self.best_metric = cfg, seed, world, best_metric
+        self.stop_step = stop_step(cfg)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.local_accumulation = world.local_accumulation(cfg.gradient_accumulation_steps)
         self.peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # MFU denominators
         self.memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
         self.compile = compilation.CompileWatch()  # before the first forward: counts every graph of the run
-        self.timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps, last_step=cfg.max_steps)
+        self.timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps, last_step=self.stop_step)
         self.diagnostics = PrecisionDiagnostics(model, optimizer, group_of, every=cfg.diagnostics_every)
         self.checkpoints = checkpoint.RunCheckpoints(
             checkpoint.run_dir(cfg.output_dir, run_id), model,
@@ -110,7 +119,7 @@ class TrainingRun:
         self.name = f"{pc.name} seed {seed}"
         if resumed:
             self._keep_threads(self.state.earlier_segments[-1]["threads"])
-        self._progress = Progress(self.name, cfg.max_steps, initial=self.state.step, enabled=world.is_main,
+        self._progress = Progress(self.name, self.stop_step, initial=self.state.step, enabled=world.is_main,
                                   activity=self.compile.activity)
 
     @property
@@ -123,11 +132,11 @@ class TrainingRun:
         return "diverged" if self.monitor.diverged else "completed"
 
     def next_step(self) -> bool:
-        """False once max_steps are done or the run diverged; otherwise opens the next step's timer window
+        """False once `stop_step` steps are done or the run diverged; otherwise opens the next step's timer window
         (untimed on a diagnostics step, which does extra, untrained work)."""
         if self._in_step:
             raise RuntimeError("next_step() called before end_step() closed the previous step")
-        if self.state.step >= self.cfg.max_steps or self.monitor.diverged:
+        if self.state.step >= self.stop_step or self.monitor.diverged:
             return False
         self._in_step = True
         self._step_samples, self._step_flops = 0, 0.0  # this rank's: throughput and MFU are per device
@@ -195,7 +204,7 @@ class TrainingRun:
         self.compile.step_done(step)
         self.monitor.step(step, grad_norm, lr)
         self._progress.update()
-        evaluating = step % cfg.eval_steps == 0 or step == cfg.max_steps
+        evaluating = step % cfg.eval_steps == 0 or step == self.stop_step
         if step % cfg.log_every == 0 or evaluating:
             self.timer.pause()  # the flush is a host sync, not training time
             rate = self.timer.recent_samples_per_second()

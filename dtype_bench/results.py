@@ -5,6 +5,8 @@ Layout of an output directory:
                            its fields are `ResultRow`'s (README's schema table: `python -m dtype_bench.results`)
     logs/<run_id>.jsonl    that run's step log; NaN/Inf are written as NaN/Infinity, never replaced
     setup.json             the setup fingerprint the directory belongs to (other setups are refused)
+A forecast's runs (`--forecast`, the first fraction of each run) go to the sibling `forecast_dir(output_dir)`, a
+setup of their own: a full sweep in output_dir neither sees nor is refused by them.
 """
 from __future__ import annotations
 
@@ -359,6 +361,13 @@ def readme_with_schema(readme: str) -> str:
     if not begin or not end:
         raise ValueError(f"README has no schema section between {SCHEMA_BEGIN!r} and {SCHEMA_END!r}")
     return f"{head}{SCHEMA_BEGIN}\n{schema_table()}\n{SCHEMA_END}{tail}"
+
+
+def forecast_dir(output_dir: str | Path) -> Path:
+    """Where the forecast runs of a sweep into `output_dir` go: beside it (inside, its folder would no longer be
+    empty before the full sweep claims it)."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(f"{output_dir.name}-forecast")
 
 
 class SetupMismatch(RuntimeError):

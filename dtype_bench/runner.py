@@ -15,6 +15,7 @@ Bad input is one line and exit code 2 (`BAD_INPUT`), with nothing written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import shutil
@@ -74,6 +75,8 @@ def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
     args = parser.parse_args(argv)
     try:
         cfg = resolve(cfg_cls, presets, args.preset, args)
+        if getattr(cfg, "forecast", None) is not None:  # a forecast's rows live apart from full runs'
+            cfg = dataclasses.replace(cfg, output_dir=str(results.forecast_dir(cfg.output_dir)))
         args.config_names = precision.resolve_names(args.config)
     except (ValueError, precision.UnknownConfig) as e:
         raise UserError(str(e)) from e

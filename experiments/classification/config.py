@@ -84,6 +84,12 @@ class TrainConfig(TrainingFields):
     many optimizer steps; 0 = never. A measured step costs one extra fp32 AdamW step plus host copies of the
     weights and the intended update (see the diagnostics module); non-finite tracking runs every step."""
 
+    forecast: Optional[float] = None
+    """Train on max_steps's learning-rate schedule but stop after ceil(this x max_steps) optimizer steps, with a
+    validation evaluation there: the first fraction of a full run, step for step (`dtype-bench forecast`). Its
+    rows go to <output_dir>/forecast, a setup of their own (the fraction is part of it), so a full sweep's rows
+    are never mixed with them; None trains to max_steps."""
+
     REFERENCE_RECIPE: ClassVar[dict[str, Any]] = dict(
         model_name="roberta-base", max_length=512, batch_size=8, gradient_accumulation_steps=4, max_steps=5000,
         eval_steps=500, learning_rate=2e-5, weight_decay=0.01, warmup_ratio=0.1, grad_clip=1.0, dropout=0.1,
@@ -95,6 +101,8 @@ class TrainConfig(TrainingFields):
     The full preset is exactly this; any other value is a departure (`TrainingFields.recipe_departures`)."""
 
     def __post_init__(self) -> None:
+        if self.forecast is not None and not 0 < self.forecast < 1:
+            raise ValueError(f"--forecast must be a fraction in (0, 1), got {self.forecast}")
         self.check_training_fields("tiny_layers", "tiny_hidden", "max_length")
         if self.tiny_hidden % 64:
             raise ValueError(f"--tiny_hidden must be a multiple of 64 (64-dim heads), got {self.tiny_hidden}")

@@ -62,6 +62,12 @@ class TrainConfig(TrainingFields):
     """Measure update fidelity, lost updates and underflow (dtype_bench.diagnostics) on step 1 and every this
     many optimizer steps; 0 = never. Non-finite tracking runs every step."""
 
+    forecast: Optional[float] = None
+    """Train on max_steps's learning-rate schedule but stop after ceil(this x max_steps) optimizer steps, with a
+    validation evaluation there: the first fraction of a full run, step for step (`dtype-bench forecast`). Its
+    rows go to <output_dir>/forecast, a setup of their own (the fraction is part of it), so a full sweep's rows
+    are never mixed with them; None trains to max_steps."""
+
     REFERENCE_RECIPE: ClassVar[dict[str, Any]] = dict(
         n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, batch_size=12, gradient_accumulation_steps=5,
         max_steps=10_000, eval_steps=500, eval_sequences=2400, learning_rate=6e-4, min_lr_ratio=0.1, warmup_ratio=0.05,
@@ -71,6 +77,8 @@ class TrainConfig(TrainingFields):
     other value is a departure (`TrainingFields.recipe_departures`)."""
 
     def __post_init__(self) -> None:
+        if self.forecast is not None and not 0 < self.forecast < 1:
+            raise ValueError(f"--forecast must be a fraction in (0, 1), got {self.forecast}")
         self.check_training_fields("n_layer", "n_head", "n_embd", "block_size")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd ({self.n_embd}) must be a multiple of --n_head ({self.n_head})")
