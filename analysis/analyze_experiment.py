@@ -31,12 +31,13 @@ from analysis.report import (
     caveats, floor_flag, fmt, fmt_difference, fmt_estimate, fmt_mean_std, hypotheses_section, md_table, memory_kind,
     precision_table, setup_section,
 )
-from analysis import hypotheses
+from analysis import forecast, hypotheses
 from analysis import verdicts
 from analysis.stats import ConfigSummary, Difference, pareto_front, relative_name, summarize
 from analysis.verdicts import QUALITY_MARGIN
 
 from dtype_bench.configs import HelpFormatter
+from dtype_bench.results import forecast_dir
 from dtype_bench.io import (
     FolderRefused, atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, claim_folder,
     recover_interrupted_writes,
@@ -520,6 +521,11 @@ def render_report(analysis: Analysis) -> str:
     if not analysis.fronts:
         lines.append("No frontier: no config has a finite quality and throughput/memory mean.")
     lines += ["", "## What to use", ""] + [f"- {f}" for f in findings(analysis)] + [""]
+    marks = forecast.forecast_marks(exp)
+    if marks:
+        lines += ["## Forecast vs measured", "", f"The forecast of `{forecast_dir(exp.results_dir)}` (its first "
+                  "fraction of training, `dtype-bench forecast`) beside the verdict of the full runs above, which "
+                  "stands; **forecast wrong** marks where they differ.", "", forecast.marks_markdown(marks), ""]
     lines += _plot_sections(analysis, [k for k in analysis.plots if k not in FIRST_PLOTS], heading="## More plots")
     lines += hypotheses_section(hypotheses.evaluate_all({exp.name: exp}),
                                 f"this {exp.name} experiment alone (a hypothesis that another experiment decides "

@@ -6,6 +6,7 @@
     dtype-bench analyze --results_dir results/classification
     dtype-bench compare --lm_results results/lm --cls_results results/classification --output_dir results/comparison
     dtype-bench bench [trainer|loader] --preset tiny
+    dtype-bench forecast [classification|lm] --config all --preset tiny [--forecast 0.1]
 
 The experiment defaults to classification. Every subcommand but `configs` calls the `main(argv)` of the script
 the plan's commands run (experiments/<experiment>/run.py, analysis/analyze_experiment.py, ...; installed as
@@ -36,6 +37,8 @@ SUMMARIES = {
     "analyze": "summary.csv/.parquet, plots and report.md for one experiment's results",
     "compare": "cross-task comparison of the classification and LM results",
     "bench": "benchmarks: our loop vs the Hugging Face Trainer (trainer), data-loader throughput (loader)",
+    "forecast": "train each config (and fp32) for the first --forecast fraction of max_steps (default 0.1) and "
+                "predict its outcome [classification|lm; default classification]",
 }
 
 
@@ -186,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "configs":
         return configs_main(rest)
+    if command == "forecast":  # run.py's flags, then the table (analysis/forecast.py)
+        target = rest[0] if rest[:1] and rest[0] in SCRIPTS["run"] else next(iter(SCRIPTS["run"]))
+        rest = rest[1:] if rest[:1] == [target] else rest
+        sys.argv = [f"dtype-bench forecast {target}", *rest]
+        return importlib.import_module("analysis.forecast").forecast_command(target, rest)
     if command not in SCRIPTS:
         print(f"dtype-bench: unknown subcommand {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
