@@ -65,8 +65,8 @@ class TrainConfig(TrainingFields):
     forecast: Optional[float] = None
     """Train on max_steps's learning-rate schedule but stop after ceil(this x max_steps) optimizer steps, with a
     validation evaluation there: the first fraction of a full run, step for step (`dtype-bench forecast`). Its
-    rows go to <output_dir>/forecast, a setup of their own (the fraction is part of it), so a full sweep's rows
-    are never mixed with them; None trains to max_steps."""
+    rows go to <output_dir>-forecast, a setup of their own (the fraction is part of it), so a full sweep into
+    <output_dir> never meets them; None trains to max_steps."""
 
     REFERENCE_RECIPE: ClassVar[dict[str, Any]] = dict(
         n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, batch_size=12, gradient_accumulation_steps=5,
