@@ -24,8 +24,9 @@ Features of a forecast run, each minus fp32_baseline's on the same seed, over th
 Predictor (stated, two rules):
 1. the forecast run diverged (or logged a non-finite loss): `diverges`, probability 1 (it is the full run's start,
    so the full run diverged there too);
-2. otherwise P(equivalent) = sigmoid(b0 + sum_i b_i (x_i - mean_i) / scale_i), an L2-regularised (`L2`, `L2_INTERCEPT`) logistic
-   model of the features above, fitted on full-length-run labels; `equivalent` if P >= 0.5, else `quality loss`.
+2. otherwise P(equivalent) = sigmoid(b0 + sum_i b_i (x_i - mean_i) / scale_i), an L2-regularised (`L2`,
+   `L2_INTERCEPT`) logistic model of the features above, fitted on full-length-run labels; `equivalent` if
+   P >= 0.5, else `quality loss`.
 The shipped coefficients (`MODEL_FILE`) are fitted on every validation config; the validation numbers are
 leave-one-config-out: each config is predicted by a model fitted without any of its runs.
 
@@ -53,7 +54,6 @@ from dtype_bench.results import forecast_dir
 
 DEFAULT_FRACTION = 0.1
 FEATURES = ("loss_gap", "lost_updates", "moments_lost", "fidelity_deficit")
-OUTCOMES = ("equivalent", "quality loss", "diverges")
 L2 = 1.0
 """Ridge penalty on the standardised coefficients: few configs, so the fit is held small."""
 L2_INTERCEPT = 0.01
@@ -246,10 +246,11 @@ def load_model(path: Path = MODEL_FILE) -> Model:
     return Model.from_record(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def predicted_outcome(run_or_p: ForecastRun | None, p: float) -> str:
-    if run_or_p is not None and run_or_p.diverged:
+def predicted_outcome(p_equivalent: float, diverged: bool) -> str:
+    """Rule 1, then rule 2's threshold."""
+    if diverged:
         return "diverges"
-    return "equivalent" if p >= 0.5 else "quality loss"
+    return "equivalent" if p_equivalent >= 0.5 else "quality loss"
 
 
 # ---------------------------------------------------------------- validation
@@ -390,7 +391,7 @@ def config_forecasts(exp: Experiment, model: Model) -> list[dict]:
             evidence = f"diverged within the window in {diverged}/{len(mine)} seed(s)" + (
                 f" ({'; '.join(origins[:2])})" if origins else "")
         else:
-            outcome = "equivalent" if p_eq >= 0.5 else "quality loss"
+            outcome = predicted_outcome(p_eq, diverged=False)
             p = p_eq if outcome == "equivalent" else 1 - p_eq
             contrib = {f: abs(model.coefficients[f] * (np.mean([r.features[f] for r in mine]) - model.mean[f])
                               / model.scale[f]) for f in FEATURES}

@@ -81,7 +81,8 @@ def test_fit_orders_by_the_evidence_and_a_divergence_is_certain():
     model = forecast.fit(runs, {"a": "equivalent", "b": "quality loss"})
     assert model.p_equivalent(_run("x", 0, 0.0)) > 0.5 > model.p_equivalent(_run("x", 0, 0.6))
     assert model.p_equivalent(_run("x", 0, 0.0, diverged=True)) == 0.0
-    assert forecast.predicted_outcome(_run("x", 0, 0.0, diverged=True), 0.0) == "diverges"
+    assert forecast.predicted_outcome(0.9, diverged=True) == "diverges"
+    assert forecast.predicted_outcome(0.4, diverged=False) == "quality loss"
     assert forecast.Model.from_record(model.to_record()) == model
 
 
