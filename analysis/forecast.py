@@ -521,20 +521,21 @@ def _with_defaults(argv: list[str]) -> list[str]:
     return argv
 
 
-def forecast_command(experiment: str, argv: list[str]) -> int:
-    """`dtype-bench forecast`: train the forecast runs (run.py with --forecast), then print the table."""
-    argv = _with_defaults(argv)
-    run = importlib.import_module(RUN_MODULES[experiment])
-    code = run.main(argv)
-    if code == 2 or any(a in ("-h", "--help", "--list_runs", "--plan") for a in argv):
-        return code
-    out = argv[argv.index("--output_dir") + 1] if "--output_dir" in argv else run.TrainConfig().output_dir
-    exp = load_experiment(forecast_dir(out))
+def print_forecast(directory: str | Path, sweep_exit_code: int) -> int:
+    """After run.py's forecast runs (`--forecast`, rows in `directory`): print the table; the exit code is the
+    sweep's, or 1 when no run there reports a quality metric (nothing to forecast from)."""
+    exp = load_experiment(directory)
     if exp.quality_metric is None:
-        print(f"error: no forecast run in {forecast_dir(out)} reports a quality metric", file=sys.stderr)
-        return 1
+        print(f"error: no forecast run in {directory} reports a quality metric", file=sys.stderr)
+        return sweep_exit_code or 1
     print(forecast_table(exp))
-    return code
+    return sweep_exit_code
+
+
+def forecast_command(experiment: str, argv: list[str]) -> int:
+    """`dtype-bench forecast`: run.py with --forecast (default DEFAULT_FRACTION) and fp32_baseline among the
+    configs; run.py trains the forecast runs and prints the table."""
+    return importlib.import_module(RUN_MODULES[experiment]).main(_with_defaults(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,11 +118,13 @@ def test_marks_say_where_the_forecast_was_wrong():
     assert forecast.marks_markdown(marks).count("**forecast wrong**") == 1
 
 
-def test_report_shows_the_forecast_beside_the_full_runs(small_cache_dir, tmp_path):
+def test_report_shows_the_forecast_beside_the_full_runs(small_cache_dir, tmp_path, capsys):
     from analysis import analyze_experiment
 
     out = tmp_path / "r"
     assert cls_run.main(flags(small_cache_dir, out, "--config", "fp32_baseline,bf16_naive", "--forecast", "0.25")) == 0
+    printed = capsys.readouterr().out  # run.py --forecast prints the forecast's table itself
+    assert "recommendation:" in printed[printed.index("forecast from"):]
     assert cls_run.main(flags(small_cache_dir, out, "--config", "fp32_baseline,bf16_naive")) == 0
     analysis = analyze_experiment.analyze(out)
     report = (analysis.output_dir / "report.md").read_text()

@@ -213,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.launcher != "local":  # one job per run; each picks the threads of the node it lands on
         return sweep.launch_sweep(args, script, grid, runner.child_flags(argv, None), results.REPORTED_METRICS)
     if len(runs) > 1:  # one process per run, all timed with the threads decided here
-        return sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads),
+        code = sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads),
                                results.REPORTED_METRICS)
+        if cfg.forecast is None:
+            return code
+        from analysis.forecast import print_forecast  # the forecast's table, from the rows just written
+
+        return print_forecast(cfg.output_dir, code)
     pc, seed = precision.get(args.config_names[0]), args.seed
     rid, reason = grid.run_id(runs[0]), grid.skip_reasons[pc.name]
     try:
