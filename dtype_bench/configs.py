@@ -1,8 +1,9 @@
 """Typed training configs <-> command-line flags, shared by every experiment.
 
 An experiment defines a dataclass whose fields carry docstrings (the string literal under each field) and a
-dict of presets (field overrides). `add_flags` turns every field into a flag of the same name with its
-docstring as help; `resolve` applies preset defaults, then the flags the user actually gave.
+dict of presets (field overrides). `training_parser` (jsonargparse) turns every field into a flag of the same
+name, typed by its annotation, with its docstring as help and the chosen preset's values as defaults;
+`parse` reads the command line into the dataclass: defaults <- preset <- --flags_file <- flags.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import ast
 import dataclasses
 import inspect
 import math
+import re
 import textwrap
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, TypeVar
 
+import jsonargparse
 import torch
+import yaml
 
 T = TypeVar("T")
 
@@ -128,29 +132,6 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _parser_for(annotation: Any):
-    """argparse `type` for a field annotation (Optional[X] accepts 'none')."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) is not typing.Literal else ()
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
-    if typing.get_origin(base) is typing.Literal:
-        base = type(typing.get_args(base)[0])
-    if base is bool:
-        convert = lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]  # noqa: E731
-    else:
-        convert = base
-
-    def parse(text: str):
-        if optional and text.lower() == "none":
-            return None
-        try:
-            return convert(text)
-        except (KeyError, ValueError) as e:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from e
-
-    return parse
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """`--help` keeps the description's layout and shows each flag's default unless its help already says it
     (switches are off by default)."""
@@ -163,47 +144,75 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _default_text(f: dataclasses.Field, presets: dict[str, dict]) -> str:
-    """'[default: X; --preset tiny: Y]': the dataclass default and each preset that overrides it."""
-    default = (f.default if f.default is not dataclasses.MISSING
-               else f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-    parts = [f"default: {default}"] + [f"--preset {name}: {values[f.name]}" for name, values in presets.items()
-                                       if f.name in values and values[f.name] != default]
-    return "[" + "; ".join(parts) + "]"
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-              presets: dict[str, dict] | None = None) -> None:
-    """One `--name` flag per field; default None so `resolve` can tell 'given' from 'preset default'. The help
-    is the field's docstring, its default and the value each preset gives it."""
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} fields (defaults depend on --preset)")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    own = [n for n in cls.__dict__.get("__annotations__", {}) if n in fields]  # in the class body's order
-    for f in [fields[n] for n in own] + [f for n, f in fields.items() if n not in own]:  # the experiment's first
-        if f.name in skip or not f.init:
-            continue
-        choices = None
-        base = hints[f.name]
-        lit = [a for a in (base, *typing.get_args(base)) if typing.get_origin(a) is typing.Literal]
-        if lit:
-            choices = typing.get_args(lit[0])
-        text = f"{docs.get(f.name, '')} {_default_text(f, presets or {})}".replace("%", "%%")
-        if base is bool:  # a switch: `--name` turns it on, `--name false` off
-            group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, nargs="?", const=True,
-                               help=text, metavar="false")
-        else:
-            group.add_argument(f"--{f.name}", type=_parser_for(base), default=None, choices=choices, help=text,
-                               metavar=None if choices else f.name.upper())
+class FlagsHelpFormatter(jsonargparse.DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help (each flag's type and default) with the description's layout kept."""
 
 
-def resolve(cls: type[T], presets: dict[str, dict], preset: str, args: argparse.Namespace) -> T:
-    """Dataclass defaults <- preset overrides <- flags given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {**presets[preset], **({"preset": preset} if "preset" in names else {})}
-    for name in names - {"preset"}:
-        given = getattr(args, name, None)
-        if given is not None:
-            values[name] = given
-    return cls(**values)
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    """The values given to `flag` in argv, in order (`--flag v` and `--flag=v`)."""
+    return [value for arg, nxt in zip(argv, [*argv[1:], None]) for value in
+            ([nxt] if arg == flag and nxt is not None else [arg[len(flag) + 1:]] if arg.startswith(flag + "=") else [])]
+
+
+def _preset_of(presets: dict[str, dict], argv: list[str]) -> str:
+    """The preset a command line asks for: its last --preset, else the `preset` of its last --flags_file that
+    sets one, else 'full'. `parse` refuses a command line whose parsed preset differs."""
+    preset = next(reversed(_flag_values(argv, "--preset")), None)
+    for path in _flag_values(argv, "--flags_file") if preset is None else []:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue  # the real parse reports it
+        if isinstance(values, dict) and values.get("preset") is not None:
+            preset = str(values["preset"])
+    return preset if preset in presets else "full"  # an unknown name: the real parse refuses it
+
+
+def training_parser(description: str | None, cfg_cls: type, presets: dict[str, dict],
+                    argv: list[str]) -> jsonargparse.ArgumentParser:
+    """--preset, --flags_file (with the --print_config jsonargparse adds beside it) and one flag per field of
+    `cfg_cls`, its docstring as help; the fields' defaults are those of the preset `argv` asks for, so
+    `--preset tiny --help` shows tiny's values."""
+    preset = _preset_of(presets, argv)
+    parser = jsonargparse.ArgumentParser(description=description, formatter_class=FlagsHelpFormatter,
+                                         exit_on_error=False)
+    parser.add_argument("--preset", choices=sorted(presets), default=preset,
+                        help="which defaults the training fields start from; `--preset NAME --help` shows them")
+    parser.add_argument("--flags_file", action=jsonargparse.ActionConfigFile,
+                        help="a YAML file of flags (what --print_config prints); flags after it override it "
+                             "(default: none)")
+    parser.add_class_arguments(cfg_cls, nested_key=None, skip={"preset"})
+    parser.set_defaults({name: value for name, value in presets[preset].items() if name != "preset"})
+    return parser
+
+
+def _none_as_null(cfg_cls: type, argv: list[str]) -> list[str]:
+    """argv with `none` (any case) given to an Optional field spelled `null`, YAML's None."""
+    optional = {f"--{name}" for name, hint in typing.get_type_hints(cfg_cls).items()
+                if type(None) in typing.get_args(hint)}
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in optional and value.lower() == "none":
+            arg = f"{flag}=null"
+        elif i and argv[i - 1] in optional and arg.lower() == "none":
+            arg = "null"
+        out.append(arg)
+    return out
+
+
+def parse(parser: jsonargparse.ArgumentParser, cfg_cls: type[T], argv: list[str]) -> tuple[jsonargparse.Namespace, T]:
+    """The flags and the validated training config; ValueError (one line) for any bad flag or value."""
+    try:
+        args = parser.parse_args(_none_as_null(cfg_cls, argv))
+    except argparse.ArgumentError as e:
+        raise ValueError(re.sub(r'^Parser key "(\w+)":', r"--\1:", " ".join(str(e).split()))) from e
+    if args.preset != parser.get_default("preset"):  # a --flags_file's preset after the --preset flag
+        raise ValueError(f"the defaults are --preset {parser.get_default('preset')}'s but the flags say --preset "
+                         f"{args.preset}: give --preset once, after any --flags_file")
+    names = [f.name for f in dataclasses.fields(cfg_cls) if f.init and f.name != "preset"]
+    return args, cfg_cls(preset=args.preset, **{name: args[name] for name in names})

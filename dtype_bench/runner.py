@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtype_bench import checkpoint, cpu, distributed, launchers, precision, results, signals, sweep
-from dtype_bench.configs import HelpFormatter, add_flags, resolve
+from dtype_bench import checkpoint, configs, cpu, distributed, launchers, precision, results, signals, sweep
 from dtype_bench.cache import CacheError
 from dtype_bench.io import FolderRefused, fingerprint, recover_interrupted_writes
 
@@ -59,22 +58,19 @@ def pick_device(spec: str) -> torch.device:
 
 def parse_args(description: str | None, cfg_cls: type, presets: dict[str, dict],
                argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
-    """--config/--seed/--seeds/--preset plus one flag per field of `cfg_cls`; `args.config_names` holds the
-    resolved registry names."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    """--config/--seed/--seeds, the training fields of `cfg_cls` (configs.training_parser), the sweep and
+    launcher flags; `args.config_names` holds the resolved registry names. UserError (one line) on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = configs.training_parser(description, cfg_cls, presets, argv)
     parser.add_argument("--config", required=True,
                         help="precision config: a name, comma-separated names, 'core' or 'all' "
                              "(`dtype-bench configs` lists them)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a single run; first seed of --seeds")
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
-    parser.add_argument("--preset", choices=sorted(presets), default="full",
-                        help="which defaults the training fields start from (each field's help shows them)")
-    add_flags(parser, cfg_cls, skip=("preset",), presets=presets)
     sweep.add_flags(parser)
     launchers.add_flags(parser)
-    args = parser.parse_args(argv)
     try:
-        cfg = resolve(cfg_cls, presets, args.preset, args)
+        args, cfg = configs.parse(parser, cfg_cls, argv)
         if getattr(cfg, "forecast", None) is not None:  # a forecast's rows live apart from full runs'
             cfg = dataclasses.replace(cfg, output_dir=str(results.forecast_dir(cfg.output_dir)))
         args.config_names = precision.resolve_names(args.config)

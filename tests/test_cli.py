@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import jsonargparse
 import pytest
 
 import tiny_run
@@ -63,6 +64,7 @@ def parser_of(monkeypatch, argv: list[str]) -> argparse.ArgumentParser:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    monkeypatch.setattr(jsonargparse.ArgumentParser, "parse_args", capture)  # the run.py parsers
     with pytest.raises(Parsed) as caught:
         cli.main(argv)
     return caught.value.parser
@@ -86,13 +88,16 @@ def test_help_gives_every_flag_a_meaning_and_its_default(monkeypatch, argv):
     assert not problems, problems
 
 
-def test_run_help_shows_the_presets_values(monkeypatch):
-    parser = parser_of(monkeypatch, ["run"])
-    helps = {a.dest: a.help for a in parser._actions}
-    assert "[default: 5000; --preset tiny: 500; --preset demo_pretrain: 1200; --preset demo: 600]" in helps["max_steps"]
-    assert "[default: 32]" in helps["eval_batch_size"]  # no preset changes it
-    parser = parser_of(monkeypatch, ["run", "lm"])
-    assert "--preset tiny:" in {a.dest: a.help for a in parser._actions}["max_steps"]
+@pytest.mark.parametrize("experiment", ["classification", "lm"])
+def test_run_defaults_are_the_presets_values(monkeypatch, experiment):
+    module = tiny_run.load_config_module(experiment)
+    command = ["run"] if experiment == "classification" else ["run", "lm"]
+    assert parser_of(monkeypatch, command).get_default("max_steps") == module.TrainConfig().max_steps
+    parser = parser_of(monkeypatch, [*command, "--preset", "tiny"])
+    assert parser.get_default("max_steps") == module.PRESETS["tiny"]["max_steps"] != module.TrainConfig().max_steps
+    left = [f.name for f in dataclasses.fields(module.TrainConfig) if f.name not in module.PRESETS["tiny"]]
+    assert {n: parser.get_default(n) for n in left if n != "preset"} == \
+        {n: getattr(module.TrainConfig(), n) for n in left if n != "preset"}
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):
@@ -126,6 +131,6 @@ def test_literal_fields_are_flags_with_choices():
     _, cfg = runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS,
                                ["--config", "amp_bf16", "--eval_precision", "fp32", "--report_to", "tensorboard"])
     assert (cfg.eval_precision, cfg.report_to) == ("fp32", "tensorboard")
-    with pytest.raises(SystemExit):
+    with pytest.raises(runner.UserError, match="--report_to: Expected a typing.Literal"):
         runner.parse_args(None, config_module.TrainConfig, config_module.PRESETS,
                           ["--config", "amp_bf16", "--report_to", "comet"])

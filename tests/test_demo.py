@@ -11,7 +11,7 @@ from safetensors.torch import save_model
 from transformers import AutoTokenizer
 
 from dtype_bench import synthetic
-from dtype_bench.configs import resolve
+import tiny_run
 from experiments.classification import data, model as model_lib, prepare_data, run
 from experiments.classification.config import PRESETS, TrainConfig
 
@@ -53,8 +53,8 @@ def test_demo_preset_fine_tunes_a_checkpoint_only(tmp_path, capsys):
 
 
 def test_compile_model_false_overrides_a_config_that_compiles():
-    args = type("Args", (), {"compile_model": False})()
-    assert resolve(TrainConfig, PRESETS, "tiny", args).compile_model is False
+    assert tiny_run.parse_config(tiny_run.load_config_module("classification"),
+                                 ["--preset", "tiny", "--compile_model", "false"]).compile_model is False
     assert TrainConfig().compile_model is True
 
 

@@ -5,7 +5,6 @@ documents), so a whole run is a few seconds of training plus the interpreter sta
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -93,11 +92,8 @@ def run_id(cache: Path, output_dir: Path, config: str, seed: int, *flags: str) -
 
 def parse_config(module, argv: list[str]):
     """An experiment's TrainConfig from command-line flags (and --preset), as run.py resolves it."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="full")
-    configs.add_flags(parser, module.TrainConfig, skip=("preset",))
-    args = parser.parse_args(argv)
-    return configs.resolve(module.TrainConfig, module.PRESETS, args.preset, args)
+    parser = configs.training_parser(None, module.TrainConfig, module.PRESETS, argv)
+    return configs.parse(parser, module.TrainConfig, argv)[1]
 
 
 def load_config_module(experiment: str):

@@ -22,6 +22,8 @@ from dtype_bench.configs import TrainingFields
 
 @dataclass(frozen=True)
 class TrainConfig(TrainingFields):
+    """Training fields of the classification experiment (defaults: the --preset's)."""
+
     preset: Literal["tiny", "demo_pretrain", "demo", "full", "synthetic_full", "synthetic_full_eurlex_lengths"] = "full"
     """Which defaults to start from: the plan's full experiment, the offline tiny one, the demo's two phases, or
     the full shape on synthetic token ids (see the module docstring)."""

@@ -17,6 +17,8 @@ from dtype_bench.configs import TrainingFields
 
 @dataclass(frozen=True)
 class TrainConfig(TrainingFields):
+    """Training fields of the language-modelling experiment (defaults: the --preset's)."""
+
     preset: Literal["tiny", "full", "synthetic_full"] = "full"
     """Which defaults to start from: the full GPT-2 small experiment, the offline tiny one, or the full shape on
     synthetic token ids."""
