@@ -101,7 +101,7 @@ def test_requirements_pins_satisfy_the_declared_ranges():
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
-            name, version = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", line).groups()
+            name, _extras, version = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[\w,\-]+\])?==(\S+)", line).groups()
             pins[canonicalize_name(name)] = version
     outside = {name: (version, str(ranges[name])) for name, version in pins.items()
                if name in ranges and not ranges[name].contains(version)}
