@@ -176,10 +176,11 @@ def training_parser(description: str | None, cfg_cls: type, presets: dict[str, d
                     argv: list[str]) -> jsonargparse.ArgumentParser:
     """--preset, --flags_file (with the --print_config jsonargparse adds beside it) and one flag per field of
     `cfg_cls`, its docstring as help; the fields' defaults are those of the preset `argv` asks for, so
-    `--preset tiny --help` shows tiny's values."""
+    `--preset tiny --help` shows tiny's values. Flags are spelled whole (no abbreviations: the preset is read
+    from argv before parsing)."""
     preset = _preset_of(presets, argv)
     parser = jsonargparse.ArgumentParser(description=description, formatter_class=FlagsHelpFormatter,
-                                         exit_on_error=False)
+                                         exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(presets), default=preset,
                         help="which defaults the training fields start from; `--preset NAME --help` shows them")
     parser.add_argument("--flags_file", action=jsonargparse.ActionConfigFile,

@@ -57,6 +57,7 @@ def test_invalid_values_fail_naming_the_flag(module, argv, flag):
     (["--report_to", "comet"], "--report_to: Expected a typing.Literal"),
     (["--threads", "some"], "--threads:"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+    (["--pres", "tiny"], "unrecognized arguments: --pres tiny"),  # no abbreviations
 ])
 def test_a_malformed_value_is_one_line_naming_the_flag(argv, message):
     with pytest.raises(ValueError) as caught:
