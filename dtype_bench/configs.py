@@ -118,10 +118,10 @@ class TrainingFields:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field (PEP 257 attribute docstrings), inherited ones too;
-    a class's own docstring for a field wins over its bases'."""
+    """The docstring written under each annotated field of a class (a dataclass, a TypedDict: PEP 257 attribute
+    docstrings), in order, inherited ones too; a class's own docstring for a field wins over its bases'."""
     docs: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+    for klass in reversed([k for k in cls.__mro__ if k.__module__ != "builtins"]):
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):

@@ -11,15 +11,12 @@ setup of their own: a full sweep in output_dir neither sees nor is refused by th
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
-import textwrap
 import types
 from pathlib import Path
 from typing import IO, Iterable, Required, TypedDict, Union, get_args, get_origin, get_type_hints
@@ -303,9 +300,9 @@ SCHEMA_END = "<!-- end of results schema -->"
 
 def field_docs() -> dict[str, str]:
     """`ResultRow`'s fields, in order, each with the docstring written under it."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(ResultRow))).body[0].body  # type: ignore[attr-defined]
-    return {node.target.id: " ".join(doc.value.value.split()) for node, doc in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+    from dtype_bench.configs import field_docs as attribute_docs  # the README's schema only: not on a run's path
+
+    return attribute_docs(ResultRow)
 
 
 def _kinds(key: str) -> tuple[type, ...]:
