@@ -7,7 +7,7 @@
     setup_fp, setup = setup_of(...)              # what makes runs comparable
     skip_reasons(...)                            # config -> why it does not train here (None: it trains)
     prepare_run_dir(...); with RecordedRun(...)  # one run: resume or --fresh, then train_one and its row
-    child_flags(...)                             # a sweep: the flags each run's process gets
+    child_flags(...); record_skip                # a sweep: the flags each run's process gets; skipped rows
 
 A run that fails is a `failed` row, a config the hardware cannot run a `skipped` row; neither stops a sweep.
 Bad input is one line and exit code 2 (`BAD_INPUT`), with nothing written.
@@ -218,6 +218,17 @@ class RecordedRun:
         row = self.row
         print(f"{row['run_id']}: {row['status']}" + "".join(
             f"  {k}={row[k]:.4g}" for k in self.metrics if isinstance(row.get(k), (int, float))))
+
+
+def record_skip(experiment: str, setup_fp: str, cfg: Any, device: torch.device, world: distributed.World,
+                metrics: tuple[str, ...], spec: sweep.RunSpec, reason: str) -> None:
+    """Append the run's `skipped` row with `reason`, as the run's own process would (a sweep's `record_skip`,
+    bound with functools.partial to all but the last two arguments; `cfg` with the threads the sweep pins its
+    runs to)."""
+    pc = precision.get(spec.config)
+    with RecordedRun(first_fields(experiment, pc, spec.seed, setup_fp, cfg, device), cfg.output_dir, world,
+                     metrics) as recorded:
+        recorded.skip(reason)
 
 
 def child_flags(argv: list[str] | None, threads: int | None) -> list[str]:

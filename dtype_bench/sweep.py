@@ -4,6 +4,10 @@ A separate process per run is what makes the numbers honest and the sweep robust
 per-process high-water mark, TF32 flags / compile caches / allocator state cannot leak between configs,
 and a run that raises is recorded as `failed` while the sweep goes on; one killed by a signal (SIGKILL, the
 OOM killer) is interrupted: it has no row, and the same command resumes it from its checkpoint.
+Each run's process is forked from a server process that has imported the experiment's modules once
+(multiprocessing's forkserver, which has run no training and no thread pool): a run starts in milliseconds
+instead of the seconds that importing torch and transformers takes, as a process of its own all the same.
+A run whose config is skipped here (`Grid.skip_reasons`) starts no process: the sweep records its row.
 
 Re-running the same sweep command continues it. For each (config, seed) the newest row in results.jsonl
 decides (`needs_run`): completed and diverged runs are done; skipped ones are done while their reason still
@@ -23,13 +27,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
+import os
+import runpy
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -199,32 +205,50 @@ def run_gate(output_dir: str | Path, setup_fingerprint: str, rid: str, *, retry_
         yield None if verdict == -1 else verdict
 
 
-def _run_child(command: list[str]) -> tuple[int, int | None]:
-    """Run the child to its end; SIGINT/SIGTERM sent to the sweep are passed on to it (so it checkpoints)
-    and returned as the second value."""
-    child = subprocess.Popen(command)
+def _run_script(script: str, argv: list[str]) -> None:
+    """A run's process: `python script *argv`, in a process forked from the server (its imports are done)."""
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def _run_child(script: str, argv: list[str], preload: Sequence[str]) -> tuple[int, int | None]:
+    """Run `python script *argv` to its end in a process forked from the forkserver, which imports `preload`
+    when it starts (the sweep's first run); returns its exit code (-N: killed by signal N) and the first
+    SIGINT/SIGTERM sent to the sweep meanwhile, which is passed on to the run (so it checkpoints)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    child = context.Process(target=_run_script, args=(script, argv), name=Path(script).name)
+    child.start()
     received: list[int] = []
 
     def forward(signum, frame):
         received.append(signum)
-        child.send_signal(signum)
+        os.kill(child.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        returncode = child.wait()
+        child.join()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return returncode, (received[0] if received else None)
+    return child.exitcode, (received[0] if received else None)
 
 
-def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[str, ...] = REPORTED_METRICS) -> int:
+RecordSkip = Callable[[RunSpec, str], None]
+"""Writes a run's `skipped` row with its reason (runner.record_skip)."""
+
+
+def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[str, ...] = REPORTED_METRICS, *,
+              preload: Sequence[str] = (), record_skip: RecordSkip | None = None) -> int:
     """Run each run of the grid that `needs_run` as `python script <passthrough> --config C --seed S`, one after
-    the other; print the table; return the exit code (1 if any run of the grid failed or was killed, 128 + signal
+    the other, each in its own process forked from a server that has imported `preload` (module names); with
+    `record_skip`, a run whose config `grid.skip_reasons` skips is recorded by this process (under the run's lock)
+    instead. Print the table; return the exit code (1 if any run of the grid failed or was killed, 128 + signal
     if the sweep itself was interrupted)."""
     busy: list[str] = []
     killed: dict[str, int] = {}
-    to_go, started, took = len(grid.pending()), time.monotonic(), []
+    trains = [spec for spec in grid.pending() if not (record_skip and grid.skip_reasons[spec.config])]
+    to_go, started, took = len(trains), time.monotonic(), []
     for i, spec in enumerate(grid.runs, 1):
         rid, rows = grid.run_id(spec), grid.rows(spec)
         where = f"[{i}/{len(grid.runs)}] {spec.config} seed {spec.seed}"
@@ -232,13 +256,17 @@ def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[st
         if why_not_now:
             print(f"{where}: {why_not_now}, skipping")
             continue
-        if is_claimed(grid.output_dir, rid):
+        reason = grid.skip_reasons[spec.config] if record_skip else None
+        free = _record_skipped(grid, spec, reason, record_skip, where) if reason else not is_claimed(grid.output_dir, rid)
+        if not free:
             print(f"{where}: running in another process, skipping")
             busy.append(rid)
             continue
+        if reason:
+            continue
         print(where + sweep_time(time.monotonic() - started, took, to_go), flush=True)
         child_started = time.monotonic()
-        returncode, interrupted = _run_child([sys.executable, script, *passthrough, *spec.flags()])
+        returncode, interrupted = _run_child(script, [*passthrough, *spec.flags()], preload)
         took.append(time.monotonic() - child_started)
         to_go = max(to_go - 1, 0)
         if interrupted:
@@ -255,9 +283,20 @@ def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[st
     return sweep_table(grid, busy, metrics, killed)
 
 
+def _record_skipped(grid: Grid, spec: RunSpec, reason: str, record_skip: RecordSkip, where: str) -> bool:
+    """Record the run as skipped under its lock, unless its rows, re-read there, say another process did;
+    False (nothing done) if another process holds the lock."""
+    with claim_run(grid.output_dir, grid.run_id(spec)) as claimed:
+        if claimed and grid.why_not_now(spec, grid.rows(spec)) is None:
+            print(where, flush=True)
+            record_skip(spec, reason)
+    return claimed
+
+
 def sweep_time(elapsed: float, took: list[float], to_go: int) -> str:
     """The sweep's progress for its per-run line: time so far and, once a run has finished, the time left
-    estimated as the runs still to go (this one included) times the mean wall time of those finished here."""
+    estimated as the runs still to train (this one included) times the mean wall time of those trained here
+    (skipped runs, recorded by the sweep, take no time)."""
     left = f", ~{duration(to_go * sum(took) / len(took))} left ({to_go} to go)" if took else ""
     return f" (sweep {duration(elapsed)}{left})"
 

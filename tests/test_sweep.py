@@ -293,3 +293,50 @@ def test_the_sweep_line_says_its_time_so_far_and_left_once_a_run_has_finished():
 
     assert sweep_time(5.0, [], 4) == " (sweep 5s)"  # no finished run to estimate from
     assert sweep_time(70.0, [20.0, 40.0], 3) == " (sweep 1m10s, ~1m30s left (3 to go))"
+
+
+def test_a_sweep_forks_each_run_from_a_server_that_has_imported_the_preload(tmp_path):
+    """Each run is its own process (its pid differs from the sweep's and from the other runs'), forked by the
+    forkserver: the preloaded module is already imported when the run's script starts, and the script's exit
+    code is the run's."""
+    out = tmp_path / "out"
+    script = _fake_run_script(tmp_path, (
+        "import multiprocessing\n"
+        f"open({str(tmp_path / 'seen.txt')!r}, 'a').write(json.dumps(["
+        "os.getpid(), 'dtype_bench.progress' in sys.modules, multiprocessing.parent_process() is not None]) + '\\n')\n"
+        "sys.exit(3 if seed == 1 else 0)\n"))
+    grid = sweep.Grid(sweep.grid(["fp32_baseline"], 0, 2), str(out), "s", "e", skip_reasons={"fp32_baseline": None})
+    assert "dtype_bench.progress" in sys.modules  # imported here; the server is a fresh interpreter
+    assert sweep.run_sweep(str(script), grid, [], preload=["dtype_bench.progress"]) == 1  # no row: failed
+    seen = [json.loads(line) for line in (tmp_path / "seen.txt").read_text().splitlines()]
+    assert [forked for _, _, forked in seen] == [True, True] and [pre for _, pre, _ in seen] == [True, True]
+    assert len({pid for pid, _, _ in seen} | {os.getpid()}) == 3
+    errors = [r["error"] for r in results.read_results(out)[0]]
+    assert ["exited with code 0 without" in errors[0], "exited with code 3 without" in errors[1]] == [True, True]
+
+
+def test_a_sweep_records_skipped_runs_itself_and_estimates_time_from_trained_ones(tmp_path, capsys):
+    """With `record_skip`, a skipped config starts no process: the sweep writes its row (once: a second sweep
+    finds it done), and the time left counts only the runs that train."""
+    out = tmp_path / "out"
+    script = _fake_run_script(tmp_path, (  # a completed row, as a run writes it
+        f"open({str(out / 'results.jsonl')!r}, 'a').write(json.dumps({{'experiment': 'e', 'run_id': "
+        "f'e-{config}-seed{seed}-s', 'config': config, 'seed': seed, 'status': 'completed', "
+        "'setup_fingerprint': 's'}) + '\\n')\n"))
+    runs = sweep.grid(["fp32_baseline", "amp_bf16"], 0, 2)
+    grid = sweep.Grid(runs, str(out), "s", "e", skip_reasons={"fp32_baseline": None, "amp_bf16": "bf16 60x slower"})
+    recorded = []
+
+    def record_skip(spec, reason):
+        recorded.append((spec.config, spec.seed, reason))
+        results.append_result(out, {"experiment": "e", "run_id": grid.run_id(spec), "config": spec.config,
+                                    "seed": spec.seed, "status": "skipped", "reason": reason,
+                                    "setup_fingerprint": "s"})
+
+    assert sweep.run_sweep(str(script), grid, [], record_skip=record_skip) == 0
+    assert _ran(tmp_path) == ["fp32_baseline 0", "fp32_baseline 1"]
+    assert recorded == [("amp_bf16", 0, "bf16 60x slower"), ("amp_bf16", 1, "bf16 60x slower")]
+    printed = capsys.readouterr().out
+    assert "[3/4] fp32_baseline seed 1 (sweep " in printed and "left (1 to go))" in printed  # not 3 to go
+    assert sweep.run_sweep(str(script), grid, [], record_skip=record_skip) == 0
+    assert len(recorded) == 2 and "still skipped (bf16 60x slower)" in capsys.readouterr().out

@@ -9,6 +9,8 @@ end: parse -> plan or claim the output folder -> data -> one run under its gate,
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -212,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     script = str(Path(__file__).resolve())
     if args.launcher != "local":  # one job per run; each picks the threads of the node it lands on
         return sweep.launch_sweep(args, script, grid, runner.child_flags(argv, None), results.REPORTED_METRICS)
-    if len(runs) > 1:  # one process per run, all timed with the threads decided here
-        code = sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads),
-                               results.REPORTED_METRICS)
+    if len(runs) > 1:  # one process per run, all timed with the threads decided here; skips recorded here
+        swept = dataclasses.replace(cfg, threads=cfg.threads or threads)  # each run's config
+        metrics = results.REPORTED_METRICS
+        code = sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads), metrics,
+                               preload=["experiments.classification.run"], record_skip=functools.partial(
+                                   runner.record_skip, EXPERIMENT, setup_fp, swept, device, world, metrics))
         if cfg.forecast is None:
             return code
         from analysis.forecast import print_forecast  # the forecast's table, from the rows just written

@@ -11,6 +11,8 @@ analysis compares the two directly.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 
 from pathlib import Path
@@ -179,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     script = str(Path(__file__).resolve())
     if args.launcher != "local":  # one job per run; each picks the threads of the node it lands on
         return sweep.launch_sweep(args, script, grid, runner.child_flags(argv, None), METRICS)
-    if len(runs) > 1:  # one process per run, all timed with the threads decided here
-        code = sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads), METRICS)
+    if len(runs) > 1:  # one process per run, all timed with the threads decided here; skips recorded here
+        swept = dataclasses.replace(cfg, threads=cfg.threads or threads)  # each run's config
+        code = sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads), METRICS,
+                               preload=["experiments.lm.run"], record_skip=functools.partial(
+                                   runner.record_skip, EXPERIMENT, setup_fp, swept, device, world, METRICS))
         if cfg.forecast is None:
             return code
         from analysis.forecast import print_forecast  # the forecast's table, from the rows just written
