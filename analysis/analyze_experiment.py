@@ -460,8 +460,14 @@ def quality_table(analysis: Analysis) -> str:
 
 
 def runs_table(exp: Experiment) -> str:
+    """Every run's metrics; an emulated run's speed and memory marked as the emulation's."""
     metrics = exp.metrics
-    rows = [[r["config"], str(r["seed"]), r["status"]] + [fmt(r.get(m.key)) if m.key in r else "-" for m in metrics]
+
+    def cell(row: dict, key: str) -> str:
+        emulated = row.get("emulated_costs") or {}
+        return fmt(row[key]) if key in row else f"{fmt(emulated[key])} (emulated)" if key in emulated else "-"
+
+    rows = [[r["config"], str(r["seed"]), r["status"]] + [cell(r, m.key) for m in metrics]
             for c in exp.configs for r in exp.runs(c)]
     return md_table(["config", "seed", "status"] + [m.label for m in metrics], rows)
 
@@ -484,8 +490,13 @@ def device_note(exp: Experiment) -> str | None:
     not_run = [c for c in exp.configs if exp.runs(c) and len(exp.runs(c, "skipped")) == len(exp.runs(c))]
     missing = (f" Not run on this CPU: {', '.join(f'`{c}`' for c in not_run)} ({skip_summary(exp, not_run[0])}); "
                "their verdicts need a machine that computes that dtype natively." if not_run else "")
+    emulated = exp.emulated_configs()
+    emulation = (f" Matmuls emulated in fp32 (`--emulate_slow_matmuls`, this CPU has no native ones) for "
+                 f"{', '.join(f'`{c}`' for c in emulated)}: their quality is that of their dtype (the same GEMM "
+                 "numerics, fp32 accumulation); their speed and memory are the emulation's and are not compared."
+                 if emulated else "")
     return ("**Measured on a CPU**: speed and memory ratios say how these configs run on this CPU, nothing about a "
-            "GPU; the quality verdicts carry over." + missing)
+            "GPU; the quality verdicts carry over." + missing + emulation)
 
 
 def render_report(analysis: Analysis) -> str:

@@ -59,6 +59,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("train_wall_seconds", "training wall time (s)", "time", False),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
+EMULATION_COSTS = tuple(m.key for m in METRICS if m.role in ("throughput", "memory", "time"))
+"""What a run with emulated matmuls (`matmuls_emulated`) measured of the emulation, not of its dtype."""
 
 # What each experiment is judged on; other experiments fall back to the first quality metric they report.
 PRIMARY_QUALITY = {"classification": "micro_f1", "lm": "val_loss"}
@@ -153,6 +155,10 @@ class Experiment:
     def precisions(self) -> dict[str, dict]:
         return {c: self.precision(c) for c in self.configs}
 
+    def emulated_configs(self) -> list[str]:
+        """Configs with a run whose fp16/bf16 matmuls were emulated in fp32 (`set_aside_emulated_costs`)."""
+        return [c for c in self.configs if any(r.get("matmuls_emulated") for r in self.runs(c))]
+
     def missing_configs(self) -> list[str]:
         """Registry configs with no row at all."""
         return [c for c in precision_registry.REGISTRY if c not in set(self.configs)]
@@ -178,6 +184,7 @@ def load_experiment(results_dir: str | Path) -> Experiment:
             problems.append(f"{row['config']} seed {row['seed']}: recorded more than once; the last row is used")
         by_run[key] = row
     rows = list(by_run.values())
+    set_aside_emulated_costs(rows)
     old_macro = sorted({f"{r['config']} seed {r['seed']}" for r in rows
                         if "macro_f1" in r and "macro_f1_present_labels" not in r})
     if old_macro:  # before the metric followed the seed, macro_f1 averaged only the labels with gold
@@ -206,6 +213,16 @@ def load_experiment(results_dir: str | Path) -> Experiment:
     exp = Experiment(experiments[0] if experiments else "?", results_dir, rows, problems, step_logs)
     add_activation_flush_vs_baseline(exp)
     return exp
+
+
+def set_aside_emulated_costs(rows: list[dict]) -> None:
+    """A run whose fp16/bf16 matmuls were emulated in fp32 (`matmuls_emulated`) is compared on quality only: its
+    `EMULATION_COSTS` (speed, memory, time: the emulation's) move to its row's `emulated_costs`, where the runs
+    table still shows them, and out of every summary, ratio, frontier and verdict (the report's device note
+    names these configs)."""
+    for row in rows:
+        if row.get("matmuls_emulated"):
+            row["emulated_costs"] = {k: row.pop(k) for k in EMULATION_COSTS if k in row}
 
 
 ACT_GRAD_FLUSHED = "act_grad_flushed_frac_vs_fp32"

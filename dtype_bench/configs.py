@@ -59,6 +59,11 @@ class TrainingFields:
     max_cpu_slowdown: Optional[float] = None
     """On a CPU, record as `skipped` a config whose compute dtype's matmuls measure more than this many times
     slower than fp32 here (emulated fp16/bf16; dtype_bench.cpu); None = run every config."""
+    emulate_slow_matmuls: bool = False
+    """Train the configs --max_cpu_slowdown would skip, their fp16/bf16 matmuls computed as fp32 matmuls of the
+    same values rounded to the dtype (a native GEMM's numerics, at about fp32 speed; dtype_bench.cpu): their
+    quality is the dtype's, their speed and memory the emulation's (the row says `matmuls_emulated`, the
+    analysis compares only their quality)."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """Also write the step log live to TensorBoard (<output_dir>/tensorboard/<run_id>) or Weights & Biases
     (offline without an API key); the JSONL step log stays the source of truth (dtype_bench.reporting)."""

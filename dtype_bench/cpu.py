@@ -11,13 +11,19 @@
   process); with `--max_cpu_slowdown X` a config whose compute dtype is more than X times slower is recorded
   as `skipped` with the measured factor, rather than spending half an hour on a number that says nothing
   about a GPU. `python -m dtype_bench.cpu` prints both for this machine.
+- Emulated matmuls, fast: with `--emulate_slow_matmuls` such a config trains instead, its fp16/bf16 matmuls
+  computed as fp32 matmuls of the same values rounded once to the dtype (`EmulatedMatmuls`): the numerics of a
+  native GEMM with fp32 accumulation, within an output ulp, at about fp32 speed. Its quality is the dtype's;
+  its speed, memory and op counts are the emulation's, and the analysis compares only its quality.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtype_bench import precision
 
@@ -82,14 +88,54 @@ def too_slow_reason(pc, device: torch.device, max_slowdown: float | None) -> str
             "pass --max_cpu_slowdown none to measure it anyway (the run's matmuls then take up to that factor longer)")
 
 
-def skip_reason(pc: precision.PrecisionConfig, device: torch.device, max_slowdown: float | None) -> str | None:
+def skip_reason(pc: precision.PrecisionConfig, device: torch.device, max_slowdown: float | None,
+                emulate_slow_matmuls: bool = False) -> str | None:
     """Why a config does not train here (the reason of its `skipped` row), or None: the hardware or a missing
-    optional package (`precision.unsupported_reason`), or `--max_cpu_slowdown`."""
-    return precision.unsupported_reason(pc, device) or too_slow_reason(pc, device, max_slowdown)
+    optional package (`precision.unsupported_reason`), or `--max_cpu_slowdown` unless its matmuls are emulated
+    instead (`emulates_matmuls`)."""
+    return precision.unsupported_reason(pc, device) or (
+        None if emulate_slow_matmuls else too_slow_reason(pc, device, max_slowdown))
+
+
+def emulates_matmuls(pc: precision.PrecisionConfig, device: torch.device, max_slowdown: float | None,
+                     emulate_slow_matmuls: bool) -> bool:
+    """Whether a run computes its fp16/bf16 matmuls with `EmulatedMatmuls`: `--emulate_slow_matmuls`, and its
+    compute dtype is one `--max_cpu_slowdown` would skip on this CPU."""
+    return emulate_slow_matmuls and too_slow_reason(pc, device, max_slowdown) is not None
+
+
+class EmulatedMatmuls(TorchDispatchMode):
+    """While active (forward, backward, evaluation), every fp16/bf16 mm, addmm, bmm and baddbmm runs as the same
+    op on fp32 copies of its inputs (exact: every fp16/bf16 value is an fp32 value, and so is a product of two),
+    its result rounded once to the dtype: what a native fp16/bf16 GEMM with fp32 accumulation computes, up to the
+    order of summation (within an output ulp; tests/test_cpu.py compares it with torch's own kernels). Every
+    other op runs as it is, in its own dtype."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtype = args[1].dtype if func in self.OPS else None  # mm, bmm: (self, mat2); the others: (input, mat1, mat2)
+        if dtype in LOW_PRECISION:
+            return func(*(a.float() if isinstance(a, torch.Tensor) else a for a in args), **kwargs).to(dtype)
+        return func(*args, **kwargs)
+
+
+def matmul_emulation(emulated: bool) -> contextlib.AbstractContextManager:
+    """`EmulatedMatmuls` where `emulated` (`emulates_matmuls`), else nothing."""
+    return EmulatedMatmuls() if emulated else contextlib.nullcontext()
+
+
+def _true_or_false(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+    return value.lower() == "true"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print this CPU's thread choice and dtype slowdowns, and which configs a run would train or skip."""
+    """Print this CPU's thread choice and dtype slowdowns, and which configs a run would train (natively or with
+    emulated matmuls) or skip."""
     import argparse
 
     from dtype_bench.configs import HelpFormatter
@@ -100,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="core", help="configs to plan for (as run.py's --config)")
     parser.add_argument("--max_cpu_slowdown", type=lambda s: None if s.lower() == "none" else float(s),
                         help="as run.py's flag (default: none, run all)")
+    parser.add_argument("--emulate_slow_matmuls", type=_true_or_false, default=False,
+                        help="true or false, as run.py's flag: the configs --max_cpu_slowdown would skip train with "
+                             "emulated matmuls")
     args = parser.parse_args(argv)
     threads, busy_warning = pick_threads(None)
     print(f"{cpu_name()}: {os.cpu_count()} cores; torch threads: {threads}")
@@ -110,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{str(dtype).removeprefix('torch.')} matmul time / float32's: {matmul_slowdown(dtype):.2f}")
     for name in precision.resolve_names(args.config):
         pc = precision.get(name)
-        reason = skip_reason(pc, torch.device("cpu"), args.max_cpu_slowdown)
-        print(f"  {name}: {'skipped: ' + reason if reason else 'runs'}")
+        reason = skip_reason(pc, torch.device("cpu"), args.max_cpu_slowdown, args.emulate_slow_matmuls)
+        emulated = emulates_matmuls(pc, torch.device("cpu"), args.max_cpu_slowdown, args.emulate_slow_matmuls)
+        runs = "runs, its matmuls emulated in fp32 (quality only: speed and memory not compared)" if emulated else "runs"
+        print(f"  {name}: {'skipped: ' + reason if reason else runs}")
     return 0
 
 

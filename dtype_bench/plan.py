@@ -81,7 +81,7 @@ def print_plan(config_names: list[str], seeds: int, todo: list[sweep.RunSpec], c
             print(f"  {name}: done ({seeds} run(s) already in {cfg.output_dir})", flush=True)
             continue
         pc = precision.get(name)
-        reason = cpu.skip_reason(pc, device, cfg.max_cpu_slowdown)
+        reason = cpu.skip_reason(pc, device, cfg.max_cpu_slowdown, cfg.emulate_slow_matmuls)
         if reason:
             print(f"  {name}: skipped: {reason}", flush=True)
             continue

@@ -182,6 +182,10 @@ class ResultRow(TypedDict, total=False):
     """Whether the model ran torch.compile'd code."""
     optimizer_step_compiled: bool
     """Whether the optimizer step ran torch.compile'd code (torchao's optimizers)."""
+    matmuls_emulated: bool
+    """Whether the run's fp16/bf16 matmuls were computed as fp32 matmuls of the same values rounded to the dtype
+    (--emulate_slow_matmuls, on a CPU without native ones): its quality metrics are the dtype's; its speed, memory
+    and op counts are the emulation's, and the analysis leaves them out of every comparison."""
     compile: dict
     """What torch.compile did, from dynamo's records: `graphs`, `graph_breaks`, `recompiles` (first
     `recompile_reasons`), `recompile_limit_hits` / `fell_back` (dynamo gave up past `recompile_limit` and ran that

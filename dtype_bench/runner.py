@@ -116,16 +116,17 @@ def setup_of(cfg_record: dict, data_fingerprint: str, device: torch.device) -> t
     which configs a slow CPU skips, and the device index and thread count (each row's environment record keeps
     those)."""
     setup = {k: v for k, v in cfg_record.items()
-             if k not in ("output_dir", "device", "threads", "report_to", "max_cpu_slowdown")}
+             if k not in ("output_dir", "device", "threads", "report_to", "max_cpu_slowdown", "emulate_slow_matmuls")}
     setup.update(data_fingerprint=data_fingerprint, device_type=device.type)
     return fingerprint(setup), setup
 
 
-def skip_reasons(config_names: list[str], device: torch.device,
-                 max_cpu_slowdown: float | None) -> dict[str, str | None]:
-    """config -> why it does not train on `device` (`cpu.skip_reason`), None where it trains: decided in the
-    process that starts the runs, as each run decides it (a launcher's node may differ)."""
-    return {name: cpu.skip_reason(precision.get(name), device, max_cpu_slowdown) for name in config_names}
+def skip_reasons(config_names: list[str], device: torch.device, cfg: Any) -> dict[str, str | None]:
+    """config -> why it does not train on `device` (`cpu.skip_reason` under the config's --max_cpu_slowdown and
+    --emulate_slow_matmuls), None where it trains: decided in the process that starts the runs, as each run
+    decides it (a launcher's node may differ)."""
+    return {name: cpu.skip_reason(precision.get(name), device, cfg.max_cpu_slowdown, cfg.emulate_slow_matmuls)
+            for name in config_names}
 
 
 def prepare_run_dir(output_dir: str, rid: str, world: distributed.World, *, fresh: bool) -> None:

@@ -257,7 +257,8 @@ def run_sweep(script: str, grid: Grid, passthrough: list[str], metrics: tuple[st
             print(f"{where}: {why_not_now}, skipping")
             continue
         reason = grid.skip_reasons[spec.config] if record_skip else None
-        free = _record_skipped(grid, spec, reason, record_skip, where) if reason else not is_claimed(grid.output_dir, rid)
+        free = (_record_skipped(grid, spec, reason, record_skip, where) if reason
+                else not is_claimed(grid.output_dir, rid))
         if not free:
             print(f"{where}: running in another process, skipping")
             busy.append(rid)
@@ -322,8 +323,8 @@ def _why_not_completed(row: dict) -> str:
 
 def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
     """The sweep's end-of-run table. Per config: status counts and mean ± std over seeds of each metric (runs
-    that completed; "-" where there is no value, "(n=1)" instead of a std for a single one); then why each other run did not
-    complete."""
+    that completed; "-" where there is no value, "(n=1)" instead of a std for a single one; "(emulated)" after a
+    config whose matmuls were emulated); then why each other run did not complete."""
     by_config: dict[str, list[dict]] = {}
     for row in rows:
         by_config.setdefault(row["config"], []).append(row)
@@ -334,7 +335,8 @@ def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
         for r in runs:
             statuses[r["status"]] = statuses.get(r["status"], 0) + 1
         done = [r for r in runs if r["status"] == "completed"]
-        cells = [config, " ".join(f"{n} {s}" for s, n in statuses.items())]
+        label = f"{config} (emulated)" if any(r.get("matmuls_emulated") for r in runs) else config
+        cells = [label, " ".join(f"{n} {s}" for s, n in statuses.items())]
         for m in metrics:
             mean, std, n = mean_std(r.get(m) for r in done)
             cells.append("-" if mean is None else f"{mean:.4g} (n={n})" if std is None else f"{mean:.4g} ± {std:.2g}")
@@ -344,6 +346,9 @@ def seed_summary_table(rows: list[dict], metrics: tuple[str, ...]) -> str:
     out.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"{r['config']} seed {r['seed']}: {r['status']} — {_why_not_completed(r)}"
              for r in rows if r["status"] != "completed"]
+    if any(r.get("matmuls_emulated") for r in rows):
+        notes.append("(emulated): fp16/bf16 matmuls computed in fp32 (--emulate_slow_matmuls): quality is the dtype's, "
+                     "samples/s and memory the emulation's")
     return "\n".join(out + ([""] + notes if notes else []))
 
 

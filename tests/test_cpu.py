@@ -1,6 +1,8 @@
 """Busy cores and emulated low-precision matmuls: the thread choice and the recorded `skipped` rows."""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import subprocess
@@ -97,3 +99,82 @@ def test_forced_emulation_limit_records_skipped_rows_and_the_sweep_pins_threads(
     assert rows["amp_fp16"]["status"] == "skipped"
     assert "float16 matmuls measured" in rows["amp_fp16"]["reason"] and "0.001" in rows["amp_fp16"]["reason"]
     assert rows["amp_fp16"]["train_config"]["threads"] == rows["fp32_baseline"]["train_config"]["threads"] >= 1
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", cpu.LOW_PRECISION, ids=["fp16", "bf16"])
+def test_emulated_matmuls_equal_torchs_own_kernels_within_one_ulp(dtype):
+    """Each of mm, addmm, bmm and baddbmm in fp16/bf16 under `EmulatedMatmuls` against the same op on torch's own
+    CPU kernel for the dtype: the same dtype, and every element the same value or its neighbour (one ulp: the
+    bit patterns of same-signed values differ by at most 1), from a different order of fp32 summation. fp32 ops
+    pass through unchanged."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(shape, generator=g) for shape in ((48, 256), (256, 40), (48, 40)))
+    cases = {"mm": lambda x, y, z: torch.mm(x, y), "addmm": lambda x, y, z: torch.addmm(z, x, y, beta=0.5),
+             "bmm": lambda x, y, z: torch.bmm(x.view(4, 12, 256), y.expand(4, 256, 40)),
+             "baddbmm": lambda x, y, z: torch.baddbmm(z.view(4, 12, 40), x.view(4, 12, 256), y.expand(4, 256, 40))}
+    for name, op in cases.items():
+        low = [t.to(dtype) for t in (a, b, c)]
+        native = op(*low)
+        with cpu.EmulatedMatmuls():
+            emulated = op(*low)
+            fp32 = op(a, b, c)
+        assert emulated.dtype == dtype and torch.equal(fp32, op(a, b, c)), name
+        same_sign = torch.sign(native) == torch.sign(emulated)
+        apart = (_bits(native) - _bits(emulated)).abs()
+        assert bool(same_sign.all()) and int(apart.max()) <= 1, (name, int(apart.max()))
+        assert float((apart == 0).float().mean()) > 0.5, name  # mostly bit-identical, not merely close
+
+
+def test_emulated_matmuls_reach_the_backward_pass():
+    """A bf16 Linear's forward and both backward matmuls run through the emulation (the mode is active while
+    autograd runs), and its gradients equal the native kernel's within one ulp."""
+    calls = []
+
+    class Counting(cpu.EmulatedMatmuls):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in self.OPS and args[1].dtype in cpu.LOW_PRECISION:
+                calls.append(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for mode in (contextlib.nullcontext(), Counting()):
+        layer.zero_grad()
+        x.grad = None
+        with mode:
+            layer(x).float().square().sum().backward()
+        grads.append((x.grad.clone(), layer.weight.grad.clone()))
+    assert len(calls) == 3  # forward; backward: the input's and the weight's gradients
+    for native, emulated in zip(*grads):
+        assert int((_bits(native) - _bits(emulated)).abs().max()) <= 1
+
+
+def test_a_too_slow_config_trains_with_emulated_matmuls_and_its_costs_are_set_aside(small_cache_dir, tmp_path):
+    """--emulate_slow_matmuls: a config --max_cpu_slowdown would skip trains, its row says `matmuls_emulated`,
+    its losses follow the same run on torch's own fp16 kernel (every step within 1%), and the analysis keeps its
+    quality and moves its speed and memory aside."""
+    from analysis.experiment_data import EMULATION_COSTS, load_experiment
+    from experiments.classification.run import main
+
+    flags = [*tiny_run.SMALL, "--config", "amp_fp16", "--max_steps", "4", "--eval_steps", "4", "--log_every", "1",
+             "--timing_warmup_steps", "1", "--data_dir", str(small_cache_dir)]
+    assert main([*flags, "--max_cpu_slowdown", "0.001", "--emulate_slow_matmuls", "true",
+                 "--output_dir", str(tmp_path / "emulated")]) == 0
+    assert main([*flags, "--max_cpu_slowdown", "none", "--output_dir", str(tmp_path / "native")]) == 0
+    (emulated,), (native,) = tiny_run.rows(tmp_path / "emulated"), tiny_run.rows(tmp_path / "native")
+    assert (emulated["status"], emulated["matmuls_emulated"], native["matmuls_emulated"]) == ("completed", True, False)
+    losses = [[r["loss"] for r in map(json.loads, tiny_run.step_log(out, row["run_id"])) if "eval" not in r]
+              for out, row in ((tmp_path / "emulated", emulated), (tmp_path / "native", native))]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert all(math.isclose(e, n, rel_tol=0.01) for e, n in zip(*losses)), losses
+    exp = load_experiment(tmp_path / "emulated")
+    (row,) = exp.rows
+    assert "samples_per_second" not in row and row["emulated_costs"]["samples_per_second"] > 0
+    assert set(row["emulated_costs"]) <= set(EMULATION_COSTS) and row["micro_f1"] == emulated["micro_f1"]
+    assert exp.emulated_configs() == ["amp_fp16"]

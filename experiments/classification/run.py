@@ -26,7 +26,7 @@ from experiments.classification import data as data_lib
 from experiments.classification import metrics as metrics_lib
 from experiments.classification import model as model_lib
 from experiments.classification.config import PRESETS, TrainConfig
-from dtype_bench import distributed, flops, loop, optimizers, plan, precision, progress, results, runner, sweep
+from dtype_bench import cpu, distributed, flops, loop, optimizers, plan, precision, progress, results, runner, sweep
 from dtype_bench.io import claim_folder
 from dtype_bench.runner import UserError
 
@@ -81,11 +81,12 @@ def evaluate(model: torch.nn.Module, split: data_lib.TokenizedSplit, cfg: TrainC
     model.eval()
     logits, losses, dtypes = [], [], None
     docs = len(split) if cfg.max_eval_docs is None else min(cfg.max_eval_docs, len(split))
+    emulated = cpu.emulates_matmuls(eval_pc, device, cfg.max_cpu_slowdown, cfg.emulate_slow_matmuls)
     for batch in progress.track(data_lib.eval_batches(split, cfg.eval_batch_size, meta.num_labels, meta.pad_token_id,
                                                       cfg.max_eval_docs),
                                 f"{pc.name} evaluation", total=-(-docs // cfg.eval_batch_size)):
         batch = batch.to(device)
-        with precision.autocast(eval_pc, device):
+        with precision.autocast(eval_pc, device), cpu.matmul_emulation(emulated):
             out = model(batch.input_ids, batch.attention_mask)
         loss = model_lib.bce_loss(out, batch.targets, eval_pc.loss_dtype)
         dtypes = dtypes or precision.check_dtypes(eval_pc, model.encoder, model.head, out, loss=loss)
@@ -120,7 +121,9 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     init_sha256 = model_lib.load_classifier_weights(model, cfg.init_weights) if cfg.init_weights else None
     precision.cast_model(model.encoder, model.head, pc)
     model.to(device).train()
-    compiled = cfg.compile_model and precision.should_compile(pc, device)  # the model (torchao's step: the config's)
+    emulated = cpu.emulates_matmuls(pc, device, cfg.max_cpu_slowdown, cfg.emulate_slow_matmuls)  # quality only
+    # the model, eager under emulation (torchao's step: the config's)
+    compiled = cfg.compile_model and precision.should_compile(pc, device) and not emulated
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
@@ -149,7 +152,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             batch = next(batches).to(device)
             run.seed_micro_batch(micro)
             last = micro == run.local_accumulation - 1  # DDP all-reduces the gradients on the last one
-            with run.forward_backward(), distributed.gradient_sync(forward, sync=last):  # eager when measured
+            with run.forward_backward(), distributed.gradient_sync(forward, sync=last), cpu.matmul_emulation(emulated):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids, batch.attention_mask)
                 loss = model_lib.bce_loss(logits, batch.targets, pc.loss_dtype) / run.local_accumulation  # DDP avg
@@ -173,6 +176,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     out.update(results.row_fields(
         samples_seen=out["micro_batches"] * cfg.batch_size, padding_fraction=batches.padding_fraction,
         compiled=compiled, optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device),
+        matmuls_emulated=emulated,
         dtypes=dtypes, eval_dtypes=run.eval_dtypes, eval_precision=cfg.eval_precision,
         data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
         model_source=model_lib.encoder_source(cfg.model_name, model.encoder), init_weights_sha256=init_sha256))
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print(busy_warning)
         setup_fp, setup = runner.setup_of(cfg.to_record(), meta.fingerprint, device)
         grid = sweep.Grid(runs, cfg.output_dir, setup_fp, EXPERIMENT, retry_failed=args.retry_failed, fresh=args.fresh,
-                          skip_reasons=runner.skip_reasons(args.config_names, device, cfg.max_cpu_slowdown))
+                          skip_reasons=runner.skip_reasons(args.config_names, device, cfg))
         if args.plan:
             return plan.print_plan(args.config_names, args.seeds, grid.pending(), cfg, device,
                                    lambda short, pc, rid: train_one(short, pc, args.seed, meta, device, rid))

@@ -27,7 +27,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
 from experiments.lm.config import PRESETS, TrainConfig
-from dtype_bench import distributed, flops, loop, optimizers, plan, precision, progress, results, runner, sweep
+from dtype_bench import cpu, distributed, flops, loop, optimizers, plan, precision, progress, results, runner, sweep
 from dtype_bench.io import claim_folder
 from dtype_bench.runner import UserError
 
@@ -57,13 +57,14 @@ def evaluate(model: torch.nn.Module, tokens, cfg: TrainConfig, pc: precision.Pre
     checked on the first batch. `model` is the uncompiled module: evaluation batches (another batch size, a short
     last batch) would each compile a graph, and their speed is not what a run measures."""
     model.eval()
+    emulated = cpu.emulates_matmuls(pc, device, cfg.max_cpu_slowdown, cfg.emulate_slow_matmuls)
     total, n, dtypes = torch.zeros((), device=device), 0, None
     windows = len(range(0, len(tokens) - cfg.block_size, cfg.block_size))
     windows = windows if cfg.eval_sequences is None else min(windows, cfg.eval_sequences)
     for batch in progress.track(data_lib.eval_batches(tokens, cfg.block_size, cfg.eval_batch_size, cfg.eval_sequences),
                                 f"{pc.name} evaluation", total=-(-windows // cfg.eval_batch_size)):
         batch = batch.to(device)
-        with precision.autocast(pc, device):
+        with precision.autocast(pc, device), cpu.matmul_emulation(emulated):
             logits = model(batch.input_ids)
         loss = model_lib.cross_entropy(logits, batch.targets, pc.loss_dtype)
         dtypes = dtypes or precision.check_dtypes(pc, model.body(), model.head, logits, loss=loss)
@@ -84,7 +85,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     model = model_lib.CausalLM(gpt2, precision.head_autocast(pc, device))
     precision.cast_model(model.body(), model.head, pc)  # the head is the tied embedding matrix
     model.to(device).train()
-    compiled = precision.should_compile(pc, device)  # the model; torchao's optimizer step follows the same flag
+    emulated = cpu.emulates_matmuls(pc, device, cfg.max_cpu_slowdown, cfg.emulate_slow_matmuls)  # quality only
+    compiled = precision.should_compile(pc, device) and not emulated  # the model; torchao's step follows the flag
     forward = torch.compile(model) if compiled else model
     world = distributed.current_world()  # torchrun: DDP, each rank computing its share of every step
     forward = distributed.wrap(forward, world, device)
@@ -114,7 +116,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             batch = next(batches).to(device)
             run.seed_micro_batch(micro)
             last = micro == run.local_accumulation - 1  # DDP all-reduces the gradients on the last one
-            with run.forward_backward(), distributed.gradient_sync(forward, sync=last):  # eager when measured
+            with run.forward_backward(), distributed.gradient_sync(forward, sync=last), cpu.matmul_emulation(emulated):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids)
                 loss = model_lib.cross_entropy(logits, batch.targets, pc.loss_dtype) / run.local_accumulation
@@ -139,7 +141,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
         samples_seen=out["micro_batches"] * cfg.batch_size,
         tokens_seen=out["micro_batches"] * cfg.batch_size * cfg.block_size,
         n_params=model_lib.count_parameters(model), compiled=compiled,
-        optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device), dtypes=dtypes,
+        optimizer_step_compiled=optimizers.compiles_optimizer_step(pc, device), matmuls_emulated=emulated,
+        dtypes=dtypes,
         eval_dtypes=run.eval_dtypes,
         data=meta.raw["source"],  # what was trained on (kind synthetic-ids: the full shape on random ids)
         # every training sequence is exactly block_size tokens long
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(busy_warning)
         setup_fp, setup = runner.setup_of(cfg.to_record(), meta.fingerprint, device)
         grid = sweep.Grid(runs, cfg.output_dir, setup_fp, EXPERIMENT, retry_failed=args.retry_failed, fresh=args.fresh,
-                          skip_reasons=runner.skip_reasons(args.config_names, device, cfg.max_cpu_slowdown))
+                          skip_reasons=runner.skip_reasons(args.config_names, device, cfg))
         if args.plan:
             return plan.print_plan(args.config_names, args.seeds, grid.pending(), cfg, device,
                                    lambda short, pc, rid: train_one(short, pc, args.seed, meta, device, rid))
