@@ -235,9 +235,15 @@ def findings(analysis: Analysis) -> list[str]:
     if q is None or t is None or analysis.summary(BASELINE) is None:
         return ["No recommendation: needs completed fp32_baseline runs and a quality and a throughput metric."]
     verdict = quality_verdicts(analysis)
-    ok = [s for s in analysis.summaries if verdict[s.config].kind in verdicts.KEEPS_QUALITY
-          and s.estimates[t.key].mean is not None]
+    keeps = [s for s in analysis.summaries if verdict[s.config].kind in verdicts.KEEPS_QUALITY]
+    ok = [s for s in keeps if s.estimates[t.key].mean is not None]
     out = []
+    unranked = [s.config for s in keeps if s not in ok]  # no speed to rank by (emulated matmuls, or none measured)
+    if unranked:
+        out.append(f"Shown to stay within ±{analysis.quality_margin:.0%} of fp32 but not ranked by speed (no "
+                   f"{t.label} measured of their dtype here"
+                   + (": matmuls emulated" if set(unranked) & set(analysis.exp.emulated_configs()) else "")
+                   + f"): {', '.join(f'**{c}**' for c in unranked)}.")
     if ok:
         fastest = max(ok, key=lambda s: s.estimates[t.key].mean)
         out.append(f"Fastest config shown to stay within ±{analysis.quality_margin:.0%} of fp32: "
@@ -250,7 +256,7 @@ def findings(analysis: Analysis) -> list[str]:
                 out.append(f"Least memory among those: **{leanest.config}** — {mem.label} "
                            f"{fmt_estimate(leanest.estimates[mem.key])} ({fmt(leanest.vs_baseline.get(mem.key), 3)}× "
                            f"fp32); {verdict[leanest.config].text()}.")
-    else:
+    elif not unranked:
         out.append(f"No config is shown to stay within ±{analysis.quality_margin:.0%} of fp32 (see the decision "
                    "rule): nothing to recommend.")
     for config, v in verdict.items():

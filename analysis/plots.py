@@ -216,13 +216,16 @@ def relative_bars(exp: Experiment, summaries: list[ConfigSummary], styles: dict[
     if not any(s.config == BASELINE and s.estimates[throughput.key].mean for s in summaries):
         return None
     base = {m.key: next(s for s in summaries if s.config == BASELINE).estimates[m.key].mean for m in (throughput, memory)}
+    emulated = set(exp.emulated_configs())
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(summaries) + 1.8), layout="constrained")
     for ax, metric, title in ((axes[0], throughput, f"{throughput.label}: speed-up vs fp32"),
                               (axes[1], memory, f"{memory.label}: ratio to fp32")):
         for y, s in enumerate(summaries):
             est, style = s.estimates[metric.key], styles[s.config]
             if est.mean is None:
-                ax.text(0.02, y, f"no completed run ({', '.join(k for k, n in s.status_counts.items() if n)})",
+                why = ("matmuls emulated: not measured" if s.config in emulated else
+                       f"no completed run ({', '.join(k for k, n in s.status_counts.items() if n)})")
+                ax.text(0.02, y, why,
                         va="center", fontsize=8, transform=blended_transform_factory(ax.transAxes, ax.transData))
                 continue
             ratio = est.mean / base[metric.key]

@@ -139,6 +139,24 @@ def test_a_cpu_report_names_the_configs_this_cpu_did_not_run_before_the_table(tm
     assert f"| fp16_naive | not run here: {slow} |" in report
 
 
+def test_emulated_runs_are_judged_on_quality_and_their_speed_is_neither_compared_nor_ranked(tmp_path):
+    """amp_bf16 with emulated matmuls: equivalent to fp32 on micro-F1 as with its measured speed, but no speed-up or
+    memory ratio, named as equivalent and unranked in the findings, its speed in the runs table marked emulated."""
+    rows = [{**row(c, s), "env": {"device": "cpu", "torch": "2.13.0"}} for c in ("fp32_baseline", "amp_bf16")
+            for s in SEEDS]
+    for r in rows[3:]:
+        r["matmuls_emulated"] = True
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    analysis = analyze_experiment.analyze(tmp_path, tmp_path / "analysis")
+    report = (tmp_path / "analysis" / "report.md").read_text()
+    assert "Matmuls emulated in fp32 (`--emulate_slow_matmuls`, this CPU has no native ones) for `amp_bf16`" in report
+    (line,) = [x for x in report.splitlines() if x.startswith("| amp_bf16 | equivalent within ±2%")]
+    assert line.endswith("| - | - | 3/3 completed |"), line  # no speed-up, no memory ratio
+    assert any("not ranked by speed" in f and "matmuls emulated" in f and "**amp_bf16**" in f
+               for f in analyze_experiment.findings(analysis))
+    assert "| amp_bf16 | 1 | completed | 160 (emulated) |" in report
+
+
 def test_a_run_recorded_twice_is_a_note_unless_the_first_row_was_a_skip(tmp_path):
     from analysis.experiment_data import load_experiment
 
