@@ -437,7 +437,14 @@ def forecast_table(exp: Experiment, model_path: Path = MODEL_FILE) -> str:
         lines.append(f"recommendation: {rec['config']} (predicted equivalent, P {rec['p']:.2f}, "
                      f"{rec['samples_per_second']:.0f} samples/s); confirm it in full: the same command with "
                      f"`run` instead of `forecast`, --config {rec['config']},{BASELINE} and --seeds 5 (no --forecast)")
-    else:
+    unranked = [r["config"] for r in rows if r["outcome"] == "equivalent" and r["p"] >= CONFIDENT
+                and not r["samples_per_second"]]
+    if unranked:  # predicted equivalent, but no speed of their dtype was measured here to rank them by
+        lines.append(f"{'also' if rec else 'recommendation: none ranked by speed;'} predicted equivalent with P >= "
+                     f"{CONFIDENT}, their speed not measured here (matmuls emulated, or no timed steps): "
+                     f"{', '.join(unranked)}; confirm one in full with --config <it>,{BASELINE} --seeds 5 (no "
+                     "--forecast), on hardware that computes its dtype to rank it by speed")
+    elif not rec:
         lines.append(f"recommendation: none (no config predicted equivalent with P >= {CONFIDENT}); run the full sweep")
     done = [r for r in exp.rows if r["status"] == "completed"]
     spent = sum(r.get("wall_seconds") or 0.0 for r in exp.rows if r["status"] != "skipped")
@@ -457,7 +464,8 @@ def full_run_seconds(row: dict) -> float:
     evaluation time to the full run's evaluations, the rest (set-up, calibration, test evaluation) as measured.
     Interpreter start-up is in neither."""
     tc, stop = row["train_config"], stop_step_of(row)
-    train, evals = row.get("train_wall_seconds") or 0.0, row.get("eval_wall_seconds") or 0.0
+    measured = {**(row.get("emulated_costs") or {}), **row}  # an emulated run's time is what this sweep costs here
+    train, evals = measured.get("train_wall_seconds") or 0.0, measured.get("eval_wall_seconds") or 0.0
     full_evals = math.ceil(tc["max_steps"] / tc["eval_steps"])
     per_eval = evals / max(row.get("evaluations") or 1, 1)
     return ((row.get("wall_seconds") or 0.0) - train - evals + train * tc["max_steps"] / stop

@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from dtype_bench import checkpoint, compilation, distributed, flops, precision, reporting, results, signals, throughput
+from dtype_bench import (checkpoint, compilation, cpu, distributed, flops, precision, reporting, results, signals,
+                         throughput)
 from dtype_bench.diagnostics import PrecisionDiagnostics
 from dtype_bench.memory import PeakMemory
 from dtype_bench.monitor import TrainingMonitor
@@ -81,17 +82,20 @@ class TrainingRun:
     `cfg` is the experiment's training config (fields max_steps, log_every, eval_steps, diverge_patience,
     diagnostics_every, timing_warmup_steps, gradient_accumulation_steps, output_dir, and `to_record()`).
     `best_metric`: keep the weights of the best validation by this metric (higher is better) and reload them
-    with `load_best()`; None keeps no weights (every evaluation is still in `evals`)."""
+    with `load_best()`; None keeps no weights (every evaluation is still in `evals`). `matmuls_emulated`: the
+    run's steps run under `cpu.EmulatedMatmuls`, and so does its MFU peak calibration (not torch's slow kernel)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  scaler: torch.amp.GradScaler, *, cfg: Any, pc: precision.PrecisionConfig, seed: int, run_id: str,
                  experiment: str, device: torch.device, world: distributed.World, batches: Any,
-                 data_fingerprint: str, group_of: Callable[[str], str], best_metric: str | None = None):
+                 data_fingerprint: str, group_of: Callable[[str], str], best_metric: str | None = None,
+                 matmuls_emulated: bool = False):
         self.cfg, self.seed, self.world, self.best_metric = cfg, seed, world, best_metric
         self.stop_step = stop_step(cfg)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.local_accumulation = world.local_accumulation(cfg.gradient_accumulation_steps)
-        self.peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)  # MFU denominators
+        with cpu.matmul_emulation(matmuls_emulated):  # MFU denominators, measured as the steps compute
+            self.peaks = flops.calibrate_peaks(device, pc.compute_dtype, tf32=pc.tf32, fp8=pc.fp8)
         self.memory = PeakMemory(device)  # reset point: model and optimizer built; train and eval peaks apart
         self.compile = compilation.CompileWatch()  # before the first forward: counts every graph of the run
         self.timer = throughput.StepTimer(device, warmup_steps=cfg.timing_warmup_steps, last_step=self.stop_step)

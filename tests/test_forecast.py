@@ -148,3 +148,15 @@ def test_lm_forecast_run_is_the_first_fraction_of_the_full_run(tmp_path):
     full = tiny_run.without_timing(test_lm.step_log(tmp_path / "lm", row))
     assert [r for r in short if "eval" not in r] == [r for r in full if "eval" not in r][:3]
     assert [r["step"] for r in short if "eval" in r] == [3]
+
+
+def test_the_full_run_estimate_counts_an_emulated_runs_time_set_aside_by_the_analysis():
+    """The analysis moves an emulated run's times out of its row (`emulated_costs`); what the full run would cost
+    here still scales them: 10 s of training for 10 of 100 steps, 1 s per evaluation (1 done, 5 in full), 4 s of
+    set-up -> 4 + 100 + 5."""
+    row = {"wall_seconds": 15.0, "evaluations": 1, "train_config": {"max_steps": 100, "eval_steps": 20, "forecast": 0.1},
+           "steps": 10}
+    plain = {**row, "train_wall_seconds": 10.0, "eval_wall_seconds": 1.0}
+    emulated = {**row, "emulated_costs": {"train_wall_seconds": 10.0, "eval_wall_seconds": 1.0}}
+    assert forecast.full_run_seconds(plain) == pytest.approx(109.0)
+    assert forecast.full_run_seconds(emulated) == pytest.approx(109.0)

@@ -30,6 +30,8 @@ from dtype_bench import cpu, distributed, flops, loop, optimizers, plan, precisi
 from dtype_bench.io import claim_folder
 from dtype_bench.runner import UserError
 
+PRELOAD = ["experiments.classification.run", "transformers.models.roberta.modeling_roberta"]
+"""What a sweep's forkserver imports once for all its runs (transformers loads the model's module lazily)."""
 EXPERIMENT = "classification"
 
 def encoder_config(cfg: TrainConfig):
@@ -141,7 +143,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     run = loop.TrainingRun(model, optimizer, scheduler, scaler, cfg=cfg, pc=pc, seed=seed, run_id=rid,
                            experiment=EXPERIMENT, device=device, world=world, batches=batches,
                            data_fingerprint=meta.fingerprint, group_of=model_lib.parameter_group_of,
-                           best_metric="micro_f1")
+                           best_metric="micro_f1",
+                           matmuls_emulated=emulated)
 
     def validate() -> tuple[dict, dict]:
         return evaluate(model, splits["validation"], cfg, pc, meta, device)
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         swept = dataclasses.replace(cfg, threads=cfg.threads or threads)  # each run's config
         metrics = results.REPORTED_METRICS
         code = sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads), metrics,
-                               preload=["experiments.classification.run"], record_skip=functools.partial(
+                               preload=PRELOAD, record_skip=functools.partial(
                                    runner.record_skip, EXPERIMENT, setup_fp, swept, device, world, metrics))
         if cfg.forecast is None:
             return code

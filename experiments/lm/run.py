@@ -31,6 +31,8 @@ from dtype_bench import cpu, distributed, flops, loop, optimizers, plan, precisi
 from dtype_bench.io import claim_folder
 from dtype_bench.runner import UserError
 
+PRELOAD = ["experiments.lm.run", "transformers.models.gpt2.modeling_gpt2"]
+"""What a sweep's forkserver imports once for all its runs (transformers loads the model's module lazily)."""
 EXPERIMENT = "lm"
 METRICS = ("tokens_per_second", "samples_per_second", "peak_memory_gb", "val_loss", "perplexity")
 
@@ -105,7 +107,8 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
     sample_flops = flops.flops_counter(gpt2.transformer, model.head, head_per_token=True)(cfg.block_size)
     run = loop.TrainingRun(model, optimizer, scheduler, scaler, cfg=cfg, pc=pc, seed=seed, run_id=rid,
                            experiment=EXPERIMENT, device=device, world=world, batches=batches,
-                           data_fingerprint=meta.fingerprint, group_of=model_lib.parameter_group_of)
+                           data_fingerprint=meta.fingerprint, group_of=model_lib.parameter_group_of,
+                           matmuls_emulated=emulated)
 
     def validate() -> tuple[dict, dict]:
         return evaluate(model, tokens["val"], cfg, pc, device)
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) > 1:  # one process per run, all timed with the threads decided here; skips recorded here
         swept = dataclasses.replace(cfg, threads=cfg.threads or threads)  # each run's config
         code = sweep.run_sweep(script, grid, runner.child_flags(argv, None if cfg.threads else threads), METRICS,
-                               preload=["experiments.lm.run"], record_skip=functools.partial(
+                               preload=PRELOAD, record_skip=functools.partial(
                                    runner.record_skip, EXPERIMENT, setup_fp, swept, device, world, METRICS))
         if cfg.forecast is None:
             return code
