@@ -112,6 +112,7 @@ class Cfg:
     max_steps: int = 100
     eval_steps: int = 50
     max_cpu_slowdown: float | None = None
+    emulate_slow_matmuls: bool = False
     timing_warmup_steps: int = 5
     diagnostics_every: int = 10
     report_to: str = "none"
