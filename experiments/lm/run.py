@@ -119,6 +119,7 @@ def train_one(cfg: TrainConfig, pc: precision.PrecisionConfig, seed: int, meta: 
             batch = next(batches).to(device)
             run.seed_micro_batch(micro)
             last = micro == run.local_accumulation - 1  # DDP all-reduces the gradients on the last one
+            # eager when measured; matmuls emulated in fp32 where this CPU has no native fp16/bf16 ones
             with run.forward_backward(), distributed.gradient_sync(forward, sync=last), cpu.matmul_emulation(emulated):
                 with precision.autocast(pc, device):
                     logits = forward(batch.input_ids)
