@@ -13,7 +13,7 @@
   about a GPU. `python -m dtype_bench.cpu` prints both for this machine.
 - Emulated matmuls, fast: with `--emulate_slow_matmuls` such a config trains instead, its fp16/bf16 matmuls
   computed as fp32 matmuls of the same values rounded once to the dtype (`EmulatedMatmuls`): the numerics of a
-  native GEMM with fp32 accumulation, within an output ulp, at about fp32 speed. Its quality is the dtype's;
+  native GEMM with fp32 accumulation, up to the order of summation, at about fp32 speed. Its quality is the dtype's;
   its speed, memory and op counts are the emulation's, and the analysis compares only its quality.
 """
 from __future__ import annotations
@@ -108,8 +108,8 @@ class EmulatedMatmuls(TorchDispatchMode):
     """While active (forward, backward, evaluation), every fp16/bf16 mm, addmm, bmm and baddbmm runs as the same
     op on fp32 copies of its inputs (exact: every fp16/bf16 value is an fp32 value, and so is a product of two),
     its result rounded once to the dtype: what a native fp16/bf16 GEMM with fp32 accumulation computes, up to the
-    order of summation (within an output ulp; tests/test_cpu.py compares it with torch's own kernels). Every
-    other op runs as it is, in its own dtype."""
+    order of summation (tests/test_cpu.py compares it with torch's own kernels: within an output ulp plus that
+    order's fp32 rounding error). Every other op runs as it is, in its own dtype."""
 
     OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default}
@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         pc = precision.get(name)
         reason = skip_reason(pc, torch.device("cpu"), args.max_cpu_slowdown, args.emulate_slow_matmuls)
         emulated = emulates_matmuls(pc, torch.device("cpu"), args.max_cpu_slowdown, args.emulate_slow_matmuls)
-        runs = "runs, its matmuls emulated in fp32 (quality only: speed and memory not compared)" if emulated else "runs"
-        print(f"  {name}: {'skipped: ' + reason if reason else runs}")
+        trains = ("runs, its matmuls emulated in fp32 (quality only: speed and memory not compared)" if emulated
+                  else "runs")
+        print(f"  {name}: {'skipped: ' + reason if reason else trains}")
     return 0
 
 
