@@ -10,7 +10,9 @@
   slower than fp32. `matmul_slowdown` measures it (a short fp16/bf16 vs fp32 matmul calibration in this
   process); with `--max_cpu_slowdown X` a config whose compute dtype is more than X times slower is recorded
   as `skipped` with the measured factor, rather than spending half an hour on a number that says nothing
-  about a GPU. `python -m dtype_bench.cpu` prints both for this machine.
+  about a GPU. `python -m dtype_bench.cpu` prints both for this machine. A sweep's runs use the factors its
+  own process measured (`inherit_slowdowns`): every run of a sweep makes the same skip/emulate decision, and
+  none spends its start recalibrating.
 - Emulated matmuls, fast: with `--emulate_slow_matmuls` such a config trains instead, its fp16/bf16 matmuls
   computed as fp32 matmuls of the same values rounded once to the dtype (`EmulatedMatmuls`): the numerics of a
   native GEMM with fp32 accumulation, up to the order of summation, at about fp32 speed. Its quality is the dtype's;
@@ -19,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -57,21 +58,36 @@ def pick_threads(requested: int | None, *, cores: int | None = None, busy: float
                      "cores); --threads N sets the count")
 
 
-@functools.cache
+_SLOWDOWNS: dict[torch.dtype, float] = {}  # measured (or inherited) in this process
+
+
 def matmul_slowdown(dtype: torch.dtype) -> float:
     """Time of a CPU matmul in `dtype` over the same matmul in fp32 (best of repeated runs, ~0.2 s each), on one
     thread: about 1 where the CPU computes the dtype natively (or faster, e.g. AMX), 10-200 where it is emulated.
     One thread, because on busy cores a multi-threaded fp32 matmul can lose more to waiting threads than
-    emulation costs, which would hide the emulation (benchmarks/RESULTS.md, "CPU notes")."""
-    from dtype_bench.flops import measure_matmul_peak
+    emulation costs, which would hide the emulation (benchmarks/RESULTS.md, "CPU notes"). Measured once per
+    process, or inherited from the sweep that started it (`inherit_slowdowns`)."""
+    if dtype not in _SLOWDOWNS:
+        from dtype_bench.flops import measure_matmul_peak
 
-    cpu, threads = torch.device("cpu"), torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fp32 = measure_matmul_peak(cpu, torch.float32, size=CALIBRATION_SIZE, seconds=0.2)
-        return fp32 / measure_matmul_peak(cpu, dtype, size=CALIBRATION_SIZE, seconds=0.2)
-    finally:
-        torch.set_num_threads(threads)
+        cpu, threads = torch.device("cpu"), torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fp32 = measure_matmul_peak(cpu, torch.float32, size=CALIBRATION_SIZE, seconds=0.2)
+            _SLOWDOWNS[dtype] = fp32 / measure_matmul_peak(cpu, dtype, size=CALIBRATION_SIZE, seconds=0.2)
+        finally:
+            torch.set_num_threads(threads)
+    return _SLOWDOWNS[dtype]
+
+
+def measured_slowdowns() -> dict[torch.dtype, float]:
+    """The factors `matmul_slowdown` has measured (or inherited) in this process."""
+    return dict(_SLOWDOWNS)
+
+
+def inherit_slowdowns(slowdowns: dict[torch.dtype, float]) -> None:
+    """Take a parent process's measured factors as this process's (a sweep passes them to each run it forks)."""
+    _SLOWDOWNS.update(slowdowns)
 
 
 def too_slow_reason(pc, device: torch.device, max_slowdown: float | None) -> str | None:
@@ -93,8 +109,11 @@ def skip_reason(pc: precision.PrecisionConfig, device: torch.device, max_slowdow
     """Why a config does not train here (the reason of its `skipped` row), or None: the hardware or a missing
     optional package (`precision.unsupported_reason`), or `--max_cpu_slowdown` unless its matmuls are emulated
     instead (`emulates_matmuls`)."""
-    return precision.unsupported_reason(pc, device) or (
-        None if emulate_slow_matmuls else too_slow_reason(pc, device, max_slowdown))
+    unsupported = precision.unsupported_reason(pc, device)
+    if unsupported:
+        return unsupported
+    too_slow = too_slow_reason(pc, device, max_slowdown)  # measured either way: a sweep's runs inherit it
+    return None if emulate_slow_matmuls else too_slow
 
 
 def emulates_matmuls(pc: precision.PrecisionConfig, device: torch.device, max_slowdown: float | None,

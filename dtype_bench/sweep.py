@@ -7,6 +7,7 @@ OOM killer) is interrupted: it has no row, and the same command resumes it from 
 Each run's process is forked from a server process that has imported the experiment's modules once
 (multiprocessing's forkserver, which has run no training and no thread pool): a run starts in milliseconds
 instead of the seconds that importing torch and transformers takes, as a process of its own all the same.
+It inherits the CPU matmul slowdowns the sweep measured (`dtype_bench.cpu`), so it decides as the sweep did.
 A run whose config is skipped here (`Grid.skip_reasons`) starts no process: the sweep records its row.
 
 Re-running the same sweep command continues it. For each (config, seed) the newest row in results.jsonl
@@ -39,6 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
+from dtype_bench import cpu
 from dtype_bench.distributed import World, broadcast_from_main
 from dtype_bench.io import lock
 from dtype_bench.progress import duration
@@ -205,8 +207,10 @@ def run_gate(output_dir: str | Path, setup_fingerprint: str, rid: str, *, retry_
         yield None if verdict == -1 else verdict
 
 
-def _run_script(script: str, argv: list[str]) -> None:
-    """A run's process: `python script *argv`, in a process forked from the server (its imports are done)."""
+def _run_script(script: str, argv: list[str], slowdowns: dict) -> None:
+    """A run's process: `python script *argv`, in a process forked from the server (its imports are done), with
+    the sweep's measured CPU matmul slowdowns (`cpu.inherit_slowdowns`)."""
+    cpu.inherit_slowdowns(slowdowns)
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
 
@@ -217,7 +221,8 @@ def _run_child(script: str, argv: list[str], preload: Sequence[str]) -> tuple[in
     SIGINT/SIGTERM sent to the sweep meanwhile, which is passed on to the run (so it checkpoints)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(preload))
-    child = context.Process(target=_run_script, args=(script, argv), name=Path(script).name)
+    child = context.Process(target=_run_script, args=(script, argv, cpu.measured_slowdowns()),
+                            name=Path(script).name)
     child.start()
     received: list[int] = []
 

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tiny_run
-from dtype_bench import results, sweep
+
+from dtype_bench import cpu, results, sweep
 from dtype_bench.distributed import SINGLE_PROCESS
 from dtype_bench.io import FolderRefused
 
@@ -313,6 +315,22 @@ def test_a_sweep_forks_each_run_from_a_server_that_has_imported_the_preload(tmp_
     assert len({pid for pid, _, _ in seen} | {os.getpid()}) == 3
     errors = [r["error"] for r in results.read_results(out)[0]]
     assert ["exited with code 0 without" in errors[0], "exited with code 3 without" in errors[1]] == [True, True]
+
+
+def test_a_sweeps_runs_use_the_matmul_slowdowns_the_sweep_measured(tmp_path, monkeypatch):
+    """The CPU matmul slowdowns measured in the sweep's process are each run's (cpu.inherit_slowdowns): a run
+    makes the sweep's skip/emulate decision and measures nothing. Here the parent's value is one no
+    measurement gives, and the run's process would measure if it had none."""
+    monkeypatch.setattr(cpu, "_SLOWDOWNS", {torch.bfloat16: 12345.0})
+    out = tmp_path / "out"
+    script = _fake_run_script(tmp_path, (
+        "import torch\nfrom dtype_bench import cpu\n"
+        f"open({str(tmp_path / 'seen.txt')!r}, 'a').write(json.dumps([cpu.matmul_slowdown(torch.bfloat16), "
+        "sorted(str(d) for d in cpu.measured_slowdowns())]) + '\\n')\n"
+        "sys.exit(0)\n"))
+    grid = sweep.Grid(sweep.grid(["fp32_baseline"], 0, 1), str(out), "s", "e", skip_reasons={"fp32_baseline": None})
+    sweep.run_sweep(str(script), grid, [], preload=[])
+    assert json.loads((tmp_path / "seen.txt").read_text()) == [12345.0, ["torch.bfloat16"]]
 
 
 def test_a_sweep_records_skipped_runs_itself_and_estimates_time_from_trained_ones(tmp_path, capsys):
