@@ -304,11 +304,13 @@ class Validation:
     """Fitted on every labelled config: the one to ship."""
     forecast_seconds: float
     full_seconds: float
+    shipped_on: list[str]
+    """The configs the `shipped` method's model was fitted on (empty without it)."""
 
     @property
     def beats_baselines(self) -> bool:
         f = self.scores["forecast"]
-        return all(f.brier < s.brier and f.accuracy >= s.accuracy for m, s in self.scores.items() if m != "forecast")
+        return all(f.brier < self.scores[m].brier and f.accuracy >= self.scores[m].accuracy for m in BASELINES)
 
 
 def leave_one_config_out(runs: list[ForecastRun], outcome: dict[str, str | None]) -> dict[tuple[str, int], float]:
@@ -320,36 +322,52 @@ def leave_one_config_out(runs: list[ForecastRun], outcome: dict[str, str | None]
     return out
 
 
-def validate(forecast_exp: Experiment, full_exp: Experiment) -> Validation:
+BASELINES = ("val_at_stop", "amp_fine")
+
+
+def predictions(runs: list[ForecastRun], outcome: dict[str, str | None], pcs: dict[str, dict],
+                higher_is_better: bool, shipped: Model | None = None) -> dict[str, dict[tuple[str, int], float]]:
+    """method -> (config, seed) -> P(equivalent): the forecast leave-one-config-out, the two baselines, and
+    `shipped` (a model fitted elsewhere, e.g. on another task: out of sample only where it saw none of these
+    runs) as it is."""
+    preds = {"forecast": leave_one_config_out(runs, outcome),
+             "val_at_stop": {(r.config, r.seed): baseline_val_at_stop(r, higher_is_better=higher_is_better)
+                             for r in runs},
+             "amp_fine": {(r.config, r.seed): baseline_amp_fine(r, pcs) for r in runs}}
+    if shipped is not None:
+        preds["shipped"] = {(r.config, r.seed): shipped.p_equivalent(r) for r in runs}
+    return preds
+
+
+def validate(forecast_exp: Experiment, full_exp: Experiment, shipped: Model | None = None) -> Validation:
     labels = observed_outcomes(full_exp)
     outcome = {c: lab for c, (lab, _) in labels.items()}
     runs = [r for r in forecast_runs(forecast_exp) if outcome.get(r.config) is not None]
-    pcs = forecast_exp.precisions()
-    higher = full_exp.quality_metric.higher_is_better
-    preds: dict[str, dict[tuple[str, int], float]] = {"forecast": leave_one_config_out(runs, outcome),
-                                                       "val_at_stop": {}, "amp_fine": {}}
-    for r in runs:
-        preds["val_at_stop"][r.config, r.seed] = baseline_val_at_stop(r, higher_is_better=higher)
-        preds["amp_fine"][r.config, r.seed] = baseline_amp_fine(r, pcs)
+    preds = predictions(runs, outcome, forecast_exp.precisions(), full_exp.quality_metric.higher_is_better, shipped)
     ys = [outcome[r.config] == "equivalent" for r in runs]
     scores = {m: score([p[r.config, r.seed] for r in runs], ys) for m, p in preds.items()}
     both = ({(r["config"], r["seed"]) for r in forecast_exp.rows if r["status"] != "skipped"}
             & {(r["config"], r["seed"]) for r in full_exp.rows if r["status"] != "skipped"})
     seconds = lambda exp: sum(r.get("wall_seconds") or 0.0 for r in exp.rows if (r["config"], r["seed"]) in both)
-    return Validation(labels, runs, preds, scores, fit(runs, outcome), seconds(forecast_exp), seconds(full_exp))
+    return Validation(labels, runs, preds, scores, fit(runs, outcome), seconds(forecast_exp), seconds(full_exp),
+                      shipped.fitted_on if shipped else [])
 
 
 def validation_markdown(v: Validation) -> str:
     names = {"forecast": "forecast (leave-one-config-out)", "val_at_stop": "baseline: validation metric at the stop "
-             "vs fp32's (within the margin = equivalent)", "amp_fine": "baseline: every AMP config is fine"}
-    lines = ["| config | observed (full runs) | forecast P(equivalent) per seed | val-at-stop | AMP-fine |",
-             "|---|---|---|---|---|"]
+             "vs fp32's (within the margin = equivalent)", "amp_fine": "baseline: every AMP config is fine",
+             "shipped": f"the shipped model as fitted ({MODEL_FILE.name}: on {', '.join(v.shipped_on)})"}
+    methods = [m for m in ("forecast", "val_at_stop", "amp_fine", "shipped") if m in v.predictions]
+    heads = {"forecast": "forecast P(equivalent) per seed", "val_at_stop": "val-at-stop", "amp_fine": "AMP-fine",
+             "shipped": "shipped model"}
+    lines = ["| config | observed (full runs) | " + " | ".join(heads[m] for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
     for config in sorted({r.config for r in v.runs}, key=lambda c: list(precision_registry.REGISTRY).index(c)
                          if c in precision_registry.REGISTRY else 99):
         seeds = sorted(r.seed for r in v.runs if r.config == config)
         cell = lambda m: " ".join(f"{v.predictions[m][config, s]:.2f}" for s in seeds)
         lab, text = v.labels[config]
-        lines.append(f"| {config} | {lab}: {text} | {cell('forecast')} | {cell('val_at_stop')} | {cell('amp_fine')} |")
+        lines.append(f"| {config} | {lab}: {text} | " + " | ".join(cell(m) for m in methods) + " |")
     unlabelled = sorted(c for c, (lab, _) in v.labels.items() if lab is None)
     if unlabelled:
         lines.append(f"\nNo label (left out): {', '.join(f'{c} ({v.labels[c][1]})' for c in unlabelled)}.")
@@ -549,7 +567,8 @@ def forecast_command(experiment: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    val = sub.add_parser("validate", help="score the forecast against full runs (leave-one-config-out)")
+    val = sub.add_parser("validate", help="score the forecast against full runs (leave-one-config-out), beside the baselines and the "
+                         "shipped model as fitted (out of sample on a task it was not fitted on)")
     val.add_argument("--forecast_dir", required=True)
     val.add_argument("--full_dir", required=True)
     val.add_argument("--write_model", action="store_true",
@@ -560,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "table":
         print(forecast_table(load_experiment(args.forecast_dir)))
         return 0
-    v = validate(load_experiment(args.forecast_dir), load_experiment(args.full_dir))
+    shipped = load_model() if MODEL_FILE.exists() and not args.write_model else None
+    v = validate(load_experiment(args.forecast_dir), load_experiment(args.full_dir), shipped)
     print(validation_markdown(v))
     if args.write_model:
         s = v.scores

@@ -102,6 +102,27 @@ def test_scores():
     assert sum(n for _, n, _, _ in s.calibration) == 4
 
 
+def test_a_model_fitted_elsewhere_is_scored_as_it_is_and_is_no_baseline():
+    """`predictions` with a shipped model: its P for each run is the model's own (not refitted on these runs),
+    beside the forecast's leave-one-config-out; `beats_baselines` compares the forecast with the two baselines
+    only."""
+    elsewhere = forecast.fit([_run("p", s, 0.01 * s) for s in range(3)] + [_run("q", s, 0.9) for s in range(3)],
+                             {"p": "equivalent", "q": "quality loss"})
+    runs = [_run("a", s, 0.01 * s) for s in range(3)] + [_run("b", s, 0.5 + 0.01 * s) for s in range(3)]
+    labels = {"a": "equivalent", "b": "quality loss"}
+    preds = forecast.predictions(runs, labels, {}, True, shipped=elsewhere)
+    assert preds["shipped"] == {(r.config, r.seed): elsewhere.p_equivalent(r) for r in runs}
+    assert preds["shipped"] != preds["forecast"] and set(preds) == {"forecast", "val_at_stop", "amp_fine", "shipped"}
+    ys = [labels[r.config] == "equivalent" for r in runs]
+    scores = {m: forecast.score([p[r.config, r.seed] for r in runs], ys) for m, p in preds.items()}
+    perfect = forecast.score([float(y) for y in ys], ys)
+    v = forecast.Validation({}, runs, preds, {**scores, "forecast": perfect, "shipped": perfect}, elsewhere, 0, 0,
+                            elsewhere.fitted_on)
+    assert v.beats_baselines  # a perfect shipped model does not stand in the forecast's way
+    assert not forecast.Validation({}, runs, preds, {**scores, "val_at_stop": perfect, "forecast": perfect},
+                                   elsewhere, 0, 0, []).beats_baselines  # a tie on Brier is not a win
+
+
 def test_defaults_of_the_command():
     argv = forecast._with_defaults(["--config", "amp_bf16"])
     assert argv == ["--config", "fp32_baseline,amp_bf16", "--forecast", str(forecast.DEFAULT_FRACTION)]
