@@ -567,8 +567,8 @@ def forecast_command(experiment: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    val = sub.add_parser("validate", help="score the forecast against full runs (leave-one-config-out), beside the baselines and the "
-                         "shipped model as fitted (out of sample on a task it was not fitted on)")
+    val = sub.add_parser("validate", help="score the forecast against full runs (leave-one-config-out), beside "
+                         "the baselines and the shipped model as fitted (out of sample on another task)")
     val.add_argument("--forecast_dir", required=True)
     val.add_argument("--full_dir", required=True)
     val.add_argument("--write_model", action="store_true",
