@@ -430,11 +430,14 @@ def recommendation(rows: list[dict]) -> dict | None:
 
 
 def caveat(model_record: dict) -> str | None:
-    """The validation's own verdict on the forecast, printed with every forecast where it did not beat a baseline."""
+    """The validation's own verdict on the forecast, printed with every forecast where it did not beat a baseline,
+    with the shipped model's scores on other tasks (`out_of_task`: applied there as fitted) where there are any."""
     if model_record.get("beats_baselines", False):
         return None
+    elsewhere = "".join(f"; as fitted, on {x}" for x in model_record.get("out_of_task", []))
     return ("caveat: on its validation (PLAN.md, 'Forecast') this forecast did NOT beat the better baseline "
-            f"({model_record.get('validation_summary', 'see PLAN.md')}): treat it as a hint and run the full sweep")
+            f"({model_record.get('validation_summary', 'see PLAN.md')}{elsewhere}): treat it as a hint and run the "
+            "full sweep")
 
 
 def forecast_table(exp: Experiment, model_path: Path = MODEL_FILE) -> str:

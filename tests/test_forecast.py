@@ -123,6 +123,14 @@ def test_a_model_fitted_elsewhere_is_scored_as_it_is_and_is_no_baseline():
                                    elsewhere, 0, 0, []).beats_baselines  # a tie on Brier is not a win
 
 
+def test_the_caveat_names_the_validation_and_the_shipped_models_other_tasks():
+    record = {"beats_baselines": False, "validation_summary": "on X", "out_of_task": ["task Y: accuracy 0.5"]}
+    text = forecast.caveat(record)
+    assert "did NOT beat" in text and "on X; as fitted, on task Y: accuracy 0.5" in text
+    assert forecast.caveat({**record, "beats_baselines": True}) is None
+    assert "as fitted" not in forecast.caveat({"beats_baselines": False})
+
+
 def test_defaults_of_the_command():
     argv = forecast._with_defaults(["--config", "amp_bf16"])
     assert argv == ["--config", "fp32_baseline,amp_bf16", "--forecast", str(forecast.DEFAULT_FRACTION)]
